@@ -1,0 +1,402 @@
+"""Typed configuration, one dataclass per concern.
+
+Every field is also a command-line flag of the same name (``--train_batch_size``), with the
+field's ``help`` metadata as its help text; flag names follow diffusers'
+``examples/controlnet/train_controlnet.py`` where the meaning is the same. Fields left at
+``None`` are *model-dependent defaults*, filled by :func:`resolve_defaults` from the base
+model (the shipped toy world or a Stable Diffusion checkpoint) and printed in the resolved
+config. :meth:`RunConfig.validate` checks everything up front and reports every problem in
+one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """Raised with every problem found in a configuration, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(self.problems))
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """Which base model and ControlNet to start from."""
+
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Base Stable Diffusion (diffusers folder or hub id). Default: the shipped toy world."
+    )
+    revision: str | None = _f(None, "Revision of the base model on the hub.")
+    variant: str | None = _f(None, "Weights variant of the base model, e.g. fp16.")
+    controlnet_model_name_or_path: str | None = _f(
+        None,
+        "Start from this ControlNet (diffusers folder, hub id, or a WebUI/LDM single file) "
+        "instead of copying the UNet's encoder.",
+    )
+    conditioning_embedding_out_channels: list[int] | None = _f(
+        None,
+        "Channels of the hint embedding (len-1 downsamplings). Default: (16,32,96,256) for SD, (16,32,64) for the toy world.",
+    )
+    prediction_type: Literal["epsilon", "v_prediction"] | None = _f(
+        None, "Training target. Default: the base model scheduler's prediction_type."
+    )
+
+
+@dataclass
+class DataConfig:
+    """Target dataset and its hints."""
+
+    condition: str = _f(
+        "depth", "Condition recipe: a name (canny, depth, normal, segmentation, sketch) or a .toml path."
+    )
+    extractor_backend: str | None = _f(
+        None, "Extractor backend for hints and re-extraction. Default: the recipe's."
+    )
+    train_data_dir: str | None = _f(
+        None, "Folder with metadata.jsonl (or prompt.json). Default: the toy world's rendered target set."
+    )
+    dataset_name: str | None = _f(None, "A HF datasets name or local saved/parquet dataset folder.")
+    dataset_config_name: str | None = _f(None, "Config name of the HF dataset.")
+    image_column: str = _f("image", "Column with the target images.")
+    conditioning_image_column: str | None = _f(
+        None,
+        "Column with the hint images. Default: conditioning_image (toy world: the recipe's ground-truth column). "
+        "Missing column -> hints are extracted.",
+    )
+    caption_column: str = _f("text", "Column with the captions.")
+    resolution: int | None = _f(
+        None, "Training resolution (square). Default: 512 for SD, 64 for the toy world."
+    )
+    center_crop: bool = _f(True, "Center crop after resizing (else random crop, image and hint alike).")
+    max_train_samples: int | None = _f(None, "Use only the first N samples.")
+    skip_bad_rows: bool = _f(False, "Skip unreadable/missing rows (counted in the log) instead of failing.")
+    proportion_empty_prompts: float = _f(
+        0.5, "Caption dropout for target samples (original ControlNet: 0.5)."
+    )
+    cache_latents: bool = _f(True, "Precompute VAE latents and text embeddings once (cached on disk).")
+    cache_dir: str | None = _f(
+        None, "Where caches live. Default: $DIFFTUNE_CACHE or ~/.cache/difftune_control."
+    )
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes.")
+    validation_data_dir: str | None = _f(
+        None,
+        "Held-out set (same format) for validation and the convergence detector. Default: toy validation split, "
+        "or the last samples of the training set.",
+    )
+
+
+@dataclass
+class MethodConfig:
+    """Training objective: vanilla ControlNet or Diff-Tuning (chain of forgetting)."""
+
+    method: Literal["vanilla", "difftuning"] = _f(
+        "difftuning", "vanilla = the ControlNet baseline (uniform t, target only)."
+    )
+    split: Literal["fixed", "mixture", "psi-only"] = _f(
+        "fixed",
+        "Diff-Tuning batch split: fixed (released code), mixture (paper), psi-only (ablation: no bank).",
+    )
+    psi_power: float = _f(1.0, "Power s of psi(t) = ((t+1)/T)^s.")
+    bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
+    bank_weight: float = _f(0.1, "fixed split: weight lambda of the bank loss.")
+
+
+@dataclass
+class BankConfig:
+    """The memory bank generated by the frozen base model."""
+
+    bank_size: int | None = _f(None, "Number of bank images. Default: 5000 for SD, 2000 for the toy world.")
+    bank_prompts: str | None = _f(None, "Text file with one prompt per line. Default: the target captions.")
+    bank_num_inference_steps: int = _f(25, "Sampler steps for bank generation.")
+    bank_guidance_scale: float = _f(7.5, "Classifier-free guidance for bank generation.")
+    bank_sampler: Literal["ddim", "unipc"] = _f("ddim", "Sampler for bank generation.")
+    bank_seed: int = _f(0, "Seed of bank generation.")
+    bank_batch_size: int | None = _f(
+        None, "Images per generation batch. Default: 16 for SD, 256 for the toy world."
+    )
+    bank_dir: str | None = _f(
+        None, "Where the bank lives. Default: a folder in the cache keyed by the manifest."
+    )
+    bank_hint: Literal["extracted", "zero"] = _f(
+        "extracted", "Bank hints: extracted from the images, or zero (ablation)."
+    )
+    bank_on_mismatch: Literal["rebuild", "error"] = _f(
+        "rebuild", "When bank_dir holds a bank with another manifest."
+    )
+
+
+@dataclass
+class DetectorConfig:
+    """The sudden-convergence detector."""
+
+    detect_convergence: bool = _f(True, "Track controllability and detect sudden convergence.")
+    convergence_every: int | None = _f(
+        None, "Evaluate every N optimizer steps. Default: 50 for the toy world, 500 for SD."
+    )
+    convergence_samples: int | None = _f(
+        None, "Validation samples K. Default: 16 for the toy world, 8 for SD."
+    )
+    convergence_num_inference_steps: int = _f(10, "Sampler steps for the detector's samples.")
+    convergence_guidance_scale: float = _f(1.0, "CFG for the detector's samples (1 = no CFG, half the cost).")
+    convergence_threshold: float | None = _f(
+        None, "Progress p that counts as converged. Default: the recipe's (0.3)."
+    )
+    convergence_patience: int | None = _f(None, "Evaluations p must hold. Default: the recipe's (2).")
+    stop_after_convergence: int | None = _f(None, "Stop N optimizer steps after sudden convergence.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, checkpoints, logging."""
+
+    output_dir: str = _f("runs", "Parent folder of run folders.")
+    run_name: str | None = _f(None, "Run folder name. Default: <condition>-<method>-<timestamp>.")
+    seed: int = _f(0, "Seed for initialisation, data order and noise.")
+    train_batch_size: int | None = _f(None, "Batch per process. Default: 4 for SD, 64 for the toy world.")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    max_train_steps: int | None = _f(None, "Optimizer steps. Default: 10000 for SD, 1000 for the toy world.")
+    learning_rate: float | None = _f(None, "Learning rate. Default: 1e-5 for SD, 1e-4 for the toy world.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
+        "constant", "LR schedule."
+    )
+    lr_warmup_steps: int = _f(0, "Warm-up optimizer steps.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
+        None, "Frozen parts in this dtype. Default: accelerate's."
+    )
+    gradient_checkpointing: bool = _f(
+        False, "Gradient checkpointing for ControlNet (and the UNet's backward)."
+    )
+    allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
+    torch_compile: bool = _f(False, "torch.compile the ControlNet and UNet.")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.")
+    resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint-N path.")
+    validation_steps: int | None = _f(
+        None, "Save a validation grid every N optimizer steps. Default: 250 (toy) / 1000 (SD)."
+    )
+    num_validation_images: int = _f(4, "Validation grid size.")
+    logging_steps: int = _f(10, "Write training metrics every N optimizer steps.")
+    report_to: Literal["tensorboard", "none"] = _f("tensorboard", "Where metrics go besides metrics.jsonl.")
+    device: str | None = _f(None, "Force a device (cpu/cuda). Default: accelerate's choice.")
+
+
+@dataclass
+class ExportConfig:
+    """Export of a trained ControlNet."""
+
+    format: Literal["webui", "diffusers"] = _f(
+        "webui", "webui = one LDM-keyed .safetensors; diffusers = a folder."
+    )
+    dtype: Literal["fp16", "bf16", "fp32"] = _f("fp16", "Exported weights dtype.")
+    name: str | None = _f(None, "Name part of the file name. Default: the run name.")
+    out: str | None = _f(None, "Output folder. Default: <run>/export.")
+    verify: bool = _f(True, "Reload the export and compare outputs with the trained model.")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "method": MethodConfig,
+    "bank": BankConfig,
+    "detector": DetectorConfig,
+    "train": TrainConfig,
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as ``config.json`` in the run folder."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def uses_bank(self) -> bool:
+        return self.method.method == "difftuning" and self.method.split != "psi-only"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        problems = []
+        kwargs = {}
+        for name, section_cls in SECTIONS.items():
+            values = dict(d.get(name) or {})
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                problems.append(
+                    f"config section '{name}': unknown keys {unknown}; valid keys: {sorted(known)}"
+                )
+            kwargs[name] = section_cls(**{k: v for k, v in values.items() if k in known})
+        if problems:
+            raise ConfigError(problems)
+        return cls(**kwargs)
+
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        from difftune_control.utils import atomic_write_text
+
+        payload = self.to_dict()
+        payload.update(extra or {})
+        atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+    def validate(self) -> None:
+        """Check every field and cross-field rule; raise one ConfigError listing all problems."""
+        problems: list[str] = []
+        for name in SECTIONS:
+            problems += _check_types(getattr(self, name))
+        m, t, b, d, data = self.method, self.train, self.bank, self.detector, self.data
+        if not 0.0 < m.bank_share < 1.0:
+            problems.append(f"--bank_share must be in (0, 1), got {m.bank_share}")
+        if m.bank_weight < 0:
+            problems.append(f"--bank_weight must be >= 0, got {m.bank_weight}")
+        if m.psi_power <= 0:
+            problems.append(f"--psi_power must be > 0, got {m.psi_power}")
+        if not 0.0 <= data.proportion_empty_prompts <= 1.0:
+            problems.append(
+                f"--proportion_empty_prompts must be in [0, 1], got {data.proportion_empty_prompts}"
+            )
+        if data.train_data_dir and data.dataset_name:
+            problems.append("give either --train_data_dir or --dataset_name, not both")
+        for flag, value in [
+            ("--train_batch_size", t.train_batch_size),
+            ("--max_train_steps", t.max_train_steps),
+            ("--gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("--checkpointing_steps", t.checkpointing_steps),
+            ("--logging_steps", t.logging_steps),
+            ("--resolution", data.resolution),
+            ("--bank_size", b.bank_size),
+            ("--bank_batch_size", b.bank_batch_size),
+            ("--bank_num_inference_steps", b.bank_num_inference_steps),
+            ("--convergence_every", d.convergence_every),
+            ("--convergence_samples", d.convergence_samples),
+            ("--convergence_num_inference_steps", d.convergence_num_inference_steps),
+            ("--convergence_patience", d.convergence_patience),
+            ("--validation_steps", t.validation_steps),
+        ]:
+            if value is not None and not isinstance(value, bool) and isinstance(value, int) and value < 1:
+                problems.append(f"{flag} must be >= 1, got {value}")
+        if t.learning_rate is not None and t.learning_rate <= 0:
+            problems.append(f"--learning_rate must be > 0, got {t.learning_rate}")
+        if data.resolution is not None and data.resolution % 8 != 0:
+            problems.append(
+                f"--resolution must be a multiple of 8 (the VAE downsamples by 8 for SD), got {data.resolution}"
+            )
+        if d.convergence_threshold is not None and not 0.0 < d.convergence_threshold < 1.0:
+            problems.append(f"--convergence_threshold must be in (0, 1), got {d.convergence_threshold}")
+        if d.stop_after_convergence is not None and d.stop_after_convergence < 0:
+            problems.append(f"--stop_after_convergence must be >= 0, got {d.stop_after_convergence}")
+        if d.stop_after_convergence is not None and not d.detect_convergence:
+            problems.append("--stop_after_convergence needs the detector; drop --no-detect_convergence")
+        if t.checkpoints_total_limit is not None and t.checkpoints_total_limit < 1:
+            problems.append(f"--checkpoints_total_limit must be >= 1, got {t.checkpoints_total_limit}")
+        if b.bank_prompts is not None and not Path(b.bank_prompts).is_file():
+            problems.append(f"--bank_prompts: file not found: {b.bank_prompts}")
+        for flag, p in [
+            ("--train_data_dir", data.train_data_dir),
+            ("--validation_data_dir", data.validation_data_dir),
+        ]:
+            if p is not None and not Path(p).exists():
+                problems.append(f"{flag}: no such file or folder: {p}")
+        rc = t.resume_from_checkpoint
+        if rc is not None and rc != "latest" and not Path(rc).is_dir():
+            problems.append(
+                f"--resume_from_checkpoint: expected 'latest' or a checkpoint-N folder, got {rc!r} (not found)"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else tp), True
+    return tp, False
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolved type hints of a config dataclass (annotations are strings here)."""
+    return typing.get_type_hints(cls)
+
+
+def _check_types(section: Any) -> list[str]:
+    problems = []
+    hints = field_types(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        tp, optional = _unwrap_optional(hints[f.name])
+        if value is None:
+            if not optional:
+                problems.append(f"--{f.name} must not be empty")
+            continue
+        if typing.get_origin(tp) is Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                problems.append(f"--{f.name}: got {value!r}; choose one of {list(choices)}")
+        elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
+            problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
+    return problems
+
+
+def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) -> RunConfig:
+    """Fill model-dependent defaults (fields left at None) for the toy world or an SD checkpoint.
+
+    Args:
+        cfg: the configuration; a resolved copy is returned, the input is not changed.
+        toy: True when the base model is the shipped toy world.
+        recipe: the condition recipe (its detector defaults fill the detector fields).
+    """
+    cfg = RunConfig.from_dict(cfg.to_dict())
+    sd = not toy
+
+    def fill(obj: Any, name: str, toy_value: Any, sd_value: Any) -> None:
+        if getattr(obj, name) is None:
+            setattr(obj, name, sd_value if sd else toy_value)
+
+    fill(cfg.data, "resolution", 64, 512)
+    fill(cfg.train, "train_batch_size", 64, 4)
+    fill(cfg.train, "learning_rate", 1e-4, 1e-5)
+    fill(cfg.train, "max_train_steps", 1000, 10000)
+    fill(cfg.train, "validation_steps", 250, 1000)
+    fill(cfg.bank, "bank_size", 2000, 5000)
+    fill(cfg.bank, "bank_batch_size", 256, 16)
+    fill(cfg.detector, "convergence_every", 50, 500)
+    fill(cfg.detector, "convergence_samples", 16, 8)
+    fill(cfg.model, "conditioning_embedding_out_channels", [16, 32, 64], [16, 32, 96, 256])
+    det = getattr(recipe, "detector", None) or {}
+    if cfg.detector.convergence_threshold is None:
+        cfg.detector.convergence_threshold = float(det.get("threshold", 0.3))
+    if cfg.detector.convergence_patience is None:
+        cfg.detector.convergence_patience = int(det.get("patience", 2))
+    if cfg.data.conditioning_image_column is None:
+        toy_col = getattr(recipe, "toy_hint_column", None)
+        cfg.data.conditioning_image_column = (
+            (toy_col or "conditioning_image") if toy else "conditioning_image"
+        )
+    return cfg

@@ -1,0 +1,179 @@
+"""Fixed-seed sampling with the models already in memory.
+
+One sampler serves the memory bank (base model alone), the sudden-convergence detector and
+the validation grids (base model + the ControlNet being trained): no second pipeline is
+loaded, nothing is copied, and each sample's initial noise depends only on its own seed, so
+a sample is the same whatever batch it is drawn in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+
+Sampler = Literal["ddim", "unipc", "euler"]
+
+
+def make_scheduler(scheduler_config: Any, sampler: Sampler = "ddim"):
+    """A fresh inference scheduler of kind ``sampler`` built from the base model's scheduler config."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, UniPCMultistepScheduler
+
+    classes = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler}
+    if sampler not in classes:
+        raise ValueError(f"sampler: got {sampler!r}; choose one of {sorted(classes)}")
+    config = dict(scheduler_config)
+    if sampler == "ddim":
+        # SD1.5-style DDIM: no sample clipping, final alpha from the schedule, steps offset 1.
+        config.update(clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    return classes[sampler].from_config(config)
+
+
+def latent_shape(unet, vae, resolution: int) -> tuple[int, int, int]:
+    """[C, h, w] of the latents for square images of side ``resolution``."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE factor {factor}")
+    return (unet.config.in_channels, resolution // factor, resolution // factor)
+
+
+def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype=torch.float32) -> torch.Tensor:
+    """Per-sample Gaussian noise, each drawn from its own CPU generator seeded with its seed."""
+    noise = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode scaled latents to images [B,3,H,W] in [0,1] (float32)."""
+    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def encode_images(vae, images: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
+    """VAE-encode images [B,3,H,W] in [0,1] to scaled latents (the posterior mean by default)."""
+    dist = vae.encode((images * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist
+    z = dist.sample(generator) if sample_posterior else dist.mean
+    return z * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def sample_images(
+    *,
+    unet,
+    vae,
+    scheduler_config: Any,
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None,
+    seeds: Sequence[int],
+    resolution: int,
+    controlnet=None,
+    hints: torch.Tensor | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 7.5,
+    conditioning_scale: float = 1.0,
+    sampler: Sampler = "ddim",
+    batch_size: int | None = None,
+    return_latents: bool = False,
+    on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, slice], None] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sample images with the given (in-memory) models.
+
+    Args:
+        unet, vae: the frozen base model's modules; their device and dtype are used as they are.
+        scheduler_config: the base model's scheduler config (a fresh scheduler is made per call).
+        prompt_embeds: text-encoder hidden states [B,L,D] for the prompts.
+        negative_prompt_embeds: [B,L,D] or [1,L,D] for the empty prompt; needed when guidance_scale > 1.
+        seeds: one seed per sample (its initial noise depends on it alone).
+        resolution: image side in pixels.
+        controlnet, hints: optional ControlNet and its hints [B,3,H,W] in [0,1].
+        num_inference_steps, guidance_scale, conditioning_scale, sampler: sampling settings.
+        batch_size: split the work into chunks of this many samples (default: all at once).
+        return_latents: also return the final (scaled) latents.
+        on_step: called as ``on_step(i, t, latents_in, model_output, chunk)`` at every step, for
+            trajectory recording; ``chunk`` is the slice of samples in this call.
+
+    Returns:
+        images [B,3,H,W] float32 in [0,1] on the models' device (and the latents if asked).
+    """
+    n = prompt_embeds.shape[0]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    if controlnet is not None and (hints is None or hints.shape[0] != n):
+        raise ValueError("a ControlNet needs one hint per prompt")
+    use_cfg = guidance_scale > 1.0
+    if use_cfg and negative_prompt_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_prompt_embeds (the empty prompt's embedding)")
+    device, dtype = unet.device, unet.dtype
+    shape = latent_shape(unet, vae, resolution)
+    step = batch_size or n
+    images, all_latents = [], []
+    for start in range(0, n, step):
+        chunk = slice(start, min(n, start + step))
+        scheduler = make_scheduler(scheduler_config, sampler)
+        scheduler.set_timesteps(num_inference_steps, device=device)
+        cond = prompt_embeds[chunk].to(device, dtype)
+        b = cond.shape[0]
+        if use_cfg:
+            neg = negative_prompt_embeds.to(device, dtype)
+            neg = neg.expand(b, -1, -1) if neg.shape[0] == 1 else neg[chunk]
+            cond = torch.cat([neg, cond])
+        hint = None
+        if controlnet is not None:
+            hint = hints[chunk].to(device, controlnet.dtype)
+            hint = torch.cat([hint, hint]) if use_cfg else hint
+        latents = initial_noise(list(seeds)[chunk], shape, device, torch.float32) * scheduler.init_noise_sigma
+        for i, t in enumerate(scheduler.timesteps):
+            x = torch.cat([latents, latents]) if use_cfg else latents
+            x = scheduler.scale_model_input(x, t).to(dtype)
+            down, mid = None, None
+            if controlnet is not None:
+                down, mid = controlnet(
+                    x.to(controlnet.dtype),
+                    t,
+                    encoder_hidden_states=cond.to(controlnet.dtype),
+                    controlnet_cond=hint,
+                    conditioning_scale=conditioning_scale,
+                    return_dict=False,
+                )
+                down = [d.to(dtype) for d in down]
+                mid = mid.to(dtype)
+            out = unet(
+                x,
+                t,
+                encoder_hidden_states=cond,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0].float()
+            if use_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            if on_step is not None:
+                on_step(i, t, latents, out, chunk)
+            latents = scheduler.step(out, t, latents, return_dict=False)[0]
+        images.append(decode_latents(vae, latents))
+        all_latents.append(latents)
+    out_images = torch.cat(images)
+    return (out_images, torch.cat(all_latents)) if return_latents else out_images
+
+
+@torch.no_grad()
+def encode_prompts(
+    text_encoder, tokenizer, prompts: Sequence[str], device=None, batch_size: int = 64
+) -> torch.Tensor:
+    """Text-encoder last hidden states [N,L,D] for ``prompts`` (padded to the tokenizer's max length)."""
+    device = device or text_encoder.device
+    outs = []
+    for start in range(0, len(prompts), batch_size):
+        ids = tokenizer(
+            list(prompts[start : start + batch_size]),
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        outs.append(text_encoder(ids)[0])
+    return torch.cat(outs)
