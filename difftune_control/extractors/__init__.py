@@ -1,0 +1,38 @@
+"""Condition extractors: image -> ControlNet hint, and the dissimilarity metric of each condition.
+
+```python
+from difftune_control.extractors import available_extractors, get_extractor
+
+ext = get_extractor("canny", resolution=512)
+hint = ext(image)  # float32 [3, 512, 512] in [0, 1]
+d = ext.dissimilarity(hint[None], ext(generated)[None])  # float32 [1]
+```
+
+Importing this package registers the built-in backends; model weights load only on first use.
+"""
+
+from .base import ConditionExtractor, ImageInput, resize_batch, to_batch
+from .palette import ADE20K_CLASSES, ADE20K_PALETTE, class_ids_to_colors, colors_to_class_ids
+from .registry import (
+    available_extractors,
+    default_backend,
+    get_extractor,
+    get_extractor_class,
+    register_extractor,
+)
+
+__all__ = [
+    "ADE20K_CLASSES",
+    "ADE20K_PALETTE",
+    "ConditionExtractor",
+    "ImageInput",
+    "available_extractors",
+    "class_ids_to_colors",
+    "colors_to_class_ids",
+    "default_backend",
+    "get_extractor",
+    "get_extractor_class",
+    "register_extractor",
+    "resize_batch",
+    "to_batch",
+]
