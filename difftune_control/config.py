@@ -400,3 +400,43 @@ def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) ->
             (toy_col or "conditioning_image") if toy else "conditioning_image"
         )
     return cfg
+
+
+def add_config_arguments(parser: Any, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+    """Add one flag per config field (``--<field>``), grouped by section, to an argparse parser.
+
+    Flags default to ``None`` (meaning: keep the dataclass default) so that a saved config can be
+    overlaid by only the flags a user actually gave.
+    """
+    import argparse
+
+    for name in sections:
+        cls = SECTIONS[name]
+        group = parser.add_argument_group(f"{name} ({cls.__doc__.strip().splitlines()[0]})")
+        hints = field_types(cls)
+        for f in dataclasses.fields(cls):
+            tp, _ = _unwrap_optional(hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            kw: dict[str, Any] = {"default": None, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+            if tp is bool:
+                kw["action"] = argparse.BooleanOptionalAction
+            elif typing.get_origin(tp) is Literal:
+                kw["choices"] = list(typing.get_args(tp))
+            elif typing.get_origin(tp) is list:
+                kw["nargs"] = "+"
+                kw["type"] = typing.get_args(tp)[0]
+            else:
+                kw["type"] = tp
+            group.add_argument(f"--{f.name}", dest=f"{name}.{f.name}", **kw)
+
+
+def config_from_args(args: Any, base: RunConfig | None = None) -> RunConfig:
+    """Build a RunConfig from parsed flags (see :func:`add_config_arguments`), over ``base``."""
+    cfg = RunConfig.from_dict(base.to_dict()) if base is not None else RunConfig()
+    for key, value in vars(args).items():
+        if "." not in key or value is None:
+            continue
+        section, name = key.split(".", 1)
+        if section in SECTIONS:
+            setattr(getattr(cfg, section), name, value)
+    return cfg
