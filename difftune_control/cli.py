@@ -65,8 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run_bank)
 
     for name, module in _STAGE_CLIS.items():
-        importlib.import_module(module).add_cli(sub)
+        try:
+            importlib.import_module(module).add_cli(sub)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module.startswith(err.name):
+                raise
+            _add_unavailable(sub, name, module)
     return parser
+
+
+def _add_unavailable(sub, name: str, module: str) -> None:
+    def run(args: argparse.Namespace) -> int:
+        print(f"difftune {name}: not available in this installation ({module} is missing)", file=sys.stderr)
+        return 2
+
+    p = sub.add_parser(name, help=f"({name}: not available in this installation)")
+    p.set_defaults(func=run)
 
 
 def main(argv: list[str] | None = None) -> int:
