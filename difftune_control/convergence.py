@@ -1,0 +1,578 @@
+"""Sudden-convergence detection: a pure state machine and the evaluation harness that feeds it.
+
+A ControlNet starts from zero convolutions and ignores its hint, then within a few hundred steps
+"suddenly" starts to follow it (Zhang, Rao, Agrawala, "Adding Conditional Control to Text-to-Image
+Diffusion Models", ICCV 2023, section 4; measured as controllability as in ControlNet++, Li et al.,
+ECCV 2024). Diff-Tuning (Zhong et al., NeurIPS 2024) claims to reach it sooner; this module makes it
+observable:
+
+- `SuddenConvergenceDetector` turns a sequence of mean dissimilarities d (hint vs the hint
+  re-extracted from a generated image) into progress p = (d0 - d) / (d0 - d_floor) and events.
+  It does no I/O and survives resume through `state_dict` / `load_state_dict`.
+- `ConvergenceMonitor` is what the trainer calls every `--convergence_every` optimizer steps: it
+  samples K held-out prompt + hint pairs with fixed seeds and the models already in memory,
+  re-extracts the condition in one batch, scores it, updates the detector, writes the samples to
+  the run folder and returns the `metrics.jsonl` records (docs/internals.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+    from difftune_control.config import DetectorConfig
+
+DEFAULT_THRESHOLD = 0.3
+DEFAULT_PATIENCE = 2
+DEFAULT_MILESTONES = (0.25, 0.5, 0.75)
+_STATE_VERSION = 1
+
+
+def progress(d: float, d0: float, d_floor: float) -> float:
+    """Controllability progress p = (d0 - d) / (d0 - d_floor).
+
+    p = 0 means the samples follow the hint no better than a model without ControlNet (d = d0);
+    p = 1 means they follow it as well as the real images do through the VAE and the annotator
+    (d = d_floor). p can leave [0, 1] (noise, or samples that beat the annotator's own floor).
+
+    Args:
+        d (`float`): mean dissimilarity of the current evaluation.
+        d0 (`float`): mean dissimilarity without control (zero-initialised ControlNet).
+        d_floor (`float`): mean dissimilarity of real images (VAE round trip) re-extracted.
+
+    Returns:
+        `float`: p, or NaN when it is undefined (d0 <= d_floor, or a non-finite input).
+    """
+    gap = d0 - d_floor
+    if not (math.isfinite(d) and math.isfinite(gap)) or gap <= 0.0:
+        return float("nan")
+    return (d0 - d) / gap
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+class SuddenConvergenceDetector:
+    """Declare sudden convergence from a sequence of controllability evaluations.
+
+    Sudden convergence is declared at the first evaluation of the first run of `patience`
+    consecutive evaluations with p >= `threshold`: the event's `step` is where p crossed the
+    threshold and stayed, its `confirmed_step` the evaluation that completed the run. Each level
+    in `milestones` is recorded once, at the first evaluation with p >= level (no patience: these
+    locate the jump, the threshold + patience decide it). A non-finite p never counts as above a
+    level and breaks a run. Once declared, convergence is never retracted.
+
+    When d0 <= d_floor the samples already follow the hint as well as the real images do before
+    any training, so progress is undefined: `set_reference` warns, p is NaN (logged as null) and
+    the detector never declares convergence.
+
+    Args:
+        threshold (`float`, defaults to 0.3): progress that counts as converged, in (0, 1).
+        patience (`int`, defaults to 2): consecutive evaluations p must hold, >= 1.
+        milestones (`Sequence[float]`, defaults to (0.25, 0.5, 0.75)): levels in (0, 1] whose first
+            crossing is recorded.
+
+    Example:
+        ```python
+        det = SuddenConvergenceDetector(threshold=0.3, patience=2)
+        det.set_reference(d0=0.40, d_floor=0.10)
+        for step, d in [(0, 0.40), (50, 0.39), (100, 0.29), (150, 0.28)]:
+            for event in det.update(step, d):
+                print(event)  # milestone 0.25 at 100, convergence_event at 100 (confirmed at 150)
+        ```
+    """
+
+    def __init__(
+        self,
+        threshold: float = DEFAULT_THRESHOLD,
+        patience: int = DEFAULT_PATIENCE,
+        milestones: Sequence[float] = DEFAULT_MILESTONES,
+    ) -> None:
+        problems = []
+        if not isinstance(threshold, (int, float)) or not 0.0 < threshold < 1.0:
+            problems.append(f"--convergence_threshold must be in (0, 1), got {threshold!r}")
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            problems.append(f"--convergence_patience must be an int >= 1, got {patience!r}")
+        levels = list(milestones)
+        if not all(isinstance(m, (int, float)) and 0.0 < m <= 1.0 for m in levels) or len(set(levels)) != len(
+            levels
+        ):
+            problems.append(f"milestones must be distinct levels in (0, 1], got {levels!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.threshold = float(threshold)
+        self.patience = int(patience)
+        self.milestone_levels: tuple[float, ...] = tuple(sorted(float(m) for m in levels))
+        self.d0: float | None = None
+        self.d_floor: float | None = None
+        self.history: list[dict[str, float | int | None]] = []
+        """One entry per evaluation: {"step", "d", "p"} (p None when undefined)."""
+        self.converged_step: int | None = None
+        """Step where p first crossed the threshold and held for `patience` evaluations."""
+        self.confirmed_step: int | None = None
+        """Evaluation at which that was confirmed (== converged_step when patience is 1)."""
+        self.milestones: dict[float, int | None] = dict.fromkeys(self.milestone_levels)
+        """Level -> step of the first evaluation with p >= level (None until crossed)."""
+        self._run: list[int] = []  # indices into history of the current run of p >= threshold
+
+    # -- reference -------------------------------------------------------------------------------
+    def set_reference(self, d0: float, d_floor: float) -> None:
+        """Set the normalisation: d0 (no control) and d_floor (real images through VAE + annotator).
+
+        Args:
+            d0 (`float`): mean dissimilarity of samples made without control.
+            d_floor (`float`): mean dissimilarity of the VAE round trip of the real images.
+        """
+        if not (math.isfinite(d0) and math.isfinite(d_floor)):
+            raise ValueError(f"reference dissimilarities must be finite, got d0={d0!r}, d_floor={d_floor!r}")
+        if d0 <= d_floor:
+            warnings.warn(
+                f"convergence detector: d0 = {d0:.4g} <= d_floor = {d_floor:.4g}: samples without control "
+                "already match the hints as well as the real images do, so progress is undefined (logged "
+                "as null) and sudden convergence will not be declared. Check that the validation hints "
+                "belong to their images and that the extractor is the run's.",
+                stacklevel=2,
+            )
+        self.d0, self.d_floor = float(d0), float(d_floor)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether `set_reference` was called (or restored)."""
+        return self.d0 is not None and self.d_floor is not None
+
+    @property
+    def degenerate(self) -> bool:
+        """True when d0 <= d_floor: progress is undefined and convergence is never declared."""
+        return self.has_reference and self.d0 <= self.d_floor
+
+    def progress(self, d: float) -> float:
+        """p = (d0 - d) / (d0 - d_floor) for this run's references; NaN when undefined (see class doc)."""
+        if not self.has_reference:
+            raise RuntimeError("call set_reference(d0, d_floor) before progress()/update()")
+        return progress(float(d), self.d0, self.d_floor)
+
+    # -- the state machine ---------------------------------------------------------------------
+    @property
+    def last_step(self) -> int | None:
+        """Optimizer step of the latest evaluation, None before the first."""
+        return int(self.history[-1]["step"]) if self.history else None
+
+    @property
+    def converged(self) -> bool:
+        """Whether sudden convergence has been declared."""
+        return self.converged_step is not None
+
+    def update(self, step: int, d: float) -> list[dict[str, Any]]:
+        """Add one evaluation and return the events it triggers.
+
+        Args:
+            step (`int`): optimizer step of the evaluation; must exceed the previous one.
+            d (`float`): mean dissimilarity of the evaluation.
+
+        Returns:
+            `list[dict]`: zero or more events, in order: `{"type": "milestone", "step", "level", "p"}`
+            for each level first crossed now, then `{"type": "convergence_event", "step", "p",
+            "threshold", "patience", "confirmed_step", "p_confirmed"}` when convergence is confirmed
+            now (`step` there is the first evaluation of the run, possibly earlier than this one).
+        """
+        step = int(step)
+        if self.history and step <= self.last_step:
+            raise ValueError(
+                f"convergence evaluations must come in increasing step order: got step {step} after "
+                f"step {self.last_step}"
+            )
+        p = self.progress(d)
+        p_rec = _finite_or_none(p)
+        self.history.append({"step": step, "d": _finite_or_none(float(d)), "p": p_rec})
+        events: list[dict[str, Any]] = []
+        if p_rec is None:
+            self._run = []
+            return events
+        for level in self.milestone_levels:
+            if self.milestones[level] is None and p >= level:
+                self.milestones[level] = step
+                events.append({"type": "milestone", "step": step, "level": level, "p": p_rec})
+        if self.converged:
+            return events
+        if p >= self.threshold:
+            self._run.append(len(self.history) - 1)
+        else:
+            self._run = []
+        if len(self._run) >= self.patience:
+            first = self.history[self._run[0]]
+            self.converged_step = int(first["step"])
+            self.confirmed_step = step
+            events.append(
+                {
+                    "type": "convergence_event",
+                    "step": self.converged_step,
+                    "p": first["p"],
+                    "threshold": self.threshold,
+                    "patience": self.patience,
+                    "confirmed_step": step,
+                    "p_confirmed": p_rec,
+                }
+            )
+        return events
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue after resume, JSON-serialisable."""
+        return {
+            "version": _STATE_VERSION,
+            "threshold": self.threshold,
+            "patience": self.patience,
+            "milestone_levels": list(self.milestone_levels),
+            "d0": self.d0,
+            "d_floor": self.d_floor,
+            "history": [dict(h) for h in self.history],
+            "converged_step": self.converged_step,
+            "confirmed_step": self.confirmed_step,
+            "milestones": [[level, s] for level, s in self.milestones.items()],
+            "run": list(self._run),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output. The history and decisions are kept as saved; when this
+        detector's threshold / patience / milestones differ from the saved ones, a warning says so
+        (earlier decisions were made with the saved settings, later ones use the current)."""
+        missing = {"d0", "d_floor", "history", "converged_step", "confirmed_step", "milestones", "run"} - set(
+            state
+        )
+        if missing:
+            raise ValueError(f"not a convergence detector state: missing keys {sorted(missing)}")
+        saved = (state.get("threshold"), state.get("patience"), tuple(state.get("milestone_levels", ())))
+        if saved != (self.threshold, self.patience, self.milestone_levels):
+            warnings.warn(
+                f"convergence detector resumed with threshold/patience/milestones {saved} -> "
+                f"{(self.threshold, self.patience, self.milestone_levels)}; decisions already made are kept",
+                stacklevel=2,
+            )
+        self.d0 = None if state["d0"] is None else float(state["d0"])
+        self.d_floor = None if state["d_floor"] is None else float(state["d_floor"])
+        self.history = [dict(h) for h in state["history"]]
+        self.converged_step = state["converged_step"]
+        self.confirmed_step = state["confirmed_step"]
+        saved_milestones = {float(level): s for level, s in state["milestones"]}
+        self.milestones = {level: saved_milestones.get(level) for level in self.milestone_levels}
+        for level in self.milestone_levels:  # a new level: recover its first crossing from history
+            if level not in saved_milestones:
+                self.milestones[level] = next(
+                    (int(h["step"]) for h in self.history if h["p"] is not None and h["p"] >= level), None
+                )
+        self._run = [int(i) for i in state["run"]]
+
+
+class ConvergenceMonitor:
+    """The evaluation harness the trainer calls: samples, re-extracts, scores, logs to the run folder.
+
+    Built once per run from the detector config, the run's extractor and K held-out
+    (prompt embedding, hint, real image) triples. Every evaluation samples the same K prompts with
+    the same hints and seeds, so the curve moves only because the ControlNet does.
+
+    Args:
+        config (`DetectorConfig`): detector settings (resolved: `convergence_every` and
+            `convergence_samples` set; threshold / patience None mean 0.3 / 2).
+        extractor (`Callable`): the run's condition extractor: float [B,3,H,W] in [0,1] -> hints
+            [B,3,H,W] in [0,1], with `dissimilarity(hint, other) -> [B]`.
+        prompt_embeds (`torch.Tensor`): text-encoder hidden states [N,L,D] of the held-out prompts.
+        hints (`torch.Tensor`): their hints [N,3,H,W] in [0,1].
+        images (`torch.Tensor`): their real images [N,3,H,W] in [0,1] (for d_floor).
+        prompts (`Sequence[str]`, *optional*): the prompt texts, stored with the samples.
+        seeds (`Sequence[int]`, *optional*): one seed per sample (default: 0..K-1).
+        negative_prompt_embeds (`torch.Tensor`, *optional*): the empty prompt's embedding [1,L,D];
+            needed when `convergence_guidance_scale` > 1.
+        run_dir (`str` or `Path`, *optional*): where `samples/eval-step{N:07d}.safetensors` go (None:
+            nothing written).
+        sampler (`str`, defaults to "ddim"): the detector's sampler.
+        batch_size (`int`, *optional*): sampling chunk size (default: all K at once).
+
+    When N > K only the first K triples are used; when N < K all N are used (with a warning).
+    """
+
+    def __init__(
+        self,
+        config: DetectorConfig,
+        extractor: Callable[[torch.Tensor], torch.Tensor],
+        prompt_embeds: torch.Tensor,
+        hints: torch.Tensor,
+        images: torch.Tensor,
+        *,
+        prompts: Sequence[str] | None = None,
+        seeds: Sequence[int] | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        run_dir: str | Path | None = None,
+        sampler: str = "ddim",
+        batch_size: int | None = None,
+    ) -> None:
+        problems = []
+        every, k = config.convergence_every, config.convergence_samples
+        if not isinstance(every, int) or every < 1:
+            problems.append(f"--convergence_every must be an int >= 1, got {every!r}")
+        if not isinstance(k, int) or k < 1:
+            problems.append(f"--convergence_samples must be an int >= 1, got {k!r}")
+        if not hasattr(extractor, "dissimilarity"):
+            problems.append(f"extractor {extractor!r} has no dissimilarity(hint, other) method")
+        n = prompt_embeds.shape[0]
+        if hints.shape[0] != n or images.shape[0] != n:
+            problems.append(
+                f"held-out set: got {n} prompt embeddings, {hints.shape[0]} hints, {images.shape[0]} images; "
+                "they must pair up"
+            )
+        if hints.ndim != 4 or hints.shape[1] != 3 or images.shape[1:] != hints.shape[1:]:
+            problems.append(
+                f"hints and images must both be [N,3,H,W] of one size, got {tuple(hints.shape)} and "
+                f"{tuple(images.shape)}"
+            )
+        if hints.shape[-1] != hints.shape[-2]:
+            problems.append(
+                f"hints must be square (the sampler makes square images), got {tuple(hints.shape)}"
+            )
+        if config.convergence_guidance_scale > 1.0 and negative_prompt_embeds is None:
+            problems.append(
+                f"--convergence_guidance_scale {config.convergence_guidance_scale} > 1 needs the empty "
+                "prompt's embedding (negative_prompt_embeds)"
+            )
+        if n == 0:
+            problems.append("held-out set is empty: the detector needs at least one prompt + hint + image")
+        if problems:
+            raise ValueError("convergence monitor: " + "; ".join(problems))
+        if n < k:
+            warnings.warn(
+                f"--convergence_samples {k} but the held-out set has {n} samples; the detector uses {n}",
+                stacklevel=2,
+            )
+        k = min(k, n)
+        seeds = list(range(k)) if seeds is None else [int(s) for s in seeds][:k]
+        if len(seeds) != k:
+            raise ValueError(f"convergence monitor: got {len(seeds)} seeds for {k} samples")
+        self.config = config
+        self.every = int(every)
+        self.extractor = extractor
+        self.prompt_embeds = prompt_embeds[:k].detach()
+        self.negative_prompt_embeds = (
+            None if negative_prompt_embeds is None else negative_prompt_embeds.detach()
+        )
+        self.hints = hints[:k].detach().float().cpu()
+        self.images = images[:k].detach().float().cpu()
+        self.prompts = [str(p) for p in prompts][:k] if prompts is not None else [""] * k
+        self.seeds = seeds
+        self.resolution = int(hints.shape[-1])
+        self.run_dir = None if run_dir is None else Path(run_dir)
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.detector = SuddenConvergenceDetector(
+            threshold=config.convergence_threshold or DEFAULT_THRESHOLD,
+            patience=config.convergence_patience or DEFAULT_PATIENCE,
+        )
+        self.reference_info: dict[str, Any] = {}
+        self._times: dict[int, float] = {}
+        self._t0 = time.monotonic()
+        self._pending_seconds = 0.0  # reference cost, charged to the next evaluation
+
+    @property
+    def num_samples(self) -> int:
+        """K, the number of validation samples per evaluation."""
+        return len(self.seeds)
+
+    def should_evaluate(self, step: int) -> bool:
+        """True when `step` is a multiple of `--convergence_every` not evaluated yet (step 0 included)."""
+        if not self.config.detect_convergence or step % self.every:
+            return False
+        last = self.detector.last_step
+        return last is None or step > last
+
+    # -- model calls -----------------------------------------------------------------------------
+    def _sample(self, unet, vae, controlnet, scheduler_config) -> torch.Tensor:
+        from difftune_control.validation import sample_images
+
+        cfg = self.config
+        return sample_images(
+            unet=unet,
+            vae=vae,
+            scheduler_config=scheduler_config,
+            prompt_embeds=self.prompt_embeds,
+            negative_prompt_embeds=self.negative_prompt_embeds,
+            seeds=self.seeds,
+            resolution=self.resolution,
+            controlnet=controlnet,
+            hints=None if controlnet is None else self.hints,
+            num_inference_steps=cfg.convergence_num_inference_steps,
+            guidance_scale=cfg.convergence_guidance_scale,
+            sampler=self.sampler,
+            batch_size=self.batch_size,
+        )
+
+    def _score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-extract a batch [K,3,H,W] in one call and score it against the hints -> (hints, d [K])."""
+        reextracted = self.extractor(images.float().clamp(0.0, 1.0))
+        d = self.extractor.dissimilarity(self.hints.to(reextracted.device), reextracted)
+        return reextracted, d.float().cpu()
+
+    def reference(self, unet, vae, controlnet, scheduler_config) -> dict[str, Any]:
+        """Measure d0 and d_floor and set them on the detector.
+
+        d0: samples made with the ControlNet's contribution switched off. A conditioning scale of 0
+        multiplies every ControlNet residual by zero, which is exactly sampling the UNet alone (the
+        residuals are added, and adding zeros changes nothing), so the ControlNet is not run; this is
+        what a zero-initialised ControlNet produces, and stays right when training starts from an
+        existing ControlNet. d_floor: the real images through the VAE (encode -> decode), re-extracted.
+
+        Args:
+            unet, vae, controlnet: the in-memory models (the ControlNet is not called).
+            scheduler_config: the base model's scheduler config.
+
+        Returns:
+            `dict`: `d0`, `d_floor`, `d0_per_sample`, `d_floor_per_sample`, `seconds`.
+        """
+        import torch
+
+        from difftune_control.validation import decode_latents, encode_images
+
+        del controlnet  # see the docstring: conditioning_scale=0 == UNet alone, bit for bit
+        start = time.perf_counter()
+        with torch.no_grad(), self._autocast(unet):
+            unconditioned = self._sample(unet, vae, None, scheduler_config)
+            _, d0 = self._score(unconditioned)
+            roundtrip = decode_latents(vae, encode_images(vae, self.images.to(vae.device)))
+            _, d_floor = self._score(roundtrip)
+        self.detector.set_reference(float(d0.mean()), float(d_floor.mean()))
+        seconds = time.perf_counter() - start
+        self._pending_seconds += seconds
+        self.reference_info = {
+            "d0": float(d0.mean()),
+            "d_floor": float(d_floor.mean()),
+            "d0_per_sample": [float(x) for x in d0],
+            "d_floor_per_sample": [float(x) for x in d_floor],
+            "seconds": seconds,
+        }
+        return dict(self.reference_info)
+
+    @staticmethod
+    def _autocast(unet):
+        """Autocast to the frozen UNet's dtype on CUDA when it is half precision (the ControlNet may
+        hold fp32 master weights); a no-op otherwise."""
+        import torch
+
+        if unet.device.type == "cuda" and unet.dtype in (torch.float16, torch.bfloat16):
+            return torch.autocast("cuda", dtype=unet.dtype)
+        return contextlib.nullcontext()
+
+    def evaluate(
+        self, step: int, unet, vae, controlnet, scheduler_config, *, elapsed: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Run one evaluation and return the `metrics.jsonl` records it produces.
+
+        Samples the K held-out prompts with their hints (fixed seeds, the detector's sampler, steps
+        and CFG, batched), re-extracts the condition from all samples in one batch, scores them,
+        updates the detector and writes `samples/eval-step{N:07d}.safetensors`. The models run under
+        `torch.no_grad()`; the ControlNet is put in eval mode and back to its previous mode. The
+        references (d0, d_floor) are measured first if they are not set yet; their cost is included
+        in this evaluation's `eval_seconds`.
+
+        Args:
+            step (`int`): the optimizer step.
+            unet, vae, controlnet: the in-memory models.
+            scheduler_config: the base model's scheduler config.
+            elapsed (`float`, *optional*): seconds since the start of training, for the records'
+                `time` (default: seconds since this monitor was built).
+
+        Returns:
+            `list[dict]`: the `convergence_eval` record first, then any `milestone` and
+            `convergence_event` records, exactly as they go to `metrics.jsonl`.
+        """
+        import torch
+
+        start = time.perf_counter()
+        now = time.monotonic() - self._t0 if elapsed is None else float(elapsed)
+        if not self.detector.has_reference:
+            self.reference(unet, vae, controlnet, scheduler_config)
+            start = time.perf_counter()
+        was_training = controlnet.training
+        controlnet.eval()
+        try:
+            with torch.no_grad(), self._autocast(unet):
+                samples = self._sample(unet, vae, controlnet, scheduler_config)
+                reextracted, d = self._score(samples)
+        finally:
+            controlnet.train(was_training)
+        d_mean = float(d.mean())
+        events = self.detector.update(step, d_mean)
+        self._times[int(step)] = now
+        rel_path = self._write_samples(step, samples, reextracted, d) if self.run_dir is not None else None
+        seconds = time.perf_counter() - start + self._pending_seconds
+        self._pending_seconds = 0.0
+        p = self.detector.history[-1]["p"]
+        record = {
+            "type": "convergence_eval",
+            "step": int(step),
+            "time": now,
+            "d": _finite_or_none(d_mean),
+            "d_per_sample": [_finite_or_none(float(x)) for x in d],
+            "p": p,
+            "d0": self.detector.d0,
+            "d_floor": self.detector.d_floor,
+            "eval_seconds": seconds,
+            "samples": rel_path,
+        }
+        for event in events:
+            event["time"] = self._times.get(int(event["step"]), now)
+        return [record, *events]
+
+    def _write_samples(self, step: int, samples, reextracted, d) -> str:
+        import torch
+
+        from difftune_control.utils import atomic_save_safetensors
+
+        def to_u8(x: torch.Tensor) -> torch.Tensor:
+            return (x.detach().float().cpu().clamp(0.0, 1.0) * 255.0).round().to(torch.uint8)
+
+        rel = f"samples/eval-step{int(step):07d}.safetensors"
+        p = self.detector.history[-1]["p"]
+        atomic_save_safetensors(
+            {"hint": to_u8(self.hints), "sample": to_u8(samples), "reextracted": to_u8(reextracted)},
+            self.run_dir / rel,
+            metadata={
+                "prompts": json.dumps(self.prompts),
+                "seeds": json.dumps(self.seeds),
+                "step": str(int(step)),
+                "p": json.dumps(p),
+                "d_per_sample": json.dumps([_finite_or_none(float(x)) for x in d]),
+            },
+        )
+        return rel
+
+    # -- resume ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Detector state + references + evaluation times, JSON-serialisable (for trainer_state.json)."""
+        return {
+            "detector": self.detector.state_dict(),
+            "reference": dict(self.reference_info),
+            "times": [[s, t] for s, t in self._times.items()],
+            "seeds": list(self.seeds),
+            "num_samples": self.num_samples,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output; refuses a state made with other seeds or another K."""
+        if "detector" not in state:
+            raise ValueError("not a convergence monitor state: missing key 'detector'")
+        if state.get("seeds") is not None and list(state["seeds"]) != list(self.seeds):
+            raise ValueError(
+                f"resume: the convergence detector was built with seeds {state['seeds']} "
+                f"(K = {state.get('num_samples')}), this run has {self.seeds} (K = {self.num_samples}); "
+                "keep --convergence_samples and the validation set unchanged when resuming"
+            )
+        self.detector.load_state_dict(state["detector"])
+        self.reference_info = dict(state.get("reference") or {})
+        self._times = {int(s): float(t) for s, t in state.get("times", [])}
