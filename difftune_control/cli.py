@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
+from pathlib import Path
 
 from difftune_control import __version__
-from difftune_control.config import ConfigError, add_config_arguments, config_from_args
+from difftune_control.config import ConfigError, RunConfig, add_config_arguments, config_from_args
 
 _STAGE_CLIS = {
     "extract": "difftune_control.extractors.cli",
@@ -21,26 +23,40 @@ _STAGE_CLIS = {
 }
 
 
+def _config(args: argparse.Namespace) -> RunConfig:
+    """Flags over an optional saved config (``--config run/config.json``) over the defaults."""
+    base = None
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--config: file not found: {path}")
+        try:
+            base = RunConfig.from_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--config {path}: not valid JSON ({err})") from err
+    return config_from_args(args, base)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from difftune_control.trainer import train
 
-    cfg = config_from_args(args)
-    train(cfg, config_file=args.config)
+    run_dir = train(_config(args))
+    print(run_dir)
     return 0
 
 
 def _run_bank(args: argparse.Namespace) -> int:
     from difftune_control.trainer import build_bank_only
 
-    cfg = config_from_args(args)
-    path = build_bank_only(cfg, config_file=args.config)
-    print(path)
+    print(build_bank_only(_config(args)))
     return 0
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """All training flags (shared by ``difftune train`` and ``scripts/train_controlnet.py``)."""
-    parser.add_argument("--config", default=None, help="A saved config.json (e.g. a run's) to start from; flags override it.")
+    parser.add_argument(
+        "--config", default=None, help="A saved config.json (e.g. a run's) to start from; flags override it."
+    )
     add_config_arguments(parser)
 
 
@@ -53,14 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("train", help="Train a ControlNet (vanilla or Diff-Tuning).", description=(
-        "Train a ControlNet. With no model or data flags it trains on the shipped toy world. "
-        "For several GPUs or nodes use: accelerate launch scripts/train_controlnet.py ..."))
+    p = sub.add_parser(
+        "train",
+        help="Train a ControlNet (vanilla or Diff-Tuning).",
+        description=(
+            "Train a ControlNet. With no model or data flags it trains on the shipped toy world. "
+            "For several GPUs or nodes use: accelerate launch scripts/train_controlnet.py ..."
+        ),
+    )
     add_train_arguments(p)
     p.set_defaults(func=_run_train)
 
-    p = sub.add_parser("bank", help="Build (or verify and reuse) the memory bank of a configuration.",
-                       description="Generate the Diff-Tuning memory bank with the frozen base model.")
+    p = sub.add_parser(
+        "bank",
+        help="Build (or verify and reuse) the memory bank of a configuration.",
+        description="Generate the Diff-Tuning memory bank with the frozen base model.",
+    )
     add_train_arguments(p)
     p.set_defaults(func=_run_bank)
 

@@ -1,0 +1,177 @@
+"""From a config to the ingredients of a run: recipe, extractor, datasets, validation triples, bank.
+
+Keeps :mod:`difftune_control.trainer` about optimisation only. Everything here runs before the
+first optimizer step, so bad input fails early with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune_control.config import RunConfig
+from difftune_control.runtime import BaseModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationSet:
+    """K held-out (prompt, hint, real image) triples with fixed seeds."""
+
+    prompts: list[str]
+    prompt_embeds: torch.Tensor  # [K,L,D]
+    hints: torch.Tensor  # [K,3,R,R] in [0,1]
+    images: torch.Tensor  # [K,3,R,R] in [0,1]
+    seeds: list[int]
+
+
+def load_condition(cfg: RunConfig, toy: bool, device: torch.device):
+    """The condition recipe and the run's extractor (at training resolution, on ``device``)."""
+    from difftune_control.extractors import build_extractor, load_recipe
+
+    recipe = load_recipe(cfg.data.condition)
+    extractor = build_extractor(
+        recipe, backend=cfg.data.extractor_backend, resolution=cfg.data.resolution, device=device, toy=toy
+    )
+    return recipe, extractor
+
+
+def extractor_identity(recipe: Any, extractor: Any) -> dict:
+    """What identifies the hints an extractor makes (for cache and bank manifests)."""
+    return {
+        "condition": getattr(recipe, "name", str(recipe)),
+        "backend": getattr(extractor, "backend", type(extractor).__name__),
+        "params": {k: repr(v) for k, v in sorted(getattr(extractor, "params", {}).items())},
+    }
+
+
+def dataset_spec(cfg: RunConfig, source: str, max_samples: int | None = None):
+    from difftune_control.data import DatasetSpec
+
+    d = cfg.data
+    return DatasetSpec(
+        source=source,
+        image_column=d.image_column,
+        conditioning_image_column=d.conditioning_image_column,
+        caption_column=d.caption_column,
+        resolution=d.resolution,
+        center_crop=d.center_crop,
+        max_samples=max_samples,
+        skip_bad_rows=d.skip_bad_rows,
+        dataset_config_name=d.dataset_config_name,
+    )
+
+
+def train_source(cfg: RunConfig, toy: bool) -> str:
+    if cfg.data.train_data_dir:
+        return cfg.data.train_data_dir
+    if cfg.data.dataset_name:
+        return cfg.data.dataset_name
+    if not toy:
+        raise ValueError(
+            "with --pretrained_model_name_or_path, give your data too: --train_data_dir DIR (metadata.jsonl "
+            "or prompt.json) or --dataset_name NAME_OR_DIR"
+        )
+    from difftune_control.toyworld import default_dataset_dir
+
+    return str(default_dataset_dir(split="train", resolution=cfg.data.resolution))
+
+
+def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device, rank_zero_first):
+    """The target dataset, cached as latents + text embeddings when ``--cache_latents``."""
+    from difftune_control.data import build_latent_cache, load_target_dataset
+
+    source = train_source(cfg, base.is_toy)
+    dataset = load_target_dataset(dataset_spec(cfg, source, cfg.data.max_train_samples), hint_fn=extractor)
+    logger.info("target dataset: %d samples from %s", len(dataset), source)
+    if not cfg.data.cache_latents:
+        return dataset
+    from difftune_control.utils import cache_root
+
+    with rank_zero_first():
+        return build_latent_cache(
+            dataset,
+            vae=base.vae,
+            text_encoder=base.text_encoder,
+            tokenizer=base.tokenizer,
+            cache_dir=cache_root(cfg.data.cache_dir) / "latents",
+            model_id=base.model_id,
+            device=device,
+            dtype=base.unet.dtype,
+        )
+
+
+def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> ValidationSet:
+    """K held-out triples: the toy world's validation split, ``--validation_data_dir``, or the train set's tail."""
+    from difftune_control.data import load_target_dataset
+    from difftune_control.validation import encode_prompts
+
+    if cfg.data.validation_data_dir:
+        source = cfg.data.validation_data_dir
+    elif base.is_toy and not (cfg.data.train_data_dir or cfg.data.dataset_name):
+        from difftune_control.toyworld import default_dataset_dir
+
+        source = str(default_dataset_dir(split="validation", resolution=cfg.data.resolution))
+    else:
+        source = train_source(cfg, base.is_toy)
+        logger.warning("no --validation_data_dir: the detector uses the last %d training samples", k)
+    ds = load_target_dataset(dataset_spec(cfg, source), hint_fn=extractor)
+    if len(ds) < k:
+        raise ValueError(
+            f"validation set {source} has {len(ds)} samples; the detector needs {k} (--convergence_samples)"
+        )
+    idx = list(range(len(ds) - k, len(ds))) if source == train_source(cfg, base.is_toy) else list(range(k))
+    items = [ds[i] for i in idx]
+    prompts = [it["caption"] for it in items]
+    embeds = encode_prompts(base.text_encoder, base.tokenizer, prompts).float().cpu()
+    return ValidationSet(
+        prompts=prompts,
+        prompt_embeds=embeds,
+        hints=torch.stack([it["conditioning_pixel_values"] for it in items]).float(),
+        images=torch.stack([(it["pixel_values"] + 1) / 2 for it in items]).float().clamp(0, 1),
+        seeds=[10_000 + i for i in range(k)],
+    )
+
+
+def bank_prompts(cfg: RunConfig, target) -> list[str]:
+    if cfg.bank.bank_prompts:
+        lines = [ln.strip() for ln in Path(cfg.bank.bank_prompts).read_text().splitlines()]
+        prompts = [ln for ln in lines if ln]
+        if not prompts:
+            raise ValueError(f"--bank_prompts {cfg.bank.bank_prompts}: no prompts in the file")
+        return prompts
+    captions = [c for c in target.captions if c]
+    if not captions:
+        raise ValueError(
+            "the target dataset has no captions to prompt the bank with; give --bank_prompts FILE"
+        )
+    return captions
+
+
+def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, accelerator):
+    """Build or reuse the memory bank and load it (None when the method uses no bank)."""
+    if not cfg.uses_bank:
+        return None, None
+    from difftune_control.bank import ensure_bank, load_bank
+
+    path = ensure_bank(
+        config=cfg.bank,
+        prompts=bank_prompts(cfg, target),
+        unet=base.unet,
+        vae=base.vae,
+        text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer,
+        scheduler_config=base.scheduler_config,
+        extractor=extractor,
+        extractor_id=extractor_identity(recipe, extractor),
+        model_id=base.model_id,
+        resolution=cfg.data.resolution,
+        accelerator=accelerator,
+        cache_dir=cfg.data.cache_dir,
+    )
+    return load_bank(path), path

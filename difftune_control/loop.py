@@ -1,0 +1,405 @@
+"""The training run: setup from a config, the optimizer-step loop, checkpoints, logging, stop rules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune_control import __version__
+from difftune_control.config import RunConfig, resolve_defaults
+from difftune_control.runtime import (
+    IndexStream,
+    StreamBatchSampler,
+    is_toy_model,
+    list_checkpoints,
+    load_base_model,
+    make_controlnet,
+    resolve_resume,
+    save_checkpoint,
+)
+from difftune_control.trainer import StopSignal, lr_lambda, trainer_class
+from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+def _accelerator(cfg: RunConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=cfg.train.device == "cpu",
+    )
+
+
+def _weight_dtype(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def _resolve(cfg: RunConfig):
+    from difftune_control.extractors import load_recipe
+
+    toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
+    recipe = load_recipe(cfg.data.condition)
+    cfg = resolve_defaults(cfg, toy=toy, recipe=recipe)
+    cfg.validate()
+    return cfg, toy, recipe
+
+
+def _run_dir(cfg: RunConfig, accelerator) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    rc = cfg.train.resume_from_checkpoint
+    if rc not in (None, "latest"):
+        return Path(rc).resolve().parent
+    name = cfg.train.run_name
+    if name is None:
+        m = cfg.method
+        tag = m.method if m.method == "vanilla" else f"difftuning-{m.split}"
+        stem = Path(cfg.data.condition).stem
+        name = [f"{stem}-{tag}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        broadcast_object_list(name)
+        name = name[0]
+    return Path(cfg.train.output_dir) / name
+
+
+def run_bank_only(cfg: RunConfig) -> Path:
+    from difftune_control import assembly
+
+    cfg, toy, _ = _resolve(cfg)
+    if not cfg.uses_bank:
+        raise ValueError(f"--method {cfg.method.method} --split {cfg.method.split} uses no memory bank")
+    accelerator = _accelerator(cfg)
+    base = load_base_model(cfg.model, accelerator.device, _weight_dtype(accelerator))
+    recipe, extractor = assembly.load_condition(cfg, toy, accelerator.device)
+    target = assembly.load_target(cfg, base, extractor, accelerator.device, accelerator.main_process_first)
+    _, path = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
+    return path
+
+
+def run_training(cfg: RunConfig) -> Path:
+    """Set up everything from ``cfg`` and train; returns the run folder."""
+    from difftune_control import assembly
+    from difftune_control.validation import encode_prompts
+
+    cfg, toy, _ = _resolve(cfg)
+    accelerator = _accelerator(cfg)
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    run_dir = _run_dir(cfg, accelerator)
+    resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
+    if resume is None and list_checkpoints(run_dir):
+        raise ValueError(
+            f"run folder {run_dir} already has checkpoints; continue it with --resume_from_checkpoint latest, "
+            "or pick another --run_name"
+        )
+    torch.manual_seed(cfg.train.seed)
+    device = accelerator.device
+    base = load_base_model(cfg.model, device, _weight_dtype(accelerator))
+    recipe, extractor = assembly.load_condition(cfg, toy, device)
+    target = assembly.load_target(cfg, base, extractor, device, accelerator.main_process_first)
+    empty = encode_prompts(base.text_encoder, base.tokenizer, [""]).float()
+    k = max(cfg.detector.convergence_samples, cfg.train.num_validation_images)
+    val = assembly.load_validation(cfg, base, extractor, k)
+    bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
+
+    torch.manual_seed(cfg.train.seed)
+    controlnet = make_controlnet(cfg.model, base.unet)
+    if cfg.train.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
+    t = cfg.train
+    optimizer = torch.optim.AdamW(
+        controlnet.parameters(),
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+        fused=device.type == "cuda",
+    )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
+    )
+    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    if t.torch_compile:
+        controlnet = torch.compile(controlnet)
+        base.unet = torch.compile(base.unet)
+    trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
+    monitor = _make_monitor(cfg, extractor, val, empty, run_dir) if cfg.detector.detect_convergence else None
+
+    state: dict[str, Any] = {"global_step": 0, "consumed_batches": 0, "elapsed": 0.0, "stop_at": None}
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        saved = json.loads((resume / "trainer_state.json").read_text())
+        state.update({k: saved[k] for k in state if k in saved})
+        trainer.load_state_dict(saved["trainer"])
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if monitor is not None and saved.get("monitor") is not None:
+            monitor.load_state_dict(saved["monitor"])
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / "metrics.jsonl", state["global_step"])
+        logger.info("resumed from %s at optimizer step %d", resume, state["global_step"])
+    elif accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+
+    if accelerator.is_main_process:
+        extra = {
+            "condition": _recipe_dict(recipe),
+            "base_model": {"id": base.model_id, "is_toy": base.is_toy},
+            "bank_dir": str(bank_dir) if bank_dir else None,
+            "version": __version__,
+            "world_size": accelerator.num_processes,
+        }
+        cfg.save(run_dir / "config.json", extra)
+        logger.info("run folder: %s\nresolved config:\n%s", run_dir, json.dumps(cfg.to_dict(), indent=1))
+    loop = _Loop(cfg, accelerator, trainer, optimizer, lr_scheduler, monitor, val, run_dir, state)
+    loop.fit()
+    return run_dir
+
+
+def _recipe_dict(recipe: Any) -> dict:
+    import dataclasses
+
+    if dataclasses.is_dataclass(recipe):
+        return json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
+    return {"name": str(recipe)}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint being resumed, so the log reads as one run."""
+    if path.exists():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _make_monitor(cfg: RunConfig, extractor, val, empty, run_dir: Path):
+    from difftune_control.convergence import ConvergenceMonitor, SuddenConvergenceDetector
+
+    d = cfg.detector
+    k = d.convergence_samples
+    detector = SuddenConvergenceDetector(threshold=d.convergence_threshold, patience=d.convergence_patience)
+    return ConvergenceMonitor(
+        detector=detector,
+        extractor=extractor,
+        prompt_embeds=val.prompt_embeds[:k],
+        negative_prompt_embeds=empty,
+        hints=val.hints[:k],
+        real_images=val.images[:k],
+        seeds=val.seeds[:k],
+        prompts=val.prompts[:k],
+        resolution=cfg.data.resolution,
+        every=d.convergence_every,
+        num_inference_steps=d.convergence_num_inference_steps,
+        guidance_scale=d.convergence_guidance_scale,
+        out_dir=run_dir,
+    )
+
+
+class _Loop:
+    """The optimizer-step loop of one run (see :func:`run_training`)."""
+
+    def __init__(
+        self, cfg, accelerator, trainer, optimizer, lr_scheduler, monitor, val, run_dir: Path, state
+    ):
+        self.cfg, self.acc, self.trainer = cfg, accelerator, trainer
+        self.optimizer, self.lr_scheduler, self.monitor, self.val = optimizer, lr_scheduler, monitor, val
+        self.run_dir, self.state = run_dir, state
+        self.main = accelerator.is_main_process
+        self.log = JsonlLogger(run_dir / "metrics.jsonl") if self.main else None
+        self.tb = None
+        if self.main and cfg.train.report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "logs"))
+
+    def now(self) -> float:
+        return self.state["elapsed"] + time.time() - self._t0
+
+    def emit(self, record: dict) -> None:
+        if not self.main:
+            return
+        record.setdefault("time", round(self.now(), 3))
+        self.log.log(record)
+        if self.tb is not None:
+            prefix = record["type"]
+            for key, value in record.items():
+                if (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and key not in ("step", "time")
+                ):
+                    self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+
+    def fit(self) -> None:
+        cfg, acc, st = self.cfg, self.acc, self.state
+        t = cfg.train
+        self._t0 = time.time()
+        stream = IndexStream(
+            len(self.trainer.target), t.train_batch_size, t.seed, acc.process_index, acc.num_processes
+        )
+        loader = torch.utils.data.DataLoader(
+            self.trainer.target,
+            batch_sampler=StreamBatchSampler(stream, st["consumed_batches"]),
+            num_workers=cfg.data.dataloader_num_workers,
+            collate_fn=torch.utils.data.default_collate,
+        )
+        batches = iter(loader)
+        if st["global_step"] == 0 and self.monitor is not None and not self.monitor.has_reference:
+            self._evaluate(reference=True)
+        reason = "max_steps"
+        window: list[dict] = []
+        t_log = time.time()
+        with StopSignal() as stop:
+            while st["global_step"] < t.max_train_steps:
+                with acc.accumulate(self.trainer.controlnet):
+                    parts = self.trainer.training_step(next(batches))
+                    st["consumed_batches"] += 1
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(self.trainer.controlnet.parameters(), t.max_grad_norm)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.append(parts)
+                if not acc.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                st["global_step"] += 1
+                step = st["global_step"]
+                if step % t.logging_steps == 0 or step == t.max_train_steps:
+                    self._log_train(step, window, time.time() - t_log)
+                    window, t_log = [], time.time()
+                if self.monitor is not None and self.monitor.should_evaluate(step):
+                    self._evaluate()
+                if step % t.validation_steps == 0:
+                    self._validation_grid(step)
+                finished = self._should_stop(stop)
+                if finished:
+                    reason = finished
+                if step % t.checkpointing_steps == 0 or finished or step == t.max_train_steps:
+                    self._checkpoint(step)
+                if finished:
+                    break
+        self._finish(reason)
+
+    def _should_stop(self, stop: StopSignal) -> str | None:
+        flags = [stop.received is not None]
+        st = self.state
+        flags.append(st["stop_at"] is not None and st["global_step"] >= st["stop_at"])
+        t = torch.tensor([int(f) for f in flags], device=self.acc.device)
+        t = self.acc.reduce(t, reduction="sum") if self.acc.num_processes > 1 else t
+        if t[0] > 0:
+            return "signal"
+        if t[1] > 0:
+            return "stop_after_convergence"
+        return None
+
+    def _log_train(self, step: int, window: list[dict], seconds: float) -> None:
+        def mean(key):
+            vals = [float(p[key]) for p in window if p[key] is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        images = sum(p["images"] for p in window) * self.acc.num_processes
+        self.emit(
+            {
+                "type": "train",
+                "step": step,
+                "loss": mean("loss"),
+                "loss_target": mean("loss_target"),
+                "loss_bank": mean("loss_bank"),
+                "bank_share": mean("bank_share"),
+                "lr": self.lr_scheduler.get_last_lr()[0],
+                "images_per_s": images / max(seconds, 1e-9),
+            }
+        )
+
+    def _evaluate(self, reference: bool = False) -> None:
+        if self.main:
+            base = self.trainer.base
+            net = self.acc.unwrap_model(self.trainer.controlnet)
+            if reference:
+                self.monitor.reference(base.unet, base.vae, net, base.scheduler_config)
+            for record in self.monitor.evaluate(
+                self.state["global_step"], base.unet, base.vae, net, base.scheduler_config
+            ):
+                self.emit(record)
+                if (
+                    record["type"] == "convergence_event"
+                    and self.cfg.detector.stop_after_convergence is not None
+                ):
+                    self.state["stop_at"] = record["step"] + self.cfg.detector.stop_after_convergence
+                    logger.info(
+                        "sudden convergence at step %d; stopping at step %d",
+                        record["step"],
+                        self.state["stop_at"],
+                    )
+        self.acc.wait_for_everyone()
+
+    def _validation_grid(self, step: int) -> None:
+        if self.main:
+            from difftune_control.validation import sample_images
+
+            n = self.cfg.train.num_validation_images
+            base, net = self.trainer.base, self.acc.unwrap_model(self.trainer.controlnet)
+            was_training = net.training
+            net.eval()
+            images = sample_images(
+                unet=base.unet,
+                vae=base.vae,
+                scheduler_config=base.scheduler_config,
+                prompt_embeds=self.val.prompt_embeds[:n],
+                negative_prompt_embeds=self.trainer.empty,
+                seeds=self.val.seeds[:n],
+                resolution=self.cfg.data.resolution,
+                controlnet=net,
+                hints=self.val.hints[:n],
+                num_inference_steps=20,
+                guidance_scale=7.5,
+            )
+            net.train(was_training)
+            path = self.run_dir / "validation" / f"step{step:07d}.png"
+            save_grid(path, [self.val.hints[:n], images.cpu()])
+            self.emit({"type": "validation", "step": step, "path": str(path.relative_to(self.run_dir))})
+        self.acc.wait_for_everyone()
+
+    def _checkpoint(self, step: int) -> None:
+        st = dict(self.state)
+        st["elapsed"] = self.now()
+        st["trainer"] = self.trainer.state_dict()
+        st["lr_scheduler"] = self.lr_scheduler.state_dict()
+        st["monitor"] = self.monitor.state_dict() if self.monitor is not None else None
+        path = save_checkpoint(
+            self.acc, self.run_dir, step, self.trainer.controlnet, st, self.cfg.train.checkpoints_total_limit
+        )
+        self.emit({"type": "checkpoint", "step": step, "path": path.name})
+
+    def _finish(self, reason: str) -> None:
+        if self.main:
+            net = self.acc.unwrap_model(self.trainer.controlnet)
+            with atomic_dir(self.run_dir / "controlnet") as tmp:
+                net.save_pretrained(tmp, safe_serialization=True)
+            self.emit({"type": "end", "step": self.state["global_step"], "reason": reason})
+            self.log.close()
+            if self.tb is not None:
+                self.tb.close()
+            logger.info(
+                "finished (%s) at optimizer step %d: %s", reason, self.state["global_step"], self.run_dir
+            )
+        self.acc.wait_for_everyone()
+
+
+def save_grid(path: Path, columns: list[torch.Tensor]) -> None:
+    """Save a PNG grid: one row per sample, one column per tensor [N,3,H,W] in [0,1]."""
+    from PIL import Image
+
+    from difftune_control.utils import atomic_path
+
+    cols = [c.detach().float().clamp(0, 1).cpu() for c in columns]
+    rows = torch.cat([torch.cat(list(c_row), dim=2) for c_row in zip(*cols)], dim=1)  # [3, N*H, C*W]
+    arr = (rows.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

@@ -1,0 +1,252 @@
+"""ControlNet training: ``ControlNetTrainer`` (vanilla) and ``DiffTuningTrainer``.
+
+setup (``train()``: config -> models, data, bank, detector) -> ``fit`` (the loop: checkpoints,
+logging, detector, signals) -> ``training_step`` (one micro-batch: plan, assemble, backward)
+-> ``compute_loss`` (per-sample denoising loss; the one override point for the objective).
+
+Diff-Tuning changes only the batch plan (which slots come from the memory bank, their
+timesteps and loss weights; see :mod:`difftune_control.forgetting`). Vanilla training is
+the plan with no bank slots and uniform timesteps, so both run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from difftune_control.config import RunConfig
+from difftune_control.forgetting import BatchPlan, plan_batch, vanilla_plan
+
+logger = logging.getLogger(__name__)
+
+BATCH_KEYS = ("latents", "encoder_hidden_states", "conditioning_pixel_values")
+
+
+class ControlNetTrainer:
+    """Trains a ControlNet against a frozen base model (the ControlNet baseline).
+
+    Args:
+        cfg: the resolved run configuration.
+        accelerator: an ``accelerate.Accelerator``.
+        base: the frozen base model (:class:`difftune_control.runtime.BaseModel`).
+        controlnet: the trainable ControlNet (fp32 master weights).
+        target: the target dataset (cached: latents + text embeddings; or raw images + captions).
+        empty_prompt_embedding: [1,L,D] embedding of "" for caption dropout.
+        bank: the memory bank dataset (Diff-Tuning only).
+    """
+
+    def __init__(
+        self, cfg: RunConfig, accelerator, base, controlnet, target, empty_prompt_embedding, bank=None
+    ):
+        self.cfg, self.accelerator, self.base = cfg, accelerator, base
+        self.controlnet, self.target, self.bank = controlnet, target, bank
+        self.empty = empty_prompt_embedding
+        self.device = accelerator.device
+        self.num_train_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
+        self.prediction_type = cfg.model.prediction_type or base.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction type {self.prediction_type!r} is not supported; use epsilon or v_prediction"
+            )
+        # One CPU generator drives plans, noise, caption dropout and bank draws: saved in checkpoints.
+        self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
+        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    # -- the batch plan -----------------------------------------------------------------------
+    def plan(self, batch_size: int) -> BatchPlan:
+        """Which slots come from where, their timesteps and loss weights. Vanilla: uniform t, target only."""
+        return vanilla_plan(batch_size, self.num_train_timesteps, self.generator)
+
+    # -- one micro-batch ----------------------------------------------------------------------
+    def assemble(self, target_batch: dict, plan: BatchPlan) -> dict[str, torch.Tensor]:
+        """Place target rows at the plan's target slots and bank rows at its bank slots; draw noise."""
+        n = plan.is_bank.numel()
+        n_target = n - plan.num_bank
+        tb = self._encode_target(
+            {k: v[:n_target] if hasattr(v, "__getitem__") else v for k, v in target_batch.items()}
+        )
+        out = {
+            k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
+        }
+        for k in BATCH_KEYS:
+            out[k][~plan.is_bank.to(self.device)] = tb[k]
+        if plan.num_bank:
+            idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
+            rows = [self.bank[int(i)] for i in idx]
+            for k in BATCH_KEYS:
+                out[k][plan.is_bank.to(self.device)] = torch.stack([r[k] for r in rows]).to(
+                    self.device, out[k].dtype
+                )
+        out["timesteps"] = plan.timesteps.to(self.device)
+        out["noise"] = torch.randn(out["latents"].shape, generator=self.generator).to(self.device)
+        return out
+
+    def _encode_target(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Latents, text embeddings (with caption dropout) and hints of the target rows."""
+        n = len(batch["caption"])
+        drop = torch.rand(n, generator=self.generator) < self.cfg.data.proportion_empty_prompts
+        if "latents" in batch:
+            ehs = batch["encoder_hidden_states"].to(self.device)
+            if drop.any():
+                ehs = ehs.clone()
+                ehs[drop.to(self.device)] = self.empty.to(self.device, ehs.dtype)
+            latents = batch["latents"].to(self.device)
+        else:
+            from difftune_control.validation import encode_images, encode_prompts
+
+            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+            ehs = encode_prompts(self.base.text_encoder, self.base.tokenizer, captions, self.device)
+            images = (batch["pixel_values"].to(self.device) + 1) / 2
+            latents = encode_images(self.base.vae, images)
+        return {
+            "latents": latents.float(),
+            "encoder_hidden_states": ehs.float(),
+            "conditioning_pixel_values": batch["conditioning_pixel_values"].to(self.device).float(),
+        }
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sample denoising loss [B] (epsilon or v target), the one override point of the objective."""
+        latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        dtype = self.base.unet.dtype
+        ehs = batch["encoder_hidden_states"].to(dtype)
+        down, mid = self.controlnet(
+            noisy,
+            t,
+            encoder_hidden_states=ehs,
+            controlnet_cond=batch["conditioning_pixel_values"],
+            return_dict=False,
+        )
+        pred = self.base.unet(
+            noisy.to(dtype),
+            t,
+            encoder_hidden_states=ehs,
+            down_block_additional_residuals=[d.to(dtype) for d in down],
+            mid_block_additional_residual=mid.to(dtype),
+            return_dict=False,
+        )[0]
+        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+    def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
+        """Forward + backward of one micro-batch; returns the loss parts for logging."""
+        plan = plan or self.plan(len(target_batch["caption"]))
+        batch = self.assemble(target_batch, plan)
+        with self.accelerator.autocast():
+            per_sample = self.compute_loss(batch)
+        weights = plan.weights.to(self.device)
+        loss = (weights * per_sample).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} (per-sample: {per_sample.detach().cpu().tolist()[:8]}...). Lower "
+                "--learning_rate, try --mixed_precision no or bf16 instead of fp16, and check the data for broken images; "
+                "the last checkpoint is intact: resume with --resume_from_checkpoint latest"
+            )
+        self.accelerator.backward(loss)
+        bank = plan.is_bank.to(self.device)
+        ps = per_sample.detach()
+        return {
+            "loss": loss.detach(),
+            "loss_target": ps[~bank].mean() if (~bank).any() else None,
+            "loss_bank": ps[bank].mean() if bank.any() else None,
+            "bank_share": plan.num_bank / plan.is_bank.numel(),
+            "images": plan.is_bank.numel(),
+        }
+
+    # -- resumable state ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+class DiffTuningTrainer(ControlNetTrainer):
+    """Diff-Tuning: the chain of forgetting changes batch composition and t-sampling only."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        m = self.cfg.method
+        if m.split != "psi-only" and self.bank is None:
+            raise ValueError(f"--split {m.split} needs a memory bank; none was built")
+
+    def plan(self, batch_size: int) -> BatchPlan:
+        m = self.cfg.method
+        return plan_batch(
+            batch_size,
+            m.split,
+            power=m.psi_power,
+            bank_share=m.bank_share,
+            bank_weight=m.bank_weight,
+            num_train_timesteps=self.num_train_timesteps,
+            generator=self.generator,
+        )
+
+
+def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
+    return DiffTuningTrainer if cfg.method.method == "difftuning" else ControlNetTrainer
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save a checkpoint before exiting."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def lr_lambda(name: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if name == "constant_with_warmup":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return (
+            max(0.0, 1.0 - progress)
+            if name == "linear"
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        )
+
+    return f
+
+
+def train(cfg: RunConfig) -> Path:
+    """Train a ControlNet as configured; returns the run folder. See :mod:`difftune_control.loop`."""
+    from difftune_control.loop import run_training
+
+    return run_training(cfg)
+
+
+def build_bank_only(cfg: RunConfig) -> Path:
+    """Build (or verify and reuse) the memory bank of a configuration; returns its folder."""
+    from difftune_control.loop import run_bank_only
+
+    return run_bank_only(cfg)
