@@ -179,25 +179,19 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _make_monitor(cfg: RunConfig, extractor, val, empty, run_dir: Path):
-    from difftune_control.convergence import ConvergenceMonitor, SuddenConvergenceDetector
+    from difftune_control.convergence import ConvergenceMonitor
 
-    d = cfg.detector
-    k = d.convergence_samples
-    detector = SuddenConvergenceDetector(threshold=d.convergence_threshold, patience=d.convergence_patience)
+    k = cfg.detector.convergence_samples
     return ConvergenceMonitor(
-        detector=detector,
-        extractor=extractor,
-        prompt_embeds=val.prompt_embeds[:k],
-        negative_prompt_embeds=empty,
-        hints=val.hints[:k],
-        real_images=val.images[:k],
-        seeds=val.seeds[:k],
+        cfg.detector,
+        extractor,
+        val.prompt_embeds[:k],
+        val.hints[:k],
+        val.images[:k],
         prompts=val.prompts[:k],
-        resolution=cfg.data.resolution,
-        every=d.convergence_every,
-        num_inference_steps=d.convergence_num_inference_steps,
-        guidance_scale=d.convergence_guidance_scale,
-        out_dir=run_dir,
+        seeds=val.seeds[:k],
+        negative_prompt_embeds=empty,
+        run_dir=run_dir,
     )
 
 
@@ -250,8 +244,8 @@ class _Loop:
             collate_fn=torch.utils.data.default_collate,
         )
         batches = iter(loader)
-        if st["global_step"] == 0 and self.monitor is not None and not self.monitor.has_reference:
-            self._evaluate(reference=True)
+        if self.monitor is not None and self.monitor.should_evaluate(st["global_step"]):
+            self._evaluate()  # step 0: measures d0 and d_floor first
         reason = "max_steps"
         window: list[dict] = []
         t_log = time.time()
@@ -317,15 +311,14 @@ class _Loop:
             }
         )
 
-    def _evaluate(self, reference: bool = False) -> None:
+    def _evaluate(self) -> None:
         if self.main:
             base = self.trainer.base
             net = self.acc.unwrap_model(self.trainer.controlnet)
-            if reference:
-                self.monitor.reference(base.unet, base.vae, net, base.scheduler_config)
-            for record in self.monitor.evaluate(
-                self.state["global_step"], base.unet, base.vae, net, base.scheduler_config
-            ):
+            records = self.monitor.evaluate(
+                self.state["global_step"], base.unet, base.vae, net, base.scheduler_config, elapsed=self.now()
+            )
+            for record in records:
                 self.emit(record)
                 if (
                     record["type"] == "convergence_event"

@@ -1,0 +1,148 @@
+"""Shared fixtures: a tiny real Stable Diffusion pipeline folder and a tiny target dataset on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep every cache (latents, banks, toy datasets) of the test session in a temporary folder."""
+    old = os.environ.get("DIFFTUNE_CACHE")
+    os.environ["DIFFTUNE_CACHE"] = str(tmp_path_factory.mktemp("difftune-cache"))
+    yield
+    if old is None:
+        os.environ.pop("DIFFTUNE_CACHE", None)
+    else:
+        os.environ["DIFFTUNE_CACHE"] = old
+
+
+TINY_WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "grey", "background", "small", "big"]
+
+
+def build_tiny_pipeline(folder: Path) -> Path:
+    """Save a tiny SD-architecture pipeline (real diffusers/transformers classes) to ``folder``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok_dir = folder / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for w in TINY_WORDS:
+        vocab[w + "</w>"] = len(vocab)
+    for c in "abcdefghijklmnopqrstuvwxyz":  # unknown words fall back to letters
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
+    tokenizer.save_pretrained(tok_dir)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    text_encoder.save_pretrained(folder / "text_encoder")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    scheduler.save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.31.0",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+        )
+    )
+    return folder
+
+
+def build_tiny_dataset(folder: Path, n: int = 24, size: int = 20, seed: int = 0) -> Path:
+    """A metadata.jsonl imagefolder: coloured shapes, their edge maps as hints, captions."""
+    rng = np.random.default_rng(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "hints").mkdir(exist_ok=True)
+    colors = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+    lines = []
+    for i in range(n):
+        name = list(colors)[i % 3]
+        shape = "circle" if rng.random() < 0.5 else "square"
+        img = Image.new("RGB", (size, size), (128, 128, 128))
+        hint = Image.new("RGB", (size, size), (0, 0, 0))
+        x0, y0 = rng.integers(1, size // 2, 2)
+        box = [int(x0), int(y0), int(x0) + size // 2, int(y0) + size // 2]
+        for im, fill, outline in ((img, colors[name], None), (hint, None, (255, 255, 255))):
+            d = ImageDraw.Draw(im)
+            (d.ellipse if shape == "circle" else d.rectangle)(box, fill=fill, outline=outline)
+        img.save(folder / "images" / f"{i:03d}.png")
+        hint.save(folder / "hints" / f"{i:03d}.png")
+        lines.append(
+            {
+                "image": f"images/{i:03d}.png",
+                "conditioning_image": f"hints/{i:03d}.png",
+                "text": f"a {name} {shape} on grey background",
+            }
+        )
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset_dir(tmp_path_factory) -> Path:
+    return build_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))

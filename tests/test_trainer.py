@@ -1,0 +1,207 @@
+"""The trainer on a tiny real pipeline: what trains, one code path, overfitting, exact resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from difftune_control.config import ConfigError, RunConfig
+from difftune_control.forgetting import vanilla_plan
+from difftune_control.utils import read_jsonl
+
+
+def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(pipeline)
+    cfg.model.conditioning_embedding_out_channels = [8, 16]
+    cfg.data.condition = "canny"
+    cfg.data.train_data_dir = str(data)
+    cfg.data.resolution = 16
+    cfg.train.output_dir = str(out)
+    cfg.train.run_name = "run"
+    cfg.train.train_batch_size = 4
+    cfg.train.max_train_steps = 4
+    cfg.train.learning_rate = 1e-3
+    cfg.train.checkpointing_steps = 2
+    cfg.train.validation_steps = 100
+    cfg.train.logging_steps = 1
+    cfg.train.report_to = "none"
+    cfg.train.device = "cpu"
+    cfg.bank.bank_size = 8
+    cfg.bank.bank_batch_size = 8
+    cfg.bank.bank_num_inference_steps = 2
+    cfg.detector.convergence_every = 2
+    cfg.detector.convergence_samples = 2
+    cfg.detector.convergence_num_inference_steps = 2
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def _build(cfg: RunConfig):
+    """Set up the pieces of a run in-process (as run_training does) and return the trainer."""
+    from accelerate import Accelerator
+
+    from difftune_control import assembly
+    from difftune_control.loop import _resolve
+    from difftune_control.runtime import load_base_model, make_controlnet
+    from difftune_control.trainer import trainer_class
+    from difftune_control.validation import encode_prompts
+
+    cfg, toy, _ = _resolve(cfg)
+    acc = Accelerator(cpu=True)
+    base = load_base_model(cfg.model, acc.device, torch.float32)
+    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
+    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
+    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
+    bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
+    torch.manual_seed(0)
+    controlnet = make_controlnet(cfg.model, base.unet)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate)
+    controlnet, opt = acc.prepare(controlnet, opt)
+    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    return trainer, opt
+
+
+def _batch(trainer, n=4):
+    return torch.utils.data.default_collate([trainer.target[i] for i in range(n)])
+
+
+def test_only_controlnet_parameters_change(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    trainer, opt = _build(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
+    base = trainer.base
+    frozen = {
+        name: {k: v.clone() for k, v in m.state_dict().items()}
+        for name, m in (("unet", base.unet), ("vae", base.vae), ("text_encoder", base.text_encoder))
+    }
+    before = {k: v.clone() for k, v in trainer.controlnet.state_dict().items()}
+    for _ in range(3):
+        trainer.training_step(_batch(trainer))
+        opt.step()
+        opt.zero_grad()
+    for name, m in (("unet", base.unet), ("vae", base.vae), ("text_encoder", base.text_encoder)):
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, frozen[name][k]), f"{name}.{k} changed"
+    changed = [k for k, v in trainer.controlnet.state_dict().items() if not torch.equal(v, before[k])]
+    assert any("controlnet_down_blocks" in k for k in changed), "zero convolutions did not train"
+
+
+def test_difftuning_with_vanilla_plan_equals_vanilla_step(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    grads = []
+    for method in ("vanilla", "difftuning"):
+        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / method, method__method=method)
+        trainer, _ = _build(cfg)
+        plan = vanilla_plan(4, generator=torch.Generator().manual_seed(5))
+        trainer.generator.manual_seed(7)
+        parts = trainer.training_step(_batch(trainer), plan=plan)
+        grads.append(
+            (parts["loss"], [p.grad.clone() for p in trainer.controlnet.parameters() if p.grad is not None])
+        )
+    (l1, g1), (l2, g2) = grads
+    assert torch.equal(l1, l2)
+    assert len(g1) == len(g2) > 0 and all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_difftuning_fixed_step_uses_bank(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    trainer, _ = _build(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__bank_share=0.25))
+    parts = trainer.training_step(_batch(trainer))
+    assert parts["bank_share"] == 0.25 and parts["loss_bank"] is not None and parts["loss_target"] is not None
+
+
+def test_loss_decreases_when_overfitting_one_batch(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__method="vanilla",
+        data__proportion_empty_prompts=0.0,
+    )
+    trainer, opt = _build(cfg)
+    batch = _batch(trainer)
+    losses = []
+    for _ in range(40):
+        plan = vanilla_plan(4, generator=torch.Generator().manual_seed(0))  # same t every step
+        trainer.generator.manual_seed(1)  # same noise every step
+        losses.append(trainer.training_step(batch, plan=plan)["loss"].item())
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"]
+
+
+def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    from difftune_control.trainer import train
+
+    full = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", train__max_train_steps=6))
+    assert (full / "config.json").is_file() and (full / "controlnet" / "config.json").is_file()
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
+    records = read_jsonl(full / "metrics.jsonl")
+    types = {r["type"] for r in records}
+    assert {"train", "convergence_eval", "checkpoint", "end"} <= types
+    assert [r["step"] for r in records if r["type"] == "convergence_eval"] == [0, 2, 4, 6]
+    saved = json.loads((full / "config.json").read_text())
+    assert saved["train"]["max_train_steps"] == 6 and saved["method"]["method"] == "difftuning"
+
+    # interrupted at step 4, then resumed: the loss curve equals the uninterrupted run's
+    part = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", train__max_train_steps=4))
+    resumed = train(
+        tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path / "b",
+            train__max_train_steps=6,
+            train__resume_from_checkpoint="latest",
+        )
+    )
+    assert resumed == part
+    assert _losses(resumed) == _losses(full)
+    from safetensors.torch import load_file
+
+    wa = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(resumed / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_without_resume_is_refused(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    from difftune_control.trainer import train
+
+    cfg = tiny_config(
+        tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__max_train_steps=2, method__method="vanilla"
+    )
+    train(cfg)
+    with pytest.raises(ValueError, match="resume_from_checkpoint latest"):
+        train(cfg)
+
+
+def test_bad_flags_are_reported_together(tiny_pipeline_dir, tmp_path):
+    from difftune_control.trainer import train
+
+    cfg = tiny_config(
+        tiny_pipeline_dir, tmp_path / "missing", tmp_path, train__train_batch_size=0, method__bank_share=1.5
+    )
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert "--train_batch_size" in msg and "--bank_share" in msg and "--train_data_dir" in msg
+
+
+def test_bad_model_path_and_condition(tiny_dataset_dir, tmp_path):
+    from difftune_control.trainer import train
+
+    cfg = tiny_config(tmp_path / "nope", tiny_dataset_dir, tmp_path)
+    with pytest.raises(FileNotFoundError, match="pretrained_model_name_or_path"):
+        train(cfg)
+    cfg = tiny_config(tmp_path / "nope", tiny_dataset_dir, tmp_path, data__condition="depthh")
+    with pytest.raises(ValueError, match="canny"):
+        train(cfg)
