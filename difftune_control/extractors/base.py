@@ -17,6 +17,7 @@ extractors behave the same whatever the input type.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Union
@@ -82,7 +83,7 @@ def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
         raise ValueError(f"image arrays must be HW or HWC with 1, 3 or 4 channels, got shape {array.shape}")
     if array.shape[2] == 1:
         array = np.repeat(array, 3, axis=2)
-    array = np.ascontiguousarray(array[:, :, :3])  # drop alpha
+    array = np.array(array[:, :, :3], copy=True, order="C")  # drop alpha; own, writable memory
     tensor = torch.from_numpy(array).permute(2, 0, 1)[None]  # [1,3,H,W]
     return tensor.float().div_(255.0)
 
@@ -251,6 +252,30 @@ class ConditionExtractor(ABC):
     channels: ClassVar[int] = 3
     """Channels of the hint (always 3: ControlNet hints are RGB)."""
 
+    _NOT_IDENTITY: ClassVar[frozenset[str]] = frozenset({"device", "batch_size"})
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ConditionExtractor:
+        obj = super().__new__(cls)
+        # Record the constructor arguments (defaults filled in) for `params`.
+        try:
+            bound = inspect.signature(cls.__init__).bind(obj, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+        except TypeError:  # __init__ will raise the real error
+            arguments = dict(kwargs)
+        arguments.pop("self", None)
+        extra = arguments.pop("kwargs", None)
+        if isinstance(extra, dict):
+            arguments.update(extra)
+        obj._init_params = arguments
+        return obj
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The constructor arguments that shape the hints (defaults included; device and batch size
+        left out), e.g. for cache and memory-bank manifests."""
+        return {k: v for k, v in self._init_params.items() if k not in self._NOT_IDENTITY}
+
     def __init__(self, resolution: Resolution = None, device: str | torch.device | None = None) -> None:
         import torch
 
@@ -281,7 +306,7 @@ class ConditionExtractor(ABC):
                 f"{type(self).__name__}._extract_batch broke the contract: expected "
                 f"{(batch.shape[0], self.channels, batch.shape[2], batch.shape[3])}, got {tuple(out.shape)}"
             )
-        out = out.to(device=home, dtype=torch.float32).clamp_(0.0, 1.0)
+        out = out.to(device=home, dtype=torch.float32).clamp(0.0, 1.0)
         if single:
             return out[0].cpu()
         return out
