@@ -1,0 +1,393 @@
+"""On-disk caches of VAE latents and text embeddings (and extracted hints) for a `TargetDataset`.
+
+Layout of ``cache_dir``::
+
+    manifest.json                 key (model, resolution, dataset fingerprint, crop, dtype, ...), shard list
+    shard-00000.safetensors       rows [0, shard_size): latent_mean, latent_std, encoder_hidden_states,
+    shard-00001.safetensors       crop_top_left, flip (and hints, uint8, when hints are extracted)
+    empty_prompt.safetensors      the text embedding of "" (for caption dropout)
+
+Latents: the VAE posterior's mean and standard deviation are both stored, scaled as the UNet
+sees them (``(mean - shift_factor) * scaling_factor`` and ``std * scaling_factor``), so
+`CachedTargetDataset` can draw a fresh ``mean + std * N(0, I)`` per access (what diffusers'
+training does with ``latent_dist.sample()``) or return the mean. Each shard is written through a
+temporary file and ``os.replace``, and carries the key's hash in its metadata: a build that was
+cut off resumes from the completed shards; a changed key (new model, resized images, edited
+dataset...) logs what changed and rebuilds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from difftune_control.data.dataset import TargetDataset
+from difftune_control.utils import atomic_save_safetensors, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+EMPTY_PROMPT = "empty_prompt.safetensors"
+
+
+def hint_fn_key(hint_fn: Any) -> str | None:
+    """Identity of a hint function for cache keys: its ``cache_key`` (attribute or method), else its repr.
+
+    Extractors whose output depends on parameters should expose ``cache_key`` naming them, so
+    memoised hints are rebuilt when a parameter changes. A repr with a memory address (the
+    default) falls back to the qualified type name.
+    """
+    if hint_fn is None:
+        return None
+    key = getattr(hint_fn, "cache_key", None)
+    if callable(key):
+        key = key()
+    if isinstance(key, str):
+        return key
+    text = repr(hint_fn)
+    if " at 0x" in text:
+        kind = hint_fn if isinstance(hint_fn, type) or hasattr(hint_fn, "__qualname__") else type(hint_fn)
+        text = f"{kind.__module__}.{kind.__qualname__}"
+    return text
+
+
+def _shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def cache_key(
+    dataset: TargetDataset,
+    *,
+    model_id: str,
+    vae: Any,
+    tokenizer: Any,
+    dtype: torch.dtype,
+    shard_size: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Everything the cached tensors depend on; a cache is reused only when this matches exactly."""
+    spec = dataset.spec
+    return {
+        "format": CACHE_FORMAT,
+        "model_id": model_id,
+        "resolution": spec.resolution,
+        "dataset_fingerprint": dataset.fingerprint,
+        "num_rows": len(dataset),
+        "crop": "center" if spec.center_crop else f"random(seed={seed})",
+        "random_flip": spec.random_flip,
+        "hint_interpolation": spec.hint_interpolation,
+        "hints": hint_fn_key(dataset.hint_fn) if dataset.extracts_hints else None,
+        "encoder_dtype": str(dtype).removeprefix("torch."),
+        "vae_scaling_factor": float(vae.config.scaling_factor),
+        "vae_shift_factor": getattr(vae.config, "shift_factor", None),
+        "tokenizer_max_length": int(tokenizer.model_max_length),
+        "shard_size": shard_size,
+    }
+
+
+def _key_hash(key: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _read_manifest(cache_dir: Path) -> dict[str, Any] | None:
+    path = cache_dir / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("latent cache %s: unreadable manifest (%s); rebuilding", cache_dir, err)
+        return None
+
+
+def _key_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    changed = [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    return "; ".join(changed)
+
+
+def _shard_is_valid(path: Path, key_hash: str, start: int, stop: int) -> bool:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception:  # a foreign or damaged file is recomputed, never trusted
+        return False
+    return (
+        meta.get("key_hash") == key_hash and meta.get("start") == str(start) and meta.get("stop") == str(stop)
+    )
+
+
+class _EncodeRows(Dataset):
+    """Samples of a `TargetDataset` for encoding: a per-row seeded crop/flip, so resumed shards match."""
+
+    def __init__(self, dataset: TargetDataset, indices: Sequence[int], seed: int, with_hint: bool) -> None:
+        self.dataset, self.indices, self.seed, self.with_hint = dataset, list(indices), seed, with_hint
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = self.indices[i]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        sample = self.dataset.load_sample(index, with_hint=self.with_hint, generator=generator)
+        hint = sample.conditioning_pixel_values
+        return {
+            "pixel_values": sample.pixel_values,
+            "hints": torch.empty(0, dtype=torch.uint8)
+            if hint is None
+            else (hint * 255.0).round().to(torch.uint8),
+            "crop_top_left": torch.tensor([sample.geometry.top, sample.geometry.left], dtype=torch.int64),
+            "flip": torch.tensor(sample.geometry.flip, dtype=torch.uint8),
+            "caption": sample.caption,
+        }
+
+
+@torch.no_grad()
+def _encode_shard(
+    rows: _EncodeRows, *, vae: Any, text_encoder: Any, tokenizer: Any, batch_size: int, device: Any,
+    dtype: torch.dtype, num_workers: int, progress: Any,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    from difftune_control.validation import encode_prompts
+
+    scale = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    parts: dict[str, list[torch.Tensor]] = {}
+    loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    for batch in loader:
+        dist = vae.encode(batch["pixel_values"].to(device=device, dtype=dtype)).latent_dist
+        out = {
+            "latent_mean": (dist.mean - shift) * scale,  # [B,4,r,r]
+            "latent_std": dist.std * scale,
+            "encoder_hidden_states": encode_prompts(text_encoder, tokenizer, batch["caption"], device=device),
+            "crop_top_left": batch["crop_top_left"],
+            "flip": batch["flip"],
+        }
+        if rows.with_hint:
+            out["hints"] = batch["hints"]  # [B,3,R,R] uint8
+        for name, value in out.items():
+            parts.setdefault(name, []).append(value.detach().cpu())
+        progress.update(len(batch["caption"]))
+    return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def build_latent_cache(
+    dataset: TargetDataset,
+    *,
+    vae: Any,
+    text_encoder: Any,
+    tokenizer: Any,
+    cache_dir: str | Path,
+    model_id: str,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    show_progress: bool = True,
+    shard_size: int = 1024,
+    seed: int = 0,
+    num_workers: int = 0,
+    sample_latents: bool = True,
+) -> CachedTargetDataset:
+    """Precompute (or reuse) VAE latents and text embeddings for every row of ``dataset``.
+
+    Args:
+        dataset (`TargetDataset`): the target data; its spec fixes resolution and crop mode. With
+            random crops, each row's crop (and flip) is drawn once, from ``seed`` and the row index.
+        vae (`AutoencoderKL`): encodes the target images; moved to ``device`` and ``dtype`` in place.
+        text_encoder (`CLIPTextModel`): encodes captions (last hidden state); moved likewise.
+        tokenizer (`CLIPTokenizer`): pads to its ``model_max_length``.
+        cache_dir (`str` or `Path`): folder holding one cache (manifest + shards).
+        model_id (`str`): names the base model in the key (path or hub id, plus revision if any).
+        batch_size (`int`, defaults to 32): rows per encoder call.
+        device (`str` or `torch.device`, defaults to `"cpu"`): where encoding runs.
+        dtype (`torch.dtype`, defaults to `torch.float32`): encoder dtype; also the stored dtype.
+        show_progress (`bool`, defaults to `True`): a tqdm bar over rows.
+        shard_size (`int`, defaults to 1024): rows per shard file (the unit of resumption).
+        seed (`int`, defaults to 0): seeds random crops and flips.
+        num_workers (`int`, defaults to 0): DataLoader workers that decode and transform images.
+        sample_latents (`bool`, defaults to `True`): passed to `CachedTargetDataset`.
+
+    Returns:
+        `CachedTargetDataset`, whose ``build_stats`` says how many shards were reused or computed.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(dataset, TargetDataset):
+        raise TypeError(
+            f"dataset must be a TargetDataset (see load_target_dataset), got {type(dataset).__name__}"
+        )
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"model_id must name the base model (path or hub id), got {model_id!r}")
+    started = time.perf_counter()
+    cache_dir = Path(cache_dir)
+    key = cache_key(
+        dataset,
+        model_id=model_id,
+        vae=vae,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        shard_size=shard_size,
+        seed=seed,
+    )
+    key_hash = _key_hash(key)
+    old = _read_manifest(cache_dir)
+    reason = None
+    if old is not None and old.get("key") != key:
+        reason = _key_changes(old.get("key") or {}, key)
+        logger.warning("latent cache %s does not match (%s); rebuilding", cache_dir, reason)
+        for stale in [*cache_dir.glob("shard-*.safetensors"), cache_dir / EMPTY_PROMPT]:
+            stale.unlink(missing_ok=True)
+    shards = [
+        {"file": _shard_name(k), "start": start, "stop": min(start + shard_size, len(dataset))}
+        for k, start in enumerate(range(0, len(dataset), shard_size))
+    ]
+    manifest = {
+        "key": key,
+        "key_hash": key_hash,
+        "shards": shards,
+        "complete": False,
+        "latents": _LATENTS_NOTE,
+    }
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    todo = [s for s in shards if not _shard_is_valid(cache_dir / s["file"], key_hash, s["start"], s["stop"])]
+    if todo:
+        vae.to(device=device, dtype=dtype)
+        text_encoder.to(device=device, dtype=dtype)
+        logger.info(
+            "latent cache %s: encoding %d of %d shards (%d rows)",
+            cache_dir, len(todo), len(shards), sum(s["stop"] - s["start"] for s in todo),
+        )  # fmt: skip
+    meta = {"key_hash": key_hash}
+    with tqdm(
+        total=sum(s["stop"] - s["start"] for s in todo), disable=not show_progress, desc="caching latents"
+    ) as bar:
+        for shard in todo:
+            rows = _EncodeRows(dataset, range(shard["start"], shard["stop"]), seed, dataset.extracts_hints)
+            tensors = _encode_shard(
+                rows, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, batch_size=batch_size,
+                device=device, dtype=dtype, num_workers=num_workers, progress=bar,
+            )  # fmt: skip
+            shard_meta = {**meta, "start": str(shard["start"]), "stop": str(shard["stop"])}
+            atomic_save_safetensors(tensors, cache_dir / shard["file"], metadata=shard_meta)
+    if not _shard_is_valid(cache_dir / EMPTY_PROMPT, key_hash, 0, 1):
+        from difftune_control.validation import encode_prompts
+
+        text_encoder.to(device=device, dtype=dtype)
+        with torch.no_grad():
+            empty = encode_prompts(text_encoder, tokenizer, [""], device=device).detach().cpu()  # [1,L,D]
+        atomic_save_safetensors(
+            {"embedding": empty}, cache_dir / EMPTY_PROMPT, metadata={**meta, "start": "0", "stop": "1"}
+        )
+    stats = {
+        "reused_shards": len(shards) - len(todo),
+        "computed_shards": len(todo),
+        "seconds": round(time.perf_counter() - started, 3),
+        "rebuild_reason": reason,
+    }
+    manifest.update(complete=True, build_stats=stats)
+    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    cached = CachedTargetDataset(cache_dir, dataset, sample_latents=sample_latents)
+    cached.build_stats = stats
+    return cached
+
+
+_LATENTS_NOTE = (
+    "latent_mean = (posterior mean - shift_factor) * scaling_factor, latent_std = posterior std * scaling_factor; "
+    "a sample is latent_mean + latent_std * N(0, I)"
+)
+
+
+class CachedTargetDataset(Dataset):
+    """A `TargetDataset` served from a complete latent cache.
+
+    Items are ``{"latents": [4,r,r], "encoder_hidden_states": [L,D], "conditioning_pixel_values":
+    [3,R,R] in [0,1], "caption": str, "index": int}`` (float32). Latents are a fresh draw from the
+    stored posterior per access, or its mean with ``sample_latents=False``. Hints come from the
+    cache when they were extracted, else from the hint files with the crop stored per row.
+
+    Args:
+        cache_dir (`str` or `Path`): a folder completed by `build_latent_cache`.
+        dataset (`TargetDataset`): the dataset it was built from (captions, hint files).
+        sample_latents (`bool`, defaults to `True`): sample the posterior instead of returning its mean.
+    """
+
+    def __init__(self, cache_dir: str | Path, dataset: TargetDataset, *, sample_latents: bool = True) -> None:
+        self.cache_dir = Path(cache_dir)
+        manifest = _read_manifest(self.cache_dir)
+        if manifest is None or not manifest.get("complete"):
+            raise FileNotFoundError(
+                f"no complete latent cache in {self.cache_dir}; build it with build_latent_cache"
+            )
+        if manifest["key"]["dataset_fingerprint"] != dataset.fingerprint or manifest["key"][
+            "num_rows"
+        ] != len(dataset):
+            raise ValueError(
+                f"latent cache {self.cache_dir} was built for another version of {dataset.source.description} "
+                f"(dataset fingerprint {manifest['key']['dataset_fingerprint']} != {dataset.fingerprint}); rebuild it"
+            )
+        self.manifest, self.dataset, self.sample_latents = manifest, dataset, sample_latents
+        self.shard_size = int(manifest["key"]["shard_size"])
+        self.build_stats: dict[str, Any] = manifest.get("build_stats", {})
+        from safetensors.torch import load_file
+
+        empty = load_file(str(self.cache_dir / EMPTY_PROMPT))["embedding"]
+        self.empty_prompt_embedding: torch.Tensor = empty[0].float()  # [L,D], the embedding of ""
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # safetensors handles stay in the process that opened them
+        return state
+
+    def _shard(self, k: int) -> Any:
+        from safetensors import safe_open
+
+        if k not in self._handles:
+            self._handles[k] = safe_open(
+                str(self.cache_dir / self.manifest["shards"][k]["file"]), framework="pt"
+            )
+        return self._handles[k]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a dataset of {len(self)} rows")
+        shard, j = self._shard(index // self.shard_size), index % self.shard_size
+        mean = shard.get_slice("latent_mean")[j : j + 1][0].float()
+        latents = mean
+        if self.sample_latents:
+            latents = mean + shard.get_slice("latent_std")[j : j + 1][0].float() * torch.randn_like(mean)
+        if "hints" in shard.keys():
+            hint = shard.get_slice("hints")[j : j + 1][0].float() / 255.0
+        else:
+            top, left = shard.get_slice("crop_top_left")[j : j + 1][0].tolist()
+            flip = bool(shard.get_slice("flip")[j : j + 1][0])
+            sample = self.dataset.load_sample(index, offsets=(top, left), flip=flip, with_image=False)
+            hint = sample.conditioning_pixel_values
+        return {
+            "latents": latents,
+            "encoder_hidden_states": shard.get_slice("encoder_hidden_states")[j : j + 1][0].float(),
+            "conditioning_pixel_values": hint,
+            "caption": self.dataset.captions[index],
+            "index": index,
+        }

@@ -1,0 +1,268 @@
+"""Image/hint transforms: open, resize the shorter side, crop (same offsets for both), to tensors.
+
+One geometric rule for the pair keeps them pixel-aligned: the resize size and crop offsets are
+computed from the *target image* only, and a given hint (any size with the same aspect ratio)
+is resized straight to the image's resized size, then cropped with the same offsets and flipped
+with the same flag. Hints extracted on the fly are computed from the already cropped image, so
+they are aligned by construction.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from difftune_control.data.spec import HintInterpolation
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+ASPECT_TOLERANCE = 0.01
+"""Largest relative difference of width/height between an image and its hint."""
+
+
+def is_empty(value: Any) -> bool:
+    """Whether a cell holds no image: `None`, an empty string, or an Image-feature dict with neither bytes nor path."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, dict):
+        return not value.get("bytes") and not value.get("path")
+    return False
+
+
+def resolve_path(value: str | os.PathLike, base_dir: Path | None) -> Path:
+    """A cell's path, relative paths taken from ``base_dir`` (the metadata file's folder)."""
+    path = Path(os.path.expanduser(str(value)))
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def cell_path(value: Any, base_dir: Path | None) -> Path | None:
+    """The file a cell refers to, or `None` when the cell holds the image itself (bytes, PIL, array)."""
+    if isinstance(value, (str, os.PathLike)):
+        return resolve_path(value, base_dir)
+    if isinstance(value, dict) and not value.get("bytes") and value.get("path"):
+        return resolve_path(value["path"], base_dir)
+    return None
+
+
+def open_image(value: Any, base_dir: Path | None, where: str, *, load: bool = True) -> Image.Image:
+    """Open the image a dataset cell refers to.
+
+    Args:
+        value: a path (relative to ``base_dir``), raw bytes, a HF Image-feature dict
+            (``{"bytes", "path"}``), a PIL image or a uint8 HWC array.
+        base_dir: folder that relative paths start from.
+        where: names the row and column in error messages, e.g. ``"row 3 (metadata.jsonl line 4), column 'image'"``.
+        load: decode the pixels and convert to RGB; `False` only reads the header (size) cheaply.
+
+    Returns:
+        `PIL.Image.Image`: RGB when ``load``, else the lazily opened file.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file or bytes are not a readable image.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB") if load else value
+    if isinstance(value, np.ndarray):
+        if value.dtype != np.uint8 or value.ndim not in (2, 3):
+            raise ValueError(f"{where}: arrays must be uint8 HW or HWC, got {value.dtype} {value.shape}")
+        image = Image.fromarray(value)
+        return image.convert("RGB") if load else image
+    path = cell_path(value, base_dir)
+    if path is not None:
+        if not path.is_file():
+            raise FileNotFoundError(f"{where}: image file not found: {path} (cell value {_short(value)!r})")
+        fp: Any = path
+        label = str(path)
+    elif isinstance(value, dict) and value.get("bytes"):
+        fp, label = io.BytesIO(value["bytes"]), "embedded image bytes"
+    elif isinstance(value, (bytes, bytearray)):
+        fp, label = io.BytesIO(bytes(value)), "embedded image bytes"
+    else:
+        raise ValueError(
+            f"{where}: expected an image path, image bytes or a PIL image, got {type(value).__name__} {_short(value)!r}"
+        )
+    try:
+        image = Image.open(fp)
+        if load:
+            image.load()
+            image = image.convert("RGB")
+        return image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{where}: cannot read image {label}: {err}") from err
+
+
+def _short(value: Any) -> Any:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def same_aspect(
+    image_size: tuple[int, int], hint_size: tuple[int, int], tolerance: float = ASPECT_TOLERANCE
+) -> bool:
+    """Whether two (width, height) sizes have the same aspect ratio within ``tolerance`` (relative)."""
+    ratio, hint_ratio = image_size[0] / image_size[1], hint_size[0] / hint_size[1]
+    return abs(ratio - hint_ratio) <= tolerance * max(ratio, hint_ratio)
+
+
+def resized_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side of ``size`` to ``resolution``."""
+    w, h = size
+    if w <= h:
+        return resolution, max(resolution, round(h * resolution / w))
+    return max(resolution, round(w * resolution / h)), resolution
+
+
+def center_offsets(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(top, left) of the centered ``resolution`` square in a resized image of (width, height) ``size``."""
+    w, h = size
+    return int(round((h - resolution) / 2.0)), int(round((w - resolution) / 2.0))
+
+
+def random_offsets(
+    size: tuple[int, int], resolution: int, generator: torch.Generator | None = None
+) -> tuple[int, int]:
+    """Uniform (top, left) of a ``resolution`` square in a resized image of (width, height) ``size``."""
+    import torch
+
+    w, h = size
+    top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+    return top, left
+
+
+@dataclass
+class Geometry:
+    """Where a sample's crop comes from: resized (width, height), crop (top, left), horizontal flip."""
+
+    size: tuple[int, int]
+    top: int
+    left: int
+    flip: bool
+
+
+def plan_geometry(
+    image_size: tuple[int, int],
+    resolution: int,
+    *,
+    center_crop: bool = True,
+    offsets: tuple[int, int] | None = None,
+    flip: bool = False,
+    generator: torch.Generator | None = None,
+) -> Geometry:
+    """Resize size and crop offsets for an image of (width, height) ``image_size``.
+
+    Args:
+        image_size: the target image's (width, height).
+        resolution: the square crop size R; the shorter side is resized to R.
+        center_crop: center crop; `False` draws uniform offsets from ``generator``.
+        offsets: explicit (top, left), e.g. stored with cached latents; overrides ``center_crop``.
+        flip: flip horizontally after the crop.
+        generator: random source for random crops (default: torch's global RNG, seeded per worker).
+
+    Returns:
+        `Geometry`
+    """
+    size = resized_size(image_size, resolution)
+    if offsets is not None:
+        top, left = int(offsets[0]), int(offsets[1])
+        if not (0 <= top <= size[1] - resolution and 0 <= left <= size[0] - resolution):
+            raise ValueError(
+                f"crop offsets (top={top}, left={left}) fall outside the resized image {size} at resolution {resolution}"
+            )
+    elif center_crop:
+        top, left = center_offsets(size, resolution)
+    else:
+        top, left = random_offsets(size, resolution, generator)
+    return Geometry(size=size, top=top, left=left, flip=bool(flip))
+
+
+def apply_geometry(
+    image: Image.Image, geometry: Geometry, resolution: int, resample: str = "bicubic"
+) -> Image.Image:
+    """Resize ``image`` to ``geometry.size`` with ``resample``, crop the R x R square, flip if asked."""
+    from PIL import Image
+
+    filters = {
+        "bicubic": Image.Resampling.BICUBIC,
+        "bilinear": Image.Resampling.BILINEAR,
+        "nearest": Image.Resampling.NEAREST,
+    }
+    if resample not in filters:
+        raise ValueError(f"resample: got {resample!r}; valid choices: {', '.join(filters)}")
+    if image.size != geometry.size:
+        image = image.resize(geometry.size, filters[resample])
+    top, left = geometry.top, geometry.left
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if geometry.flip:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return image
+
+
+def transform_pair(
+    image: Image.Image,
+    hint: Image.Image | None,
+    geometry: Geometry,
+    resolution: int,
+    hint_interpolation: HintInterpolation = "bilinear",
+) -> tuple[Image.Image, Image.Image | None]:
+    """Apply one `Geometry` to an image (bicubic) and its hint (``hint_interpolation``).
+
+    The hint is resized straight to the image's resized size, whatever its own size, so both
+    end up on the same pixel grid. The caller checks beforehand that their aspect ratios agree.
+    """
+    out_image = apply_geometry(image, geometry, resolution, "bicubic")
+    out_hint = None if hint is None else apply_geometry(hint, geometry, resolution, hint_interpolation)
+    return out_image, out_hint
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3,H,W] in [-1, 1] (what the VAE encodes)."""
+    import torch
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H,W,3]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 127.5 - 1.0
+
+
+def hint_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL hint -> float32 [3,H,W] in [0, 1] (what a ControlNet takes)."""
+    import torch
+
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H,W,3]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 255.0
+
+
+def check_hint_output(hint: Any, resolution: int, where: str) -> torch.Tensor:
+    """Check a hint function's output: a float tensor [3,R,R] in [0, 1]; returned as float32 on the CPU."""
+    import torch
+
+    if not isinstance(hint, torch.Tensor) or not hint.is_floating_point():
+        raise ValueError(
+            f"{where}: the hint function must return a float tensor [3,H,W] in [0,1], "
+            f"got {type(hint).__name__}{'' if not isinstance(hint, torch.Tensor) else ' of dtype ' + str(hint.dtype)}"
+        )
+    if tuple(hint.shape) != (3, resolution, resolution):
+        raise ValueError(
+            f"{where}: the hint function returned shape {tuple(hint.shape)}, expected (3, {resolution}, {resolution}) "
+            f"(the size of the cropped image it was given; an extractor built with another resolution resizes)"
+        )
+    hint = hint.detach().float().cpu()
+    lo, hi = float(hint.min()), float(hint.max())
+    if lo < -1e-3 or hi > 1.0 + 1e-3 or hint.isnan().any():
+        raise ValueError(
+            f"{where}: the hint function returned values in [{lo:.3g}, {hi:.3g}], expected [0, 1]"
+        )
+    return hint.clamp(0.0, 1.0)
