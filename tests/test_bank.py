@@ -1,0 +1,418 @@
+"""Memory bank: build, reuse, resume, mismatch, on-manifold latents, loading (tiny real models)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from difftune_control import bank as bank_mod
+from difftune_control.bank import (
+    BankDataset,
+    bank_manifest,
+    bank_sample_prompts,
+    default_bank_dir,
+    ensure_bank,
+    load_bank,
+    manifest_hash,
+    read_prompts_file,
+    sample_seed,
+)
+from difftune_control.config import BankConfig
+from difftune_control.validation import decode_latents, encode_images, encode_prompts, sample_images
+
+RES = 16  # pixels; the tiny VAE downsamples x2 -> latents 4x8x8
+PROMPTS = ["a red ball", "a blue box", "a green cone"]
+EXTRACTOR_ID = {"condition": "edges", "backend": "torch", "params": {"scale": 1.0}}
+SHARD = 2  # 5 samples -> shards of 2, 2, 1
+
+
+def edges(x: torch.Tensor) -> torch.Tensor:
+    """A small pure-torch extractor: gradient magnitude of the grey image, 3 channels, in [0, 1]."""
+    g = x.mean(1, keepdim=True)
+    dx = F.pad((g[..., :, 1:] - g[..., :, :-1]).abs(), (0, 1, 0, 0))
+    dy = F.pad((g[..., 1:, :] - g[..., :-1, :]).abs(), (0, 0, 0, 1))
+    return (4 * (dx + dy)).clamp(0, 1).expand(-1, 3, -1, -1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and do not oversubscribe a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    chars = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in [*chars, *(c + "</w>" for c in chars)]:
+        vocab[token] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=12)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=12,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    ).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=RES,
+    ).eval()
+    scheduler = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler_config": scheduler.config,
+    }
+
+
+def make_config(bank_dir: Path | None = None, **kw) -> BankConfig:
+    base = dict(
+        bank_size=5,
+        bank_num_inference_steps=2,
+        bank_guidance_scale=3.0,
+        bank_sampler="ddim",
+        bank_seed=7,
+        bank_batch_size=2,
+        bank_dir=None if bank_dir is None else str(bank_dir),
+    )
+    base.update(kw)
+    return BankConfig(**base)
+
+
+def build(models, config: BankConfig, extractor=edges, **kw) -> Path:
+    kw.setdefault("model_id", "tiny-sd")
+    return ensure_bank(
+        config=config,
+        prompts=PROMPTS,
+        extractor=extractor,
+        extractor_id=EXTRACTOR_ID,
+        resolution=RES,
+        show_progress=False,
+        shard_size=SHARD,
+        **models,
+        **kw,
+    )
+
+
+@contextlib.contextmanager
+def count_unet_calls(unet):
+    calls = []
+    handle = unet.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+@pytest.fixture(scope="module")
+def clean_bank(models, tmp_path_factory) -> Path:
+    """A bank built in one go; tests copy it before changing anything."""
+    return build(models, make_config(tmp_path_factory.mktemp("banks") / "clean"))
+
+
+def read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+
+
+def copy_bank(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".lock"))
+    return dst
+
+
+def test_bank_items_preview_and_manifest(models, clean_bank):
+    ds = load_bank(clean_bank)
+    assert len(ds) == 5
+    assert sorted(p.name for p in clean_bank.glob("[!.]*")) == [
+        "manifest.json",
+        "preview.png",
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+    ]
+    item = ds[4]
+    assert set(item) == {"latents", "encoder_hidden_states", "conditioning_pixel_values", "caption", "index"}
+    assert item["latents"].shape == (4, 8, 8) and item["latents"].dtype == torch.float32
+    assert item["encoder_hidden_states"].shape == (12, 16)
+    assert item["encoder_hidden_states"].dtype == torch.float32
+    hint = item["conditioning_pixel_values"]
+    assert hint.shape == (3, RES, RES) and hint.dtype == torch.float32
+    assert 0.0 <= hint.min() and hint.max() <= 1.0 and hint.max() > 0
+    assert item["index"] == 4
+    assert [ds[i]["caption"] for i in range(5)] == bank_sample_prompts(PROMPTS, 5, 7)
+    assert ds.seeds.tolist() == [sample_seed(7, i) for i in range(5)]
+    assert ds.encoder_hidden_states.dtype == torch.float16  # stored in half precision
+    assert ds.manifest["num_inference_steps"] == 2 and ds.manifest["extractor"] == EXTRACTOR_ID
+    assert ds.contents["latent_shape"] == [4, 8, 8]
+    # Stored embeddings are those of the captions (up to fp16 rounding).
+    expected = encode_prompts(models["text_encoder"], models["tokenizer"], [ds.prompts[0]])[0]
+    torch.testing.assert_close(item_emb := ds[0]["encoder_hidden_states"], expected, atol=2e-3, rtol=2e-3)
+    assert item_emb.abs().sum() > 0
+    from PIL import Image
+
+    # 5 samples, 8 columns: one image row over one hint row.
+    assert Image.open(clean_bank / "preview.png").size == (8 * RES, 2 * RES)
+    images = ds.images(models["vae"], n=3)
+    assert images.shape == (3, 3, RES, RES) and 0 <= images.min() and images.max() <= 1
+
+
+def test_latents_are_reencoded_images_and_hints_extracted(models, clean_bank):
+    ds = load_bank(clean_bank)
+    neg = encode_prompts(models["text_encoder"], models["tokenizer"], [""])
+    emb = encode_prompts(models["text_encoder"], models["tokenizer"], ds.prompts[:2])
+    images, raw = sample_images(
+        unet=models["unet"],
+        vae=models["vae"],
+        scheduler_config=models["scheduler_config"],
+        prompt_embeds=emb,
+        negative_prompt_embeds=neg,
+        seeds=[sample_seed(7, i) for i in range(2)],
+        resolution=RES,
+        num_inference_steps=2,
+        guidance_scale=3.0,
+        sampler="ddim",
+        return_latents=True,
+    )
+    reencoded = encode_images(models["vae"], decode_latents(models["vae"], raw))
+    torch.testing.assert_close(ds.latents[:2], reencoded, atol=1e-5, rtol=1e-5)
+    assert (ds.latents[:2] - raw).abs().max() > 0.1  # not the sampler's raw latents
+    expected_hints = (edges(images) * 255).round().to(torch.uint8)
+    assert (ds.hints[:2].int() - expected_hints.int()).abs().max() <= 1
+
+
+def test_reuse_does_no_sampling(models, clean_bank, tmp_path):
+    # An explicit folder with the same key, and the default cache folder after a first build.
+    with count_unet_calls(models["unet"]) as calls:
+        assert build(models, make_config(clean_bank)) == clean_bank
+        # The generation batch size is not part of the key.
+        assert build(models, make_config(clean_bank, bank_batch_size=5)) == clean_bank
+    assert calls == []
+    path = build(models, make_config(), cache_dir=tmp_path)
+    key = load_bank(path).manifest
+    assert path == default_bank_dir(key, tmp_path) == tmp_path / "banks" / manifest_hash(key)
+    with count_unet_calls(models["unet"]) as calls:
+        assert build(models, make_config(), cache_dir=tmp_path) == path
+    assert calls == []
+    # Another model id is another key, hence another default folder.
+    assert build(models, make_config(), cache_dir=tmp_path, model_id="other") != path
+
+
+def test_resume_regenerates_only_missing_shard_bit_identical(models, clean_bank, tmp_path):
+    bank_dir = copy_bank(clean_bank, tmp_path / "bank")
+    original = read_shard(bank_dir / "shard-00001.safetensors")
+    others = {
+        n: (bank_dir / n).stat().st_mtime_ns for n in ("shard-00000.safetensors", "shard-00002.safetensors")
+    }
+    (bank_dir / "shard-00001.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks shards"):
+        load_bank(bank_dir)
+    with count_unet_calls(models["unet"]) as calls:
+        build(models, make_config(bank_dir))
+    assert len(calls) == 2  # one batch of 2 (CFG in one call) x 2 steps: only that shard
+    regenerated = read_shard(bank_dir / "shard-00001.safetensors")
+    assert regenerated[1] == original[1]  # metadata: prompts, key hash
+    assert regenerated[0].keys() == original[0].keys()
+    for name, tensor in original[0].items():  # bit-identical tensors
+        assert regenerated[0][name].dtype == tensor.dtype and torch.equal(regenerated[0][name], tensor), name
+    assert {n: (bank_dir / n).stat().st_mtime_ns for n in others} == others
+    assert len(load_bank(bank_dir)) == 5
+
+
+def test_resume_after_interruption(models, clean_bank, tmp_path):
+    bank_dir = tmp_path / "bank"
+    seen = []
+
+    def crashing(x):
+        seen.append(1)
+        if len(seen) > 1:
+            raise RuntimeError("interrupted")
+        return edges(x)
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        build(models, make_config(bank_dir), extractor=crashing)
+    assert (bank_dir / "progress.json").exists() and not (bank_dir / "manifest.json").exists()
+    assert [p.name for p in bank_dir.glob("shard-*")] == ["shard-00000.safetensors"]
+    with pytest.raises(FileNotFoundError, match=r"incomplete \(1 of 3 shards\)"):
+        load_bank(bank_dir)
+    with count_unet_calls(models["unet"]) as calls:
+        build(models, make_config(bank_dir))
+    assert len(calls) == 2 * 2  # shards 1 and 2, one batch each, 2 steps
+    assert not (bank_dir / "progress.json").exists()
+    resumed, clean = load_bank(bank_dir), load_bank(clean_bank)
+    assert torch.equal(resumed.latents, clean.latents)
+    assert torch.equal(resumed.hints, clean.hints)
+    assert torch.equal(resumed.encoder_hidden_states, clean.encoder_hidden_states)
+    assert resumed.prompts == clean.prompts
+
+
+def test_mismatch_error_then_rebuild(models, clean_bank, tmp_path):
+    bank_dir = copy_bank(clean_bank, tmp_path / "bank")
+    before = (bank_dir / "shard-00000.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"num_inference_steps: 2 -> 3") as err:
+        build(models, make_config(bank_dir, bank_num_inference_steps=3, bank_on_mismatch="error"))
+    assert "--bank_on_mismatch rebuild" in str(err.value) and "extractor" not in str(err.value)
+    assert (bank_dir / "shard-00000.safetensors").read_bytes() == before  # refused: nothing touched
+    with count_unet_calls(models["unet"]) as calls:
+        build(models, make_config(bank_dir, bank_num_inference_steps=3))
+    assert len(calls) == 3 * 3  # 3 shards x 3 steps
+    rebuilt = load_bank(bank_dir)
+    assert rebuilt.manifest["num_inference_steps"] == 3
+    assert not torch.equal(rebuilt.latents, load_bank(clean_bank).latents)
+    # Extractor params are part of the key too.
+    other = {**EXTRACTOR_ID, "params": {"scale": 2.0}}
+    with pytest.raises(ValueError, match=r"extractor\.params\.scale: 1\.0 -> 2\.0"):
+        ensure_bank(
+            config=make_config(bank_dir, bank_num_inference_steps=3, bank_on_mismatch="error"),
+            prompts=PROMPTS,
+            extractor=edges,
+            extractor_id=other,
+            model_id="tiny-sd",
+            resolution=RES,
+            show_progress=False,
+            shard_size=SHARD,
+            **models,
+        )
+
+
+def test_zero_hints_do_not_call_the_extractor(models, tmp_path):
+    def forbidden(x):
+        raise AssertionError("the extractor must not run for bank_hint=zero")
+
+    path = build(models, make_config(tmp_path / "zero", bank_hint="zero"), extractor=forbidden)
+    ds = load_bank(path)
+    assert ds.hints.shape == (5, 3, RES, RES) and int(ds.hints.abs().sum()) == 0
+    assert ds.manifest["bank_hint"] == "zero" and ds.manifest["extractor"] is None
+    assert ds.latents.abs().sum() > 0
+
+
+def test_accelerate_single_process(models, clean_bank, tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        accelerator = Accelerator(cpu=True)
+        path = build(models, make_config(tmp_path / "acc"), accelerator=accelerator)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert torch.equal(load_bank(path).latents, load_bank(clean_bank).latents)
+
+
+def test_refuses_foreign_folder_and_bad_settings(models, tmp_path):
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "metadata.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="not empty and holds no memory bank"):
+        build(models, make_config(foreign))
+    assert [p.name for p in foreign.iterdir() if not p.name.startswith(".")] == ["metadata.jsonl"]
+    with pytest.raises(ValueError) as err:
+        build(models, make_config(tmp_path / "x", bank_batch_size=None), extractor=None)
+    assert "--bank_batch_size" in str(err.value) and "--bank_hint extracted" in str(err.value)
+    with pytest.raises(ValueError, match="--bank_size"):
+        build(models, make_config(tmp_path / "x", bank_size=None))
+    with pytest.raises(FileNotFoundError, match="holds no memory bank"):
+        load_bank(tmp_path)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        bank_manifest(
+            config=make_config(),
+            prompts=[],
+            model_id="m",
+            resolution=RES,
+            extractor_id={},
+            scaling_factor=1.0,
+        )
+
+
+def test_manifest_key_and_prompt_order(tmp_path):
+    config = make_config()
+    key = bank_manifest(
+        config=config,
+        prompts=PROMPTS,
+        model_id="m",
+        resolution=RES,
+        extractor_id={"condition": "canny", "params": {"thresholds": (100, 200)}},
+        scaling_factor=0.18215,
+        revision="main",
+    )
+    assert key["extractor"]["params"]["thresholds"] == [100, 200]  # JSON-normalised
+    assert key["model"] == {"id": "m", "revision": "main", "variant": None}
+    assert json.loads(json.dumps(key)) == key
+    for field, value in [
+        ("bank_seed", 8),
+        ("bank_size", 6),
+        ("bank_guidance_scale", 5.0),
+        ("bank_sampler", "unipc"),
+    ]:
+        changed = bank_manifest(
+            config=dataclasses.replace(config, **{field: value}),
+            prompts=PROMPTS,
+            model_id="m",
+            resolution=RES,
+            extractor_id={"condition": "canny", "params": {"thresholds": (100, 200)}},
+            scaling_factor=0.18215,
+            revision="main",
+        )
+        assert manifest_hash(changed) != manifest_hash(key), field
+    order = bank_sample_prompts(PROMPTS, 7, seed=3)
+    assert order == bank_sample_prompts(PROMPTS, 7, seed=3)
+    assert sorted(order[:3]) == sorted(PROMPTS) and order[3:6] == order[:3]  # balanced cycles
+    assert len(set(bank_sample_prompts([str(i) for i in range(50)], 50, seed=0))) == 50
+    (tmp_path / "p.txt").write_text("one\n\n  two  \n")
+    assert read_prompts_file(tmp_path / "p.txt") == ["one", "two"]
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="no prompts"):
+        read_prompts_file(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="--bank_prompts"):
+        read_prompts_file(tmp_path / "missing.txt")
+
+
+def test_dataset_class_is_what_load_bank_returns(clean_bank):
+    assert isinstance(load_bank(clean_bank), BankDataset)
+    assert bank_mod.SHARD_SIZE == 256
