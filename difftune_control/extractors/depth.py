@@ -76,9 +76,7 @@ class TransformersDepth(DepthExtractor, ModelExtractor):
             network = AutoModelForDepthEstimation.from_pretrained(source, **kw)
             return processor, network.to(self.device, self.dtype).eval()
 
-        return load_pretrained(
-            load, self.model_source, "depth model (dpt)", ("config.json", "preprocessor_config.json")
-        )
+        return load_pretrained(load, self.model_source, "depth model (dpt)", ("config.json",))
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F

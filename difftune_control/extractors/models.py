@@ -23,13 +23,18 @@ _DTYPES = ("float32", "float16", "bfloat16")
 
 def offline_help(source: str, files: Sequence[str] = (), flag: str = "model") -> str:
     """The advice appended to every "weights not found" error."""
-    wanted = f" (expected file(s): {', '.join(files)})" if files else ""
+    wanted = f" holding {', '.join(files)}" if files else ""
+    if looks_like_path(source) or os.path.isdir(source):
+        where = f"Point `{flag}` at a folder{wanted} (a `save_pretrained` folder or a hub snapshot)"
+    else:
+        where = (
+            f"No network is needed if the weights are on disk: on a machine with internet run "
+            f"`huggingface-cli download {source} --local-dir ./weights/{source.rsplit('/', 1)[-1]}`, copy "
+            f"the folder over and point `{flag}` at it{wanted}"
+        )
     return (
-        f"No network is needed if the weights are on disk: download them once on a machine with "
-        f"internet, e.g. `huggingface-cli download {source} --local-dir ./weights/{os.path.basename(source)}`, "
-        f"copy the folder over, and pass its path as the extractor's `{flag}` parameter (recipe "
-        f'[extractor.params] {flag} = "./weights/...", or `difftune extract --extractor_param {flag}=PATH`)'
-        f"{wanted}."
+        f'{where}: recipe `[extractor] params = {{ {flag} = "./weights/..." }}`, '
+        f"`difftune extract --extractor_param {flag}=PATH`, or `get_extractor(..., {flag}=PATH)`."
     )
 
 

@@ -95,7 +95,7 @@ class UperNetSegmentation(_TransformersSegmentation):
             load,
             self.model_source,
             "segmentation model (upernet)",
-            ("config.json", "preprocessor_config.json"),
+            ("config.json",),
         )
         _check_ade20k(network, self.model_source)
         return processor, network
@@ -136,7 +136,7 @@ class OneFormerSegmentation(_TransformersSegmentation):
             load,
             self.model_source,
             "segmentation model (oneformer)",
-            ("config.json", "preprocessor_config.json"),
+            ("config.json",),
         )
         _check_ade20k(network, self.model_source)
         return processor, network
