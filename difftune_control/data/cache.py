@@ -1,6 +1,6 @@
 """On-disk caches of VAE latents and text embeddings (and extracted hints) for a `TargetDataset`.
 
-Layout of ``cache_dir``::
+Layout of one cache, ``cache_dir / cache_slot(dataset, model_id)``::
 
     manifest.json                 key (model, resolution, dataset fingerprint, crop, dtype, ...), shard list
     shard-00000.safetensors       rows [0, shard_size): latent_mean, latent_std, encoder_hidden_states,
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,11 +41,12 @@ EMPTY_PROMPT = "empty_prompt.safetensors"
 
 
 def hint_fn_key(hint_fn: Any) -> str | None:
-    """Identity of a hint function for cache keys: its ``cache_key`` (attribute or method), else its repr.
+    """Identity of a hint function for cache keys.
 
-    Extractors whose output depends on parameters should expose ``cache_key`` naming them, so
-    memoised hints are rebuilt when a parameter changes. A repr with a memory address (the
-    default) falls back to the qualified type name.
+    In order: its ``cache_key`` (a string attribute or a method returning one); for extractors, the
+    type with its ``params`` (constructor arguments); else its repr, or its qualified type name
+    when the repr is the default one with a memory address. Memoised hints are rebuilt when this
+    changes, so a hint function whose output depends on settings should expose them this way.
     """
     if hint_fn is None:
         return None
@@ -53,11 +55,38 @@ def hint_fn_key(hint_fn: Any) -> str | None:
         key = key()
     if isinstance(key, str):
         return key
+    kind = hint_fn if hasattr(hint_fn, "__qualname__") else type(hint_fn)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    params = getattr(hint_fn, "params", None)
+    if isinstance(params, dict):
+        return f"{name}({', '.join(f'{k}={v!r}' for k, v in sorted(params.items()))})"
     text = repr(hint_fn)
-    if " at 0x" in text:
-        kind = hint_fn if isinstance(hint_fn, type) or hasattr(hint_fn, "__qualname__") else type(hint_fn)
-        text = f"{kind.__module__}.{kind.__qualname__}"
-    return text
+    return name if " at 0x" in text else text
+
+
+def cache_slot(dataset: TargetDataset, model_id: str) -> str:
+    """Sub-folder of a cache root for one (dataset source, split, model, resolution).
+
+    Different datasets or models get different folders, so alternating between them never
+    rebuilds; an edited dataset or a changed crop mode or dtype reuses the folder and rebuilds.
+    """
+    spec = dataset.spec
+    source = str(spec.source)
+    path = Path(source).expanduser()
+    where = str(path.resolve()) if path.exists() else source
+    ident = json.dumps([where, spec.split, spec.dataset_config_name, model_id, spec.resolution])
+    slug = (
+        re.sub(r"[^A-Za-z0-9_.-]+", "_", (path.stem if path.exists() else source))[-40:].strip("_.")
+        or "dataset"
+    )
+    return f"{slug}-{spec.resolution}px-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+
+
+def _place(model: Any, device: str | torch.device, dtype: torch.dtype) -> None:
+    """Move ``model`` to ``device`` and ``dtype`` in place, unless it is there already."""
+    param = next(model.parameters())
+    if param.device != torch.device(device) or param.dtype != dtype:
+        model.to(device=device, dtype=dtype)
 
 
 def _shard_name(k: int) -> str:
@@ -211,7 +240,9 @@ def build_latent_cache(
         vae (`AutoencoderKL`): encodes the target images; moved to ``device`` and ``dtype`` in place.
         text_encoder (`CLIPTextModel`): encodes captions (last hidden state); moved likewise.
         tokenizer (`CLIPTokenizer`): pads to its ``model_max_length``.
-        cache_dir (`str` or `Path`): folder holding one cache (manifest + shards).
+        cache_dir (`str` or `Path`): root of latent caches; this one lives in ``cache_dir / cache_slot(dataset,
+            model_id)`` (`CachedTargetDataset.cache_dir`), one folder per dataset source, split, model
+            and resolution.
         model_id (`str`): names the base model in the key (path or hub id, plus revision if any).
         batch_size (`int`, defaults to 32): rows per encoder call.
         device (`str` or `torch.device`, defaults to `"cpu"`): where encoding runs.
@@ -237,7 +268,7 @@ def build_latent_cache(
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id must name the base model (path or hub id), got {model_id!r}")
     started = time.perf_counter()
-    cache_dir = Path(cache_dir)
+    folder = Path(cache_dir) / cache_slot(dataset, model_id)
     key = cache_key(
         dataset,
         model_id=model_id,
@@ -248,12 +279,12 @@ def build_latent_cache(
         seed=seed,
     )
     key_hash = _key_hash(key)
-    old = _read_manifest(cache_dir)
+    old = _read_manifest(folder)
     reason = None
     if old is not None and old.get("key") != key:
         reason = _key_changes(old.get("key") or {}, key)
-        logger.warning("latent cache %s does not match (%s); rebuilding", cache_dir, reason)
-        for stale in [*cache_dir.glob("shard-*.safetensors"), cache_dir / EMPTY_PROMPT]:
+        logger.warning("latent cache %s does not match (%s); rebuilding", folder, reason)
+        for stale in [*folder.glob("shard-*.safetensors"), folder / EMPTY_PROMPT]:
             stale.unlink(missing_ok=True)
     shards = [
         {"file": _shard_name(k), "start": start, "stop": min(start + shard_size, len(dataset))}
@@ -266,14 +297,14 @@ def build_latent_cache(
         "complete": False,
         "latents": _LATENTS_NOTE,
     }
-    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    todo = [s for s in shards if not _shard_is_valid(cache_dir / s["file"], key_hash, s["start"], s["stop"])]
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    todo = [s for s in shards if not _shard_is_valid(folder / s["file"], key_hash, s["start"], s["stop"])]
     if todo:
-        vae.to(device=device, dtype=dtype)
-        text_encoder.to(device=device, dtype=dtype)
+        _place(vae, device, dtype)
+        _place(text_encoder, device, dtype)
         logger.info(
             "latent cache %s: encoding %d of %d shards (%d rows)",
-            cache_dir, len(todo), len(shards), sum(s["stop"] - s["start"] for s in todo),
+            folder, len(todo), len(shards), sum(s["stop"] - s["start"] for s in todo),
         )  # fmt: skip
     meta = {"key_hash": key_hash}
     with tqdm(
@@ -286,15 +317,15 @@ def build_latent_cache(
                 device=device, dtype=dtype, num_workers=num_workers, progress=bar,
             )  # fmt: skip
             shard_meta = {**meta, "start": str(shard["start"]), "stop": str(shard["stop"])}
-            atomic_save_safetensors(tensors, cache_dir / shard["file"], metadata=shard_meta)
-    if not _shard_is_valid(cache_dir / EMPTY_PROMPT, key_hash, 0, 1):
+            atomic_save_safetensors(tensors, folder / shard["file"], metadata=shard_meta)
+    if not _shard_is_valid(folder / EMPTY_PROMPT, key_hash, 0, 1):
         from difftune_control.validation import encode_prompts
 
-        text_encoder.to(device=device, dtype=dtype)
+        _place(text_encoder, device, dtype)
         with torch.no_grad():
             empty = encode_prompts(text_encoder, tokenizer, [""], device=device).detach().cpu()  # [1,L,D]
         atomic_save_safetensors(
-            {"embedding": empty}, cache_dir / EMPTY_PROMPT, metadata={**meta, "start": "0", "stop": "1"}
+            {"embedding": empty}, folder / EMPTY_PROMPT, metadata={**meta, "start": "0", "stop": "1"}
         )
     stats = {
         "reused_shards": len(shards) - len(todo),
@@ -303,8 +334,8 @@ def build_latent_cache(
         "rebuild_reason": reason,
     }
     manifest.update(complete=True, build_stats=stats)
-    atomic_write_text(cache_dir / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    cached = CachedTargetDataset(cache_dir, dataset, sample_latents=sample_latents)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    cached = CachedTargetDataset(folder, dataset, sample_latents=sample_latents)
     cached.build_stats = stats
     return cached
 
