@@ -7,7 +7,8 @@ cached = build_latent_cache(dataset, vae=vae, text_encoder=te, tokenizer=tok, ca
 ```
 """
 
-from difftune_control.data.cache import CachedTargetDataset, build_latent_cache, cache_key, hint_fn_key
+from difftune_control.data.cache import build_latent_cache, cache_key, cache_slot, hint_fn_key
+from difftune_control.data.cached import CachedTargetDataset
 from difftune_control.data.dataset import (
     Sample,
     TargetDataset,
@@ -30,6 +31,7 @@ __all__ = [
     "TargetDataset",
     "build_latent_cache",
     "cache_key",
+    "cache_slot",
     "dataset_fingerprint",
     "hint_fn_key",
     "load_target_dataset",
