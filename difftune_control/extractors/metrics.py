@@ -107,9 +107,9 @@ def gaussian_kernel1d(sigma: float, like: torch.Tensor, radius: int | None = Non
     import torch
 
     radius = max(1, int(math.ceil(3.0 * sigma))) if radius is None else radius
-    coords = torch.arange(-radius, radius + 1, device=like.device, dtype=torch.float32)
-    kernel = torch.exp(-(coords**2) / (2.0 * sigma**2))
-    return (kernel / kernel.sum()).to(like.dtype)
+    coords = torch.arange(-radius, radius + 1, device=like.device, dtype=torch.float64)
+    kernel = torch.exp(-(coords**2) / (2.0 * sigma**2)).to(like.dtype)
+    return kernel / kernel.sum()  # normalised in the working dtype: sums to 1 there
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float, padding_mode: str = "reflect") -> torch.Tensor:
@@ -147,7 +147,8 @@ def ssim(
     import torch
     import torch.nn.functional as F
 
-    x, y = to_gray(x.float()), to_gray(y.float())
+    # float64: E[x^2] - E[x]^2 cancels badly in float32 on flat regions.
+    x, y = to_gray(x.double()), to_gray(y.double())
     size = min(window_size, x.shape[-2], x.shape[-1])
     size = size if size % 2 == 1 else size - 1
     kernel1d = gaussian_kernel1d(sigma, x, radius=size // 2)
@@ -157,7 +158,7 @@ def ssim(
     mu_x, mu_y, e_xx, e_yy, e_xy = F.conv2d(stack, window).chunk(5, dim=0)
     var_x, var_y, cov = e_xx - mu_x**2, e_yy - mu_y**2, e_xy - mu_x * mu_y
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)
+    return ssim_map.flatten(1).mean(1).float()
 
 
 def sketch_dissimilarity(hint: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
