@@ -145,7 +145,7 @@ def bank_prompts(cfg: RunConfig, target) -> list[str]:
         if not prompts:
             raise ValueError(f"--bank_prompts {cfg.bank.bank_prompts}: no prompts in the file")
         return prompts
-    captions = [c for c in target.captions if c]
+    captions = [c for c in getattr(target, "dataset", target).captions if c]
     if not captions:
         raise ValueError(
             "the target dataset has no captions to prompt the bank with; give --bank_prompts FILE"

@@ -164,11 +164,8 @@ def run_training(cfg: RunConfig) -> Path:
 
 
 def _recipe_dict(recipe: Any) -> dict:
-    import dataclasses
-
-    if dataclasses.is_dataclass(recipe):
-        return json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
-    return {"name": str(recipe)}
+    to_dict = getattr(recipe, "to_dict", None)
+    return json.loads(json.dumps(to_dict() if to_dict else {"name": str(recipe)}, default=str))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -242,6 +239,7 @@ class _Loop:
             batch_sampler=StreamBatchSampler(stream, st["consumed_batches"]),
             num_workers=cfg.data.dataloader_num_workers,
             collate_fn=torch.utils.data.default_collate,
+            generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched (exact resume)
         )
         batches = iter(loader)
         if self.monitor is not None and self.monitor.should_evaluate(st["global_step"]):

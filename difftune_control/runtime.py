@@ -41,10 +41,9 @@ def is_toy_model(path: str | None) -> bool:
     """True when ``path`` is None (the default) or the shipped toy-world pipeline folder."""
     if path is None:
         return True
-    from difftune_control.toyworld import default_base_model_path
-
+    toy_root = Path(__file__).resolve().parent / "toyworld"
     try:
-        return Path(path).resolve() == default_base_model_path().resolve()
+        return Path(path).resolve().is_relative_to(toy_root)
     except OSError:
         return False
 

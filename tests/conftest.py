@@ -11,6 +11,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+# The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):

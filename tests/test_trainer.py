@@ -61,7 +61,7 @@ def _build(cfg: RunConfig):
     bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
     torch.manual_seed(0)
     controlnet = make_controlnet(cfg.model, base.unet)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0)
     controlnet, opt = acc.prepare(controlnet, opt)
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
     return trainer, opt
@@ -119,6 +119,7 @@ def test_loss_decreases_when_overfitting_one_batch(tiny_pipeline_dir, tiny_datas
         tmp_path,
         method__method="vanilla",
         data__proportion_empty_prompts=0.0,
+        train__learning_rate=1e-2,
     )
     trainer, opt = _build(cfg)
     batch = _batch(trainer)
