@@ -33,16 +33,15 @@ def provenance(source: ExportSource, condition: str, sd_tag: str, dtype: str) ->
     (``not reached`` when the run logged no event up to the exported step), ``training_config``
     (the run's config.json as JSON), ``sd_version``, ``dtype``, ``exporter``.
     """
-    known = source.run_dir is not None
     convergence = source.convergence_step
+    if convergence is None:
+        convergence = "not reached" if source.run_dir is not None else "unknown"
     return {
         "base_model": source.base_model or "unknown",
         "condition": condition,
         "method": source.method or "unknown",
         "optimizer_steps": str(source.step) if source.step is not None else "unknown",
-        "convergence_step": str(convergence)
-        if convergence is not None
-        else ("not reached" if known else "unknown"),
+        "convergence_step": str(convergence),
         "training_config": json.dumps(source.run_config or {}, sort_keys=True),
         "sd_version": sd_tag,
         "dtype": dtype,

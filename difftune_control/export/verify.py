@@ -128,7 +128,11 @@ def compare_weights(reference: ControlNetModel, reloaded: ControlNetModel, dtype
 
 
 def verify_reload(
-    trained: ControlNetModel, reloaded: ControlNetModel, dtype_name: str, loader: str
+    trained: ControlNetModel,
+    reloaded: ControlNetModel,
+    dtype_name: str,
+    loader: str,
+    file_keys: Mapping[str, str] | None = None,
 ) -> VerifyResult:
     """Check that ``reloaded`` (an export read back) reproduces ``trained`` on a fixed input.
 
@@ -137,6 +141,8 @@ def verify_reload(
         reloaded (`ControlNetModel`): The export read back (any dtype; compared in float32).
         dtype_name (`str`): Export dtype, ``fp16``, ``bf16`` or ``fp32``.
         loader (`str`): Which loader produced ``reloaded`` (reported).
+        file_keys (`Mapping[str, str]`, *optional*): Diffusers key -> key in the exported file, to
+            name mismatching tensors as they appear in the file.
 
     Returns:
         `VerifyResult`: The measured errors.
@@ -150,6 +156,7 @@ def verify_reload(
     reloaded = cast_(reloaded, torch.float32).eval()
     bad = compare_weights(trained, reloaded, dtype)
     if bad:
+        bad = [f"{k} ({file_keys[k]} in the file)" if file_keys and k in file_keys else k for k in bad]
         raise VerificationError(
             f"reloaded with {loader}: {len(bad)} tensor(s) differ from the trained ControlNet (e.g. {bad[:5]})"
         )

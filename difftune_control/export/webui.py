@@ -180,4 +180,6 @@ def verify_webui_file(path: Path, controlnet: ControlNetModel, dtype: str) -> Ve
     """Reload ``path`` offline and check weights and outputs against ``controlnet`` (see `verify_reload`)."""
     reloaded, loader = reload_webui_file(path, controlnet)
     logger.info("verifying %s: reloaded with %s", path.name, loader)
-    return verify_reload(controlnet, reloaded, dtype, loader)
+    names = {k: k for k in controlnet.state_dict()}
+    file_keys = diffusers_to_ldm(names, controlnet.config, prefix=LDM_PREFIX)  # file key -> diffusers key
+    return verify_reload(controlnet, reloaded, dtype, loader, {d: f for f, d in file_keys.items()})
