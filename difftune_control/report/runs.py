@@ -1,0 +1,310 @@
+"""Read run folders and summarise their convergence: what `summary.json` holds.
+
+Everything here is computed from the run's `config.json` and `metrics.jsonl` (docs/internals.md):
+the convergence step and milestones are the detector's own records, not recomputed, so the
+report says exactly what the run logged. A run still in progress (no `end` record, possibly a
+half-written last line) and a run that never converged are both summarised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difftune_control.convergence import DEFAULT_MILESTONES, DEFAULT_PATIENCE, DEFAULT_THRESHOLD
+
+_STEP_ORDERED = ("train", "convergence_eval")  # one record per step; a repeat means the run was resumed
+
+
+@dataclass
+class Run:
+    """One run folder, its config and its de-duplicated metrics records."""
+
+    path: Path
+    name: str
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    train: list[dict[str, Any]] = field(default_factory=list)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+    event: dict[str, Any] | None = None
+    milestones: dict[float, dict[str, Any]] = field(default_factory=dict)
+    end: dict[str, Any] | None = None
+
+    @property
+    def method(self) -> str:
+        return str((self.config.get("method") or {}).get("method", "unknown"))
+
+    @property
+    def split(self) -> str | None:
+        return (self.config.get("method") or {}).get("split")
+
+    @property
+    def label(self) -> str:
+        """Method + split, e.g. "vanilla" or "difftuning (fixed)"."""
+        return self.method if self.method != "difftuning" else f"difftuning ({self.split})"
+
+    @property
+    def condition(self) -> str:
+        recipe = self.config.get("condition") or {}
+        return str(recipe.get("name") or (self.config.get("data") or {}).get("condition") or "unknown")
+
+    @property
+    def metric_description(self) -> str | None:
+        metric = (self.config.get("condition") or {}).get("metric") or {}
+        return metric.get("description") or metric.get("name")
+
+    @property
+    def seed(self) -> int | None:
+        return (self.config.get("train") or {}).get("seed")
+
+    @property
+    def steps_trained(self) -> int:
+        """Latest optimizer step the log reached."""
+        return max((int(r.get("step", 0)) for r in self.records), default=0)
+
+    @property
+    def in_progress(self) -> bool:
+        """No `end` record yet: still training (or killed before it could write one)."""
+        return self.end is None
+
+    @property
+    def threshold(self) -> float:
+        det = self.config.get("detector") or {}
+        value = (self.event or {}).get("threshold") or det.get("convergence_threshold")
+        return float(value if value is not None else DEFAULT_THRESHOLD)
+
+    @property
+    def patience(self) -> int:
+        det = self.config.get("detector") or {}
+        value = (self.event or {}).get("patience") or det.get("convergence_patience")
+        return int(value if value is not None else DEFAULT_PATIENCE)
+
+    @property
+    def milestone_levels(self) -> list[float]:
+        recipe_levels = ((self.config.get("condition") or {}).get("detector") or {}).get("milestones")
+        levels = set(recipe_levels or DEFAULT_MILESTONES) | set(self.milestones)
+        return sorted(float(x) for x in levels)
+
+
+def _log_step(record: dict[str, Any]) -> int:
+    """The step at which a record was written (a convergence event is written when it is confirmed)."""
+    return int(record.get("confirmed_step", record.get("step", 0)))
+
+
+def dedupe_resumed(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Make a log that was resumed read as one run.
+
+    When a `train` or `convergence_eval` record repeats a step already logged, the run was resumed
+    from an earlier checkpoint: everything logged at or after that step before the resume is
+    dropped. Events are then kept once: the last `convergence_event`, the last milestone per level.
+
+    Args:
+        records (`list[dict]`): metrics.jsonl records in file order.
+
+    Returns:
+        `list[dict]`: the records of the run as it finally went.
+    """
+    kept: list[dict[str, Any]] = []
+    last: dict[str, int] = {}
+    for r in records:
+        kind, step = r.get("type"), r.get("step")
+        if kind in _STEP_ORDERED and step is not None:
+            if kind in last and step <= last[kind]:
+                kept = [k for k in kept if _log_step(k) < step]
+                last = {t: s for t, s in last.items() if s < step}
+            last[kind] = int(step)
+        kept.append(r)
+    final: list[dict[str, Any]] = []
+    seen: set[tuple[Any, ...]] = set()
+    for r in reversed(kept):
+        key: tuple[Any, ...] | None = None
+        if r.get("type") == "convergence_event":
+            key = ("convergence_event",)
+        elif r.get("type") == "milestone":
+            key = ("milestone", float(r.get("level", -1)))
+        if key is not None:
+            if key in seen:
+                continue
+            seen.add(key)
+        final.append(r)
+    return final[::-1]
+
+
+def load_run(path: str | Path) -> Run:
+    """Load a run folder (`config.json` + `metrics.jsonl`).
+
+    Args:
+        path (`str` or `Path`): the run folder, as `difftune train` made it.
+
+    Returns:
+        `Run`: the config and the de-duplicated records, split by type.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing (the message names it).
+        ValueError: `config.json` is not valid JSON, or `metrics.jsonl` is corrupt before its last line.
+    """
+    from difftune_control.utils import read_jsonl
+
+    path = Path(path)
+    layout = "a run folder holds config.json and metrics.jsonl (written by `difftune train`)"
+    if not path.exists():
+        raise FileNotFoundError(f"run folder not found: {path} ({layout})")
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is a file, not a run folder ({layout})")
+    missing = [n for n in ("config.json", "metrics.jsonl") if not (path / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a run folder: missing {' and '.join(missing)} ({layout})")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path / 'config.json'}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path / 'config.json'}: expected a JSON object, got {type(config).__name__}")
+    records = dedupe_resumed([r for r in read_jsonl(path / "metrics.jsonl") if isinstance(r, dict)])
+    run = Run(path=path, name=path.resolve().name, config=config, records=records)
+    for r in records:
+        kind = r.get("type")
+        if kind == "train":
+            run.train.append(r)
+        elif kind == "convergence_eval":
+            run.evals.append(r)
+        elif kind == "convergence_event":
+            run.event = r
+        elif kind == "milestone":
+            run.milestones[float(r["level"])] = r
+        elif kind == "end":
+            run.end = r
+    run.train.sort(key=lambda r: r["step"])
+    run.evals.sort(key=lambda r: r["step"])
+    return run
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def level_key(level: float) -> str:
+    """JSON key of a milestone level: 0.25 -> "0.25", 0.5 -> "0.5"."""
+    return f"{level:g}"
+
+
+def status_line(run: Run) -> str:
+    """One sentence on where the run stands, e.g. "not converged by step 1000, p = 0.12"."""
+    if not run.evals:
+        text = f"no convergence evaluation yet (step {run.steps_trained})"
+    elif run.event is not None:
+        text = (
+            f"sudden convergence at step {run.event['step']} (p = {_fmt(run.event.get('p'))}, "
+            f"confirmed at step {run.event.get('confirmed_step', run.event['step'])})"
+        )
+    else:
+        last = run.evals[-1]
+        if last.get("p") is None:
+            text = (
+                f"not converged by step {last['step']}: progress undefined "
+                f"(d0 = {_fmt(last.get('d0'), 4)} <= d_floor = {_fmt(last.get('d_floor'), 4)})"
+            )
+        else:
+            text = f"not converged by step {last['step']}, p = {_fmt(last.get('p'))}"
+    if run.in_progress:
+        text += f"; in progress (no end record, last step {run.steps_trained})"
+    return text
+
+
+def _fmt(x: Any, digits: int = 2) -> str:
+    v = _num(x)
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def summarize_run(run: Run) -> dict[str, Any]:
+    """The per-run entry of `summary.json`, computed from the run's records only."""
+    last = run.evals[-1] if run.evals else {}
+    eval_seconds = sum(_num(r.get("eval_seconds")) or 0.0 for r in run.evals)
+    wall = max((_num(r.get("time")) or 0.0 for r in run.records), default=0.0)
+    event = run.event or {}
+    return {
+        "name": run.name,
+        "path": str(run.path),
+        "label": run.label,
+        "method": run.method,
+        "split": run.split if run.method == "difftuning" else None,
+        "condition": run.condition,
+        "seed": run.seed,
+        "steps_trained": run.steps_trained,
+        "in_progress": run.in_progress,
+        "end_reason": (run.end or {}).get("reason"),
+        "evaluations": len(run.evals),
+        "threshold": run.threshold,
+        "patience": run.patience,
+        "converged": run.event is not None,
+        "convergence_step": event.get("step"),
+        "confirmed_step": event.get("confirmed_step", event.get("step")),
+        "convergence_p": _num(event.get("p")),
+        "convergence_time": _num(event.get("time")),
+        "milestones": {
+            level_key(lv): (run.milestones[lv]["step"] if lv in run.milestones else None)
+            for lv in run.milestone_levels
+        },
+        "final_step": last.get("step"),
+        "final_p": _num(last.get("p")),
+        "final_d": _num(last.get("d")),
+        "d0": _num(last.get("d0")),
+        "d_floor": _num(last.get("d_floor")),
+        "eval_seconds": eval_seconds,
+        "wall_seconds": wall,
+        "eval_cost_share": eval_seconds / wall if wall > 0 else None,
+        "status": status_line(run),
+    }
+
+
+def _speedup(run_steps: int | None, ref_steps: int | None, run: dict, ref: dict) -> dict[str, Any]:
+    """Speed-up of one measure (convergence or a milestone) against the reference run."""
+    out: dict[str, Any] = {
+        "steps": run_steps,
+        "vanilla_steps": ref_steps,
+        "speedup": None,
+        "percent_sooner": None,
+    }
+    if run_steps is not None and ref_steps is not None and run_steps > 0:
+        out["speedup"] = ref_steps / run_steps
+        out["percent_sooner"] = 100.0 * (1.0 - run_steps / ref_steps) if ref_steps > 0 else None
+    elif run_steps is not None and run_steps > 0 and ref_steps is None:
+        # the vanilla run had not got there by its last evaluation: a lower bound
+        out["speedup_at_least"] = (ref["final_step"] or 0) / run_steps
+        out["note"] = f"vanilla not there by step {ref['final_step']}"
+    elif run_steps is None and ref_steps is not None:
+        out["note"] = f"not there by step {run['final_step']} (vanilla: step {ref_steps})"
+    return out
+
+
+def pick_reference(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The vanilla run a run is compared with: same condition, same seed when there is one, else the first."""
+    if summary["method"] == "vanilla":
+        return None
+    candidates = [s for s in summaries if s["method"] == "vanilla" and s["condition"] == summary["condition"]]
+    same_seed = [s for s in candidates if s["seed"] == summary["seed"]]
+    return (same_seed or candidates or [None])[0]
+
+
+def compare(summaries: list[dict[str, Any]]) -> None:
+    """Add `vs_vanilla` to every non-vanilla summary that has a vanilla run of its condition beside it.
+
+    speed-up = vanilla steps / run steps (to sudden convergence, and to each milestone);
+    percent sooner = 100 * (1 - run steps / vanilla steps).
+    """
+    for s in summaries:
+        ref = pick_reference(s, summaries)
+        if ref is None:
+            s["vs_vanilla"] = None
+            continue
+        s["vs_vanilla"] = {
+            "reference": ref["name"],
+            "convergence": _speedup(s["convergence_step"], ref["convergence_step"], s, ref),
+            "milestones": {
+                key: _speedup(step, ref["milestones"].get(key), s, ref)
+                for key, step in s["milestones"].items()
+            },
+        }
