@@ -1,0 +1,89 @@
+"""The report of a tiny real training run (the trainer in-process, the detector inside it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from difftune_control.report import build_report
+from difftune_control.utils import read_jsonl
+
+
+def _config(pipeline: Path, data: Path, out: Path, name: str, method: str, steps: int = 6):
+    from difftune_control.config import RunConfig
+
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(pipeline)
+    cfg.model.conditioning_embedding_out_channels = [8, 16]
+    cfg.data.condition = "canny"
+    cfg.data.train_data_dir = str(data)
+    cfg.data.resolution = 16
+    cfg.method.method = method
+    cfg.train.output_dir = str(out)
+    cfg.train.run_name = name
+    cfg.train.train_batch_size = 4
+    cfg.train.max_train_steps = steps
+    cfg.train.learning_rate = 1e-3
+    cfg.train.checkpointing_steps = 100
+    cfg.train.validation_steps = 100
+    cfg.train.logging_steps = 1
+    cfg.train.report_to = "none"
+    cfg.train.device = "cpu"
+    cfg.bank.bank_size = 8
+    cfg.bank.bank_batch_size = 8
+    cfg.bank.bank_num_inference_steps = 2
+    cfg.detector.convergence_every = 2
+    cfg.detector.convergence_samples = 2
+    cfg.detector.convergence_num_inference_steps = 2
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
+    from difftune_control.trainer import train
+
+    out = tmp_path_factory.mktemp("runs")
+    return train(_config(tiny_pipeline_dir, tiny_dataset_dir, out, "vanilla", "vanilla"))
+
+
+def test_report_of_a_real_run_agrees_with_its_metrics(trained_run, tmp_path):
+    from html.parser import HTMLParser
+
+    report = build_report([trained_run])
+    assert report == trained_run / "report"
+    for name in ("convergence.png", "samples.png", "report.md", "report.html", "summary.json"):
+        assert (report / name).stat().st_size > 0, name
+    records = read_jsonl(trained_run / "metrics.jsonl")
+    evals = [r for r in records if r["type"] == "convergence_eval"]
+    assert [r["step"] for r in evals] == [0, 2, 4, 6]
+    assert all((trained_run / r["samples"]).is_file() for r in evals)
+    s = json.loads((report / "summary.json").read_text())["runs"][0]
+    assert s["name"] == "vanilla" and s["label"] == "vanilla" and s["condition"] == "canny"
+    assert s["steps_trained"] == 6 and s["in_progress"] is False and s["end_reason"] == "max_steps"
+    assert s["evaluations"] == 4 and s["final_step"] == 6
+    assert s["final_p"] == evals[-1]["p"] and s["final_d"] == evals[-1]["d"]
+    assert s["d0"] == evals[-1]["d0"] and s["d_floor"] == evals[-1]["d_floor"]
+    assert evals[0]["p"] == pytest.approx(0.0, abs=1e-6)  # zero-initialised ControlNet at step 0
+    event = next((r for r in records if r["type"] == "convergence_event"), None)
+    assert s["converged"] is (event is not None)
+    assert s["convergence_step"] == (event or {}).get("step")
+    for level, step in s["milestones"].items():
+        hit = [r["step"] for r in records if r["type"] == "milestone" and f"{r['level']:g}" == level]
+        assert step == (hit[0] if hit else None)
+    wall = max(r["time"] for r in records if "time" in r)
+    assert s["eval_cost_share"] == pytest.approx(sum(r["eval_seconds"] for r in evals) / wall)
+    HTMLParser().feed((report / "report.html").read_text())
+
+
+def test_report_of_a_run_in_progress(trained_run, tmp_path):
+    """The same run as if it were still training: no end record, a half-written last line."""
+    live = tmp_path / "live"
+    shutil.copytree(trained_run, live, ignore=shutil.ignore_patterns("report", "checkpoint-*", "controlnet"))
+    lines = (live / "metrics.jsonl").read_text().splitlines()
+    kept = [x for x in lines if '"type": "end"' not in x and '"step": 6' not in x]
+    (live / "metrics.jsonl").write_text("\n".join(kept) + '\n{"type": "train", "step": 5, "lo')
+    s = json.loads((build_report([live]) / "summary.json").read_text())["runs"][0]
+    assert s["in_progress"] is True and s["final_step"] == 4 and "in progress" in s["status"]
