@@ -296,3 +296,34 @@ def test_cli_entry_point(tmp_path, capsys):
     assert main([str(run_dir), "--out", str(tmp_path / "rep")]) == 0
     out = capsys.readouterr().out
     assert "sudden convergence at step" in out and str(tmp_path / "rep" / "report.html") in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not Path("/usr/bin/chromium").exists(), reason="needs Debian's chromium (apt install chromium)"
+)
+def test_html_renders_in_headless_chromium(tmp_path):
+    """Chromium, offline, renders the page with its embedded figures (the curves' blue shows up)."""
+    import subprocess
+
+    from PIL import Image
+
+    out = build_report([write_run(tmp_path / "run", jump_at=300)])
+    shot = tmp_path / "shot.png"
+    cmd = [
+        "/usr/bin/chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1200,2200",
+        f"--screenshot={shot}",
+        (out / "report.html").as_uri(),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=180, env={"HOME": str(tmp_path)})
+    with Image.open(shot) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    assert rgb.shape[:2] == (2200, 1200)
+    blue = (np.abs(rgb - np.array([31, 119, 180])).sum(-1) < 30).sum()  # the d and p curves
+    red = (np.abs(rgb - np.array([214, 39, 40])).sum(-1) < 30).sum()  # the convergence line
+    assert blue > 500 and red > 200, (blue, red)
