@@ -47,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 SHARD_SIZE = 256
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 MANIFEST, PROGRESS, PREVIEW, LOCK = "manifest.json", "progress.json", "preview.png", ".lock"
 
 
@@ -100,6 +101,8 @@ def bank_manifest(
         config (`BankConfig`): bank settings (size, sampler, steps, CFG, seed, hint mode).
         prompts (`list[str]`): the prompt list before the seeded shuffle (hashed, not stored).
         model_id (`str`): base model path or hub id; `revision` and `variant` are added when given.
+            For a local folder or file, a content fingerprint of its weights files is added too, so
+            retrained weights at the same path make a new bank.
         resolution (`int`): image side in pixels.
         extractor_id (`dict`): the extractor's identity, e.g. ``{"condition", "backend", "params"}``.
             Left out of the key when ``bank_hint == "zero"`` (the bank does not depend on it then).
@@ -117,7 +120,12 @@ def bank_manifest(
         raise ValueError("the bank needs at least one prompt (target captions or --bank_prompts FILE)")
     key = {
         "format_version": FORMAT_VERSION,
-        "model": {"id": str(model_id), "revision": revision, "variant": variant},
+        "model": {
+            "id": str(model_id),
+            "revision": revision,
+            "variant": variant,
+            "fingerprint": weights_fingerprint(model_id),
+        },
         "prompts_sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest(),
         "num_prompts": len(prompts),
         "size": int(config.bank_size),
@@ -135,6 +143,30 @@ def bank_manifest(
         return json.loads(json.dumps(key, sort_keys=True))
     except TypeError as err:
         raise ValueError(f"extractor_id must be JSON-serialisable, got {extractor_id!r}: {err}") from err
+
+
+def weights_fingerprint(model_id: str | Path) -> str | None:
+    """Content fingerprint of a local model's weights files, or None for a hub id.
+
+    Hashes each ``*.safetensors`` / ``*.bin`` / ``*.ckpt`` / ``*.pt`` file's relative path, size, and
+    first and last MiB: constant time even for multi-GB checkpoints, and any retraining changes it.
+    """
+    path = Path(model_id)
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()), path
+    else:
+        return None
+    digest = hashlib.sha256()
+    for p in files:
+        size = p.stat().st_size
+        digest.update(f"{p.relative_to(root).as_posix()}:{size}".encode())
+        with open(p, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]
 
 
 def manifest_hash(manifest: dict) -> str:
@@ -168,11 +200,8 @@ def _read_json(path: Path) -> dict | None:
 
 def _stored_key(bank_dir: Path) -> dict | None:
     """The key a folder holds: manifest.json's when complete, else progress.json's."""
-    manifest = _read_json(bank_dir / MANIFEST)
-    if manifest is not None:
-        return manifest.get("key")
-    progress = _read_json(bank_dir / PROGRESS)
-    return None if progress is None else progress.get("key")
+    stored = _read_json(bank_dir / MANIFEST) or _read_json(bank_dir / PROGRESS) or {}
+    return stored.get("key")
 
 
 def _shard_ranges(size: int, shard_size: int) -> list[range]:
@@ -192,6 +221,7 @@ class _Build:
     config: BankConfig
     models: dict[str, Any]  # unet, vae, text_encoder, tokenizer, scheduler_config
     extractor: Callable[[torch.Tensor], torch.Tensor] | None
+    prompts: list[str]  # before the seeded shuffle
 
     def __post_init__(self) -> None:
         self.key_hash = manifest_hash(self.key)
@@ -247,7 +277,7 @@ class _Build:
             "memory bank: %d of %d shards (%d images) on process %d of %d into %s",
             *(len(todo), len(self.ranges), total, rank, world, self.bank_dir),
         )
-        prompts = bank_sample_prompts(self.models["prompts"], self.key["size"], self.key["seed"])
+        prompts = bank_sample_prompts(self.prompts, self.key["size"], self.key["seed"])
         negative = None
         if self.key["guidance_scale"] > 1.0:
             negative = encode_prompts(self.models["text_encoder"], self.models["tokenizer"], [""])
@@ -408,9 +438,11 @@ def ensure_bank(
     )
     explicit = config.bank_dir is not None
     bank_dir = Path(config.bank_dir) if explicit else default_bank_dir(key, cache_dir)
-    models = dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, prompts=list(prompts))
-    models["scheduler_config"] = scheduler_config
-    build = _Build(bank_dir, key, config, models, extractor if config.bank_hint == "extracted" else None)
+    models = dict(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config
+    )
+    hint_fn = extractor if config.bank_hint == "extracted" else None
+    build = _Build(bank_dir, key, config, models, hint_fn, list(prompts))
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     wait = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)

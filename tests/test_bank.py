@@ -50,12 +50,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def make_models(folder: Path) -> dict:
+    """Tiny real SD parts (same weights on every call); the tokenizer's files go to ``folder``."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    folder = tmp_path_factory.mktemp("tokenizer")
+    folder.mkdir(parents=True, exist_ok=True)
     chars = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in [*chars, *(c + "</w>" for c in chars)]:
@@ -109,6 +109,11 @@ def models(tmp_path_factory):
         "tokenizer": tokenizer,
         "scheduler_config": scheduler.config,
     }
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("tokenizer"))
 
 
 def make_config(bank_dir: Path | None = None, **kw) -> BankConfig:
@@ -382,7 +387,7 @@ def test_manifest_key_and_prompt_order(tmp_path):
         revision="main",
     )
     assert key["extractor"]["params"]["thresholds"] == [100, 200]  # JSON-normalised
-    assert key["model"] == {"id": "m", "revision": "main", "variant": None}
+    assert key["model"] == {"id": "m", "revision": "main", "variant": None, "fingerprint": None}
     assert json.loads(json.dumps(key)) == key
     for field, value in [
         ("bank_seed", 8),
@@ -411,6 +416,70 @@ def test_manifest_key_and_prompt_order(tmp_path):
         read_prompts_file(tmp_path / "empty.txt")
     with pytest.raises(FileNotFoundError, match="--bank_prompts"):
         read_prompts_file(tmp_path / "missing.txt")
+
+
+def test_local_weights_fingerprint_is_part_of_the_key(tmp_path):
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(b"a" * 3_000_000)
+    (model / "model_index.json").write_text("{}")
+
+    def key():
+        return bank_manifest(
+            config=make_config(), prompts=PROMPTS, model_id=str(model), resolution=RES, extractor_id={},
+            scaling_factor=1.0,
+        )  # fmt: skip
+
+    first = key()
+    assert first["model"]["fingerprint"] is not None and key() == first
+    (model / "model_index.json").write_text('{"changed": 1}')  # not a weights file
+    assert key() == first
+    weights.write_bytes(b"a" * 2_999_999 + b"b")  # retrained weights at the same path
+    assert key()["model"]["fingerprint"] != first["model"]["fingerprint"]
+    assert bank_mod.weights_fingerprint("org/not-a-local-path") is None
+
+
+DISTRIBUTED_SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+import test_bank as tb
+
+accelerator = Accelerator(cpu=True)
+models = tb.make_models(Path(sys.argv[2]) / f"tokenizer-{{accelerator.process_index}}")
+calls = []
+models["unet"].register_forward_hook(lambda *args: calls.append(1))
+tb.build(models, tb.make_config(Path(sys.argv[1])), accelerator=accelerator)
+print(f"rank {{accelerator.process_index}} of {{accelerator.num_processes}}: {{len(calls)}} unet calls", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_split_the_shards_and_match_one_process(clean_bank, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "build_bank.py"
+    script.write_text(DISTRIBUTED_SCRIPT.format(tests=str(Path(__file__).parent)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)]
+    out = subprocess.run(
+        [*cmd, str(tmp_path / "bank"), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    # Shards 0 and 2 on process 0, shard 1 on process 1; 2 steps each.
+    assert "rank 0 of 2: 4 unet calls" in out.stdout and "rank 1 of 2: 2 unet calls" in out.stdout
+    two, one = load_bank(tmp_path / "bank"), load_bank(clean_bank)
+    for name in ("latents", "encoder_hidden_states", "hints", "seeds", "indices"):
+        assert torch.equal(getattr(two, name), getattr(one, name)), name
+    assert two.prompts == one.prompts and two.manifest == one.manifest
 
 
 def test_dataset_class_is_what_load_bank_returns(clean_bank):
