@@ -206,3 +206,70 @@ def test_bad_model_path_and_condition(tiny_dataset_dir, tmp_path):
     cfg = tiny_config(tmp_path / "nope", tiny_dataset_dir, tmp_path, data__condition="depthh")
     with pytest.raises(ValueError, match="canny"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """`accelerate launch --num_processes 2` on the CPU (gloo): both ranks train, rank 0 writes the run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "scripts/train_controlnet.py",
+        "--pretrained_model_name_or_path",
+        str(tiny_pipeline_dir),
+        "--train_data_dir",
+        str(tiny_dataset_dir),
+        "--condition",
+        "canny",
+        "--resolution",
+        "16",
+        "--conditioning_embedding_out_channels",
+        "8",
+        "16",
+        "--train_batch_size",
+        "2",
+        "--max_train_steps",
+        "4",
+        "--checkpointing_steps",
+        "2",
+        "--bank_size",
+        "8",
+        "--bank_num_inference_steps",
+        "2",
+        "--convergence_every",
+        "2",
+        "--convergence_samples",
+        "2",
+        "--convergence_num_inference_steps",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "mp",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "mp"
+    records = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
+    assert json.loads((run / "config.json").read_text())["world_size"] == 2
+    assert (run / "checkpoint-4" / "controlnet").is_dir()
