@@ -51,6 +51,7 @@ def test_filename_cleans_names_and_keeps_dtype():
     [
         ("pretty-xl", "depth", r"--name 'pretty-xl' contains \['xl'\]"),
         ("depth-sd21", "depth", r"contains \['sd21'\]"),
+        ("sd14-xl", "depth", r"contains \['xl'\]"),  # sd14 is SD1.x: fine in an sd15 name
         ("shuffled", "canny", "shuffle"),
         ("ok", "shuffle-ish", "shuffle"),
         ("__", "depth", "no letters or digits"),
@@ -59,6 +60,13 @@ def test_filename_cleans_names_and_keeps_dtype():
 def test_names_a_webui_would_misread_are_refused(name, condition, message):
     with pytest.raises(ValueError, match=message):
         webui_filename(name, condition, SD15)
+
+
+def test_markers_of_the_own_family_are_allowed():
+    assert webui_filename("sd15-run", "depth", SD15) == "control_sd15-run_sd15_depth_fp16.safetensors"
+    assert webui_filename("xl-run", "depth", SDXL) == "control_xl-run_xl_depth_fp16.safetensors"
+    with pytest.raises(ValueError, match=r"\['sd15'\]"):
+        webui_filename("sd15-run", "depth", TOY)
 
 
 def test_unknown_dtype_is_refused_with_choices():

@@ -235,3 +235,26 @@ def test_non_sd_shapes_need_a_config():
     assert found["layers_per_block"] == 1
     with pytest.raises(ValueError, match="config="):
         infer_sd_config(ldm)
+
+
+def test_webui_layout_check_accepts_the_export_and_names_what_would_misload():
+    from difftune_control.export.verify import webui_layout_problems
+
+    controlnet = meta_controlnet(**SD15)
+    keys = list(diffusers_to_ldm(controlnet.state_dict(), controlnet.config, prefix=LDM_PREFIX))
+    assert webui_layout_problems(keys, controlnet.config) == []
+
+    unprefixed = [k.removeprefix(LDM_PREFIX) for k in keys]
+    assert any("prefix" in p for p in webui_layout_problems(unprefixed, controlnet.config))
+    with_label = [*keys, "control_model.label_emb.0.0.weight"]
+    assert any("SDXL" in p for p in webui_layout_problems(with_label, controlnet.config))
+    fewer = [k for k in keys if not k.startswith("control_model.zero_convs.11.")]
+    assert any("11 zero_convs" in p for p in webui_layout_problems(fewer, controlnet.config))
+
+
+def test_mid_block_without_attention_maps_to_middle_block_zero():
+    controlnet = meta_controlnet(**{**TOY, "mid_block_type": "UNetMidBlock2D"})
+    ldm = diffusers_to_ldm(controlnet.state_dict(), controlnet.config)
+
+    assert {k.split(".")[1] for k in ldm if k.startswith("middle_block.")} == {"0"}
+    assert set(ldm_to_diffusers(ldm, controlnet.config)) == set(controlnet.state_dict())

@@ -301,3 +301,25 @@ def test_sd15_sized_controlnet_round_trip(tmp_path):
     imported = load_controlnet(plain)
     result = verify_reload(controlnet, imported, "fp16", "load_controlnet")
     assert result.max_rel_error_vs_rounded == 0.0 and result.max_rel_error_vs_fp32 < 1e-2
+
+
+def test_sdxl_style_controlnet_exports_with_label_emb_and_reloads(tmp_path):
+    config = {
+        **TINY,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "transformer_layers_per_block": (1, 2),
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": 6 * 8 + 16,
+    }
+    controlnet = trained_like(config, seed=2)
+    run = make_run(tmp_path, controlnet)
+    path = export_controlnet(
+        run, "webui", dtype="fp32", name="tiny"
+    )  # verified: text_embeds + time_ids inputs
+
+    assert path.name == "control_tiny_xl_depth_fp32.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert {"control_model.label_emb.0.0.weight", "control_model.label_emb.0.2.bias"} <= set(f.keys())
+    reloaded = load_controlnet(path)
+    assert torch.equal(reloaded.add_embedding.linear_1.weight, controlnet.add_embedding.linear_1.weight)

@@ -5,7 +5,7 @@ SD family from the name (``sd14/15/16`` -> SD1.x, else ``sd21`` / ``2.1`` -> SD2
 SDXL) and filters models by control type through substrings (``depth``, ``canny``, ``normal``,
 ``seg``, ``sketch`` for scribble); ComfyUI and sd-webui-controlnet switch on global average pooling
 for names containing / ending in ``shuffle``. So the name part and the condition must not contain
-another family's marker or ``shuffle``.
+another family's marker (``xl`` in an SD1.5 name, ``sd15`` in an SD2.1 one...) or ``shuffle``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DTYPES = ("fp16", "bf16", "fp32")
-_FAMILY_MARKERS = ("sd14", "sd15", "sd16", "sd21", "2.1", "xl")
+# Substrings by which sd-webui-controlnet guesses the SD family of a model file (after `clean_name`,
+# which removes the dot of "2.1"), by the family they denote.
+_FAMILY_MARKERS = {"sd14": "sd15", "sd15": "sd15", "sd16": "sd15", "sd21": "sd21", "xl": "xl"}
 
 
 def clean_name(name: str, what: str = "--name") -> str:
@@ -73,7 +75,7 @@ def webui_filename(name: str, condition: str, config: Mapping[str, Any], dtype: 
     if dtype not in DTYPES:
         problems.append(f"--dtype {dtype!r} is not one of {DTYPES}")
     for label, value in (("--name", name), ("condition", cond)):
-        markers = [m for m in _FAMILY_MARKERS if m in value]
+        markers = [m for m, family in _FAMILY_MARKERS.items() if m in value and family != tag]
         if markers:
             problems.append(
                 f"{label} {value!r} contains {markers}, which sd-webui-controlnet reads as an SD family "
