@@ -155,6 +155,47 @@ def test_hf_dataset_with_path_strings_relative_to_its_folder(tmp_path):
     assert torch.equal(ds[0]["pixel_values"], reference[0]["pixel_values"])
 
 
+def test_hf_rows_with_empty_hints_are_extracted_and_corrupt_bytes_are_skipped(tmp_path):
+    hf = _hf_dataset(tmp_path)
+    rows = hf.to_list()
+    rows[1]["conditioning_image"] = None
+    rows[2]["image"] = {"bytes": b"not an image", "path": None}
+    hf.from_list(rows, features=hf.features).save_to_disk(str(tmp_path / "saved"))
+    spec = DatasetSpec(str(tmp_path / "saved"), resolution=R)
+    with pytest.raises(
+        ValueError, match=r"row 1 of saved dataset .*: no conditioning image .*no hint function"
+    ):
+        load_target_dataset(spec)
+    extracted = []
+
+    def hint_fn(image: Image.Image) -> torch.Tensor:
+        extracted.append(image.size)
+        return torch.zeros(3, *image.size)
+
+    ds = load_target_dataset(spec, hint_fn=hint_fn)
+    assert ds.extracted == [False, True, False, False]
+    assert ds[1]["conditioning_pixel_values"].sum() == 0 and extracted == [(R, R)]
+    with pytest.raises(
+        ValueError, match=r"row 2 of saved dataset .*column 'image': cannot read image embedded image bytes"
+    ):
+        ds[2]
+    skipping = load_target_dataset(DatasetSpec(str(tmp_path / "saved"), skip_bad_rows=True), hint_fn=hint_fn)
+    assert skipping.row_ids == [0, 1, 3]
+
+
+def test_unreachable_hub_name_says_it_is_neither_a_path_nor_a_dataset(monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ValueError, match=r"'no-such-org/no-such-data' is not a local path and could not be loaded"
+    ):
+        load_target_dataset(DatasetSpec("no-such-org/no-such-data"))
+
+
 # -- transforms keep image and hint aligned --------------------------------------------------------
 
 
@@ -198,6 +239,17 @@ def test_extracted_hints_are_computed_after_the_crop(tmp_path):
     item = ds[1]
     assert sizes == [(R, R)]
     assert marker_at(item["pixel_values"]) == marker_at(item["conditioning_pixel_values"])
+
+
+def test_a_real_extractor_works_as_hint_function_and_its_edges_sit_on_the_marker(tmp_path):
+    from difftune_control.extractors import get_extractor
+
+    root = write_imagefolder(tmp_path, n=2)
+    (root / "metadata.jsonl").write_text('{"image": "images/1.png", "text": "a"}\n')
+    canny = get_extractor("canny", resolution=R)
+    item = load_target_dataset(DatasetSpec(str(root), resolution=R), hint_fn=canny)[0]
+    (y, x), (hy, hx) = marker_at(item["pixel_values"]), marker_at(item["conditioning_pixel_values"])
+    assert abs(y - hy) <= 1 and abs(x - hx) <= 1
 
 
 def test_hint_interpolation_nearest_keeps_palette_colours(tmp_path):
