@@ -239,12 +239,14 @@ class _Build:
             return False
         return meta.get("bank_key") == self.key_hash and n == len(self.ranges[s])
 
-    def inspect(self, explicit: bool) -> Literal["complete", "partial", "mismatch"]:
+    def inspect(self, explicit: bool, verbose: bool) -> Literal["complete", "partial", "mismatch"]:
         """Read-only look at the folder; raises when it must not be touched."""
         stored = _stored_key(self.bank_dir)
         if stored is None:
             names = {p.name for p in self.bank_dir.glob("*") if not p.name.startswith(".")}
-            if explicit and not all(n.startswith("shard-") or n == PREVIEW for n in names):
+            if explicit and not all(
+                n.startswith("shard-") or n in (PREVIEW, MANIFEST, PROGRESS) for n in names
+            ):
                 raise ValueError(
                     f"--bank_dir: {self.bank_dir} is not empty and holds no memory bank "
                     f"(found {sorted(names)[:5]}); choose an empty or new folder"
@@ -258,7 +260,8 @@ class _Build:
                     f"(stored -> requested):\n  {diff}\nchoose another --bank_dir, or pass "
                     "--bank_on_mismatch rebuild to replace it"
                 )
-            logger.warning("memory bank at %s has other settings; rebuilding:\n  %s", self.bank_dir, diff)
+            if verbose:
+                logger.warning("memory bank at %s has other settings; rebuilding:\n  %s", self.bank_dir, diff)
             return "mismatch"
         complete = (self.bank_dir / MANIFEST).exists() and all(map(self.shard_ok, range(len(self.ranges))))
         return "complete" if complete else "partial"
@@ -405,7 +408,8 @@ def ensure_bank(
             ``s % num_processes``; the main process writes the manifest and the preview.
         cache_dir: cache root for the default folder (``<cache_root>/banks/<hash>``).
         show_progress (`bool`): a tqdm bar (images/s) on the main process.
-        shard_size (`int`): samples per shard (part of the key).
+        shard_size (`int`): samples per shard (part of the key). Generation batches never cross
+            shards, so the effective batch is ``min(bank_batch_size, shard_size)``.
 
     Returns:
         `Path`: the complete bank folder (load it with :func:`load_bank`).
@@ -458,7 +462,7 @@ def ensure_bank(
             lock.acquire()
     try:
         wait()
-        state = build.inspect(explicit)  # every process reads the same folder and decides alike
+        state = build.inspect(explicit, rank == 0)  # every process reads the same folder, decides alike
         wait()
         if state == "complete":
             logger.info("reusing the memory bank at %s", bank_dir)
@@ -505,7 +509,8 @@ def _load_shard(path: Path) -> dict[str, Any]:
 
     with safe_open(str(path), framework="pt") as f:
         out: dict[str, Any] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
-        out["prompts"] = json.loads((f.metadata() or {})["prompts"])
+        meta = f.metadata() or {}
+    out["prompts"], out["bank_key"] = json.loads(meta["prompts"]), meta.get("bank_key")
     return out
 
 
@@ -543,8 +548,21 @@ class BankDataset(torch.utils.data.Dataset):
                 "run `difftune bank` with the same settings to regenerate them"
             )
         shards = [_load_shard(self.bank_dir / s) for s in self.contents["shards"]]
+        foreign = [
+            n
+            for n, s in zip(self.contents["shards"], shards)
+            if s["bank_key"] != manifest_hash(self.manifest)
+        ]
+        if foreign:
+            raise ValueError(
+                f"memory bank at {self.bank_dir}: shards {foreign[:5]} belong to another bank; "
+                "run `difftune bank` with the same settings to regenerate them"
+            )
         self.latents = torch.cat([s["latents"] for s in shards])
-        self.encoder_hidden_states = torch.cat([s["encoder_hidden_states"] for s in shards])
+        embeds = [s["encoder_hidden_states"] for s in shards]
+        if len({e.dtype for e in embeds}) > 1:  # a shard kept fp32 because fp16 overflowed
+            embeds = [e.float() for e in embeds]
+        self.encoder_hidden_states = torch.cat(embeds)
         self.hints = torch.cat([s["hints"] for s in shards])
         self.indices = torch.cat([s["indices"] for s in shards])
         self.seeds = torch.cat([s["seeds"] for s in shards])

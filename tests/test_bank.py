@@ -311,6 +311,14 @@ def test_mismatch_error_then_rebuild(models, clean_bank, tmp_path):
     rebuilt = load_bank(bank_dir)
     assert rebuilt.manifest["num_inference_steps"] == 3
     assert not torch.equal(rebuilt.latents, load_bank(clean_bank).latents)
+    # A shard of another bank dropped into the folder is refused on load and regenerated alone.
+    shutil.copy(clean_bank / "shard-00001.safetensors", bank_dir / "shard-00001.safetensors")
+    with pytest.raises(ValueError, match=r"shards \['shard-00001.safetensors'\] belong to another bank"):
+        load_bank(bank_dir)
+    with count_unet_calls(models["unet"]) as calls:
+        build(models, make_config(bank_dir, bank_num_inference_steps=3))
+    assert len(calls) == 3
+    assert torch.equal(load_bank(bank_dir).latents, rebuilt.latents)
     # Extractor params are part of the key too.
     other = {**EXTRACTOR_ID, "params": {"scale": 2.0}}
     with pytest.raises(ValueError, match=r"extractor\.params\.scale: 1\.0 -> 2\.0"):
