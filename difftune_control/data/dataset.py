@@ -26,6 +26,7 @@ from difftune_control.data.transforms import (
     cell_path,
     check_hint_output,
     hint_to_tensor,
+    image_size,
     image_to_tensor,
     is_empty,
     open_image,
@@ -177,11 +178,9 @@ class TargetDataset(Dataset):
         if self.spec.skip_bad_rows:
             cells = self.source.row(row)
             try:
-                size = open_image(cells.get(cols.image), base, f"column '{cols.image}'", load=False).size
+                size = image_size(cells.get(cols.image), base, f"column '{cols.image}'")
                 if not extract:
-                    hint_size = open_image(
-                        cells.get(cols.hint), base, f"column '{cols.hint}'", load=False
-                    ).size
+                    hint_size = image_size(cells.get(cols.hint), base, f"column '{cols.hint}'")
                     self._check_aspect(size, hint_size)
             except FileNotFoundError as err:
                 raise BadRowError(str(err), missing_file=True) from None
@@ -265,25 +264,27 @@ class TargetDataset(Dataset):
         cells = self.source.row(self.row_ids[index])
         extract = self.extracted[index]
         need_image = with_image or (with_hint and extract)
-        image = open_image(cells.get(cols.image), base, f"{label}, column '{cols.image}'", load=need_image)
+        where = f"{label}, column '{cols.image}'"
+        image = open_image(cells.get(cols.image), base, where) if need_image else None
+        size = image.size if image is not None else image_size(cells.get(cols.image), base, where)
         hint = None
         if with_hint and not extract:
             hint = open_image(cells.get(cols.hint), base, f"{label}, column '{cols.hint}'")
             try:
-                self._check_aspect(image.size, hint.size)
+                self._check_aspect(size, hint.size)
             except BadRowError as err:
                 raise ValueError(f"{label}: {err}") from None
         if flip is None:
             flip = spec.random_flip and bool(torch.rand((), generator=generator) < 0.5)
         geometry = plan_geometry(
-            image.size,
+            size,
             spec.resolution,
             center_crop=spec.center_crop,
             offsets=offsets,
             flip=flip,
             generator=generator,
         )
-        if need_image:
+        if image is not None:
             image, hint = transform_pair(image, hint, geometry, spec.resolution, spec.hint_interpolation)
         elif hint is not None:
             hint = apply_geometry(hint, geometry, spec.resolution, spec.hint_interpolation)

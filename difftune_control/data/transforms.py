@@ -55,32 +55,42 @@ def cell_path(value: Any, base_dir: Path | None) -> Path | None:
     return None
 
 
-def open_image(value: Any, base_dir: Path | None, where: str, *, load: bool = True) -> Image.Image:
-    """Open the image a dataset cell refers to.
+def open_image(value: Any, base_dir: Path | None, where: str) -> Image.Image:
+    """Open and decode the image a dataset cell refers to, as RGB.
 
     Args:
         value: a path (relative to ``base_dir``), raw bytes, a HF Image-feature dict
             (``{"bytes", "path"}``), a PIL image or a uint8 HWC array.
         base_dir: folder that relative paths start from.
         where: names the row and column in error messages, e.g. ``"row 3 (metadata.jsonl line 4), column 'image'"``.
-        load: decode the pixels and convert to RGB; `False` only reads the header (size) cheaply.
 
     Returns:
-        `PIL.Image.Image`: RGB when ``load``, else the lazily opened file.
+        `PIL.Image.Image` in RGB mode.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file or bytes are not a readable image.
     """
+    return _read(value, base_dir, where, header_only=False)
+
+
+def image_size(value: Any, base_dir: Path | None, where: str) -> tuple[int, int]:
+    """(width, height) of the image a cell refers to, from the file header only (no decoding).
+
+    Raises the same errors as `open_image` for missing files and unidentifiable content.
+    """
+    return _read(value, base_dir, where, header_only=True)
+
+
+def _read(value: Any, base_dir: Path | None, where: str, header_only: bool) -> Any:
     from PIL import Image, UnidentifiedImageError
 
-    if isinstance(value, Image.Image):
-        return value.convert("RGB") if load else value
     if isinstance(value, np.ndarray):
         if value.dtype != np.uint8 or value.ndim not in (2, 3):
             raise ValueError(f"{where}: arrays must be uint8 HW or HWC, got {value.dtype} {value.shape}")
-        image = Image.fromarray(value)
-        return image.convert("RGB") if load else image
+        value = Image.fromarray(value)
+    if isinstance(value, Image.Image):
+        return value.size if header_only else value.convert("RGB")
     path = cell_path(value, base_dir)
     if path is not None:
         if not path.is_file():
@@ -96,11 +106,8 @@ def open_image(value: Any, base_dir: Path | None, where: str, *, load: bool = Tr
             f"{where}: expected an image path, image bytes or a PIL image, got {type(value).__name__} {_short(value)!r}"
         )
     try:
-        image = Image.open(fp)
-        if load:
-            image.load()
-            image = image.convert("RGB")
-        return image
+        with Image.open(fp) as image:
+            return image.size if header_only else image.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{where}: cannot read image {label}: {err}") from err
 
