@@ -136,3 +136,36 @@ def test_script_entry_point_shows_help():
     )
     assert done.returncode == 0
     assert "RUN_OR_CHECKPOINT" in done.stdout and "--no-verify" in done.stdout
+
+
+def test_provenance_reads_the_trainers_config_forms():
+    from difftune_control.export import ExportSource
+
+    toy = ExportSource(
+        Path("r/controlnet"),
+        Path("r"),
+        run_config={
+            "model": {},
+            "base_model": {"id": "/x/toy", "is_toy": True},
+            "data": {"condition": "depth"},
+        },
+    )
+    assert (toy.base_model, toy.condition) == ("toyworld", "depth")
+    local = ExportSource(
+        Path("r/controlnet"), Path("r"), run_config={"base_model": {"id": "/m/sd", "is_toy": False}}
+    )
+    assert local.base_model == "/m/sd"
+    assert ExportSource(Path("c")).base_model is None
+
+
+def test_model_card_puts_only_hub_ids_in_the_yaml_header():
+    from difftune_control.export.diffusers_folder import model_card
+
+    info = {"base_model": "/home/me/sd15", "condition": "depth", "method": "vanilla"}
+    card = model_card("x", info, [], None, "sd15", Path("runs/x"))
+    assert "base_model:" not in card.split("---")[1] and "/home/me/sd15" in card
+    assert "difftune report runs/x" in card
+    card = model_card(
+        "x", {**info, "base_model": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, [], None, "sd15"
+    )
+    assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in card

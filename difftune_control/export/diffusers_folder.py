@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -26,6 +27,7 @@ _METHODS = {
     "difftuning": "Diff-Tuning (Zhong et al., NeurIPS 2024): retain at low noise, adapt at high noise",
 }
 _PIPELINES = {"xl": "StableDiffusionXLControlNetPipeline"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_card(
@@ -34,6 +36,7 @@ def model_card(
     figures: list[str],
     run_config: Mapping[str, Any] | None,
     sd_tag: str,
+    run_dir: Path | None = None,
 ) -> str:
     """The README.md of a diffusers export.
 
@@ -44,6 +47,7 @@ def model_card(
         figures (`list[str]`): Report figures copied next to the card (names in `REPORT_FIGURES`).
         run_config (`Mapping[str, Any]`, *optional*): The training config, shown folded.
         sd_tag (`str`): ``sd15``, ``sd21``, ``xl`` or ``toy``.
+        run_dir (`Path`, *optional*): The run folder, named in the hint on how to make missing figures.
 
     Returns:
         `str`: Markdown with a YAML header that the Hugging Face hub reads.
@@ -51,7 +55,7 @@ def model_card(
     base, condition = info.get("base_model", "unknown"), info.get("condition", "unknown")
     method = info.get("method", "unknown")
     header = ["---", "library_name: diffusers"]
-    if base not in ("unknown", "toyworld"):
+    if _HUB_ID.match(base):  # the hub's metadata takes repo ids only, not local paths
         header.append(f"base_model: {base}")
     header += ["tags:", "- controlnet", "- diffusers", "- difftune-control", f"- {condition}", "---", ""]
     rows = [
@@ -74,7 +78,8 @@ def model_card(
             lines += [f"## {section}", "", f"![{section.lower()}]({name})", ""]
     if not figures:
         lines += [
-            "No report figures were found: run `difftune report RUN` to make them, then export again.",
+            f"No report figures were found: run `difftune report {run_dir or 'RUN'}` to make them, "
+            "then export again.",
             "",
         ]
     pipeline = _PIPELINES.get(sd_tag, "StableDiffusionControlNetPipeline")
@@ -136,7 +141,11 @@ def write_diffusers_folder(
             if source is not None and source.is_file():
                 shutil.copy2(source, tmp / name)
                 figures.append(name)
-        (tmp / "README.md").write_text(model_card(folder.name, info, figures, run_config, sd_tag))
+        (tmp / "README.md").write_text(
+            model_card(
+                folder.name, info, figures, run_config, sd_tag, report_dir.parent if report_dir else None
+            )
+        )
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

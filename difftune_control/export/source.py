@@ -41,8 +41,9 @@ class ExportSource:
 
     @property
     def condition(self) -> str | None:
-        """Condition name from the run config (``condition.name``)."""
-        return ((self.run_config or {}).get("condition") or {}).get("name")
+        """Condition name from the run config (``condition.name``, else ``data.condition``)."""
+        config = self.run_config or {}
+        return (config.get("condition") or {}).get("name") or (config.get("data") or {}).get("condition")
 
     @property
     def method(self) -> str | None:
@@ -51,11 +52,16 @@ class ExportSource:
 
     @property
     def base_model(self) -> str | None:
-        """The base model (``model.pretrained_model_name_or_path``); ``toyworld`` for the shipped default."""
+        """The base model the run trained on; ``toyworld`` for the shipped toy-world base."""
         if self.run_config is None:
             return None
-        model = self.run_config.get("model") or {}
-        return model.get("pretrained_model_name_or_path") or "toyworld"
+        given = (self.run_config.get("model") or {}).get("pretrained_model_name_or_path")
+        resolved = self.run_config.get("base_model") or {}  # {"id": ..., "is_toy": ...} from the trainer
+        if given:
+            return str(given)
+        if resolved.get("is_toy") or not resolved.get("id"):
+            return "toyworld"
+        return str(resolved["id"])
 
     @property
     def convergence_step(self) -> int | None:
