@@ -323,3 +323,22 @@ def test_sdxl_style_controlnet_exports_with_label_emb_and_reloads(tmp_path):
         assert {"control_model.label_emb.0.0.weight", "control_model.label_emb.0.2.bias"} <= set(f.keys())
     reloaded = load_controlnet(path)
     assert torch.equal(reloaded.add_embedding.linear_1.weight, controlnet.add_embedding.linear_1.weight)
+
+
+def test_export_that_fails_verification_is_moved_aside(tiny, tmp_path, monkeypatch):
+    import difftune_control.export.webui as webui
+
+    mapping = webui.diffusers_to_ldm
+
+    def swapped(state_dict, config, prefix=""):  # fault injection: a key-mapping bug
+        ldm = mapping(state_dict, config, prefix=prefix)
+        a, b = f"{prefix}zero_convs.1.0.weight", f"{prefix}zero_convs.2.0.weight"
+        ldm[a], ldm[b] = ldm[b], ldm[a]
+        return ldm
+
+    monkeypatch.setattr(webui, "diffusers_to_ldm", swapped)
+    run = make_run(tmp_path, tiny)
+    with pytest.raises(VerificationError, match=r"zero_convs\.1\.0\.weight in the file.*moved to"):
+        export_controlnet(run, "webui")
+    assert not (run / "export" / "control_depth-run_toy_depth_fp16.safetensors").exists()
+    assert (run / "export" / "control_depth-run_toy_depth_fp16.safetensors.unverified").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal
@@ -13,6 +14,7 @@ from difftune_control import __version__
 from difftune_control.export.diffusers_folder import verify_diffusers_folder, write_diffusers_folder
 from difftune_control.export.keymap import sd_version_tag
 from difftune_control.export.source import ExportSource, resolve_source
+from difftune_control.export.verify import VerificationError
 from difftune_control.export.webui import (
     DTYPES,
     clean_name,
@@ -164,7 +166,15 @@ def export_controlnet(
         path = write_diffusers_folder(controlnet, path, dtype, info, src.run_config, src.report_dir, tag)
         verifier = verify_diffusers_folder
     if verify:
-        result = verifier(path, controlnet, dtype)
+        try:
+            result = verifier(path, controlnet, dtype)
+        except VerificationError as err:
+            # Never leave an export that failed its check under the name the WebUIs pick up.
+            aside = path.with_name(path.name + ".unverified")
+            if aside.is_dir():
+                shutil.rmtree(aside)
+            os.replace(path, aside)
+            raise VerificationError(f"{err}; the export was moved to {aside}") from None
         logger.info(
             "verified %s with %s: relative output error %.1e vs the trained float32 model, %.1e vs its %s rounding",
             path.name,

@@ -63,6 +63,8 @@ def read_single_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     data = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a state dict of tensors")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     return tensors, {}
 
