@@ -273,6 +273,19 @@ class SuddenConvergenceDetector:
         self._run = [int(i) for i in state["run"]]
 
 
+def _zero_output(controlnet) -> bool:
+    """True when every output ("zero") convolution of a diffusers ControlNet is exactly zero, so its
+    residuals are zero whatever the input: sampling with it equals sampling the UNet alone."""
+    import torch
+
+    blocks = getattr(controlnet, "controlnet_down_blocks", None)
+    mid = getattr(controlnet, "controlnet_mid_block", None)
+    if blocks is None or mid is None:
+        return False
+    with torch.no_grad():
+        return all(not p.any() for p in [*blocks.parameters(), *mid.parameters()])
+
+
 class ConvergenceMonitor:
     """The evaluation harness the trainer calls: samples, re-extracts, scores, logs to the run folder.
 
@@ -296,6 +309,8 @@ class ConvergenceMonitor:
             nothing written).
         sampler (`str`, defaults to "ddim"): the detector's sampler.
         batch_size (`int`, *optional*): sampling chunk size (default: all K at once).
+        milestones (`Sequence[float]`, defaults to (0.25, 0.5, 0.75)): progress levels whose first
+            crossing is logged (a recipe's `[detector] milestones`).
 
     When N > K only the first K triples are used; when N < K all N are used (with a warning).
     """
@@ -314,6 +329,7 @@ class ConvergenceMonitor:
         run_dir: str | Path | None = None,
         sampler: str = "ddim",
         batch_size: int | None = None,
+        milestones: Sequence[float] = DEFAULT_MILESTONES,
     ) -> None:
         problems = []
         every, k = config.convergence_every, config.convergence_samples
@@ -374,11 +390,13 @@ class ConvergenceMonitor:
         self.detector = SuddenConvergenceDetector(
             threshold=config.convergence_threshold or DEFAULT_THRESHOLD,
             patience=config.convergence_patience or DEFAULT_PATIENCE,
+            milestones=milestones,
         )
         self.reference_info: dict[str, Any] = {}
         self._times: dict[int, float] = {}
         self._t0 = time.monotonic()
         self._pending_seconds = 0.0  # reference cost, charged to the next evaluation
+        self._unconditioned: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -443,7 +461,10 @@ class ConvergenceMonitor:
         start = time.perf_counter()
         with torch.no_grad(), self._autocast(unet):
             unconditioned = self._sample(unet, vae, None, scheduler_config)
-            _, d0 = self._score(unconditioned)
+            reextracted, d0 = self._score(unconditioned)
+        # kept for the first evaluation: a still zero-initialised ControlNet makes these same samples
+        self._unconditioned = (unconditioned, reextracted, d0)
+        with torch.no_grad(), self._autocast(unet):
             roundtrip = decode_latents(vae, encode_images(vae, self.images.to(vae.device)))
             _, d_floor = self._score(roundtrip)
         self.detector.set_reference(float(d0.mean()), float(d_floor.mean()))
@@ -501,11 +522,15 @@ class ConvergenceMonitor:
         was_training = controlnet.training
         controlnet.eval()
         try:
-            with torch.no_grad(), self._autocast(unet):
-                samples = self._sample(unet, vae, controlnet, scheduler_config)
-                reextracted, d = self._score(samples)
+            if self._unconditioned is not None and _zero_output(controlnet):
+                samples, reextracted, d = self._unconditioned  # exactly what sampling would give
+            else:
+                with torch.no_grad(), self._autocast(unet):
+                    samples = self._sample(unet, vae, controlnet, scheduler_config)
+                    reextracted, d = self._score(samples)
         finally:
             controlnet.train(was_training)
+        self._unconditioned = None
         d_mean = float(d.mean())
         events = self.detector.update(step, d_mean)
         self._times[int(step)] = now

@@ -117,27 +117,43 @@ def test_reference_d0_equals_zero_initialised_controlnet(models, heldout, first)
     # the step-0 evaluation ran the fresh (zero-initialised) ControlNet at scale 1: exactly d0, p = 0
     assert records[0]["d_per_sample"] == pytest.approx(ref["d0_per_sample"], abs=1e-6)
     assert records[0]["p"] == pytest.approx(0.0, abs=1e-5)
-    # and so does a trained ControlNet switched off with conditioning_scale=0
-    net = copy.deepcopy(controlnet)
+    # sampling with the zero-initialised ControlNet at scale 1, and with a trained one switched off
+    # by conditioning_scale=0, both give d0
+    trained = copy.deepcopy(controlnet)
     with torch.no_grad():
-        for param in net.parameters():
+        for param in trained.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    images = sample_images(
-        unet=unet,
-        vae=vae,
-        scheduler_config=sched,
-        prompt_embeds=embeds,
-        negative_prompt_embeds=None,
-        seeds=[10, 11, 12, 13],
-        resolution=RES,
-        controlnet=net,
-        hints=hints,
-        num_inference_steps=STEPS,
-        guidance_scale=1.0,
-        conditioning_scale=0.0,
-    )
     ext = BlurGrayExtractor()
-    assert ext.dissimilarity(hints, ext(images)).tolist() == pytest.approx(ref["d0_per_sample"], abs=1e-6)
+    for net, scale in ((controlnet, 1.0), (trained, 0.0)):
+        images = sample_images(
+            unet=unet,
+            vae=vae,
+            scheduler_config=sched,
+            prompt_embeds=embeds,
+            negative_prompt_embeds=None,
+            seeds=[10, 11, 12, 13],
+            resolution=RES,
+            controlnet=net,
+            hints=hints,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            conditioning_scale=scale,
+        )
+        assert ext.dissimilarity(hints, ext(images)).tolist() == pytest.approx(ref["d0_per_sample"], abs=1e-6)
+
+
+def test_first_evaluation_with_a_trained_controlnet_samples_it(models, heldout):
+    """Starting from an existing ControlNet: the reference is still 'no control', step 0 is not."""
+    unet, vae, controlnet, sched = models
+    net = copy.deepcopy(controlnet)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.5)
+    mon = make_monitor(heldout)
+    rec = mon.evaluate(0, unet, vae, net, sched)[0]
+    assert rec["d"] != pytest.approx(mon.reference_info["d0"], abs=1e-4)
+    assert rec["p"] != pytest.approx(0.0, abs=1e-3)
 
 
 def test_records_have_the_documented_fields_and_samples_are_written(models, first):
