@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,6 +60,9 @@ def dataset_spec(cfg: RunConfig, source: str, max_samples: int | None = None):
         caption_column=d.caption_column,
         resolution=d.resolution,
         center_crop=d.center_crop,
+        random_flip=d.random_flip,
+        hint_interpolation=d.hint_interpolation,
+        split=d.dataset_split,
         max_samples=max_samples,
         skip_bad_rows=d.skip_bad_rows,
         dataset_config_name=d.dataset_config_name,
@@ -140,11 +142,9 @@ def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> Valid
 
 def bank_prompts(cfg: RunConfig, target) -> list[str]:
     if cfg.bank.bank_prompts:
-        lines = [ln.strip() for ln in Path(cfg.bank.bank_prompts).read_text().splitlines()]
-        prompts = [ln for ln in lines if ln]
-        if not prompts:
-            raise ValueError(f"--bank_prompts {cfg.bank.bank_prompts}: no prompts in the file")
-        return prompts
+        from difftune_control.bank import read_prompts_file
+
+        return read_prompts_file(cfg.bank.bank_prompts)
     captions = [c for c in getattr(target, "dataset", target).captions if c]
     if not captions:
         raise ValueError(
@@ -173,5 +173,7 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
         resolution=cfg.data.resolution,
         accelerator=accelerator,
         cache_dir=cfg.data.cache_dir,
+        revision=cfg.model.revision,
+        variant=cfg.model.variant,
     )
     return load_bank(path), path

@@ -83,6 +83,13 @@ class DataConfig:
         None, "Training resolution (square). Default: 512 for SD, 64 for the toy world."
     )
     center_crop: bool = _f(True, "Center crop after resizing (else random crop, image and hint alike).")
+    random_flip: bool = _f(
+        False, "Flip image and hint together (off: normals and similar hints change meaning)."
+    )
+    hint_interpolation: Literal["bilinear", "nearest"] = _f(
+        "bilinear", "Resampling of given hints (nearest keeps segmentation colours exact)."
+    )
+    dataset_split: str = _f("train", "Split of a HF / saved / parquet dataset.")
     max_train_samples: int | None = _f(None, "Use only the first N samples.")
     skip_bad_rows: bool = _f(False, "Skip unreadable/missing rows (counted in the log) instead of failing.")
     proportion_empty_prompts: float = _f(
@@ -417,7 +424,10 @@ def add_config_arguments(parser: Any, sections: tuple[str, ...] = tuple(SECTIONS
         for f in dataclasses.fields(cls):
             tp, _ = _unwrap_optional(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            kw: dict[str, Any] = {"default": None, "help": f"{f.metadata.get('help', '')} (default: {default})"}
+            kw: dict[str, Any] = {
+                "default": None,
+                "help": f"{f.metadata.get('help', '')} (default: {default})",
+            }
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(tp) is Literal:

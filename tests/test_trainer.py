@@ -210,7 +210,10 @@ def test_bad_model_path_and_condition(tiny_dataset_dir, tmp_path):
 
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    """`accelerate launch --num_processes 2` on the CPU (gloo): both ranks train, rank 0 writes the run."""
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (gloo): both ranks train.
+
+    (`accelerate launch --cpu --num_processes N` starts a single process unless MPI is used.)
+    """
     import os
     import subprocess
     import sys
@@ -220,7 +223,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir
     cmd = [
         str(accelerate),
         "launch",
-        "--cpu",
+        "--multi_gpu",
         "--num_processes",
         "2",
         "--num_machines",
@@ -265,6 +268,8 @@ def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir
         "none",
         "--logging_steps",
         "1",
+        "--device",
+        "cpu",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]

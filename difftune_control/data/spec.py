@@ -22,7 +22,7 @@ FLAGS: dict[str, str] = {
     "center_crop": "--center_crop",
     "max_samples": "--max_train_samples",
     "skip_bad_rows": "--skip_bad_rows",
-    "split": "--split",
+    "split": "--dataset_split",
     "dataset_config_name": "--dataset_config_name",
     "hint_interpolation": "--hint_interpolation",
     "random_flip": "--random_flip",
