@@ -46,6 +46,9 @@ def write_run(
     end: bool = True,
     truncate_last_line: bool = False,
     noise: float = 0.02,
+    d0: float = 0.31,
+    floor: float = 0.06,
+    d_noise: float = 0.0,
 ) -> Path:
     """A realistic run folder: train records every 10 steps, detector evaluations every `every`
     steps run through the real detector (so events are what it would log), samples files."""
@@ -78,7 +81,6 @@ def write_run(
     scenes = [_scene(k, rng) for k in range(K)]
     hints = np.stack([s[0] for s in scenes])
     reals = np.stack([s[1] for s in scenes])
-    d0, floor = 0.31, 0.06
     det = SuddenConvergenceDetector()
     det.set_reference(d0, floor)
     lines, t = [], 0.0
@@ -98,7 +100,10 @@ def write_run(
             else:
                 x = (step - jump_at) / 40.0
                 p_true = 0.05 + 0.4 / (1 + math.exp(-x)) + 0.3 * max(0.0, (step - jump_at) / steps)
-            d_per = [d0 - (p_true + float(rng.normal(0, noise))) * (d0 - floor) for _ in range(K)]
+            d_per = [
+                d0 - (p_true + float(rng.normal(0, noise))) * (d0 - floor) + float(rng.normal(0, d_noise))
+                for _ in range(K)
+            ]
             d = float(np.mean(d_per))
             events = det.update(step, d)
             p = det.history[-1]["p"]
@@ -252,6 +257,16 @@ def test_several_runs_overlaid_with_speedup(tmp_path):
     html_text = (out / "report.html").read_text()
     assert "Speed-up against vanilla" in html_text and f"{conv['speedup']:.2f}×" in html_text
     check_html(out / "report.html")
+
+
+def test_caveat_when_the_reference_gap_is_within_noise(tmp_path):
+    noisy = write_run(tmp_path / "noisy", jump_at=None, steps=200, d0=0.31, floor=0.30, d_noise=0.05)
+    clean = write_run(tmp_path / "clean", jump_at=None, steps=200)
+    s_noisy = json.loads((build_report([noisy]) / "summary.json").read_text())["runs"][0]
+    s_clean = json.loads((build_report([clean]) / "summary.json").read_text())["runs"][0]
+    assert s_clean["caveats"] == []
+    assert len(s_noisy["caveats"]) == 1 and "sampling noise" in s_noisy["caveats"][0]
+    assert "caveat: d0 - d_floor" in (noisy / "report" / "report.html").read_text()
 
 
 def test_resumed_log_reads_as_one_run():

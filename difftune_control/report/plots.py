@@ -227,8 +227,9 @@ def convergence_figure(runs: list[Run], path: Path) -> Path:
                     va="top",
                 )
     metric = runs[0].metric_description
-    ax_d.set_title("Controllability: dissimilarity of the re-extracted hint (lower is better)")
-    ax_d.set_ylabel("d" + (f"\n{_wrap(metric, 40)}" if metric else ""), fontsize=9)
+    title = "Controllability: dissimilarity d of the re-extracted hint (lower is better)"
+    ax_d.set_title(title + (f"\n{_wrap(f'd = {metric}', 110)}" if metric else ""))
+    ax_d.set_ylabel("d", fontsize=9)
     ax_p.set_title("Progress p = (d0 − d) / (d0 − d_floor)")
     ax_p.set_ylabel("p  (0 = no control, 1 = real images)", fontsize=9)
     ax_l.set_title("Training loss")

@@ -178,6 +178,7 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     if summary["end_reason"]:
         facts.append(("ended", summary["end_reason"]))
+    facts += [("caveat", c) for c in summary["caveats"]]
     return facts
 
 
@@ -206,6 +207,7 @@ def render_markdown(runs: list[Run], summaries: list[dict], figures: dict[str, P
     out = [f"# {title_of(runs)}", ""]
     for s in summaries:
         out.append(f"- **{s['name']}** ({s['label']}, {s['condition']}): {s['status']}")
+        out += [f"  - caveat: {c}" for c in s["caveats"]]
     out += ["", "## Steps to sudden convergence", "", _md_table(*summary_table(summaries)), ""]
     header, rows = speedup_table(summaries)
     if rows:
@@ -262,7 +264,9 @@ def render_html(runs: list[Run], summaries: list[dict], figures: dict[str, Path 
         cls = "ok" if s["converged"] else "no"
         parts.append(
             f'<div class="status {cls}"><b>{e(s["name"])}</b> ({e(s["label"])}, {e(s["condition"])}): '
-            f"{e(s['status'])}</div>"
+            f"{e(s['status'])}"
+            + "".join(f"<br><small>caveat: {e(c)}</small>" for c in s["caveats"])
+            + "</div>"
         )
     parts += ["<h2>Steps to sudden convergence</h2>", _html_table(*summary_table(summaries))]
     header, rows = speedup_table(summaries)

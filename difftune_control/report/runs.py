@@ -219,6 +219,29 @@ def _fmt(x: Any, digits: int = 2) -> str:
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
+def caveats(run: Run) -> list[str]:
+    """Warnings a reader needs to trust p: a d0 - d_floor gap within the evaluation noise."""
+    notes = []
+    if not run.evals:
+        return notes
+    first, last = run.evals[0], run.evals[-1]
+    d0, floor = _num(last.get("d0")), _num(last.get("d_floor"))
+    per = [v for v in (first.get("d_per_sample") or []) if _num(v) is not None]
+    if d0 is not None and floor is not None and len(per) > 1:
+        mean = sum(per) / len(per)
+        se = math.sqrt(sum((v - mean) ** 2 for v in per) / (len(per) - 1) / len(per))
+        gap = d0 - floor
+        if gap <= 0:
+            notes.append(f"d0 = {d0:.4g} <= d_floor = {floor:.4g}: progress is undefined")
+        elif gap < 3 * se:
+            notes.append(
+                f"d0 - d_floor = {gap:.3g} is within 3 standard errors ({se:.3g}) of the step-{first['step']} "
+                f"evaluation: p moves by about {se / gap:.2f} from sampling noise alone; use more validation "
+                "samples (--convergence_samples) or a base model / extractor pair that separates them"
+            )
+    return notes
+
+
 def summarize_run(run: Run) -> dict[str, Any]:
     """The per-run entry of `summary.json`, computed from the run's records only."""
     last = run.evals[-1] if run.evals else {}
@@ -257,6 +280,7 @@ def summarize_run(run: Run) -> dict[str, Any]:
         "wall_seconds": wall,
         "eval_cost_share": eval_seconds / wall if wall > 0 else None,
         "status": status_line(run),
+        "caveats": caveats(run),
     }
 
 
