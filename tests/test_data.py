@@ -136,7 +136,7 @@ def test_hf_saved_dataset_dict_and_parquet_folder_match_the_imagefolder(tmp_path
         assert torch.equal(ds[1]["pixel_values"], reference[1]["pixel_values"])
         assert torch.equal(ds[1]["conditioning_pixel_values"], reference[1]["conditioning_pixel_values"])
     with pytest.raises(
-        ValueError, match=r"--split: split 'test' not found .* available splits: train, validation"
+        ValueError, match=r"--dataset_split: split 'test' not found .* available splits: train, validation"
     ):
         load_target_dataset(DatasetSpec(str(tmp_path / "dict"), split="test"))
 
