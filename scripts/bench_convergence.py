@@ -1,0 +1,409 @@
+#!/usr/bin/env python
+"""Does Diff-Tuning converge sooner? Vanilla vs Diff-Tuning on the toy world, several seeds.
+
+    python scripts/bench_convergence.py --out bench/convergence                 # 5 conditions x 2 methods x 3 seeds
+    python scripts/bench_convergence.py --out bench/ablations --ablations       # depth: splits, s, r/lambda, bank
+    python scripts/bench_convergence.py --out DIR --aggregate-only              # tables + plots from finished runs
+
+Every run is an ordinary ``difftune train`` subprocess (same data, same steps, same
+hyper-parameters but the method); several share one GPU at once (the models are tiny and the
+steps launch-bound). Caches (toy dataset, latents, bank) are built once per condition first.
+Afterwards each run's retention of the base model's text-to-image behaviour is measured: the
+toy world's text-following score of samples made with the ControlNet and an uninformative
+(all-zero) hint, and a Frechet distance of those samples to real renders in the feature space
+of the toy annotators. Results: ``results.json``, ``results.md`` and ``curves.png`` in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+CONDITIONS = ["canny", "depth", "normal", "segmentation", "sketch"]
+ABLATIONS = {  # name -> flags, all on depth, against difftuning (fixed) and vanilla
+    "mixture": ["--split", "mixture"],
+    "psi-only": ["--split", "psi-only"],
+    "s=0.5": ["--psi_power", "0.5"],
+    "s=2": ["--psi_power", "2"],
+    "r=0.4": ["--bank_share", "0.4"],
+    "lambda=0.3": ["--bank_weight", "0.3"],
+    "bank=500": ["--bank_size", "500"],
+    "bank_hint=zero": ["--bank_hint", "zero"],
+}
+LEVELS = ["0.25", "event", "0.5"]
+
+
+def run_cmd(cmd: list[str], log: Path) -> int:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        return subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
+
+
+def train_cmd(args, name: str, condition: str, method: str, seed: int, extra: list[str]) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "difftune_control.cli",
+        "train",
+        "--condition",
+        condition,
+        "--method",
+        method,
+        "--seed",
+        str(seed),
+        "--max_train_steps",
+        str(args.max_train_steps),
+        "--convergence_every",
+        str(args.convergence_every),
+        "--output_dir",
+        str(args.out / "runs"),
+        "--run_name",
+        name,
+        "--report_to",
+        "none",
+        "--checkpointing_steps",
+        str(args.max_train_steps),
+        "--validation_steps",
+        str(args.max_train_steps),
+        "--resume_from_checkpoint",
+        "latest",
+        *args.train_args,
+        *extra,
+    ]
+
+
+def jobs(args) -> list[tuple[str, str, str, int, list[str]]]:
+    out = []
+    if args.ablations:
+        variants = {"vanilla": ("vanilla", []), "difftuning": ("difftuning", [])}
+        variants.update({k: ("difftuning", v) for k, v in ABLATIONS.items()})
+        for label, (method, extra) in variants.items():
+            for seed in args.seeds:
+                out.append((f"depth-{label}-s{seed}", "depth", method, seed, extra))
+        return out
+    for condition in args.conditions:
+        for method in ("vanilla", "difftuning"):
+            for seed in args.seeds:
+                out.append((f"{condition}-{method}-s{seed}", condition, method, seed, []))
+    return out
+
+
+def prepare(args, conditions: set[str], extra_sets: list[list[str]]) -> None:
+    """Build the toy dataset, latent caches and banks once, before runs race for them."""
+    for condition in sorted(conditions):
+        for extra in extra_sets:
+            cmd = [
+                sys.executable,
+                "-m",
+                "difftune_control.cli",
+                "bank",
+                "--condition",
+                condition,
+                "--max_train_steps",
+                str(args.max_train_steps),
+                *args.train_args,
+                *extra,
+            ]
+            t = time.time()
+            rc = run_cmd(cmd, args.out / "logs" / f"prepare-{condition}-{'_'.join(extra) or 'default'}.log")
+            print(f"prepared {condition} {extra or ''}: rc={rc} in {time.time() - t:.0f}s", flush=True)
+
+
+# -- retention ----------------------------------------------------------------------------------
+def retention(run_dir: Path, device: str, n_two: int = 64) -> dict:
+    """Text following with an all-zero hint, and a Frechet distance to real renders (toy annotator features)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from difftune_control.toyworld import render_scenes
+    from difftune_control.toyworld.evaluate import score_text_following, text_following_prompts
+    from difftune_control.validation import encode_prompts, sample_images
+
+    base = _cached_base(device)
+    specs = text_following_prompts(seed=1, n_single_repeats=1, n_two=n_two)
+    prompts = [s["prompt"] for s in specs]
+    embeds = encode_prompts(base.text_encoder, base.tokenizer, prompts)
+    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
+    controlnet = None
+    if run_dir is not None:
+        controlnet = ControlNetModel.from_pretrained(run_dir / "controlnet").to(device).eval()
+    hints = torch.zeros(len(prompts), 3, 64, 64, device=device)
+    images = sample_images(
+        unet=base.unet,
+        vae=base.vae,
+        scheduler_config=base.scheduler_config,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=empty,
+        seeds=list(range(len(prompts))),
+        resolution=64,
+        controlnet=controlnet,
+        hints=hints if controlnet is not None else None,
+        num_inference_steps=25,
+        guidance_scale=7.5,
+    )
+    seg = _annotator("segmentation", device)
+    with torch.no_grad():
+        classes = seg(images).argmax(1)
+    score = score_text_following(images, classes, specs)
+    real = render_scenes(len(prompts), seed=123_456, resolution=64, device=device)["rgb"]
+    score["frechet"] = frechet(features(images, device), features(real.to(device), device))
+    return score
+
+
+_CACHE: dict = {}
+
+
+def _cached_base(device: str):
+    import torch
+
+    from difftune_control.config import ModelConfig
+    from difftune_control.runtime import load_base_model
+
+    if "base" not in _CACHE:
+        _CACHE["base"] = load_base_model(ModelConfig(), torch.device(device), torch.float32)
+    return _CACHE["base"]
+
+
+def _annotator(kind: str, device: str):
+    from difftune_control.toyworld import load_annotator
+
+    if kind not in _CACHE:
+        _CACHE[kind] = load_annotator(kind, device=device)
+    return _CACHE[kind]
+
+
+def features(images, device: str):
+    """Per-image features from the toy annotators: 4x4-pooled class probabilities and depth, plus colour means."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        probs = _annotator("segmentation", device)(images).softmax(1)
+        depth = _annotator("depth", device)(images)
+    pooled = [F.adaptive_avg_pool2d(x, 4).flatten(1) for x in (probs, depth, images)]
+    return torch.cat(pooled, 1).double().cpu()
+
+
+def frechet(a, b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (as FID, on toy-annotator features)."""
+    import numpy as np
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
+    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+# -- aggregation --------------------------------------------------------------------------------
+def summarize(args) -> dict:
+    from difftune_control.report.runs import load_run, summarize_run
+
+    rows = {}
+    for run_dir in sorted((args.out / "runs").iterdir()):
+        if not (run_dir / "metrics.jsonl").exists():
+            continue
+        s = summarize_run(load_run(run_dir))
+        ret = args.out / "retention" / f"{run_dir.name}.json"
+        s["retention"] = json.loads(ret.read_text()) if ret.exists() else None
+        rows[run_dir.name] = s
+    return rows
+
+
+def _steps(s: dict, level: str):
+    return s["convergence_step"] if level == "event" else s["milestones"].get(level)
+
+
+def _ms(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "not reached"
+    missing = len(values) - len(vals)
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.0f} ± {sd:.0f}" + (f" ({missing} not reached)" if missing else "")
+
+
+def group_key(name: str) -> str:
+    return name.rsplit("-s", 1)[0]
+
+
+def tables(rows: dict) -> tuple[str, dict]:
+    groups: dict[str, list[dict]] = {}
+    for name, s in rows.items():
+        groups.setdefault(group_key(name), []).append(s)
+    agg = {}
+    lines = [
+        "| group | seeds | p>=0.25 | event (p>=0.3 x2) | p>=0.5 | final p | final d | text-following (single / two L-R) | Frechet |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g, ss in sorted(groups.items()):
+        entry = {lv: [_steps(s, lv) for s in ss] for lv in LEVELS}
+        entry["final_p"] = [s["final_p"] for s in ss]
+        entry["final_d"] = [s["final_d"] for s in ss]
+        rets = [s["retention"] for s in ss if s["retention"]]
+        entry["retention"] = rets
+        agg[g] = entry
+        tf = (
+            (
+                f"{statistics.mean(r['single_correct'] for r in rets):.2f} / "
+                f"{statistics.mean(r['two_left_right'] for r in rets):.2f}"
+            )
+            if rets
+            else "-"
+        )
+        fr = f"{statistics.mean(r['frechet'] for r in rets):.2f}" if rets else "-"
+        lines.append(
+            f"| {g} | {len(ss)} | {_ms(entry['0.25'])} | {_ms(entry['event'])} | {_ms(entry['0.5'])} | "
+            f"{statistics.mean(v for v in entry['final_p'] if v is not None):.2f} | "
+            f"{statistics.mean(v for v in entry['final_d'] if v is not None):.4f} | {tf} | {fr} |"
+        )
+    lines += [
+        "",
+        "Speed-up of Diff-Tuning against vanilla (mean steps, vanilla / difftuning; >1 = sooner):",
+        "",
+        "| condition / variant | p>=0.25 | event | p>=0.5 |",
+        "|---|---|---|---|",
+    ]
+    ups = {lv: [] for lv in LEVELS}
+    for g in sorted(agg):
+        ref = (
+            "depth-vanilla"
+            if g.startswith("depth-") and "depth-vanilla" in agg
+            else g.split("-")[0] + "-vanilla"
+        )
+        if g == ref or ref not in agg:
+            continue
+        cells = []
+        for lv in LEVELS:
+            a = [v for v in agg[ref][lv] if v is not None]
+            b = [v for v in agg[g][lv] if v is not None]
+            if a and b and len(b) == len(agg[g][lv]):
+                up = statistics.mean(a) / statistics.mean(b)
+                cells.append(f"{up:.2f}x ({100 * (1 - 1 / up):+.0f}% steps)")
+                if g.endswith("-difftuning"):
+                    ups[lv].append(up)
+            else:
+                cells.append("n/a")
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    if any(ups.values()):
+        lines.append(
+            "| **mean over conditions** | "
+            + " | ".join(f"{statistics.mean(ups[lv]):.2f}x" if ups[lv] else "n/a" for lv in LEVELS)
+            + " |"
+        )
+    return "\n".join(lines), agg
+
+
+def curves(args, rows: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from difftune_control.utils import read_jsonl
+
+    groups = sorted({group_key(n) for n in rows})
+    panels = sorted({g.split("-")[0] for g in groups}) if not args.ablations else ["depth"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        for i, g in enumerate(x for x in groups if x.startswith(panel + "-")):
+            for name in (n for n in rows if group_key(n) == g):
+                ev = [
+                    r
+                    for r in read_jsonl(args.out / "runs" / name / "metrics.jsonl")
+                    if r["type"] == "convergence_eval"
+                ]
+                xs = [r["step"] for r in ev if r.get("p") is not None]
+                ys = [r["p"] for r in ev if r.get("p") is not None]
+                ax.plot(
+                    xs,
+                    ys,
+                    color=colors[i % len(colors)],
+                    alpha=0.7,
+                    lw=1.2,
+                    label=g.split("-", 1)[1] if name.endswith("-s" + str(args.seeds[0])) else None,
+                )
+        ax.axhline(0.3, color="grey", ls="--", lw=0.8)
+        ax.set_title(panel)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("progress p")
+        ax.set_ylim(-0.1, 1.0)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        "Controllability progress p (0 = hint ignored, 1 = annotator floor); dashed: detector threshold"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/convergence"))
+    p.add_argument("--conditions", nargs="+", default=CONDITIONS, choices=CONDITIONS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--max_train_steps", type=int, default=1000)
+    p.add_argument("--convergence_every", type=int, default=25)
+    p.add_argument("--parallel", type=int, default=8, help="training processes at once")
+    p.add_argument(
+        "--ablations", action="store_true", help="the depth ablation grid instead of the 5 conditions"
+    )
+    p.add_argument("--aggregate-only", action="store_true")
+    p.add_argument("--no-retention", action="store_true")
+    p.add_argument("--device", default=None)
+    p.add_argument("train_args", nargs="*", help="extra flags for every run (after --)")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    todo = jobs(args)
+    if not args.aggregate_only:
+        extra_sets = [[]] + ([["--bank_size", "500"], ["--bank_hint", "zero"]] if args.ablations else [])
+        prepare(args, {c for _, c, _, _, _ in todo}, extra_sets)
+        t0 = time.time()
+        with ThreadPoolExecutor(args.parallel) as pool:
+            futs = {
+                name: pool.submit(
+                    run_cmd, train_cmd(args, name, c, m, s, e), args.out / "logs" / f"{name}.log"
+                )
+                for name, c, m, s, e in todo
+            }
+            for name, fut in futs.items():
+                print(f"{name}: rc={fut.result()} ({time.time() - t0:.0f}s)", flush=True)
+        print(f"all runs: {time.time() - t0:.0f}s", flush=True)
+        if not args.no_retention:
+            (args.out / "retention").mkdir(exist_ok=True)
+            base = retention(None, device)
+            (args.out / "retention" / "_base.json").write_text(json.dumps(base))
+            for name, *_ in todo:
+                run_dir = args.out / "runs" / name
+                if (run_dir / "controlnet").is_dir():
+                    (args.out / "retention" / f"{name}.json").write_text(
+                        json.dumps(retention(run_dir, device))
+                    )
+    rows = summarize(args)
+    md, agg = tables(rows)
+    base_ret = args.out / "retention" / "_base.json"
+    if base_ret.exists():
+        b = json.loads(base_ret.read_text())
+        md += (
+            f"\n\nBase model alone (no ControlNet): text-following single {b['single_correct']:.2f}, "
+            f"two L-R {b['two_left_right']:.2f}, Frechet {b['frechet']:.2f}."
+        )
+    (args.out / "results.md").write_text(md + "\n")
+    (args.out / "results.json").write_text(json.dumps({"runs": rows, "groups": agg}, indent=1, default=str))
+    curves(args, rows, args.out / "curves.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
