@@ -1,0 +1,404 @@
+#!/usr/bin/env python
+"""Training throughput at SD1.5 scale: our trainer vs diffusers' example, bank generation, MFU.
+
+    python scripts/bench_throughput.py --out bench/throughput                      # ours only
+    python scripts/bench_throughput.py --out DIR --diffusers-example third_party/diffusers_example/train_controlnet.py
+
+Builds a random-initialised SD1.5-sized pipeline (the SD1.5 UNet/VAE/text-encoder configs, the
+toy world's tokenizer; nothing is downloaded), then measures at 512 px, bf16:
+- our trainer's optimizer steps (vanilla and Diff-Tuning, latents and text embeddings cached
+  as our trainer does by default) at several batch sizes: images/s, peak GPU memory, MFU;
+- batch 1 with gradient checkpointing (peak memory);
+- memory-bank generation (DDIM 25 steps, CFG 7.5, VAE re-encode): images/s;
+- optionally diffusers' unmodified ``examples/controlnet/train_controlnet.py`` on the same model
+  and data (a local parquet dataset with Image features), same batch, precision and attention,
+  8 dataloader workers: images/s from its progress bar, peak memory from nvidia-smi.
+One training image costs about 2.45 TFLOP (UNet forward 0.80, ControlNet forward 0.28, backward
+through both); MFU uses the H200's ~790 TFLOP/s bf16 peak. Writes ``results.json`` and ``results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+FLOP_PER_IMAGE = 2.45e12
+PEAK_BF16 = 790e12
+
+
+def build_sd15(folder: Path) -> Path:
+    """A random-initialised SD1.5-architecture pipeline folder (fp32 weights, as released checkpoints load)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from difftune_control.toyworld import default_base_model_path
+
+    if (folder / "model_index.json").exists():
+        return folder
+    torch.manual_seed(0)
+    tok = CLIPTokenizer.from_pretrained(default_base_model_path(), subfolder="tokenizer", model_max_length=77)
+    tok.save_pretrained(folder / "tokenizer")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.eos_token_id,
+        )
+    ).save_pretrained(folder / "text_encoder")
+    UNet2DConditionModel(
+        sample_size=64,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    ).save_pretrained(folder / "unet")
+    AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    ).save_pretrained(folder / "vae")
+    DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    ).save_pretrained(folder / "scheduler")
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.31.0",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDPMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            }
+        )
+    )
+    return folder
+
+
+class SyntheticCached(torch.utils.data.Dataset):
+    """Items shaped like the latent cache's (SD1.5 at 512 px)."""
+
+    def __init__(self, n: int):
+        g = torch.Generator().manual_seed(0)
+        self.latents = torch.randn(n, 4, 64, 64, generator=g)
+        self.ehs = torch.randn(n, 77, 768, generator=g)
+        self.hints = torch.rand(n, 3, 512, 512, generator=g)
+        self.captions = ["a photo"] * n
+
+    def __len__(self):
+        return len(self.captions)
+
+    def __getitem__(self, i):
+        return {
+            "latents": self.latents[i],
+            "encoder_hidden_states": self.ehs[i],
+            "conditioning_pixel_values": self.hints[i],
+            "caption": self.captions[i],
+            "index": i,
+        }
+
+
+def bench_ours(
+    model_dir: Path, batch: int, method: str, steps: int, warmup: int, checkpointing: bool = False
+) -> dict:
+    from accelerate import Accelerator
+
+    from difftune_control.config import RunConfig, resolve_defaults
+    from difftune_control.runtime import load_base_model, make_controlnet
+    from difftune_control.trainer import trainer_class
+
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(model_dir)
+    cfg.method.method = method
+    cfg.train.train_batch_size = batch
+    cfg.train.mixed_precision = "bf16"
+    cfg = resolve_defaults(cfg, toy=False)
+    acc = Accelerator(mixed_precision="bf16")
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = load_base_model(cfg.model, acc.device, torch.bfloat16)
+    controlnet = make_controlnet(cfg.model, base.unet)
+    if checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, fused=True)
+    controlnet, opt = acc.prepare(controlnet, opt)
+    target = SyntheticCached(max(batch, 8) * 2)
+    bank = SyntheticCached(64) if method == "difftuning" else None
+    empty = torch.zeros(1, 77, 768)
+    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    loader = torch.utils.data.DataLoader(
+        target,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        pin_memory=True,
+        persistent_workers=True,
+    )
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        trainer.training_step(next(it))
+        acc.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    ips = steps * batch / dt
+    out = {
+        "impl": "ours",
+        "method": method,
+        "batch": batch,
+        "gradient_checkpointing": checkpointing,
+        "images_per_s": ips,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "mfu": ips * FLOP_PER_IMAGE / PEAK_BF16,
+    }
+    del trainer, controlnet, opt, base, it
+    torch.cuda.empty_cache()
+    return out
+
+
+def bench_bank(model_dir: Path, batch: int = 32, steps: int = 25) -> dict:
+    from difftune_control.config import ModelConfig
+    from difftune_control.extractors import get_extractor
+    from difftune_control.runtime import load_base_model
+    from difftune_control.validation import encode_images, encode_prompts, sample_images
+
+    base = load_base_model(
+        ModelConfig(pretrained_model_name_or_path=str(model_dir)), torch.device("cuda"), torch.bfloat16
+    )
+    ext = get_extractor("canny", resolution=512)
+    embeds = encode_prompts(base.text_encoder, base.tokenizer, ["a red sphere on a grey floor"] * batch)
+    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
+    kw = dict(
+        unet=base.unet,
+        vae=base.vae,
+        scheduler_config=base.scheduler_config,
+        prompt_embeds=embeds,
+        negative_prompt_embeds=empty,
+        seeds=list(range(batch)),
+        resolution=512,
+        guidance_scale=7.5,
+    )
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sample_images(num_inference_steps=2, **kw)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        images = sample_images(num_inference_steps=steps, **kw)
+        encode_images(base.vae, images)
+        ext(images)
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {
+        "impl": "ours",
+        "what": "bank generation",
+        "batch": batch,
+        "steps": steps,
+        "images_per_s": batch / dt,
+    }
+
+
+def make_parquet(folder: Path, n: int = 256) -> Path:
+    """The same kind of data for diffusers' example: a parquet dataset with Image features."""
+    import datasets
+    from PIL import Image
+
+    from difftune_control.toyworld import render_scenes
+
+    if (folder / "train.parquet").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    out = render_scenes(n, seed=0, resolution=128)
+    to_pil = lambda x: Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype("uint8")).resize((512, 512))  # noqa: E731
+    ds = (
+        datasets.Dataset.from_dict(
+            {
+                "image": [to_pil(x) for x in out["rgb"]],
+                "conditioning_image": [to_pil(x.expand(3, -1, -1)) for x in out["inv_depth"]],
+                "text": out["captions"],
+            }
+        )
+        .cast_column("image", datasets.Image())
+        .cast_column("conditioning_image", datasets.Image())
+    )
+    ds.to_parquet(str(folder / "train.parquet"))
+    return folder
+
+
+class GpuMemoryPoll(threading.Thread):
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, False
+
+    def run(self):
+        while not self.stop:
+            try:
+                used = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                    capture_output=True,
+                    text=True,
+                ).stdout.split()
+                self.peak = max(self.peak, max(int(u) for u in used))
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+
+
+def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: int, log: Path) -> dict:
+    out_dir = Path("/tmp/diffusers-example-out")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--mixed_precision",
+        "bf16",
+        str(script),
+        "--pretrained_model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out_dir),
+        "--resolution",
+        "512",
+        "--learning_rate",
+        "1e-5",
+        "--train_batch_size",
+        str(batch),
+        "--max_train_steps",
+        str(steps),
+        "--mixed_precision",
+        "bf16",
+        "--dataloader_num_workers",
+        "8",
+        "--checkpointing_steps",
+        "100000",
+        "--set_grads_to_none",
+        "--report_to",
+        "tensorboard",
+    ]
+    poll = GpuMemoryPoll()
+    poll.start()
+    t0 = time.time()
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    poll.stop = True
+    log.write_text(res.stdout + "\n" + res.stderr)
+    rates = re.findall(r"Steps:\s+\d+%.*?(\d+)/(\d+) \[[^,]*,\s*([\d.]+)(it/s|s/it)", res.stderr)
+    if res.returncode != 0 or not rates:
+        return {"impl": "diffusers example", "batch": batch, "error": res.stderr[-1500:]}
+    _, _, rate, unit = rates[-1]
+    its = float(rate) if unit == "it/s" else 1.0 / float(rate)
+    return {
+        "impl": "diffusers example",
+        "batch": batch,
+        "images_per_s": its * batch,
+        "peak_gib_nvsmi": poll.peak / 1024,
+        "mfu": its * batch * FLOP_PER_IMAGE / PEAK_BF16,
+        "wall_s": time.time() - t0,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/throughput"))
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sd15-random"))
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--diffusers-example", type=Path, default=None)
+    p.add_argument("--example-steps", type=int, default=40)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_throughput needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = build_sd15(args.model_dir)
+    results = []
+
+    def record(r):
+        results.append(r)
+        print(json.dumps(r), flush=True)
+        (args.out / "results.json").write_text(
+            json.dumps({"device": torch.cuda.get_device_name(), "results": results}, indent=1)
+        )
+
+    for b in args.batches:
+        for method in ("vanilla", "difftuning"):
+            record(bench_ours(model, b, method, args.steps, args.warmup))
+    record(bench_ours(model, 1, "difftuning", args.steps, args.warmup, checkpointing=True))
+    record(bench_bank(model))
+    if args.diffusers_example:
+        data = make_parquet(Path("/tmp/bench-parquet"))
+        for b in args.batches:
+            record(
+                bench_example(
+                    args.diffusers_example, model, data, b, args.example_steps, args.out / f"example-b{b}.log"
+                )
+            )
+    lines = [
+        "| implementation | method | batch | grad. ckpt | images/s | peak GiB | MFU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "images_per_s" in r and "what" not in r:
+            mem = r.get("peak_gib", r.get("peak_gib_nvsmi"))
+            lines.append(
+                f"| {r['impl']} | {r.get('method', 'vanilla')} | {r['batch']} | {r.get('gradient_checkpointing', False)} | "
+                f"{r['images_per_s']:.1f} | {mem:.1f} | {100 * r['mfu']:.0f}% |"
+            )
+    for r in results:
+        if r.get("what"):
+            lines.append(
+                f"\nBank generation (DDIM {r['steps']} steps, CFG 7.5, re-encode + canny), batch {r['batch']}: "
+                f"{r['images_per_s']:.2f} images/s"
+            )
+    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
