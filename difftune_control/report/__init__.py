@@ -96,19 +96,15 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
     return out
 
 
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `report` subcommand to the `difftune` command line."""
-    p = subparsers.add_parser(
-        "report",
-        help="Convergence report of one or several runs (PNG curves, sample grid, Markdown, HTML, JSON).",
-        description=(
-            "Build the convergence report of run folders: curves of dissimilarity, progress and loss with "
-            "the sudden-convergence step marked, a grid of hint | sample | re-extracted hint at milestone "
-            "steps, report.md, a self-contained report.html and summary.json. Several runs are overlaid "
-            "and compared: steps to convergence and the speed-up of each run against the vanilla run of "
-            "its condition."
-        ),
-    )
+DESCRIPTION = (
+    "Build the convergence report of run folders: curves of dissimilarity, progress and loss with the "
+    "sudden-convergence step marked, a grid of hint | sample | re-extracted hint at milestone steps, "
+    "report.md, a self-contained report.html and summary.json. Several runs are overlaid and compared: "
+    "steps to convergence and the speed-up of each run against the vanilla run of its condition."
+)
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="Run folders (with config.json and metrics.jsonl).")
     p.add_argument(
         "--out",
@@ -116,6 +112,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         metavar="DIR",
         help="Output folder. Default: RUN/report/ for one run; <first run's parent>/report-<timestamp>/ for several.",
     )
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `report` subcommand to the `difftune` command line."""
+    p = subparsers.add_parser(
+        "report",
+        help="Convergence report of one or several runs (PNG curves, sample grid, Markdown, HTML, JSON).",
+        description=DESCRIPTION,
+    )
+    _add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -130,13 +136,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point (`scripts/convergence_report.py`)."""
-    parser = argparse.ArgumentParser(prog="convergence_report")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_cli(sub)
-    args = parser.parse_args(["report", *(sys.argv[1:] if argv is None else argv)])
+    """Stand-alone entry point (`scripts/convergence_report.py RUN [RUN ...] [--out DIR]`)."""
+    parser = argparse.ArgumentParser(prog="convergence_report.py", description=DESCRIPTION)
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        return run(args)
     except (FileNotFoundError, ValueError) as err:
         print(f"convergence_report: error: {err}", file=sys.stderr)
         return 2

@@ -149,14 +149,22 @@ def load_run(path: str | Path) -> Run:
     from difftune_control.utils import read_jsonl
 
     path = Path(path)
-    layout = "a run folder holds config.json and metrics.jsonl (written by `difftune train`)"
+    layout = "a run folder, as `difftune train` writes it, holds config.json and metrics.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"run folder not found: {path} ({layout})")
+        raise FileNotFoundError(f"run folder not found: {path}; {layout}")
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is a file, not a run folder ({layout})")
+        raise FileNotFoundError(f"{path} is a file, not a run folder; {layout}")
     missing = [n for n in ("config.json", "metrics.jsonl") if not (path / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{path} is not a run folder: missing {' and '.join(missing)} ({layout})")
+        inside = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / "metrics.jsonl").is_file())
+        hint = (
+            f"; it holds run folders: {', '.join(inside[:8])}{' ...' if len(inside) > 8 else ''}"
+            if inside
+            else ""
+        )
+        raise FileNotFoundError(
+            f"{path} is not a run folder: missing {' and '.join(missing)}; {layout}{hint}"
+        )
     try:
         config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as err:
