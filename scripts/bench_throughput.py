@@ -238,6 +238,46 @@ def bench_bank(model_dir: Path, batch: int = 32, steps: int = 25) -> dict:
     }
 
 
+def bench_detector(model_dir: Path, train_images_per_s: float, every: int = 500, batch: int = 4) -> dict:
+    """One detector evaluation at SD defaults (K=8, 10 DDIM steps, no CFG, canny) vs the training it interrupts."""
+    from difftune_control.config import DetectorConfig, ModelConfig
+    from difftune_control.convergence import ConvergenceMonitor
+    from difftune_control.extractors import get_extractor
+    from difftune_control.runtime import load_base_model, make_controlnet
+
+    mc = ModelConfig(
+        pretrained_model_name_or_path=str(model_dir), conditioning_embedding_out_channels=[16, 32, 96, 256]
+    )
+    base = load_base_model(mc, torch.device("cuda"), torch.bfloat16)
+    controlnet = make_controlnet(mc, base.unet).to("cuda")
+    k = 8
+    g = torch.Generator().manual_seed(0)
+    monitor = ConvergenceMonitor(
+        DetectorConfig(convergence_every=every, convergence_samples=k),
+        get_extractor("canny", resolution=512),
+        torch.randn(k, 77, 768, generator=g),
+        torch.rand(k, 3, 512, 512, generator=g),
+        torch.rand(k, 3, 512, 512, generator=g),
+    )
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        monitor.evaluate(0, base.unet, base.vae, controlnet, base.scheduler_config)  # references + warm-up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        monitor.evaluate(every, base.unet, base.vae, controlnet, base.scheduler_config)
+        torch.cuda.synchronize()
+    eval_s = time.perf_counter() - t0
+    train_s = every * batch / train_images_per_s
+    return {
+        "impl": "ours",
+        "what": "detector",
+        "eval_seconds": eval_s,
+        "every": every,
+        "batch": batch,
+        "train_seconds_between": train_s,
+        "cost_share": eval_s / (eval_s + train_s),
+    }
+
+
 def make_parquet(folder: Path, n: int = 256) -> Path:
     """The same kind of data for diffusers' example: a parquet dataset with Image features."""
     import datasets
@@ -370,6 +410,15 @@ def main() -> int:
             record(bench_ours(model, b, method, args.steps, args.warmup))
     record(bench_ours(model, 1, "difftuning", args.steps, args.warmup, checkpointing=True))
     record(bench_bank(model))
+    ref = [
+        r
+        for r in results
+        if r.get("method") == "difftuning"
+        and r["batch"] == max(args.batches)
+        and not r["gradient_checkpointing"]
+    ]
+    if ref:  # the largest batch's throughput: a conservative (high) estimate of the detector's share
+        record(bench_detector(model, min(r["images_per_s"] for r in ref)))
     if args.diffusers_example:
         data = make_parquet(Path("/tmp/bench-parquet"))
         for b in args.batches:
@@ -390,7 +439,13 @@ def main() -> int:
                 f"{r['images_per_s']:.1f} | {mem:.1f} | {100 * r['mfu']:.0f}% |"
             )
     for r in results:
-        if r.get("what"):
+        if r.get("what") == "detector":
+            lines.append(
+                f"\nDetector evaluation (K=8, DDIM 10, canny) at 512 px: {r['eval_seconds']:.2f} s every "
+                f"{r['every']} steps of batch {r['batch']} ({r['train_seconds_between']:.0f} s of training): "
+                f"{100 * r['cost_share']:.1f}% of the time"
+            )
+        elif r.get("what"):
             lines.append(
                 f"\nBank generation (DDIM {r['steps']} steps, CFG 7.5, re-encode + canny), batch {r['batch']}: "
                 f"{r['images_per_s']:.2f} images/s"
