@@ -1,0 +1,401 @@
+"""Recipes that pretrain the toy world's models: VAE, text-to-image base, annotators.
+
+Every stage renders its data on the training device at start (a pool of scenes drawn from the
+training seed stream), trains with bf16 autocast on CUDA, logs JSON lines to
+``<out_dir>/logs/<stage>.jsonl``, and saves into ``<out_dir>`` (fp16 safetensors):
+
+- ``vae``: ``<out_dir>/vae`` (AutoencoderKL with ``scaling_factor`` measured on the data);
+- ``base``: ``<out_dir>/pipeline`` (a ``StableDiffusionPipeline`` folder: VAE, CLIP text encoder
+  and word-level tokenizer, UNet, DDIM scheduler with SD 1.5's betas), EMA weights;
+- ``depth`` / ``normal`` / ``segmentation``: ``<out_dir>/annotators/<kind>.safetensors``.
+
+The base stage checkpoints its full state (``<out_dir>/checkpoints/base.pt``) and resumes from
+it; ``init_from`` continues from the weights of an earlier pipeline folder instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .models import (
+    ANNOTATOR_KINDS,
+    AnnotatorConfig,
+    ToyAnnotator,
+    make_scheduler,
+    make_text_encoder,
+    make_unet,
+)
+from .models import make_vae as _make_vae
+from .scene import split_seed
+from .world import render_scenes
+
+
+@dataclass
+class PretrainConfig:
+    """Settings of the pretraining recipes (defaults: the shipped weights' run)."""
+
+    out_dir: str = "runs/toyworld"
+    """Where stages read and write their results."""
+    seed: int = 0
+    """Seed of the scene stream (training split) and of the initialisation."""
+    device: str = "cuda"
+    """Training device."""
+    resolution: int = 64
+    """Training resolution of the VAE and base model."""
+    time_budget: float | None = None
+    """Seconds after which a stage stops early and saves (None: run all steps)."""
+    log_every: int = 100
+    """Optimizer steps between log lines."""
+    vae_steps: int = 2000
+    vae_batch: int = 128
+    vae_lr: float = 3e-4
+    vae_pool: int = 60_000
+    base_steps: int = 6000
+    base_batch: int = 1024
+    base_lr: float = 5e-4
+    base_pool: int = 250_000
+    base_warmup: int = 200
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    """Share of empty prompts, for classifier-free guidance."""
+    min_snr_gamma: float | None = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023); None for the plain epsilon MSE."""
+    save_every: int = 1000
+    init_from: str | None = None
+    """Pipeline folder whose text encoder and UNet the base stage continues from."""
+    annotator_steps: int = 2500
+    annotator_batch: int = 128
+    annotator_lr: float = 1e-3
+    annotator_pool: int = 50_000
+    annotator_pool_128: int = 8_000
+    """Scenes at 128 px mixed into annotator training (every 4th step) so 128 px inputs work."""
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in (
+            "vae_steps",
+            "vae_batch",
+            "base_steps",
+            "base_batch",
+            "annotator_steps",
+            "annotator_batch",
+        ):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            problems.append(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if self.resolution % 8:
+            problems.append(f"resolution must be a multiple of 8, got {self.resolution}")
+        if problems:
+            raise ValueError("invalid PretrainConfig: " + "; ".join(problems))
+
+
+class _Log:
+    def __init__(self, cfg: PretrainConfig, stage: str) -> None:
+        self.path = Path(cfg.out_dir) / "logs" / f"{stage}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stage, self.t0 = stage, time.time()
+
+    def __call__(self, **record) -> None:
+        record = {"stage": self.stage, "time": round(time.time() - self.t0, 2), **record}
+        line = json.dumps(record)
+        print(line, flush=True)
+        with open(self.path, "a") as fh:
+            fh.write(line + "\n")
+
+
+def _render_pool(
+    n: int, cfg: PretrainConfig, resolution: int, start: int = 0, keys: tuple[str, ...] = ()
+) -> dict:
+    """Render ``n`` training scenes on the training device, piecewise, keeping compact copies:
+    ``rgb`` as uint8, ``captions``, and the requested ``keys`` (float16, classes as uint8)."""
+    seed = split_seed(cfg.seed, "train")
+    piece = 16384 * 4096 // (resolution * resolution)
+    parts: dict[str, list] = {"rgb": [], "captions": [], **{k: [] for k in keys}}
+    for lo in range(start, start + n, piece):
+        out = render_scenes(min(piece, start + n - lo), seed, resolution, device=cfg.device, start=lo)
+        parts["rgb"].append((out["rgb"] * 255).round().to(torch.uint8))
+        parts["captions"].extend(out["captions"])
+        for k in keys:
+            parts[k].append(out[k].to(torch.uint8) if k == "classes" else out[k].half())
+    return {k: (v if k == "captions" else torch.cat(v)) for k, v in parts.items()}
+
+
+def _cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _autocast(device: str):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+def _setup(cfg: PretrainConfig) -> None:
+    torch.manual_seed(cfg.seed)
+    if torch.device(cfg.device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def train_vae(cfg: PretrainConfig) -> Path:
+    """Train the AutoencoderKL (MSE + L1 + tiny KL) and set ``scaling_factor`` to 1 / latent std."""
+    _setup(cfg)
+    log = _Log(cfg, "vae")
+    pool = _render_pool(cfg.vae_pool, cfg, cfg.resolution)["rgb"]
+    log(event="pool", scenes=len(pool))
+    vae = _make_vae(cfg.resolution).to(cfg.device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    gen = torch.Generator(cfg.device).manual_seed(cfg.seed)
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, cfg.vae_steps, cfg.vae_lr, 100)
+        idx = torch.randint(len(pool), (cfg.vae_batch,), device=cfg.device, generator=gen)
+        x = pool[idx].float() / 127.5 - 1.0
+        with _autocast(cfg.device):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=gen)).sample.float()
+        mse = torch.nn.functional.mse_loss(rec, x)
+        loss = mse + 0.1 * (rec - x).abs().mean() + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % cfg.log_every == 0 or step == cfg.vae_steps - 1:
+            psnr = 10 * math.log10(4.0 / max(mse.item(), 1e-12))  # images span [-1, 1]
+            log(step=step, loss=round(loss.item(), 6), train_psnr=round(psnr, 2))
+        if cfg.time_budget and time.time() - t0 > cfg.time_budget:
+            log(event="time_budget", step=step)
+            break
+    vae.eval()
+    with torch.no_grad(), _autocast(cfg.device):
+        x = pool[: min(len(pool), 8192)].float() / 127.5 - 1.0
+        lat = torch.cat([vae.encode(b).latent_dist.sample(generator=gen).float() for b in x.split(1024)])
+    scaling = 1.0 / lat.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    out = Path(cfg.out_dir) / "vae"
+    vae.to(torch.float16).save_pretrained(out, safe_serialization=True)
+    log(event="saved", path=str(out), scaling_factor=round(scaling, 5))
+    return out
+
+
+def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
+    torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+
+def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> Path:
+    """Save a ``StableDiffusionPipeline`` folder (fp16 safetensors, no safety checker)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+
+    from .tokenizer import tokenizer_files
+
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to("cpu", torch.float16),
+        text_encoder=copy.deepcopy(text_encoder).to("cpu", torch.float16),
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).to("cpu", torch.float16),
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # transformers 5 writes only tokenizer.json; keep CLIP's classic vocab.json + merges.txt beside it
+    # so that every loader (slow or fast, old or new) finds the word-level vocabulary.
+    # The weights are stored in fp16, but like diffusers' models (which load in float32 unless told
+    # otherwise) the text encoder should load in float32 by default, so that
+    # StableDiffusionPipeline.from_pretrained(path) without torch_dtype gets one dtype throughout.
+    te_config = Path(folder) / "text_encoder" / "config.json"
+    config = json.loads(te_config.read_text())
+    config["dtype"] = "float32"
+    te_config.write_text(json.dumps(config, indent=2) + "\n")
+    vocab, merges = tokenizer_files()
+    (Path(folder) / "tokenizer" / "vocab.json").write_text(
+        json.dumps(vocab, indent=0, ensure_ascii=False) + "\n"
+    )
+    (Path(folder) / "tokenizer" / "merges.txt").write_text("\n".join(merges) + "\n")
+    return folder
+
+
+def train_base(cfg: PretrainConfig) -> Path:
+    """Train the CLIP text encoder and the UNet jointly on the VAE's latents (epsilon prediction)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
+
+    from .tokenizer import build_tokenizer
+
+    _setup(cfg)
+    log = _Log(cfg, "base")
+    out_dir = Path(cfg.out_dir)
+    dev = cfg.device
+    tokenizer = build_tokenizer()
+    vae = AutoencoderKL.from_pretrained(out_dir / "vae", torch_dtype=torch.float32).to(dev).eval()
+    if cfg.init_from:
+        init = StableDiffusionPipeline.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
+        text_encoder, unet = init.text_encoder, init.unet
+        log(event="init_from", path=cfg.init_from)
+    else:
+        text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+        unet = make_unet(cfg.resolution // 4, text_encoder.config.hidden_size)
+    text_encoder.to(dev).train()
+    unet.to(dev, memory_format=torch.channels_last).train()
+    sched = DDPMScheduler.from_config(make_scheduler().config)
+
+    # Data: a pool of scenes -> posterior mean / std of the latents and token ids of the captions.
+    pool = _render_pool(cfg.base_pool, cfg, cfg.resolution)
+    ids = tokenizer(pool["captions"], padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+    empty_ids = empty.input_ids.to(dev)
+    means, stds = [], []
+    with torch.no_grad(), _autocast(dev):
+        for batch in pool["rgb"].split(2048):
+            dist = vae.encode(batch.float() / 127.5 - 1.0).latent_dist
+            means.append(dist.mean.half())
+            stds.append(dist.std.half())
+    lat_mean, lat_std = torch.cat(means), torch.cat(stds)
+    del pool["rgb"], means, stds
+    sf = vae.config.scaling_factor
+    log(event="pool", scenes=len(lat_mean), scaling_factor=sf)
+
+    params = [p for m in (text_encoder, unet) for p in m.parameters()]
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=1e-2, fused=dev.startswith("cuda"))
+    gen = torch.Generator(dev).manual_seed(cfg.seed + 1)
+    ckpt = out_dir / "checkpoints" / "base.pt"
+    start = 0
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        text_encoder.load_state_dict(state["text_encoder"])
+        unet.load_state_dict(state["unet"])
+        opt.load_state_dict(state["opt"])
+        for e, v in zip(ema, state["ema"]):
+            e.copy_(v)
+        gen.set_state(state["gen"].cpu() if dev == "cpu" else state["gen"])
+        start = state["step"]
+        log(event="resume", step=start)
+    alphas = sched.alphas_cumprod.to(dev)
+    snr = alphas / (1 - alphas)
+
+    def save(step: int) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
+                    "ema": ema, "gen": gen.get_state(), "step": step}, ckpt)  # fmt: skip
+        with torch.no_grad():
+            live = [p.detach().clone() for p in params]
+            torch._foreach_copy_(params, ema)  # write the EMA weights into the models for saving
+            save_pipeline(out_dir / "pipeline", vae, text_encoder, tokenizer, unet)
+            torch._foreach_copy_(params, live)
+        log(event="saved", step=step, path=str(out_dir / "pipeline"))
+
+    t0, step, saved = time.time(), start, False
+    for step in range(start, cfg.base_steps):
+        lr = _cosine_lr(step, cfg.base_steps, cfg.base_lr, cfg.base_warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        b = cfg.base_batch
+        idx = torch.randint(len(lat_mean), (b,), device=dev, generator=gen)
+        eps_lat = torch.randn(lat_mean[idx].shape, device=dev, generator=gen)
+        latents = (lat_mean[idx].float() + lat_std[idx].float() * eps_lat) * sf
+        drop = torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout
+        tokens = torch.where(drop[:, None], empty_ids, ids[idx])
+        noise = torch.randn(latents.shape, device=dev, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
+        noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
+        with _autocast(dev):
+            hidden = text_encoder(tokens)[0]
+            pred = unet(noisy, t, hidden).sample.float()
+        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        if cfg.min_snr_gamma:
+            per_sample = per_sample * snr[t].clamp(max=cfg.min_snr_gamma) / snr[t]
+        loss = per_sample.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _ema_update(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        if step % cfg.log_every == 0:
+            rate = (step + 1 - start) / max(time.time() - t0, 1e-6)
+            log(step=step, loss=round(loss.item(), 5), lr=lr, steps_per_s=round(rate, 2))
+        saved = (step + 1) % cfg.save_every == 0
+        if saved:
+            save(step + 1)
+        if cfg.time_budget and time.time() - t0 > cfg.time_budget:
+            log(event="time_budget", step=step + 1)
+            saved = False
+            break
+    if not saved:
+        save(step + 1)
+    return out_dir / "pipeline"
+
+
+def _annotator_loss(kind: str, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+    if kind == "depth":
+        return (pred - batch["inv_depth"]).abs().mean() + ((pred - batch["inv_depth"]) ** 2).mean()
+    if kind == "normal":
+        return (1.0 - (pred * batch["normal"]).sum(dim=1)).mean()
+    return torch.nn.functional.cross_entropy(pred, batch["classes"])
+
+
+def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
+    """Train one annotator on renders (64 px, with a 128 px batch every 4th step)."""
+    from ..utils import atomic_save_safetensors
+
+    if kind not in ANNOTATOR_KINDS:
+        raise ValueError(f"annotator kind must be one of {ANNOTATOR_KINDS}, got {kind!r}")
+    _setup(cfg)
+    log = _Log(cfg, f"annotator_{kind}")
+    dev = cfg.device
+    keys = {"depth": "inv_depth", "normal": "normal", "segmentation": "classes"}
+    pools = []
+    for n, res, start in ((cfg.annotator_pool, 64, 0), (cfg.annotator_pool_128, 128, cfg.annotator_pool)):
+        p = _render_pool(n, cfg, res, start=start, keys=(keys[kind],))
+        pools.append((p["rgb"], p[keys[kind]]))
+    log(event="pool", scenes=[len(p[0]) for p in pools])
+    config = AnnotatorConfig(kind=kind)
+    model = ToyAnnotator(config).to(dev, memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.annotator_lr, weight_decay=1e-4)
+    gen = torch.Generator(dev).manual_seed(cfg.seed + 2)
+    t0 = time.time()
+    for step in range(cfg.annotator_steps):
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, cfg.annotator_steps, cfg.annotator_lr, 100)
+        big = step % 4 == 3 and len(pools[1][0]) > 0
+        rgb, target = pools[1] if big else pools[0]
+        b = cfg.annotator_batch // 4 if big else cfg.annotator_batch
+        idx = torch.randint(len(rgb), (b,), device=dev, generator=gen)
+        x = (rgb[idx].float() / 255.0).contiguous(memory_format=torch.channels_last)
+        y = target[idx].long() if kind == "segmentation" else target[idx].float()
+        with _autocast(dev):
+            pred = model(x)
+        loss = _annotator_loss(kind, pred.float(), {keys[kind]: y})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % cfg.log_every == 0:
+            log(step=step, loss=round(loss.item(), 6), res=int(x.shape[-1]))
+        if cfg.time_budget and time.time() - t0 > cfg.time_budget:
+            log(event="time_budget", step=step)
+            break
+    out = Path(cfg.out_dir) / "annotators" / f"{kind}.safetensors"
+    tensors = {k: v.detach().to("cpu", torch.float16) for k, v in model.state_dict().items()}
+    meta = {
+        "format": "pt",
+        "kind": kind,
+        "config": json.dumps(config.to_dict()),
+        "recipe": json.dumps(asdict(cfg)),
+    }
+    atomic_save_safetensors(tensors, out, metadata=meta)
+    log(event="saved", path=str(out))
+    return out

@@ -1,0 +1,103 @@
+"""Pretrain the toy world's models (VAE, base text-to-image model, annotators) and install them.
+
+One command reproduces the shipped weights on a GPU machine:
+
+    python scripts/pretrain_toyworld.py --stage all --out_dir runs/toyworld
+    python scripts/pretrain_toyworld.py --stage install --out_dir runs/toyworld
+
+``all`` trains the VAE, then the base model while the three annotators train in a second
+process on the same GPU (tiny models leave it mostly idle). ``install`` copies the results into
+``difftune_control/toyworld/weights``. Every ``PretrainConfig`` field is a flag (``--base_steps``,
+``--time_budget`` ...); try the whole recipe on a CPU with tiny step counts first:
+
+    python scripts/pretrain_toyworld.py --stage all --device cpu --vae_steps 2 --base_steps 2 \
+        --annotator_steps 2 --vae_pool 64 --base_pool 64 --annotator_pool 64 --annotator_pool_128 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import subprocess
+import sys
+import time
+import typing
+from pathlib import Path
+
+from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_base, train_vae
+from difftune_control.toyworld.weights import WEIGHTS_DIR
+
+STAGES = ("vae", "base", "depth", "normal", "segmentation", "annotators", "all", "install")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--stage", choices=STAGES, required=True, help="what to run")
+    hints = typing.get_type_hints(PretrainConfig)
+    for field in dataclasses.fields(PretrainConfig):
+        kind = hints[field.name]
+        conv = {int: int, float: float, str: str}.get(kind)
+        if conv is None:  # Optional[...]
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            conv = args[0]
+        parser.add_argument(
+            f"--{field.name}", type=conv, default=field.default, help=f"default: {field.default}"
+        )
+    return parser
+
+
+def install(cfg: PretrainConfig) -> None:
+    """Copy ``<out_dir>/pipeline`` and ``<out_dir>/annotators/*.safetensors`` into the package."""
+    out = Path(cfg.out_dir)
+    missing = [
+        p
+        for p in (
+            out / "pipeline",
+            *(out / "annotators" / f"{k}.safetensors" for k in ("depth", "normal", "segmentation")),
+        )
+        if not p.exists()
+    ]  # noqa: E501
+    if missing:
+        raise FileNotFoundError(
+            f"cannot install: missing {', '.join(map(str, missing))}; run the training stages first"
+        )
+    shutil.rmtree(WEIGHTS_DIR / "base", ignore_errors=True)
+    shutil.copytree(out / "pipeline", WEIGHTS_DIR / "base")
+    for f in (out / "annotators").glob("*.safetensors"):
+        shutil.copy2(f, WEIGHTS_DIR / f.name)
+    print(f"installed into {WEIGHTS_DIR}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PretrainConfig)}
+    cfg = PretrainConfig(**values)
+    t0 = time.time()
+    if args.stage == "vae":
+        train_vae(cfg)
+    elif args.stage == "base":
+        train_base(cfg)
+    elif args.stage in ("depth", "normal", "segmentation"):
+        train_annotator(cfg, args.stage)
+    elif args.stage == "annotators":
+        for kind in ("depth", "normal", "segmentation"):
+            train_annotator(cfg, kind)
+    elif args.stage == "all":
+        train_vae(cfg)
+        forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+        i = forwarded.index("--stage")
+        forwarded[i + 1] = "annotators"
+        side = subprocess.Popen([sys.executable, __file__, *forwarded])
+        train_base(cfg)
+        if side.wait() != 0:
+            raise SystemExit(f"annotator training failed with exit code {side.returncode}")
+    elif args.stage == "install":
+        install(cfg)
+    print(f"stage {args.stage} done in {time.time() - t0:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
