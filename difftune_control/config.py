@@ -158,13 +158,18 @@ class DetectorConfig:
     convergence_samples: int | None = _f(
         None, "Validation samples K. Default: 16 for the toy world, 8 for SD."
     )
-    convergence_num_inference_steps: int = _f(10, "Sampler steps for the detector's samples.")
+    convergence_num_inference_steps: int | None = _f(
+        None, "Sampler steps for the detector's samples. Default: 8 for the toy world, 10 for SD."
+    )
     convergence_guidance_scale: float = _f(1.0, "CFG for the detector's samples (1 = no CFG, half the cost).")
     convergence_threshold: float | None = _f(
         None, "Progress p that counts as converged. Default: the recipe's (0.3)."
     )
     convergence_patience: int | None = _f(None, "Evaluations p must hold. Default: the recipe's (2).")
-    stop_after_convergence: int | None = _f(None, "Stop N optimizer steps after sudden convergence.")
+    stop_after_convergence: int | None = _f(
+        None,
+        "Stop N optimizer steps after the step where sudden convergence was declared (first of the held run).",
+    )
 
 
 @dataclass
@@ -395,6 +400,7 @@ def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) ->
     fill(cfg.bank, "bank_batch_size", 256, 16)
     fill(cfg.detector, "convergence_every", 50, 500)
     fill(cfg.detector, "convergence_samples", 16, 8)
+    fill(cfg.detector, "convergence_num_inference_steps", 8, 10)
     fill(cfg.model, "conditioning_embedding_out_channels", [16, 32, 64], [16, 32, 96, 256])
     det = getattr(recipe, "detector", None) or {}
     if cfg.detector.convergence_threshold is None:

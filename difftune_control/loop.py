@@ -131,7 +131,11 @@ def run_training(cfg: RunConfig) -> Path:
         controlnet = torch.compile(controlnet)
         base.unet = torch.compile(base.unet)
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
-    monitor = _make_monitor(cfg, extractor, val, empty, run_dir) if cfg.detector.detect_convergence else None
+    monitor = (
+        _make_monitor(cfg, recipe, extractor, val, empty, run_dir)
+        if cfg.detector.detect_convergence
+        else None
+    )
 
     state: dict[str, Any] = {"global_step": 0, "consumed_batches": 0, "elapsed": 0.0, "stop_at": None}
     if resume is not None:
@@ -171,11 +175,12 @@ def _recipe_dict(recipe: Any) -> dict:
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop records written after the checkpoint being resumed, so the log reads as one run."""
     if path.exists():
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        # an event is written when confirmed: keep it only if confirmed by the checkpoint
+        kept = [r for r in read_jsonl(path) if r.get("confirmed_step", r.get("step", 0)) <= step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _make_monitor(cfg: RunConfig, extractor, val, empty, run_dir: Path):
+def _make_monitor(cfg: RunConfig, recipe, extractor, val, empty, run_dir: Path):
     from difftune_control.convergence import ConvergenceMonitor
 
     k = cfg.detector.convergence_samples
@@ -189,6 +194,7 @@ def _make_monitor(cfg: RunConfig, extractor, val, empty, run_dir: Path):
         seeds=val.seeds[:k],
         negative_prompt_embeds=empty,
         run_dir=run_dir,
+        milestones=tuple((getattr(recipe, "detector", None) or {}).get("milestones", (0.25, 0.5, 0.75))),
     )
 
 
