@@ -158,7 +158,13 @@ def test_registry_errors_list_the_choices():
         get_extractor("canny", low_threshold=300, high_threshold=200)
 
 
-def test_register_extractor_checks_names_uniqueness_and_abstractness():
+def test_register_extractor_checks_names_uniqueness_and_abstractness(monkeypatch):
+    from difftune_control.extractors import registry
+
+    # Work on copies so the test's extractor does not leak into the process-wide registry.
+    monkeypatch.setattr(registry, "_REGISTRY", {k: dict(v) for k, v in registry._REGISTRY.items()})
+    monkeypatch.setattr(registry, "_DEFAULT_BACKEND", dict(registry._DEFAULT_BACKEND))
+
     class Gray(ConditionExtractor):
         name = "gray"
         backend = "mean"

@@ -16,7 +16,7 @@ CONDITIONS = ["canny", "depth", "normal", "segmentation", "sketch"]
 
 def test_every_condition_has_a_bundled_recipe():
     assert sorted(available_recipes()) == CONDITIONS
-    assert sorted(available_extractors())[: len(CONDITIONS)] == CONDITIONS
+    assert set(CONDITIONS) <= set(available_extractors())
 
 
 @pytest.mark.parametrize("name", CONDITIONS)

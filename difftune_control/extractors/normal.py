@@ -25,7 +25,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from .base import ConditionExtractor, Resolution
-from .metrics import normal_dissimilarity
+from .metrics import channel_norm, normal_dissimilarity
 from .models import ModelExtractor, controlnet_aux_detector, multiple_of
 from .models import toyworld_annotator as _toyworld_annotator
 from .registry import get_extractor, register_extractor
@@ -48,9 +48,12 @@ def sobel(depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
     import torch.nn.functional as F
 
+    batch, _, height, width = depth.shape
     kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=depth.device)
-    kernels = torch.stack([kx, kx.T])[:, None].to(depth.dtype)  # [2,1,3,3]
-    grads = F.conv2d(F.pad(depth, (1, 1, 1, 1), mode="reflect"), kernels)
+    kernels = torch.stack([kx, kx.T])[:, None].to(depth.dtype).repeat(batch, 1, 1, 1)  # [2B,1,3,3]
+    # Images folded into the channels of one grouped convolution (much faster on the CPU).
+    padded = F.pad(depth.reshape(1, batch, height, width), (1, 1, 1, 1), mode="reflect")
+    grads = F.conv2d(padded, kernels, groups=batch).view(batch, 2, height, width)
     return grads[:, :1], grads[:, 1:]
 
 
@@ -79,7 +82,7 @@ def normals_from_depth(
     gx = gx.masked_fill(background, 0.0)
     gy = gy.masked_fill(background, 0.0)
     normal = torch.cat([gx, gy, torch.full_like(gx, a)], dim=1)
-    normal = normal / normal.norm(dim=1, keepdim=True)
+    normal = normal / channel_norm(normal)
     return (normal.flip(1) * 0.5 + 0.5).clamp(0, 1)
 
 

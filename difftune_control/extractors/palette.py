@@ -281,13 +281,25 @@ def colors_to_class_ids(rgb: torch.Tensor, palette: np.ndarray | None = None) ->
     """
     import torch
 
+    palette = ADE20K_PALETTE if palette is None else np.asarray(palette, dtype=np.uint8)
     colors = palette_tensor(palette, device=rgb.device)  # [N, 3]
-    norms = (colors * colors).sum(dim=1)[None, :]  # [1, N]
     pixels = rgb.movedim(-3, -1).reshape(-1, 3).float()  # [P, 3]
-    ids = torch.empty(pixels.shape[0], dtype=torch.long, device=rgb.device)
+    # Fast path: pixels whose 8-bit colour is exactly a palette colour (most of any hint) are
+    # looked up by their 24-bit code; only the others go through the nearest-colour search.
+    quantised = (pixels * 255.0).round().clamp(0, 255).long()
+    exact = (quantised - pixels * 255.0).abs().amax(dim=1) < 1e-3
+    codes = (quantised[:, 0] << 16) | (quantised[:, 1] << 8) | quantised[:, 2]
+    table = torch.as_tensor(palette.astype(np.int64), device=rgb.device)
+    table_codes = (table[:, 0] << 16) | (table[:, 1] << 8) | table[:, 2]
+    sorted_codes, order = torch.sort(table_codes, stable=True)  # duplicates: lower id first
+    slot = torch.searchsorted(sorted_codes, codes).clamp(max=len(sorted_codes) - 1)
+    exact &= sorted_codes[slot] == codes
+    ids = order[slot]
+    rest = (~exact).nonzero().squeeze(1)
+    norms = (colors * colors).sum(dim=1)[None, :]  # [1, N]
     chunk = 1 << 18  # bounds the [chunk, N] score matrix to ~150 MB
-    for start in range(0, pixels.shape[0], chunk):
-        block = pixels[start : start + chunk]
+    for start in range(0, rest.numel(), chunk):
+        index = rest[start : start + chunk]
         # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2; ||x||^2 is the same for every c, so drop it.
-        ids[start : start + chunk] = (norms - 2.0 * block @ colors.T).argmin(dim=1)
+        ids[index] = (norms - 2.0 * pixels[index] @ colors.T).argmin(dim=1)
     return ids.reshape(rgb.shape[:-3] + rgb.shape[-2:])
