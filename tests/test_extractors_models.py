@@ -142,11 +142,11 @@ def check_contract(ext, image: np.ndarray, size: tuple[int, int]) -> torch.Tenso
     hint = ext(image)
     assert hint.shape == (3, *size) and hint.dtype == torch.float32 and hint.device.type == "cpu"
     assert float(hint.min()) >= 0.0 and float(hint.max()) <= 1.0
-    # Same input tensor whatever the input type; CPU kernels of large convolutions may still
-    # reorder float sums between calls, hence the 1e-5.
-    torch.testing.assert_close(ext(Image.fromarray(image)), hint, rtol=0, atol=1e-5)
+    # Same input tensor whatever the input type; CPU kernels of convolutions may still reorder
+    # float sums between calls (and normalising small normal vectors magnifies that), hence 1e-4.
+    torch.testing.assert_close(ext(Image.fromarray(image)), hint, rtol=0, atol=1e-4)
     torch.testing.assert_close(
-        ext(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0), hint, rtol=0, atol=1e-5
+        ext(torch.from_numpy(image).permute(2, 0, 1).float() / 255.0), hint, rtol=0, atol=1e-4
     )
     batch = ext(torch.stack([torch.from_numpy(image).permute(2, 0, 1).float() / 255.0] * 3))
     assert batch.shape == (3, 3, *size)
@@ -321,20 +321,68 @@ def toyworld_missing() -> str | None:
     if importlib.util.find_spec("difftune_control.toyworld") is None:
         return "difftune_control.toyworld does not exist yet"
     toyworld = importlib.import_module("difftune_control.toyworld")
-    missing = [n for n in ("load_annotator", "normal_to_rgb", "TOY_TO_ADE20K") if not hasattr(toyworld, n)]
+    missing = [
+        n
+        for n in ("load_annotator", "normal_to_rgb", "TOY_TO_ADE20K", "annotate_hint")
+        if not hasattr(toyworld, n)
+    ]
     return f"difftune_control.toyworld does not provide {', '.join(missing)} yet" if missing else None
 
 
+def save_random_toy_annotator(kind: str, path: Path) -> Path:
+    """A randomly initialised toy annotator in the shipped file format (safetensors + metadata)."""
+    from safetensors.torch import save_file
+
+    from difftune_control.toyworld import AnnotatorConfig, ToyAnnotator
+
+    torch.manual_seed(0)
+    config = AnnotatorConfig(kind=kind, channels=(8, 16, 16, 16))
+    state = {k: v.contiguous() for k, v in ToyAnnotator(config).state_dict().items()}
+    save_file(
+        state, str(path), metadata={"format": "pt", "kind": kind, "config": json.dumps(config.to_dict())}
+    )
+    return path
+
+
 @pytest.mark.parametrize("condition", ["depth", "normal", "segmentation"])
-def test_toyworld_backends(condition):
+def test_toyworld_backends_draw_what_the_toy_world_draws(condition, tmp_path):
     reason = toyworld_missing()
     if reason:
         pytest.skip(reason)
-    ext = get_extractor(condition, "toyworld", device="cpu", resolution=64)
+    from difftune_control.toyworld import annotate_hint, load_annotator
+
+    weights = save_random_toy_annotator(condition, tmp_path / f"{condition}.safetensors")
+    ext = get_extractor(condition, "toyworld", device="cpu", resolution=64, weights=str(weights))
     image = image_np(64, 64)
     hint = check_contract(ext, image, (64, 64))
+    model = load_annotator(condition, "cpu", torch.float32, path=weights)
+    expected = annotate_hint(model, torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0)[0]
+    torch.testing.assert_close(hint, expected, rtol=0, atol=1e-4)
     if condition == "segmentation":
         assert palette_only(hint)
-    if condition == "depth":
-        assert torch.equal(hint[0], hint[2])
+    assert torch.allclose(ext.dissimilarity(hint, hint), torch.zeros(1), atol=1e-3)
+    # Sizes that are not multiples of 8 are resized for the network and back.
+    assert ext(image_np(60, 60)).shape == (3, 64, 64)
+    assert get_extractor(condition, "toyworld", device="cpu", weights=str(weights))(
+        image_np(44, 52)
+    ).shape == (
+        3,
+        44,
+        52,
+    )
+
+
+@pytest.mark.parametrize("condition", ["depth", "normal", "segmentation"])
+def test_toyworld_backends_with_the_shipped_weights(condition):
+    reason = toyworld_missing()
+    if reason:
+        pytest.skip(reason)
+    from difftune_control.toyworld import annotator_path
+
+    if not annotator_path(condition).is_file():
+        pytest.skip(
+            f"the shipped toy-world {condition} annotator ({annotator_path(condition)}) is not built yet"
+        )
+    ext = get_extractor(condition, "toyworld", device="cpu", resolution=64)
+    hint = check_contract(ext, image_np(64, 64), (64, 64))
     assert torch.allclose(ext.dissimilarity(hint, hint), torch.zeros(1), atol=1e-3)

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 from .base import ConditionExtractor, Resolution
 from .metrics import depth_dissimilarity
-from .models import ModelExtractor, controlnet_aux_detector, load_pretrained, multiple_of, normalize_per_image
+from .models import (
+    ModelExtractor,
+    controlnet_aux_detector,
+    load_pretrained,
+    multiple_of,
+    normalize_per_image,
+    run_at_multiple,
+)
 from .models import toyworld_annotator as _toyworld_annotator
 from .registry import register_extractor
 
@@ -191,6 +198,7 @@ class ToyWorldDepth(DepthExtractor, ModelExtractor):
 
     Args:
         resolution, device, dtype, batch_size: see `ModelExtractor` (`batch_size` defaults to 256).
+        weights (`str`, *optional*): an annotator `.safetensors` file instead of the shipped one.
     """
 
     backend = "toyworld"
@@ -201,16 +209,18 @@ class ToyWorldDepth(DepthExtractor, ModelExtractor):
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int = 256,
+        weights: str | None = None,
     ) -> None:
         ModelExtractor.__init__(
             self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
         )
+        self.weights = weights
 
     def _load(self) -> Any:
-        return _toyworld_annotator("depth", self.device, self.dtype)
+        return _toyworld_annotator("depth", self.device, self.dtype, self.weights)
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        depth = model(x.to(self.dtype)).float()  # [b,1,H,W] in [0,1]
+        depth = run_at_multiple(model, x.to(self.dtype), 8).float()  # [b,1,H,W] in [0,1]
         return depth.clamp(0, 1).expand(-1, 3, -1, -1)
 
 

@@ -175,14 +175,37 @@ def controlnet_aux_detector(cls_path: str, source: str, files: Sequence[str], **
     )
 
 
-def toyworld_annotator(kind: str, device: torch.device, dtype: torch.dtype) -> Any:
-    """Load one of the toy world's annotators ("depth", "normal", "segmentation")."""
+def toyworld_annotator(
+    kind: str, device: torch.device, dtype: torch.dtype, weights: str | None = None
+) -> Any:
+    """Load one of the toy world's annotators ("depth", "normal", "segmentation").
+
+    Args:
+        kind (`str`): the annotator.
+        device (`torch.device`), dtype (`torch.dtype`): where and in which precision it runs.
+        weights (`str`, *optional*): a `.safetensors` annotator file instead of the shipped one.
+    """
     try:
         from difftune_control import toyworld
     except ImportError as err:
         raise ImportError(
             f"the toyworld backend needs difftune_control.toyworld, which could not be imported: {err}"
         ) from err
-    model = toyworld.load_annotator(kind, device, dtype)
-    model.eval()
-    return model
+    if weights is None:
+        model = toyworld.load_annotator(kind, device, dtype)
+    else:
+        model = toyworld.load_annotator(kind, device, dtype, path=weights)
+    return model.eval()
+
+
+def run_at_multiple(network: Any, x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Run a fully convolutional `network` on [B,3,H,W] whose sides must be multiples of `multiple`:
+    other sizes are resized up to the next multiple and the output resized back (bilinear)."""
+    import torch.nn.functional as F
+
+    height, width = x.shape[-2:]
+    size = (-(-height // multiple) * multiple, -(-width // multiple) * multiple)
+    if size == (height, width):
+        return network(x)
+    out = network(F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False))
+    return F.interpolate(out.float(), size=(height, width), mode="bilinear", align_corners=False)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from .base import ConditionExtractor, Resolution
 from .metrics import channel_norm, normal_dissimilarity
-from .models import ModelExtractor, controlnet_aux_detector, multiple_of
+from .models import ModelExtractor, controlnet_aux_detector, multiple_of, run_at_multiple
 from .models import toyworld_annotator as _toyworld_annotator
 from .registry import get_extractor, register_extractor
 
@@ -179,6 +179,7 @@ class ToyWorldNormal(NormalExtractor, ModelExtractor):
 
     Args:
         resolution, device, dtype, batch_size: see `ModelExtractor` (`batch_size` defaults to 256).
+        weights (`str`, *optional*): an annotator `.safetensors` file instead of the shipped one.
     """
 
     backend = "toyworld"
@@ -189,19 +190,22 @@ class ToyWorldNormal(NormalExtractor, ModelExtractor):
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int = 256,
+        weights: str | None = None,
     ) -> None:
         ModelExtractor.__init__(
             self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
         )
+        self.weights = weights
 
     def _load(self) -> Any:
         from difftune_control.toyworld import normal_to_rgb
 
-        return _toyworld_annotator("normal", self.device, self.dtype), normal_to_rgb
+        return _toyworld_annotator("normal", self.device, self.dtype, self.weights), normal_to_rgb
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         network, normal_to_rgb = model
-        normal = network(x.to(self.dtype)).float()  # [b,3,H,W] unit camera-space normals
+        normal = run_at_multiple(network, x.to(self.dtype), 8).float()  # [b,3,H,W] camera-space normals
+        normal = normal / channel_norm(normal).clamp(min=1e-6)  # unit again after any resize
         return normal_to_rgb(normal).float().clamp(0, 1)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .base import ConditionExtractor, Resolution
 from .metrics import segmentation_dissimilarity
-from .models import ModelExtractor, load_pretrained
+from .models import ModelExtractor, load_pretrained, run_at_multiple
 from .models import toyworld_annotator as _toyworld_annotator
 from .palette import ADE20K_CLASSES, class_ids_to_colors
 from .registry import register_extractor
@@ -166,6 +166,7 @@ class ToyWorldSegmentation(SegmentationExtractor, ModelExtractor):
 
     Args:
         resolution, device, dtype, batch_size: see `ModelExtractor` (`batch_size` defaults to 256).
+        weights (`str`, *optional*): an annotator `.safetensors` file instead of the shipped one.
     """
 
     backend = "toyworld"
@@ -176,26 +177,25 @@ class ToyWorldSegmentation(SegmentationExtractor, ModelExtractor):
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int = 256,
+        weights: str | None = None,
     ) -> None:
         ModelExtractor.__init__(
             self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
         )
+        self.weights = weights
 
     def _load(self) -> Any:
         import torch
 
         from difftune_control.toyworld import TOY_TO_ADE20K
 
-        if isinstance(TOY_TO_ADE20K, dict):
-            table = [int(TOY_TO_ADE20K[i]) for i in range(len(TOY_TO_ADE20K))]
-        else:
-            table = [int(v) for v in TOY_TO_ADE20K]
+        table = [int(TOY_TO_ADE20K[i]) for i in range(len(TOY_TO_ADE20K))]
         lookup = torch.tensor(table, dtype=torch.long, device=self.device)
-        return _toyworld_annotator("segmentation", self.device, self.dtype), lookup
+        return _toyworld_annotator("segmentation", self.device, self.dtype, self.weights), lookup
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         network, lookup = model
-        logits = network(x.to(self.dtype))  # [b,C_toy,H,W]
+        logits = run_at_multiple(network, x.to(self.dtype), 8)  # [b,C_toy,H,W]
         if logits.shape[1] != lookup.numel():
             raise RuntimeError(
                 f"toy segmentation annotator predicts {logits.shape[1]} classes but TOY_TO_ADE20K maps "
