@@ -121,6 +121,35 @@ class MethodConfig:
     psi_power: float = _f(1.0, "Power s of psi(t) = ((t+1)/T)^s.")
     bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
     bank_weight: float = _f(0.1, "fixed split: weight lambda of the bank loss.")
+    retention: Literal["renoise", "trajectory", "snr"] = _f(
+        "renoise",
+        "Retention source of bank slots: renoise (Diff-Tuning: re-noised bank images, true noise as target), "
+        "trajectory (NIGD: a recorded reverse-trajectory state, the teacher's prediction as target), "
+        "snr (SGGD: trajectory where SNR(t) < --snr_threshold, renoise elsewhere).",
+    )
+    snr_threshold: float = _f(
+        1.0,
+        "snr retention: SNR(t) = alpha_bar/(1-alpha_bar) below which a bank slot uses a trajectory state "
+        "(1 = signal and noise balance, t ~ 350 for SD's schedule; see docs/internals.md).",
+    )
+    distill_weight: float | None = _f(
+        None,
+        "Weight of the bank (retention) loss when it distils (trajectory/snr or a teacher), in place of "
+        "lambda (fixed split) or of the bank slots' share (mixture). Default: --bank_weight / unchanged.",
+    )
+    teacher_controlnet: str | None = _f(
+        None,
+        "Continual adaptation: distil this previously trained ControlNet (run folder, diffusers folder or "
+        "WebUI file) in the bank slots while training on the new data.",
+    )
+    teacher_condition: str | None = _f(
+        None, "Condition of the teacher's hints (recipe name or path). Default: the teacher run's."
+    )
+    teacher_train_data_dir: str | None = _f(
+        None,
+        "Dataset whose captions and hints drive the teacher's bank. Default: the teacher run's, else the "
+        "toy world's.",
+    )
 
 
 @dataclass
@@ -144,6 +173,11 @@ class BankConfig:
     )
     bank_on_mismatch: Literal["rebuild", "error"] = _f(
         "rebuild", "When bank_dir holds a bank with another manifest."
+    )
+    trajectory_states: int = _f(
+        4,
+        "Reverse-trajectory states recorded per bank image for --retention trajectory|snr (unused, and "
+        "not part of the bank manifest, with renoise).",
     )
 
 
@@ -250,6 +284,11 @@ class RunConfig:
     def uses_bank(self) -> bool:
         return self.method.method == "difftuning" and self.method.split != "psi-only"
 
+    @property
+    def distills(self) -> bool:
+        """True when bank slots distil (trajectory/snr retention or a teacher ControlNet)."""
+        return self.method.retention != "renoise" or self.method.teacher_controlnet is not None
+
     def to_dict(self) -> dict[str, Any]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
@@ -289,6 +328,7 @@ class RunConfig:
             problems.append(f"--bank_weight must be >= 0, got {m.bank_weight}")
         if m.psi_power <= 0:
             problems.append(f"--psi_power must be > 0, got {m.psi_power}")
+        problems += _distill_problems(self)
         if not 0.0 <= data.proportion_empty_prompts <= 1.0:
             problems.append(
                 f"--proportion_empty_prompts must be in [0, 1], got {data.proportion_empty_prompts}"
@@ -342,6 +382,48 @@ class RunConfig:
             )
         if problems:
             raise ConfigError(problems)
+
+
+def _distill_problems(cfg: RunConfig) -> list[str]:
+    """Cross-field rules of generative distillation (--retention, --teacher_controlnet)."""
+    m, b = cfg.method, cfg.bank
+    problems = []
+    if cfg.distills and not cfg.uses_bank:
+        what = f"--retention {m.retention}" if m.retention != "renoise" else "--teacher_controlnet"
+        problems.append(
+            f"{what} distils in the memory bank's slots; it needs --method difftuning with --split fixed or "
+            f"mixture (got --method {m.method} --split {m.split})"
+        )
+    if m.snr_threshold <= 0:
+        problems.append(f"--snr_threshold must be > 0, got {m.snr_threshold}")
+    if m.distill_weight is not None and m.distill_weight < 0:
+        problems.append(f"--distill_weight must be >= 0, got {m.distill_weight}")
+    if m.retention != "renoise" and b.trajectory_states < 1:
+        problems.append(
+            f"--retention {m.retention} needs --trajectory_states >= 1, got {b.trajectory_states}"
+        )
+    if m.retention != "renoise" and b.trajectory_states > b.bank_num_inference_steps:
+        problems.append(
+            f"--trajectory_states {b.trajectory_states} exceeds the sampler's --bank_num_inference_steps "
+            f"{b.bank_num_inference_steps}"
+        )
+    if m.teacher_controlnet is None:
+        given = [f for f in ("teacher_condition", "teacher_train_data_dir") if getattr(m, f) is not None]
+        if given:
+            problems.append(f"--{given[0]} is used only with --teacher_controlnet PATH")
+    else:
+        if b.bank_hint != "extracted":
+            problems.append(
+                "--teacher_controlnet stores the teacher's hints in the bank; --bank_hint zero does not apply"
+            )
+        if b.bank_prompts is not None:
+            problems.append(
+                "--teacher_controlnet prompts the bank with the teacher data's captions (paired with its hints); "
+                "drop --bank_prompts"
+            )
+        if m.teacher_train_data_dir is not None and not Path(m.teacher_train_data_dir).exists():
+            problems.append(f"--teacher_train_data_dir: no such file or folder: {m.teacher_train_data_dir}")
+    return problems
 
 
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
