@@ -42,11 +42,12 @@ def test_bundled_recipe_loads_and_builds_real_and_toy_extractors(name):
 
 
 def test_toy_params_apply_to_the_toy_backend_only():
-    recipe = load_recipe("canny")
-    assert recipe.backend == recipe.toy_backend == "opencv"
-    assert build_extractor(recipe).params["low_threshold"] == recipe.params["low_threshold"]
-    assert build_extractor(recipe, toy=True).params["low_threshold"] == recipe.toy_params["low_threshold"]
-    assert build_extractor(recipe, toy=True, low_threshold=7, high_threshold=9).params["low_threshold"] == 7
+    recipe = load_recipe("sketch")
+    assert recipe.backend == recipe.toy_backend == "xdog"
+    assert recipe.params["sigma"] != recipe.toy_params["sigma"]
+    assert build_extractor(recipe).params["sigma"] == recipe.params["sigma"]
+    assert build_extractor(recipe, toy=True).params["sigma"] == recipe.toy_params["sigma"]
+    assert build_extractor(recipe, toy=True, sigma=2.5).params["sigma"] == 2.5
 
 
 def test_backend_override_starts_from_that_backends_defaults():

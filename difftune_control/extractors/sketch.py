@@ -4,7 +4,8 @@ Backends:
 
 - `xdog` (default, weight-free, any device): an XDoG-style line drawing (Winnemoeller et al.,
   "XDoG: An eXtended difference-of-Gaussians compendium", 2012). The difference of two Gaussian
-  blurs marks pixels darker than their surroundings (strokes, the dark side of edges), a soft
+  blurs marks pixels darker than their surroundings (strokes, the dark side of edges; per RGB
+  channel and on the luma, the strongest wins), a soft
   threshold `tanh(phi * (D - eps))` turns it into ink, and a ridge non-maximum suppression along
   the Hessian's across-line direction thins each stroke to about one pixel.
 - `pidinet`, `hed`, `lineart`: the controlnet-aux annotators (PiDiNet, ControlNet's HED, the
@@ -88,6 +89,8 @@ class XDoGSketch(SketchExtractor):
         eps (`float`, defaults to 0.01): darkness below which nothing is drawn (ignores faint texture).
         phi (`float`, defaults to 60.0): sharpness of the ink response `tanh(phi * (D - eps))`.
         thin (`bool`, defaults to `True`): thin strokes to their ridge (about one pixel wide).
+        colour (`bool`, defaults to `True`): also draw edges between colours of similar brightness
+            (the DoG of each RGB channel and of the luma; the strongest counts).
     """
 
     backend = "xdog"
@@ -101,6 +104,7 @@ class XDoGSketch(SketchExtractor):
         eps: float = 0.01,
         phi: float = 60.0,
         thin: bool = True,
+        colour: bool = True,
     ) -> None:
         super().__init__(resolution=resolution, device=device)
         problems = []
@@ -114,13 +118,17 @@ class XDoGSketch(SketchExtractor):
             problems.append(f"eps must be in [0, 1), got {eps}")
         if problems:
             raise ValueError("xdog sketch extractor: " + "; ".join(problems))
-        self.sigma, self.k, self.eps, self.phi, self.thin = sigma, k, eps, phi, thin
+        self.sigma, self.k, self.eps, self.phi, self.thin, self.colour = sigma, k, eps, phi, thin, colour
 
     def _extract_batch(self, x: torch.Tensor) -> torch.Tensor:
         import torch
 
-        gray = to_gray(x.float())
-        darkness = gaussian_blur(gray, self.k * self.sigma) - gaussian_blur(gray, self.sigma)
+        x = x.float()
+        # Per channel, then the strongest: a red cone on a grey wall of the same luma still gets
+        # its outline (as Canny, which takes the channel with the largest gradient).
+        channels = torch.cat([to_gray(x), x], dim=1) if self.colour else to_gray(x)
+        darkness = gaussian_blur(channels, self.k * self.sigma) - gaussian_blur(channels, self.sigma)
+        darkness = darkness.amax(dim=1, keepdim=True)
         # Quantise before the comparisons of the ridge NMS: convolutions round differently with the
         # batch size and the device, and 1e-7 noise must not decide ties on symmetric strokes.
         darkness = torch.round(darkness * 1e4) / 1e4
