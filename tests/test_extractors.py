@@ -246,3 +246,10 @@ def test_normals_from_depth_reproduce_controlnet_1_0_with_opencv():
     np.testing.assert_allclose(ours[0].permute(1, 2, 0).numpy(), expected, atol=1e-5)
     flat = normals_from_depth(torch.zeros(1, 1, 8, 8))
     assert torch.allclose(flat[0, :, 0, 0], torch.tensor([1.0, 0.5, 0.5]))
+
+
+def test_hints_can_feed_a_trained_network():
+    hint = get_extractor("sketch", resolution=16)(torch.rand(2, 3, 20, 20))
+    conv = torch.nn.Conv2d(3, 4, 3)
+    conv(hint).sum().backward()  # an inference-mode tensor would refuse to be saved for backward
+    assert conv.weight.grad is not None and not hint.requires_grad

@@ -299,7 +299,9 @@ class ConditionExtractor(ABC):
         batch, single = to_batch(image, self.resolution)
         home = batch.device
         work = batch if self.device is None else batch.to(self.device)
-        with torch.inference_mode():
+        # no_grad, not inference_mode: hints feed the ControlNet during training, and inference
+        # tensors cannot be saved for backward.
+        with torch.no_grad():
             out = self._extract_batch(work)
         if out.shape != (batch.shape[0], self.channels, batch.shape[2], batch.shape[3]):
             raise RuntimeError(
