@@ -11,7 +11,8 @@ Folder layout::
     <bank_dir>/
       shard-00000.safetensors   "latents" f32 [n,C,h,w], "encoder_hidden_states" f16 [n,L,D],
       shard-00001.safetensors   "hints" u8 [n,3,R,R], "indices"/"seeds" i64 [n];
-      ...                       metadata: "prompts" (JSON list), "bank_key" (manifest hash)
+      ...                       metadata: "prompts" (JSON list), "bank_key" (manifest hash);
+                                with --retention trajectory|snr also "trajectory_*" (distill_bank.py)
       progress.json             while building: the manifest (so a partial bank is recognised)
       manifest.json             when complete: {"key": manifest, "contents": {...}}
       preview.png               the first 16 samples: image rows over hint rows
@@ -63,15 +64,20 @@ def sample_seed(bank_seed: int, index: int) -> int:
     return bank_seed * 1_000_003 + index
 
 
+def bank_sample_indices(num_prompts: int, size: int, seed: int) -> list[int]:
+    """Index into the prompt list of each bank sample: ``order[i % num_prompts]`` after a seeded shuffle."""
+    order = list(range(num_prompts))
+    random.Random(seed).shuffle(order)
+    return [order[i % len(order)] for i in range(size)]
+
+
 def bank_sample_prompts(prompts: list[str], size: int, seed: int) -> list[str]:
     """Prompt of each bank sample: ``shuffled[i % len(prompts)]`` after a shuffle seeded by ``seed``.
 
     Every prompt is used equally often (up to one) when ``size >= len(prompts)``, and a random
     subset is used when it is smaller.
     """
-    order = list(range(len(prompts)))
-    random.Random(seed).shuffle(order)
-    return [prompts[order[i % len(order)]] for i in range(size)]
+    return [prompts[j] for j in bank_sample_indices(len(prompts), size, seed)]
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -96,6 +102,7 @@ def bank_manifest(
     revision: str | None = None,
     variant: str | None = None,
     shard_size: int = SHARD_SIZE,
+    distillation: dict | None = None,
 ) -> dict:
     """The bank's cache key: everything that decides its contents.
 
@@ -110,6 +117,9 @@ def bank_manifest(
             Left out of the key when ``bank_hint == "zero"`` (the bank does not depend on it then).
         scaling_factor (`float`): the VAE's latent scaling factor.
         shard_size (`int`): samples per shard.
+        distillation (`dict`, *optional*): recorded trajectory states and/or teacher identity
+            (:meth:`difftune_control.distill_bank.BankDistillation.manifest_entry`); in the key only
+            when non-empty, so banks without distillation keep their key.
 
     Returns:
         `dict`: a JSON-compatible dict (tuples become lists, so it compares equal after a round trip).
@@ -141,6 +151,8 @@ def bank_manifest(
         "scaling_factor": float(scaling_factor),
         "shard_size": int(shard_size),
     }
+    if distillation:
+        key["distillation"] = distillation
     try:
         return json.loads(json.dumps(key, sort_keys=True))
     except TypeError as err:
@@ -224,6 +236,7 @@ class _Build:
     models: dict[str, Any]  # unet, vae, text_encoder, tokenizer, scheduler_config
     extractor: Callable[[torch.Tensor], torch.Tensor] | None
     prompts: list[str]  # before the seeded shuffle
+    distill: Any = None  # difftune_control.distill_bank.BankDistillation, when active
 
     def __post_init__(self) -> None:
         self.key_hash = manifest_hash(self.key)
@@ -304,10 +317,18 @@ class _Build:
         indices = self.ranges[s]
         seeds = [sample_seed(key["seed"], i) for i in indices]
         shard_prompts = [prompts[i] for i in indices]
-        latents, embeds, hints = [], [], []
+        latents, embeds, hints, extras = [], [], [], []
         step = int(self.config.bank_batch_size)
+        if self.distill is not None:
+            order = bank_sample_indices(len(self.prompts), key["size"], key["seed"])
+            steps = ((key.get("distillation") or {}).get("trajectory") or {}).get("step_indices", [])
         for b in range(0, len(seeds), step):
             emb = encode_prompts(m["text_encoder"], m["tokenizer"], shard_prompts[b : b + step])
+            extra = None
+            if self.distill is not None:
+                which = [order[i] for i in indices[b : b + step]]
+                extra = self.distill.batch(m["unet"], emb, which, key, steps)
+                extras.append(extra)
             images = sample_images(
                 unet=m["unet"],
                 vae=m["vae"],
@@ -319,11 +340,15 @@ class _Build:
                 num_inference_steps=key["num_inference_steps"],
                 guidance_scale=key["guidance_scale"],
                 sampler=key["sampler"],
+                **(extra.sampling if extra is not None else {}),
+                on_step=extra.recorder if extra is not None else None,
             )
             # On-manifold latents: re-encode the decoded images (DESIGN.md section 1).
             latents.append(encode_images(m["vae"], images).float().cpu())
             embeds.append(emb.cpu())
-            hints.append(self._hints(images))
+            hints.append(
+                extra.hints if extra is not None and extra.hints is not None else self._hints(images)
+            )
             on_batch(images.shape[0])
         emb_all = torch.cat(embeds)
         emb16 = emb_all.to(torch.float16)
@@ -334,6 +359,10 @@ class _Build:
             "indices": torch.tensor(list(indices), dtype=torch.int64),
             "seeds": torch.tensor(seeds, dtype=torch.int64),
         }
+        if extras:
+            from difftune_control.distill_bank import merge_trajectories
+
+            tensors.update(merge_trajectories(extras))
         meta = {
             "prompts": json.dumps(shard_prompts),
             "bank_key": self.key_hash,
@@ -368,6 +397,11 @@ class _Build:
             "hint_shape": list(first["hints"].shape[1:]),
             "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
+        if "trajectory_latents" in first:
+            from difftune_control.distill_bank import storage_report
+
+            contents["trajectory"] = storage_report(first, self.key["size"])
+            logger.info("memory bank: recorded trajectory states take %s", contents["trajectory"])
         _write_preview(
             self.bank_dir / PREVIEW, self.models["vae"], first["latents"][:16], first["hints"][:16]
         )
@@ -396,6 +430,7 @@ def ensure_bank(
     revision: str | None = None,
     variant: str | None = None,
     shard_size: int = SHARD_SIZE,
+    distillation: Any = None,
 ) -> Path:
     """Build, resume or reuse the memory bank and return its folder.
 
@@ -416,6 +451,9 @@ def ensure_bank(
         show_progress (`bool`): a tqdm bar (images/s) on the main process.
         shard_size (`int`): samples per shard (part of the key). Generation batches never cross
             shards, so the effective batch is ``min(bank_batch_size, shard_size)``.
+        distillation (`BankDistillation`, *optional*): record reverse-trajectory states and/or sample
+            with a teacher ControlNet on its (caption, hint) pairs, ``prompts`` being the teacher's
+            captions (:mod:`difftune_control.distill_bank`). Part of the key when active.
 
     Returns:
         `Path`: the complete bank folder (load it with :func:`load_bank`).
@@ -445,6 +483,13 @@ def ensure_bank(
         revision=revision,
         variant=variant,
         shard_size=shard_size,
+        distillation=(
+            distillation.manifest_entry(
+                scheduler_config, config.bank_sampler, config.bank_num_inference_steps
+            )
+            if distillation is not None
+            else None
+        ),
     )
     explicit = config.bank_dir is not None
     bank_dir = Path(config.bank_dir) if explicit else default_bank_dir(key, cache_dir)
@@ -452,7 +497,8 @@ def ensure_bank(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config
     )
     hint_fn = extractor if config.bank_hint == "extracted" else None
-    build = _Build(bank_dir, key, config, models, hint_fn, list(prompts))
+    distill = distillation if distillation is not None and distillation.active else None
+    build = _Build(bank_dir, key, config, models, hint_fn, list(prompts), distill)
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     wait = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)
@@ -530,7 +576,8 @@ class BankDataset(torch.utils.data.Dataset):
     Attributes:
         bank_dir (`Path`), manifest (`dict`, the key), contents (`dict`), latents (`Tensor` f32),
         encoder_hidden_states (`Tensor` f16/f32), hints (`Tensor` uint8), prompts (`list[str]`),
-        indices (`Tensor` int64), seeds (`Tensor` int64).
+        indices (`Tensor` int64), seeds (`Tensor` int64), trajectory
+        (`difftune_control.distill.TrajectoryStates` or None: recorded reverse-trajectory states).
     """
 
     def __init__(self, bank_dir: str | Path):
@@ -573,6 +620,9 @@ class BankDataset(torch.utils.data.Dataset):
         self.indices = torch.cat([s["indices"] for s in shards])
         self.seeds = torch.cat([s["seeds"] for s in shards])
         self.prompts = [p for s in shards for p in s["prompts"]]
+        from difftune_control.distill import TrajectoryStates
+
+        self.trajectory = TrajectoryStates.from_shards(shards, self.manifest)  # None: no recorded states
         if len(self.prompts) != self.contents["num_samples"]:
             raise ValueError(
                 f"memory bank at {self.bank_dir}: {len(self.prompts)} samples in the shards, "
