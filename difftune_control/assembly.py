@@ -158,10 +158,13 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
     if not cfg.uses_bank:
         return None, None
     from difftune_control.bank import ensure_bank, load_bank
+    from difftune_control.distill_bank import bank_distillation
 
+    distillation = bank_distillation(cfg, base, accelerator.device)  # None unless the bank slots distil
+    teacher = distillation.teacher if distillation is not None else None
     path = ensure_bank(
         config=cfg.bank,
-        prompts=bank_prompts(cfg, target),
+        prompts=teacher.prompts if teacher is not None else bank_prompts(cfg, target),
         unet=base.unet,
         vae=base.vae,
         text_encoder=base.text_encoder,
@@ -175,5 +178,6 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
         cache_dir=cfg.data.cache_dir,
         revision=cfg.model.revision,
         variant=cfg.model.variant,
+        distillation=distillation,
     )
     return load_bank(path), path

@@ -83,6 +83,7 @@ class ControlNetTrainer:
                 out[k][plan.is_bank.to(self.device)] = torch.stack([r[k] for r in rows]).to(
                     self.device, out[k].dtype
                 )
+            out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = plan.timesteps.to(self.device)
         out["noise"] = torch.randn(out["latents"].shape, generator=self.generator).to(self.device)
         return out
@@ -115,6 +116,8 @@ class ControlNetTrainer:
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        if "retention_mask" in batch:  # distilling bank slots: given x_t (see distill_trainer.py)
+            noisy = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_input"], noisy)
         dtype = self.base.unet.dtype
         ehs = batch["encoder_hidden_states"].to(dtype)
         down, mid = self.controlnet(
@@ -133,6 +136,8 @@ class ControlNetTrainer:
             return_dict=False,
         )[0]
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+        if "retention_mask" in batch:  # ... and the teacher's prediction as their target
+            target = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_target"], target)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
@@ -191,6 +196,10 @@ class DiffTuningTrainer(ControlNetTrainer):
 
 
 def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
+    if cfg.distills:  # trajectory/snr retention or a teacher ControlNet: generative distillation
+        from difftune_control.distill_trainer import DistillationTrainer
+
+        return DistillationTrainer
     return DiffTuningTrainer if cfg.method.method == "difftuning" else ControlNetTrainer
 
 
