@@ -38,7 +38,7 @@ PEAK_BF16 = 790e12
 
 def build_sd15(folder: Path) -> Path:
     """A random-initialised SD1.5-architecture pipeline folder (fp32 weights, as released checkpoints load)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from difftune_control.toyworld import default_base_model_path
@@ -47,8 +47,7 @@ def build_sd15(folder: Path) -> Path:
         return folder
     torch.manual_seed(0)
     tok = CLIPTokenizer.from_pretrained(default_base_model_path(), subfolder="tokenizer", model_max_length=77)
-    tok.save_pretrained(folder / "tokenizer")
-    CLIPTextModel(
+    text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
             hidden_size=768,
@@ -60,8 +59,8 @@ def build_sd15(folder: Path) -> Path:
             eos_token_id=tok.eos_token_id,
             pad_token_id=tok.eos_token_id,
         )
-    ).save_pretrained(folder / "text_encoder")
-    UNet2DConditionModel(
+    )
+    unet = UNet2DConditionModel(
         sample_size=64,
         cross_attention_dim=768,
         attention_head_dim=8,
@@ -69,16 +68,16 @@ def build_sd15(folder: Path) -> Path:
         block_out_channels=(320, 640, 1280, 1280),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    ).save_pretrained(folder / "unet")
-    AutoencoderKL(
+    )
+    vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         layers_per_block=2,
         latent_channels=4,
         sample_size=512,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-    ).save_pretrained(folder / "vae")
-    DDPMScheduler(
+    )
+    scheduler = DDPMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -86,23 +85,17 @@ def build_sd15(folder: Path) -> Path:
         steps_offset=1,
         clip_sample=False,
         set_alpha_to_one=False,
-    ).save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.31.0",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            }
-        )
     )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
     return folder
 
 

@@ -32,7 +32,7 @@ TINY_WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "grey", "ba
 
 def build_tiny_pipeline(folder: Path) -> Path:
     """Save a tiny SD-architecture pipeline (real diffusers/transformers classes) to ``folder``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,26 +88,16 @@ def build_tiny_pipeline(folder: Path) -> Path:
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
-    text_encoder.save_pretrained(folder / "text_encoder")
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    scheduler.save_pretrained(folder / "scheduler")
-    (folder / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.31.0",
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "safety_checker": [None, None],
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-            }
-        )
-    )
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(folder)
     return folder
 
 
