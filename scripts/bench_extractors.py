@@ -247,9 +247,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 }
                 try:
                     params = save_random_weights(condition, backend, Path(tmp) / backend)
-                    ext = get_extractor(
-                        condition, backend, device=device, batch_size=args.batch_size, **params
-                    )
+                    if backend == "from_depth":  # the batch size belongs to the wrapped depth backend
+                        params["depth_params"]["batch_size"] = args.batch_size
+                    else:
+                        params["batch_size"] = args.batch_size
+                    ext = get_extractor(condition, backend, device=device, **params)
+                    inner = getattr(ext, "depth", ext)
+                    row["dtype"] = str(getattr(inner, "dtype", "")).replace("torch.", "")
                     row["per_s"] = measure(lambda e=ext: e(batch), len(batch), device, args.min_seconds)
                     model = getattr(ext, "model", None) or getattr(getattr(ext, "depth", None), "model", None)
                     row["params_m"] = _count_params(model) / 1e6
@@ -294,11 +298,11 @@ def main() -> None:
         f"{args.resolution}x{args.resolution}, batch {args.batch_size}"
     )
     print(header)
-    print("| extractor / metric | device | images/s | params (M) |\n|---|---|---|---|")
+    print("| extractor / metric | device | dtype | images/s | params (M) |\n|---|---|---|---|---|")
     for row in results:
         rate = f"{row['per_s']:.1f}" if "per_s" in row else f"failed: {row['error']}"
         params = f"{row['params_m']:.1f}" if row.get("params_m") else ""
-        print(f"| {row['what']} | {row['device']} | {rate} | {params} |")
+        print(f"| {row['what']} | {row['device']} | {row.get('dtype', 'float32')} | {rate} | {params} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"setup": header, "rows": results}, indent=2))
 

@@ -157,6 +157,7 @@ class ControlNetAuxZoe(DepthExtractor, ModelExtractor):
     """
 
     backend = "zoe"
+    default_dtype = "float32"  # ZoeDepth's metric bins are not tested in half precision
     _files: tuple[str, ...] = ("ZoeD_M12_N.pt",)
 
     def __init__(
@@ -175,8 +176,11 @@ class ControlNetAuxZoe(DepthExtractor, ModelExtractor):
         self.detect_resolution = detect_resolution
 
     def _load(self) -> Any:
+        import torch
+
         detector = controlnet_aux_detector("zoe:ZoeDetector", self.model_source, self._files)
-        return detector.model.to(self.device, self.dtype).eval()
+        model = detector.model.to(self.device)  # ZoeDepth's own .to() records the device
+        return torch.nn.Module.to(model, dtype=self.dtype).eval()
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         import torch

@@ -101,9 +101,14 @@ class ModelExtractor(ConditionExtractor):
     Args:
         resolution (`int`, `tuple[int, int]` or `None`): output size, see `ConditionExtractor`.
         device (`str` or `torch.device`, *optional*): where the model runs; CUDA when available.
-        dtype (`str`, *optional*): "float32", "float16" or "bfloat16"; float16 on CUDA, float32 on CPU.
+        dtype (`str`, *optional*): "float32", "float16" or "bfloat16"; default float16 on CUDA
+            (float32 for networks that need it, see `default_dtype`), float32 on CPU.
         batch_size (`int`, defaults to 16): largest micro-batch sent to the model at once.
     """
+
+    default_dtype: str | None = None
+    """dtype used when none is given (`None`: float16 on CUDA, float32 on CPU); networks that break
+    in half precision set "float32"."""
 
     def __init__(
         self,
@@ -114,7 +119,7 @@ class ModelExtractor(ConditionExtractor):
     ) -> None:
         device = resolve_device(device)
         super().__init__(resolution=resolution, device=device)
-        self.dtype = resolve_dtype(dtype, device)
+        self.dtype = resolve_dtype(self.default_dtype if dtype is None else dtype, device)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"extractor batch_size must be a positive int, got {batch_size!r}")
         self.batch_size = batch_size

@@ -191,6 +191,7 @@ class PiDiNetSketch(ControlNetAuxSketch):
     """PiDiNet soft edges (controlnet-aux `PidiNetDetector`, file `table5_pidinet.pth`)."""
 
     backend = "pidinet"
+    default_dtype = "float32"  # its pixel-difference convolutions mix in float32 buffers
     _detector = "pidi:PidiNetDetector"
     _files = ("table5_pidinet.pth",)
 
