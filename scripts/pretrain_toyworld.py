@@ -5,8 +5,8 @@ One command reproduces the shipped weights on a GPU machine:
     python scripts/pretrain_toyworld.py --stage all --out_dir runs/toyworld
     python scripts/pretrain_toyworld.py --stage install --out_dir runs/toyworld
 
-``all`` trains the VAE, then the base model while the three annotators train in a second
-process on the same GPU (tiny models leave it mostly idle). ``install`` copies the results into
+``all`` trains the VAE, then the base model, while the three annotators train in side
+processes on the same GPU (tiny models leave it mostly idle). ``install`` copies the results into
 ``difftune_control/toyworld/weights``. Every ``PretrainConfig`` field is a flag (``--base_steps``,
 ``--time_budget`` ...); try the whole recipe on a CPU with tiny step counts first:
 
@@ -86,14 +86,19 @@ def main(argv: list[str] | None = None) -> None:
         for kind in ("depth", "normal", "segmentation"):
             train_annotator(cfg, kind)
     elif args.stage == "all":
-        train_vae(cfg)
-        forwarded = [a for a in (argv if argv is not None else sys.argv[1:])]
+        # The annotators train in side processes on the same GPU while the VAE and then the base
+        # model train here (the tiny models leave the GPU mostly idle, so they share it well).
+        forwarded = list(argv if argv is not None else sys.argv[1:])
         i = forwarded.index("--stage")
-        forwarded[i + 1] = "annotators"
-        side = subprocess.Popen([sys.executable, __file__, *forwarded])
+        sides = {}
+        for kind in ("depth", "normal", "segmentation"):
+            forwarded[i + 1] = kind
+            sides[kind] = subprocess.Popen([sys.executable, __file__, *forwarded])
+        train_vae(cfg)
         train_base(cfg)
-        if side.wait() != 0:
-            raise SystemExit(f"annotator training failed with exit code {side.returncode}")
+        failed = [kind for kind, proc in sides.items() if proc.wait() != 0]
+        if failed:
+            raise SystemExit(f"annotator training failed for: {', '.join(failed)}")
     elif args.stage == "install":
         install(cfg)
     print(f"stage {args.stage} done in {time.time() - t0:.1f} s", flush=True)

@@ -52,12 +52,12 @@ class PretrainConfig:
     """Seconds after which a stage stops early and saves (None: run all steps)."""
     log_every: int = 100
     """Optimizer steps between log lines."""
-    vae_steps: int = 2000
+    vae_steps: int = 3000
     vae_batch: int = 128
-    vae_lr: float = 3e-4
+    vae_lr: float = 4e-4
     vae_pool: int = 60_000
-    base_steps: int = 6000
-    base_batch: int = 1024
+    base_steps: int = 3600
+    base_batch: int = 512
     base_lr: float = 5e-4
     base_pool: int = 250_000
     base_warmup: int = 200
@@ -69,7 +69,7 @@ class PretrainConfig:
     save_every: int = 1000
     init_from: str | None = None
     """Pipeline folder whose text encoder and UNet the base stage continues from."""
-    annotator_steps: int = 2500
+    annotator_steps: int = 4000
     annotator_batch: int = 128
     annotator_lr: float = 1e-3
     annotator_pool: int = 50_000

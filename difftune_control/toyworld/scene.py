@@ -42,7 +42,7 @@ FLOOR_COLOURS: dict[str, tuple[float, float, float]] = {
 # Probability of 1, 2, 3, 4 objects: one- and two-object scenes dominate, since those are the
 # prompts whose text following is measured.
 _N_OBJECT_PROBS = (0.30, 0.35, 0.20, 0.15)
-_ROW_WIDTH = 3.4  # objects are spread over x in [-1.7, 1.7] (world units), one bin each
+_ROW_WIDTH = 3.2  # objects are spread over x in [-1.6, 1.6] (world units), one bin each
 _DEPTH_SPREAD = 2.4  # and over z in [-1.2, 1.2]
 _MASK32 = 0xFFFFFFFF
 _N_SLOTS = 64  # random numbers per scene; append new parameters at the end to keep old scenes
@@ -175,7 +175,7 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
     keys = torch.where(active, u(k), torch.full((len(index), k), 2.0, device=dev))
     rank = keys.argsort(dim=1).argsort(dim=1).float()  # [N, K] rank of each slot's key
     bin_w = _ROW_WIDTH / n_obj.float()[:, None]  # [N, 1]
-    footprint = torch.minimum(0.30 + 0.30 * u(k), 0.46 * bin_w)
+    footprint = torch.minimum(0.32 + 0.30 * u(k), 0.46 * bin_w)
     bin_centre = -_ROW_WIDTH / 2 + (rank + 0.5) * bin_w
     x = bin_centre + (u(k) - 0.5) * 1.6 * (bin_w / 2 - footprint).clamp_min(0.0)
     z = (u(k) - 0.5) * _DEPTH_SPREAD
@@ -196,7 +196,7 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
 
     azim = (u() - 0.5) * math.radians(50.0)
     elev = math.radians(12.0) + u() * math.radians(20.0)
-    dist = 5.0 + 1.5 * u()
+    dist = 4.3 + 1.3 * u()
     target = torch.stack([(u() - 0.5) * 0.6, 0.35 + 0.25 * u(), (u() - 0.5) * 0.6], dim=-1)
     offset = torch.stack(
         [torch.sin(azim) * torch.cos(elev), torch.sin(elev), torch.cos(azim) * torch.cos(elev)], -1
