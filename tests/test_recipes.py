@@ -112,3 +112,19 @@ def test_recipes_are_searched_where_the_wheel_puts_them():
     force_include = pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
     installed = REPO / force_include["conditions"]
     assert installed in recipe_dirs() and REPO / "conditions" in recipe_dirs()
+
+
+def test_recipes_are_read_only_but_copy_and_serialise_like_dicts():
+    import copy
+    import dataclasses
+    import pickle
+
+    recipe = load_recipe("normal")
+    with pytest.raises(TypeError, match="read-only"):
+        recipe.params["a"] = 1
+    with pytest.raises(TypeError, match="read-only"):
+        recipe.params["depth_params"]["model"] = "elsewhere"
+    assert copy.deepcopy(recipe) == recipe == pickle.loads(pickle.dumps(recipe))
+    as_json = json.loads(json.dumps(dataclasses.asdict(recipe)))
+    assert as_json["params"]["depth_params"] == {"model": "Intel/dpt-hybrid-midas"}
+    assert as_json == json.loads(json.dumps(recipe.to_dict()))

@@ -33,7 +33,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .registry import available_extractors, get_extractor, get_extractor_class
@@ -48,8 +47,26 @@ _EXTRACTOR_KEYS = {"backend", "params", "toy_params"}
 _RECIPE_SUFFIXES = (".toml", ".yaml", ".yml")
 
 
+class FrozenDict(dict):
+    """A dict that refuses changes (recipe tables); still a dict for `json` and `dataclasses.asdict`."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(
+            "recipe tables are read-only; build a new recipe or pass overrides to build_extractor"
+        )
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy / deepcopy / pickle rebuild through __init__
+        return (type(self), (dict(self),))
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted((k, repr(v)) for k, v in self.items())))
+
+
 def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
-    return MappingProxyType(dict(mapping or {}))
+    return FrozenDict({k: _frozen(v) if isinstance(v, Mapping) else v for k, v in (mapping or {}).items()})
 
 
 @dataclass(frozen=True)
