@@ -386,3 +386,17 @@ def test_toyworld_backends_with_the_shipped_weights(condition):
     ext = get_extractor(condition, "toyworld", device="cpu", resolution=64)
     hint = check_contract(ext, image_np(64, 64), (64, 64))
     assert torch.allclose(ext.dissimilarity(hint, hint), torch.zeros(1), atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_model_backend_runs_batched_on_the_gpu_and_agrees_with_the_cpu(dpt_dir, upernet_dir):
+    batch = torch.rand(4, 3, 48, 48, device="cuda")
+    for condition, backend, folder in (("depth", "dpt", dpt_dir), ("segmentation", "upernet", upernet_dir)):
+        gpu = get_extractor(condition, backend, model=str(folder), resolution=32)  # cuda, float16 by default
+        cpu = get_extractor(condition, backend, model=str(folder), resolution=32, device="cpu")
+        assert gpu.device.type == "cuda" and gpu.dtype == torch.float16
+        out = gpu(batch)
+        assert out.device.type == "cuda" and out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
+        assert gpu(batch[0].cpu()).device.type == "cpu"
+        agree = (out.cpu() - cpu(batch.cpu())).abs().mean()
+        assert float(agree) < (0.05 if condition == "depth" else 0.2)
