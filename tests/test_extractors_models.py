@@ -398,5 +398,8 @@ def test_model_backend_runs_batched_on_the_gpu_and_agrees_with_the_cpu(dpt_dir, 
         out = gpu(batch)
         assert out.device.type == "cuda" and out.shape == (4, 3, 32, 32) and out.dtype == torch.float32
         assert gpu(batch[0].cpu()).device.type == "cpu"
-        agree = (out.cpu() - cpu(batch.cpu())).abs().mean()
-        assert float(agree) < (0.05 if condition == "depth" else 0.2)
+        reference = cpu(batch.cpu())
+        if condition == "depth":
+            assert float((out.cpu() - reference).abs().mean()) < 0.05
+        else:  # float16 may flip near-tied classes of a random model, but not many
+            assert float((out.cpu() == reference).all(dim=1).float().mean()) > 0.8
