@@ -12,7 +12,6 @@ the teacher run's ``config.json`` (its ``data.condition``, ``data.train_data_dir
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -82,7 +81,7 @@ def load_teacher_controlnet(path: str, unet, device: torch.device | str, dtype: 
 
 def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:
     """Recipe, data source and DatasetSpec of A's pairs (see the module docstring for the order)."""
-    from difftune_control import assembly
+    from difftune_control.data import DatasetSpec
     from difftune_control.extractors import load_recipe
 
     m = cfg.method
@@ -107,11 +106,19 @@ def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:
     column = data.get("conditioning_image_column") or (
         getattr(recipe, "toy_hint_column", None) if toy else None
     )
-    spec = dataclasses.replace(
-        assembly.dataset_spec(cfg, source, cfg.bank.bank_size),
+    d = cfg.data
+    spec = DatasetSpec(
+        source=source,
+        image_column=data.get("image_column") or d.image_column,
         conditioning_image_column=column or "conditioning_image",
-        random_flip=False,
+        caption_column=data.get("caption_column") or d.caption_column,
+        resolution=d.resolution,
         center_crop=True,
+        random_flip=False,
+        hint_interpolation=data.get("hint_interpolation") or d.hint_interpolation,
+        split=data.get("dataset_split") or d.dataset_split,
+        max_samples=cfg.bank.bank_size,
+        dataset_config_name=data.get("dataset_config_name"),
     )
     return recipe, source, spec
 

@@ -387,3 +387,31 @@ def test_config_rules(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
         cfg.validate()
     assert "--bank_hint zero does not apply" in str(err.value)
     assert "--teacher_train_data_dir: no such file" in str(err.value)
+
+
+def test_teacher_data_defaults_come_from_the_teacher_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, base):
+    import json
+
+    from difftune_control.teacher import teacher_data_spec
+
+    run = tmp_path / "depth-run"
+    make_teacher(base, run / "controlnet")
+    data = {
+        "condition": "sketch",
+        "train_data_dir": str(tiny_dataset_dir),
+        "conditioning_image_column": "hint",
+    }
+    (run / "config.json").write_text(json.dumps({"data": data}))
+    cfg = tiny_config(
+        tiny_pipeline_dir, tmp_path / "other-data", tmp_path, method__teacher_controlnet=str(run)
+    )
+    recipe, source, spec = teacher_data_spec(cfg, toy=False)
+    assert recipe.name == "sketch" and source == str(tiny_dataset_dir)
+    assert spec.conditioning_image_column == "hint" and spec.max_samples == cfg.bank.bank_size
+    # flags win over the run's config; without either, the condition must be named
+    cfg.method.teacher_condition = "canny"
+    assert teacher_data_spec(cfg, toy=False)[0].name == "canny"
+    (run / "config.json").write_text("{}")
+    cfg.method.teacher_condition = None
+    with pytest.raises(ValueError, match="--teacher_condition"):
+        teacher_data_spec(cfg, toy=False)
