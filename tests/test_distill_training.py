@@ -415,3 +415,35 @@ def test_teacher_data_defaults_come_from_the_teacher_run(tiny_pipeline_dir, tiny
     cfg.method.teacher_condition = None
     with pytest.raises(ValueError, match="--teacher_condition"):
         teacher_data_spec(cfg, toy=False)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, base):
+    """The whole path on a GPU in bf16: teacher bank with recorded states, then distilling steps."""
+    import json
+    import math
+
+    from difftune_control.trainer import train
+    from difftune_control.utils import read_jsonl
+
+    teacher_dir = make_teacher(base, tmp_path / "teacher")
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__retention="snr",
+        method__teacher_controlnet=str(teacher_dir),
+        method__teacher_condition="canny",
+        method__teacher_train_data_dir=str(tiny_dataset_dir),
+        train__device="cuda",
+        train__mixed_precision="bf16",
+        train__max_train_steps=3,
+    )
+    run = train(cfg)
+    bank = load_bank(json.loads((run / "config.json").read_text())["bank_dir"])
+    assert set(bank.manifest["distillation"]) == {"teacher", "trajectory"}
+    assert bank.trajectory.latents.shape[:2] == (8, 2) and torch.isfinite(bank.trajectory.predictions).all()
+    records = read_jsonl(run / "metrics.jsonl")
+    losses = [r["loss"] for r in records if r["type"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    assert any(r["type"] == "end" for r in records)
