@@ -230,6 +230,11 @@ def _ms(values: list) -> str:
     return f"{statistics.mean(vals):.0f} ± {sd:.0f}" + (f" ({missing} not reached)" if missing else "")
 
 
+def _mean(values, fmt: str) -> str:
+    vals = [v for v in values if v is not None]
+    return format(statistics.mean(vals), fmt) if vals else "-"
+
+
 def group_key(name: str) -> str:
     return name.rsplit("-s", 1)[0]
 
@@ -261,8 +266,7 @@ def tables(rows: dict) -> tuple[str, dict]:
         fr = f"{statistics.mean(r['frechet'] for r in rets):.2f}" if rets else "-"
         lines.append(
             f"| {g} | {len(ss)} | {_ms(entry['0.25'])} | {_ms(entry['event'])} | {_ms(entry['0.5'])} | "
-            f"{statistics.mean(v for v in entry['final_p'] if v is not None):.2f} | "
-            f"{statistics.mean(v for v in entry['final_d'] if v is not None):.4f} | {tf} | {fr} |"
+            f"{_mean(entry['final_p'], '.2f')} | {_mean(entry['final_d'], '.4f')} | {tf} | {fr} |"
         )
     lines += [
         "",
@@ -400,8 +404,8 @@ def main() -> int:
         )
     (args.out / "results.md").write_text(md + "\n")
     (args.out / "results.json").write_text(json.dumps({"runs": rows, "groups": agg}, indent=1, default=str))
-    curves(args, rows, args.out / "curves.png")
     print(md)
+    curves(args, rows, args.out / "curves.png")
     return 0
 
 
