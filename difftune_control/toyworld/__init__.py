@@ -10,6 +10,7 @@ depth = load_annotator("depth")(out["rgb"])  # [16, 1, 64, 64] normalised invers
 ```
 """
 
+from .dataset import build_dataset, default_dataset_dir
 from .labels import TOY_TO_ADE20K, annotate_hint, classes_to_ade_rgb
 from .models import ANNOTATOR_KINDS, AnnotatorConfig, ToyAnnotator
 from .render import BACKGROUND_DEPTH
@@ -30,8 +31,10 @@ __all__ = [
     "ToyAnnotator",
     "annotate_hint",
     "annotator_path",
+    "build_dataset",
     "classes_to_ade_rgb",
     "default_base_model_path",
+    "default_dataset_dir",
     "load_annotator",
     "normal_to_rgb",
     "normalised_inverse_depth",
