@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     metrics: dict = {
         "pipeline": str(path),
-        "annotators": str(ann_dir),
+        "annotators_dir": str(ann_dir),
         "device": args.device,
         "seed": args.seed,
     }

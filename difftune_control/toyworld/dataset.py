@@ -110,8 +110,9 @@ def build_dataset(
             (tmp / sub).mkdir()
         lines = []
         chunk = max(1, 256 * 4096 // (resolution * resolution))
+        device = "cuda" if torch.cuda.is_available() else None  # one renderer: same scenes on either device
         for lo in range(0, n, chunk):
-            out = render_scenes(min(chunk, n - lo), stream, resolution, start=lo)
+            out = render_scenes(min(chunk, n - lo), stream, resolution, start=lo, device=device)
             arrays = {
                 "images": _to_uint8(out["rgb"]),
                 "depth": _to_uint8(out["inv_depth"].expand(-1, 3, -1, -1)),

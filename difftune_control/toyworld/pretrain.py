@@ -220,6 +220,11 @@ def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> Path:
     config = json.loads(te_config.read_text())
     config["dtype"] = "float32"
     te_config.write_text(json.dumps(config, indent=2) + "\n")
+    for part in ("vae", "unet"):  # drop the training machine's paths recorded by from_pretrained
+        cfg_file = Path(folder) / part / "config.json"
+        config = json.loads(cfg_file.read_text())
+        config.pop("_name_or_path", None)
+        cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     vocab, merges = tokenizer_files()
     (Path(folder) / "tokenizer" / "vocab.json").write_text(
         json.dumps(vocab, indent=0, ensure_ascii=False) + "\n"

@@ -1,0 +1,185 @@
+"""Toy world: the shipped pipeline, tokenizer and annotators load offline and work."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from difftune_control.toyworld import (
+    ANNOTATOR_KINDS,
+    annotate_hint,
+    default_base_model_path,
+    load_annotator,
+    render_scenes,
+    split_seed,
+    vocabulary,
+)
+from difftune_control.toyworld.evaluate import (
+    colour_ids,
+    depth_rmse,
+    ground_truth_specs,
+    mean_iou,
+    normal_angle_error,
+    score_text_following,
+    text_following_prompts,
+)
+from difftune_control.toyworld.scene import COLOURS
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def held_out() -> dict:
+    return render_scenes(16, split_seed(0, "validation"))
+
+
+def test_shipped_pipeline_loads_and_samples_offline():
+    from diffusers import StableDiffusionPipeline
+
+    path = default_base_model_path()
+    pipe = StableDiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.safety_checker is None
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    sched = pipe.scheduler.config
+    assert (sched.beta_schedule, sched.beta_start, sched.beta_end, sched.num_train_timesteps) == (
+        "scaled_linear",
+        0.00085,
+        0.012,
+        1000,
+    )
+    assert (sched.clip_sample, sched.set_alpha_to_one, sched.steps_offset) == (False, False, 1)
+    assert sched.prediction_type == "epsilon"
+    kw = {"num_inference_steps": 4, "guidance_scale": 5.0, "output_type": "pt"}
+    a = pipe("a red sphere on a grey floor", generator=torch.Generator().manual_seed(0), **kw).images
+    b = pipe("a red sphere on a grey floor", generator=torch.Generator().manual_seed(0), **kw).images
+    assert a.shape == (1, 3, 64, 64) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    # A trained model, not noise: the image is mostly smooth floor and sky.
+    tv = (a[..., 1:, :] - a[..., :-1, :]).abs().mean() + (a[..., :, 1:] - a[..., :, :-1]).abs().mean()
+    assert tv < 0.1
+
+
+def test_parts_load_through_the_standard_subfolder_paths():
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = default_base_model_path()
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae")
+    text = CLIPTextModel.from_pretrained(path, subfolder="text_encoder")
+    tok = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")
+    DDPMScheduler.from_pretrained(path, subfolder="scheduler")
+    DDIMScheduler.from_pretrained(path, subfolder="scheduler")
+    assert unet.config.cross_attention_dim == text.config.hidden_size
+    assert unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1) == 64
+    assert 0.5 < vae.config.scaling_factor < 2.0
+    assert (path / "tokenizer" / "vocab.json").is_file() and (path / "tokenizer" / "merges.txt").is_file()
+    vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
+    assert len(tok) == len(vocab) == text.config.vocab_size
+    assert text.config.pad_token_id == text.config.eos_token_id == tok.eos_token_id
+    for word in vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok(["a yellow zeppelin ??"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert text(ids)[0].shape == (1, 77, text.config.hidden_size)
+
+
+def test_shipped_weights_fit_the_size_budget():
+    from difftune_control.toyworld import WEIGHTS_DIR
+
+    total = sum(f.stat().st_size for f in WEIGHTS_DIR.rglob("*") if f.is_file())
+    assert total < 32 * 1024 * 1024
+
+
+@pytest.mark.parametrize("resolution", [64, 128])
+def test_annotators_load_and_match_ground_truth(resolution):
+    out = render_scenes(8, split_seed(0, "validation"), resolution=resolution)
+    depth, normal, seg = (load_annotator(k) for k in ANNOTATOR_KINDS)
+    assert not depth.training and not any(p.requires_grad for p in depth.parameters())
+    with torch.no_grad():
+        d, n, s = depth(out["rgb"]), normal(out["rgb"]), seg(out["rgb"])
+    assert d.shape == (8, 1, resolution, resolution) and 0 <= d.min() and d.max() <= 1
+    assert n.shape == (8, 3, resolution, resolution)
+    assert torch.allclose(n.norm(dim=1), torch.ones(8, resolution, resolution), atol=1e-3)
+    assert s.shape == (8, 6, resolution, resolution)
+    assert depth_rmse(d, out["inv_depth"]) < 0.03
+    assert normal_angle_error(n, out["normal"]) < 8.0
+    assert mean_iou(s.argmax(dim=1), out["classes"]) > 0.9
+
+
+def test_annotate_hint_draws_controlnet_hints(held_out):
+    for kind in ANNOTATOR_KINDS:
+        hint = annotate_hint(load_annotator(kind), held_out["rgb"][:2])
+        assert hint.shape == (2, 3, 64, 64) and 0 <= hint.min() and hint.max() <= 1
+    grey = annotate_hint(load_annotator("depth"), held_out["rgb"][:2])
+    assert torch.equal(grey[:, 0], grey[:, 1])
+
+
+def test_load_annotator_errors_teach(tmp_path):
+    with pytest.raises(ValueError, match="depth, normal, segmentation"):
+        load_annotator("edges")
+    with pytest.raises(FileNotFoundError, match="pretrain_toyworld"):
+        load_annotator("depth", path=tmp_path / "missing.safetensors")
+    from difftune_control.toyworld import annotator_path
+
+    with pytest.raises(ValueError, match="holds a 'normal' annotator"):
+        load_annotator("depth", path=annotator_path("normal"))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        load_annotator("depth")(torch.rand(1, 3, 60, 60))
+
+
+def test_scorer_is_exact_on_renders_with_true_classes():
+    out = render_scenes(96, split_seed(0, "validation"))
+    keep, specs = ground_truth_specs(out)
+    assert len(keep) > 20 and {s["kind"] for s in specs} == {"single", "two"}
+    scores = score_text_following(out["rgb"][keep], out["classes"][keep], specs)
+    assert scores["single_correct"] == 1.0 and scores["two_left_right"] == 1.0
+    # Swapping the expected order turns every left/right judgement wrong.
+    swapped = [dict(s, objects=s["objects"][::-1]) if s["kind"] == "two" else s for s in specs]
+    assert score_text_following(out["rgb"][keep], out["classes"][keep], swapped)["two_left_right"] == 0.0
+
+
+def test_colour_ids_name_the_palette():
+    pal = torch.tensor(list(COLOURS.values())).T[None, :, :, None]  # [1, 3, 8, 1]
+    assert colour_ids(pal)[0, :, 0].tolist() == list(range(len(COLOURS)))
+    assert colour_ids(pal * 0.5)[0, :, 0].tolist() == list(range(len(COLOURS)))  # shading keeps hue
+    assert colour_ids(torch.full((1, 3, 2, 2), 0.5)).eq(-1).all()  # grey has no colour name
+
+
+def test_text_following_prompts_are_balanced():
+    specs = text_following_prompts(seed=0, n_single_repeats=1, n_two=10)
+    singles = [s for s in specs if s["kind"] == "single"]
+    assert len(singles) == 32 and len({s["objects"][0] for s in singles}) == 32
+    for s in specs:
+        if s["kind"] == "two":
+            (c1, s1), (c2, s2) = s["objects"]
+            assert c1 != c2 and s1 != s2
+            left_first = s["prompt"].index(f"{c1} {s1}") < s["prompt"].index(f"{c2} {s2}")
+            assert ("to the left of" in s["prompt"]) == left_first
+
+
+@pytest.mark.slow
+def test_pretrain_recipe_runs_end_to_end_on_cpu(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_base, train_vae
+
+    cfg = PretrainConfig(out_dir=str(tmp_path), device="cpu", vae_steps=2, base_steps=2, annotator_steps=2,
+                         vae_pool=16, base_pool=16, annotator_pool=16, annotator_pool_128=4, vae_batch=4,
+                         base_batch=4, annotator_batch=4, save_every=1)  # fmt: skip
+    train_vae(cfg)
+    train_base(cfg)
+    train_annotator(cfg, "segmentation")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert pipe.unet.config.sample_size == 16
+    assert load_annotator("segmentation", path=tmp_path / "annotators" / "segmentation.safetensors")
+    resumed = PretrainConfig(**{**cfg.__dict__, "base_steps": 3})
+    train_base(resumed)
+    log = (tmp_path / "logs" / "base.jsonl").read_text()
+    assert '"event": "resume", "step": 2' in log
