@@ -84,7 +84,6 @@ def build_sd15(folder: Path) -> Path:
         num_train_timesteps=1000,
         steps_offset=1,
         clip_sample=False,
-        set_alpha_to_one=False,
     )
     StableDiffusionPipeline(
         vae=vae,
@@ -246,7 +245,7 @@ def bench_detector(model_dir: Path, train_images_per_s: float, every: int = 500,
     k = 8
     g = torch.Generator().manual_seed(0)
     monitor = ConvergenceMonitor(
-        DetectorConfig(convergence_every=every, convergence_samples=k),
+        DetectorConfig(convergence_every=every, convergence_samples=k, convergence_num_inference_steps=10),
         get_extractor("canny", resolution=512),
         torch.randn(k, 77, 768, generator=g),
         torch.rand(k, 3, 512, 512, generator=g),

@@ -209,3 +209,41 @@ def test_cache_refuses_a_dataset_it_was_not_built_for(tmp_path, models):
         CachedTargetDataset(cached.cache_dir, load_target_dataset(DatasetSpec(str(root), resolution=R)))
     with pytest.raises(FileNotFoundError, match="no complete latent cache"):
         CachedTargetDataset(tmp_path / "nothing", cached.dataset)
+
+
+def test_cache_slots_differ_by_hint_source(tmp_path):
+    """Runs of two conditions on one dataset (another hint column, or an extractor) never share a cache."""
+    import json as _json
+
+    from conftest import build_tiny_dataset
+
+    from difftune_control.data import DatasetSpec, load_target_dataset
+    from difftune_control.data.cache import cache_slot
+
+    data = build_tiny_dataset(tmp_path / "d", n=4)
+    rows = [_json.loads(x) for x in (data / "metadata.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["edges"] = r["conditioning_image"]
+    (data / "metadata.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    a = load_target_dataset(DatasetSpec(source=str(data), resolution=16))
+    b = load_target_dataset(DatasetSpec(source=str(data), resolution=16, conditioning_image_column="edges"))
+    slots = {cache_slot(x, "m") for x in (a, b)}
+    # no hint column: hints are extracted, and the extractor's settings name the slot
+    (data / "metadata.jsonl").write_text(
+        "".join(_json.dumps({k: r[k] for k in ("image", "text")}) + "\n" for r in rows)
+    )
+
+    class Hint:
+        def __init__(self, level):
+            self.params = {"level": level}
+
+        def __call__(self, image):
+            return __import__("torch").full((3, 16, 16), self.params["level"])
+
+    c1 = load_target_dataset(DatasetSpec(source=str(data), resolution=16), hint_fn=Hint(0.0))
+    c2 = load_target_dataset(DatasetSpec(source=str(data), resolution=16), hint_fn=Hint(1.0))
+    slots |= {cache_slot(c1, "m"), cache_slot(c2, "m")}
+    assert len(slots) == 4
+    assert cache_slot(c1, "m") == cache_slot(
+        load_target_dataset(DatasetSpec(source=str(data), resolution=16), hint_fn=Hint(0.0)), "m"
+    )

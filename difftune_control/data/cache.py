@@ -70,16 +70,19 @@ def hint_fn_key(hint_fn: Any) -> str | None:
 
 
 def cache_slot(dataset: TargetDataset, model_id: str) -> str:
-    """Sub-folder of a cache root for one (dataset source, split, model, resolution).
+    """Sub-folder of a cache root for one (dataset source, split, model, resolution, hints).
 
-    Different datasets or models get different folders, so alternating between them never
-    rebuilds; an edited dataset or a changed crop mode or dtype reuses the folder and rebuilds.
+    Different datasets, models or hints (another hint column, another extractor) get different
+    folders, so runs of several conditions on one dataset, alternating or in parallel, never
+    rebuild each other's cache; an edited dataset or a changed crop mode or dtype reuses the
+    folder and rebuilds.
     """
     spec = dataset.spec
     source = str(spec.source)
     path = Path(source).expanduser()
     where = str(path.resolve()) if path.exists() else source
-    ident = json.dumps([where, spec.split, spec.dataset_config_name, model_id, spec.resolution])
+    hints = [spec.conditioning_image_column, hint_fn_key(dataset.hint_fn) if dataset.extracts_hints else None]
+    ident = json.dumps([where, spec.split, spec.dataset_config_name, model_id, spec.resolution, hints])
     slug = (
         re.sub(r"[^A-Za-z0-9_.-]+", "_", (path.stem if path.exists() else source))[-40:].strip("_.")
         or "dataset"
@@ -250,8 +253,6 @@ def build_latent_cache(
     Returns:
         `CachedTargetDataset`, whose ``build_stats`` says how many shards were reused or computed.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(dataset, TargetDataset):
         raise TypeError(
             f"dataset must be a TargetDataset (see load_target_dataset), got {type(dataset).__name__}"
@@ -261,8 +262,26 @@ def build_latent_cache(
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     if not isinstance(model_id, str) or not model_id:
         raise ValueError(f"model_id must name the base model (path or hub id), got {model_id!r}")
-    started = time.perf_counter()
+    from filelock import FileLock
+
     folder = Path(cache_dir) / cache_slot(dataset, model_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    # several runs sharing a cache (processes, parallel runs) wait for one build, then reuse it
+    with FileLock(str(folder / ".lock")):
+        return _build_locked(
+            dataset, folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, model_id=model_id,
+            batch_size=batch_size, device=device, dtype=dtype, show_progress=show_progress,
+            shard_size=shard_size, seed=seed, num_workers=num_workers, sample_latents=sample_latents,
+        )  # fmt: skip
+
+
+def _build_locked(
+    dataset, folder: Path, *, vae, text_encoder, tokenizer, model_id, batch_size, device, dtype,
+    show_progress, shard_size, seed, num_workers, sample_latents,
+) -> CachedTargetDataset:  # fmt: skip
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
     key = cache_key(
         dataset,
         model_id=model_id,
