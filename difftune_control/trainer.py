@@ -78,11 +78,9 @@ class ControlNetTrainer:
             out[k][~plan.is_bank.to(self.device)] = tb[k]
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
-            rows = [self.bank[int(i)] for i in idx]
+            rows = self.bank.batch(idx, self.device)
             for k in BATCH_KEYS:
-                out[k][plan.is_bank.to(self.device)] = torch.stack([r[k] for r in rows]).to(
-                    self.device, out[k].dtype
-                )
+                out[k][plan.is_bank.to(self.device)] = rows[k].to(out[k].dtype)
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = plan.timesteps.to(self.device)
         out["noise"] = torch.randn(out["latents"].shape, generator=self.generator).to(self.device)

@@ -493,3 +493,11 @@ def test_two_processes_split_the_shards_and_match_one_process(clean_bank, tmp_pa
 def test_dataset_class_is_what_load_bank_returns(clean_bank):
     assert isinstance(load_bank(clean_bank), BankDataset)
     assert bank_mod.SHARD_SIZE == 256
+
+
+def test_batch_equals_stacked_items(models, clean_bank):
+    ds = load_bank(clean_bank)
+    idx = torch.tensor([4, 0, 4, 2])
+    batch = ds.batch(idx)
+    for key in ("latents", "encoder_hidden_states", "conditioning_pixel_values"):
+        assert torch.equal(batch[key], torch.stack([ds[int(i)][key] for i in idx])), key
