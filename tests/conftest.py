@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from difftune_control.config import RunConfig
+
 # The test models are tiny: one intra-op thread is faster than two and immune to a busy machine.
 torch.set_num_threads(1)
 
@@ -129,6 +131,65 @@ def build_tiny_dataset(folder: Path, n: int = 24, size: int = 20, seed: int = 0)
         )
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     return folder
+
+
+# -- a tiny run, configured and set up in-process -------------------------------------------------
+def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig:
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(pipeline)
+    cfg.model.conditioning_embedding_out_channels = [8, 16]
+    cfg.data.condition = "canny"
+    cfg.data.train_data_dir = str(data)
+    cfg.data.resolution = 16
+    cfg.train.output_dir = str(out)
+    cfg.train.run_name = "run"
+    cfg.train.train_batch_size = 4
+    cfg.train.max_train_steps = 4
+    cfg.train.learning_rate = 1e-3
+    cfg.train.checkpointing_steps = 2
+    cfg.train.validation_steps = 100
+    cfg.train.logging_steps = 1
+    cfg.train.report_to = "none"
+    cfg.train.device = "cpu"
+    cfg.bank.bank_size = 8
+    cfg.bank.bank_batch_size = 8
+    cfg.bank.bank_num_inference_steps = 2
+    cfg.detector.convergence_every = 2
+    cfg.detector.convergence_samples = 2
+    cfg.detector.convergence_num_inference_steps = 2
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def build_trainer(cfg: RunConfig):
+    """Set up the pieces of a run in-process (as run_training does) and return the trainer."""
+    from accelerate import Accelerator
+
+    from difftune_control import assembly
+    from difftune_control.loop import _resolve
+    from difftune_control.runtime import load_base_model, make_controlnet
+    from difftune_control.trainer import trainer_class
+    from difftune_control.validation import encode_prompts
+
+    cfg, toy, _ = _resolve(cfg)
+    acc = Accelerator(cpu=True)
+    base = load_base_model(cfg.model, acc.device, torch.float32)
+    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
+    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
+    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
+    bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
+    torch.manual_seed(0)
+    controlnet = make_controlnet(cfg.model, base.unet)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0)
+    controlnet, opt = acc.prepare(controlnet, opt)
+    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    return trainer, opt
+
+
+def target_batch(trainer, n: int = 4) -> dict:
+    return torch.utils.data.default_collate([trainer.target[i] for i in range(n)])
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_trainer, target_batch
+from conftest import tiny_config as shared_tiny_config
 
 from difftune_control.bank import bank_manifest, bank_sample_indices, ensure_bank, load_bank, sample_seed
 from difftune_control.config import BankConfig, ConfigError, ModelConfig, RunConfig
@@ -118,60 +120,17 @@ def test_inactive_distillation_keeps_the_bank_key():
 
 # -- training -----------------------------------------------------------------------------------------
 def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.pretrained_model_name_or_path = str(pipeline)
-    cfg.model.conditioning_embedding_out_channels = [8, 16]
-    cfg.data.condition = "canny"
-    cfg.data.train_data_dir = str(data)
-    cfg.data.resolution = RES
-    cfg.data.cache_dir = str(out / "cache")
-    cfg.train.output_dir = str(out)
-    cfg.train.run_name = "run"
-    cfg.train.train_batch_size = 4
-    cfg.train.max_train_steps = 2
-    cfg.train.learning_rate = 1e-3
-    cfg.train.validation_steps = 100
-    cfg.train.logging_steps = 1
-    cfg.train.report_to = "none"
-    cfg.train.device = "cpu"
-    cfg.bank.bank_size = 8
-    cfg.bank.bank_batch_size = 8
-    cfg.bank.bank_num_inference_steps = 4
-    cfg.bank.trajectory_states = 2
-    cfg.detector.convergence_every = 2
-    cfg.detector.convergence_samples = 2
-    cfg.detector.convergence_num_inference_steps = 2
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
-
-
-def build_trainer(cfg: RunConfig):
-    """The pieces of a run, set up in-process as ``run_training`` does; returns (trainer, optimizer)."""
-    from accelerate import Accelerator
-
-    from difftune_control import assembly
-    from difftune_control.loop import _resolve
-    from difftune_control.runtime import load_base_model, make_controlnet
-    from difftune_control.trainer import trainer_class
-
-    cfg, toy, _ = _resolve(cfg)
-    acc = Accelerator(cpu=True)
-    base = load_base_model(cfg.model, acc.device, torch.float32)
-    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
-    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
-    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
-    bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
-    torch.manual_seed(0)
-    controlnet = make_controlnet(cfg.model, base.unet)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0)
-    controlnet, opt = acc.prepare(controlnet, opt)
-    return trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank), opt
-
-
-def target_batch(trainer, n: int = 4) -> dict:
-    return torch.utils.data.default_collate([trainer.target[i] for i in range(n)])
+    """The shared tiny run, with a private cache, 2 steps and banks that record 2 states."""
+    settings = {
+        "data__resolution": RES,
+        "data__cache_dir": str(out / "cache"),
+        "train__max_train_steps": 2,
+        "train__checkpointing_steps": 500,
+        "bank__bank_num_inference_steps": 4,
+        "bank__trajectory_states": 2,
+        **overrides,
+    }
+    return shared_tiny_config(pipeline, data, out, **settings)
 
 
 def bank_plan(timesteps: list[int], n_target: int = 1) -> BatchPlan:

@@ -7,38 +7,22 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import tiny_config
 
 from difftune_control.report import build_report
 from difftune_control.utils import read_jsonl
 
 
 def _config(pipeline: Path, data: Path, out: Path, name: str, method: str, steps: int = 6):
-    from difftune_control.config import RunConfig
-
-    cfg = RunConfig()
-    cfg.model.pretrained_model_name_or_path = str(pipeline)
-    cfg.model.conditioning_embedding_out_channels = [8, 16]
-    cfg.data.condition = "canny"
-    cfg.data.train_data_dir = str(data)
-    cfg.data.resolution = 16
-    cfg.method.method = method
-    cfg.train.output_dir = str(out)
-    cfg.train.run_name = name
-    cfg.train.train_batch_size = 4
-    cfg.train.max_train_steps = steps
-    cfg.train.learning_rate = 1e-3
-    cfg.train.checkpointing_steps = 100
-    cfg.train.validation_steps = 100
-    cfg.train.logging_steps = 1
-    cfg.train.report_to = "none"
-    cfg.train.device = "cpu"
-    cfg.bank.bank_size = 8
-    cfg.bank.bank_batch_size = 8
-    cfg.bank.bank_num_inference_steps = 2
-    cfg.detector.convergence_every = 2
-    cfg.detector.convergence_samples = 2
-    cfg.detector.convergence_num_inference_steps = 2
-    return cfg
+    return tiny_config(
+        pipeline,
+        data,
+        out,
+        train__run_name=name,
+        method__method=method,
+        train__max_train_steps=steps,
+        train__checkpointing_steps=100,
+    )
 
 
 @pytest.fixture(scope="module")

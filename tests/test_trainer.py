@@ -7,72 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_trainer, target_batch, tiny_config
 
-from difftune_control.config import ConfigError, RunConfig
+from difftune_control.config import ConfigError
 from difftune_control.forgetting import vanilla_plan
 from difftune_control.utils import read_jsonl
 
 
-def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig:
-    cfg = RunConfig()
-    cfg.model.pretrained_model_name_or_path = str(pipeline)
-    cfg.model.conditioning_embedding_out_channels = [8, 16]
-    cfg.data.condition = "canny"
-    cfg.data.train_data_dir = str(data)
-    cfg.data.resolution = 16
-    cfg.train.output_dir = str(out)
-    cfg.train.run_name = "run"
-    cfg.train.train_batch_size = 4
-    cfg.train.max_train_steps = 4
-    cfg.train.learning_rate = 1e-3
-    cfg.train.checkpointing_steps = 2
-    cfg.train.validation_steps = 100
-    cfg.train.logging_steps = 1
-    cfg.train.report_to = "none"
-    cfg.train.device = "cpu"
-    cfg.bank.bank_size = 8
-    cfg.bank.bank_batch_size = 8
-    cfg.bank.bank_num_inference_steps = 2
-    cfg.detector.convergence_every = 2
-    cfg.detector.convergence_samples = 2
-    cfg.detector.convergence_num_inference_steps = 2
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
-
-
-def _build(cfg: RunConfig):
-    """Set up the pieces of a run in-process (as run_training does) and return the trainer."""
-    from accelerate import Accelerator
-
-    from difftune_control import assembly
-    from difftune_control.loop import _resolve
-    from difftune_control.runtime import load_base_model, make_controlnet
-    from difftune_control.trainer import trainer_class
-    from difftune_control.validation import encode_prompts
-
-    cfg, toy, _ = _resolve(cfg)
-    acc = Accelerator(cpu=True)
-    base = load_base_model(cfg.model, acc.device, torch.float32)
-    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
-    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
-    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
-    bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
-    torch.manual_seed(0)
-    controlnet = make_controlnet(cfg.model, base.unet)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0)
-    controlnet, opt = acc.prepare(controlnet, opt)
-    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
-    return trainer, opt
-
-
-def _batch(trainer, n=4):
-    return torch.utils.data.default_collate([trainer.target[i] for i in range(n)])
-
-
 def test_only_controlnet_parameters_change(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    trainer, opt = _build(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
+    trainer, opt = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
     base = trainer.base
     frozen = {
         name: {k: v.clone() for k, v in m.state_dict().items()}
@@ -80,7 +23,7 @@ def test_only_controlnet_parameters_change(tiny_pipeline_dir, tiny_dataset_dir, 
     }
     before = {k: v.clone() for k, v in trainer.controlnet.state_dict().items()}
     for _ in range(3):
-        trainer.training_step(_batch(trainer))
+        trainer.training_step(target_batch(trainer))
         opt.step()
         opt.zero_grad()
     for name, m in (("unet", base.unet), ("vae", base.vae), ("text_encoder", base.text_encoder)):
@@ -94,10 +37,10 @@ def test_difftuning_with_vanilla_plan_equals_vanilla_step(tiny_pipeline_dir, tin
     grads = []
     for method in ("vanilla", "difftuning"):
         cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / method, method__method=method)
-        trainer, _ = _build(cfg)
+        trainer, _ = build_trainer(cfg)
         plan = vanilla_plan(4, generator=torch.Generator().manual_seed(5))
         trainer.generator.manual_seed(7)
-        parts = trainer.training_step(_batch(trainer), plan=plan)
+        parts = trainer.training_step(target_batch(trainer), plan=plan)
         grads.append(
             (parts["loss"], [p.grad.clone() for p in trainer.controlnet.parameters() if p.grad is not None])
         )
@@ -107,12 +50,14 @@ def test_difftuning_with_vanilla_plan_equals_vanilla_step(tiny_pipeline_dir, tin
 
 
 def test_difftuning_fixed_step_uses_bank(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    trainer, _ = _build(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__bank_share=0.25))
-    parts = trainer.training_step(_batch(trainer))
+    trainer, _ = build_trainer(
+        tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__bank_share=0.25)
+    )
+    parts = trainer.training_step(target_batch(trainer))
     assert parts["bank_share"] == 0.25 and parts["loss_bank"] is not None and parts["loss_target"] is not None
 
 
-def test_loss_decreases_when_overfitting_one_batch(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+def test_loss_decreases_when_overfitting_onetarget_batch(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     cfg = tiny_config(
         tiny_pipeline_dir,
         tiny_dataset_dir,
@@ -121,8 +66,8 @@ def test_loss_decreases_when_overfitting_one_batch(tiny_pipeline_dir, tiny_datas
         data__proportion_empty_prompts=0.0,
         train__learning_rate=1e-2,
     )
-    trainer, opt = _build(cfg)
-    batch = _batch(trainer)
+    trainer, opt = build_trainer(cfg)
+    batch = target_batch(trainer)
     losses = []
     for _ in range(40):
         plan = vanilla_plan(4, generator=torch.Generator().manual_seed(0))  # same t every step
