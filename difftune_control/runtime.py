@@ -74,7 +74,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
             f"--pretrained_model_name_or_path: {path} is not a diffusers pipeline folder (no unet/ inside); "
             "convert a single-file checkpoint with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)"
         )
-    kw = {"revision": cfg.revision, "variant": cfg.variant}
+    kw = {"revision": cfg.revision, "variant": cfg.variant, "torch_dtype": weight_dtype}
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=cfg.revision)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
@@ -89,7 +89,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
         m.eval()
-        m.to(device=device, dtype=weight_dtype)
+        m.to(device=device)
     return BaseModel(
         unet,
         vae,
