@@ -111,6 +111,9 @@ def build_dataset(
         lines = []
         chunk = max(1, 256 * 4096 // (resolution * resolution))
         device = "cuda" if torch.cuda.is_available() else None  # one renderer: same scenes on either device
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"rendering toy-world {split} set", unit="scene")
         for lo in range(0, n, chunk):
             out = render_scenes(min(chunk, n - lo), stream, resolution, start=lo, device=device)
             arrays = {
@@ -126,6 +129,8 @@ def build_dataset(
                 record = {"image": f"images/{name}", "text": caption}
                 record.update({col: f"{col}/{name}" for col in HINT_COLUMNS})
                 lines.append(json.dumps(record))
+            bar.update(len(out["captions"]))
+        bar.close()
         (tmp / "metadata.jsonl").write_text("\n".join(lines) + "\n")
         (tmp / "dataset_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return folder
