@@ -223,3 +223,104 @@ def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir
     assert [r["step"] for r in records if r["type"] == "train"] == [1, 2, 3, 4]
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
     assert (run / "checkpoint-4" / "controlnet").is_dir()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_compute_loss_matches_diffusers_targets(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, prediction_type
+):
+    """Per-sample loss = MSE(UNet+ControlNet prediction, noise or scheduler.get_velocity)."""
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__method="vanilla",
+        model__prediction_type=prediction_type,
+    )
+    trainer, _ = build_trainer(cfg)
+    plan = vanilla_plan(4, generator=torch.Generator().manual_seed(3))
+    batch = trainer.assemble(target_batch(trainer), plan)
+    loss = trainer.compute_loss(batch)
+    sched = trainer.base.noise_scheduler
+    latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
+    noisy = sched.add_noise(latents, noise, t)
+    down, mid = trainer.controlnet(
+        noisy,
+        t,
+        encoder_hidden_states=batch["encoder_hidden_states"],
+        controlnet_cond=batch["conditioning_pixel_values"],
+        return_dict=False,
+    )
+    pred = trainer.base.unet(
+        noisy,
+        t,
+        encoder_hidden_states=batch["encoder_hidden_states"],
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+    ).sample
+    target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
+    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(loss, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """SIGTERM mid-run: the step in flight finishes, a checkpoint is written, the log says why it ended."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "sig"
+    cmd = [
+        sys.executable,
+        "-m",
+        "difftune_control.cli",
+        "train",
+        "--pretrained_model_name_or_path",
+        str(tiny_pipeline_dir),
+        "--train_data_dir",
+        str(tiny_dataset_dir),
+        "--condition",
+        "canny",
+        "--resolution",
+        "16",
+        "--conditioning_embedding_out_channels",
+        "8",
+        "16",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "100000",
+        "--checkpointing_steps",
+        "100000",
+        "--method",
+        "vanilla",
+        "--output_dir",
+        str(tmp_path),
+        "--run_name",
+        "sig",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "1",
+        "--no-detect_convergence",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "metrics.jsonl").exists() and '"train"' in (run / "metrics.jsonl").read_text():
+            break
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    records = read_jsonl(run / "metrics.jsonl")
+    end = records[-1]
+    assert end["type"] == "end" and end["reason"] == "signal"
+    assert (run / f"checkpoint-{end['step']}" / "trainer_state.json").is_file()
+    assert (run / "controlnet" / "config.json").is_file()
