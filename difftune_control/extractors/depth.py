@@ -17,17 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .annotators import ControlNetAuxExtractor, ToyWorldExtractor
 from .base import ConditionExtractor, Resolution
 from .metrics import depth_dissimilarity
-from .models import (
-    ModelExtractor,
-    controlnet_aux_detector,
-    load_pretrained,
-    multiple_of,
-    normalize_per_image,
-    run_at_multiple,
-)
-from .models import toyworld_annotator as _toyworld_annotator
+from .models import ModelExtractor, load_processor_and_model, normalize_per_image
 from .registry import register_extractor
 
 if TYPE_CHECKING:
@@ -77,13 +70,15 @@ class TransformersDepth(DepthExtractor, ModelExtractor):
     def _load(self) -> Any:
         from transformers import AutoImageProcessor, AutoModelForDepthEstimation
 
-        def load(source: str) -> Any:
-            kw = {"local_files_only": self.local_files_only}
-            processor = AutoImageProcessor.from_pretrained(source, **kw)
-            network = AutoModelForDepthEstimation.from_pretrained(source, **kw)
-            return processor, network.to(self.device, self.dtype).eval()
-
-        return load_pretrained(load, self.model_source, "depth model (dpt)", ("config.json",))
+        return load_processor_and_model(
+            AutoImageProcessor,
+            AutoModelForDepthEstimation,
+            self.model_source,
+            "depth model (dpt)",
+            self.device,
+            self.dtype,
+            self.local_files_only,
+        )
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -99,7 +94,7 @@ class TransformersDepth(DepthExtractor, ModelExtractor):
         return normalize_per_image(depth).expand(-1, 3, -1, -1)
 
 
-class ControlNetAuxMidas(DepthExtractor, ModelExtractor):
+class ControlNetAuxMidas(DepthExtractor, ControlNetAuxExtractor):
     """controlnet-aux MiDaS (ControlNet 1.0/1.1's depth annotator), batched.
 
     Args:
@@ -110,7 +105,10 @@ class ControlNetAuxMidas(DepthExtractor, ModelExtractor):
     """
 
     backend = "midas"
-    _files: tuple[str, ...] = ("dpt_hybrid-midas-501f0c75.pt",)
+    _detector = "midas:MidasDetector"
+    _files = ("dpt_hybrid-midas-501f0c75.pt",)
+    _detect_multiple = 32
+    _upsample_mode = "bicubic"
 
     def __init__(
         self,
@@ -121,30 +119,20 @@ class ControlNetAuxMidas(DepthExtractor, ModelExtractor):
         model: str = "lllyasviel/Annotators",
         detect_resolution: int = 384,
     ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        self.model_source = model
-        self.detect_resolution = detect_resolution
-
-    def _load(self) -> Any:
-        detector = controlnet_aux_detector("midas:MidasDetector", self.model_source, self._files)
-        return detector.model.to(self.device, self.dtype).eval()
+        super().__init__(resolution, device, dtype, batch_size, model, detect_resolution)
 
     def raw_depth(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         """The network's raw relative inverse depth [b,1,H,W] (before normalisation)."""
-        import torch.nn.functional as F
+        return self._detect(model, x)
 
-        size = multiple_of(tuple(x.shape[-2:]), self.detect_resolution, 32)
-        inp = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        depth = model((inp * 2.0 - 1.0).to(self.dtype))  # [b,h,w]
-        return F.interpolate(depth[:, None].float(), size=x.shape[-2:], mode="bicubic", align_corners=False)
+    def _infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        return model((x * 2.0 - 1.0).to(self.dtype))[:, None]  # [b,1,h,w]
 
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        return normalize_per_image(self.raw_depth(model, x)).expand(-1, 3, -1, -1)
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
+        return normalize_per_image(out).expand(-1, 3, -1, -1)
 
 
-class ControlNetAuxZoe(DepthExtractor, ModelExtractor):
+class ControlNetAuxZoe(DepthExtractor, ControlNetAuxExtractor):
     """controlnet-aux ZoeDepth (ControlNet 1.1's `depth_zoe` annotator), batched.
 
     Metric depth d is mapped as controlnet-aux does: 1 - (d - p2) / (p85 - p2) with the 2nd and
@@ -158,74 +146,40 @@ class ControlNetAuxZoe(DepthExtractor, ModelExtractor):
 
     backend = "zoe"
     default_dtype = "float32"  # ZoeDepth's metric bins are not tested in half precision
-    _files: tuple[str, ...] = ("ZoeD_M12_N.pt",)
+    _detector = "zoe:ZoeDetector"
+    _files = ("ZoeD_M12_N.pt",)
+    _detect_multiple = 32
 
-    def __init__(
-        self,
-        resolution: Resolution = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 16,
-        model: str = "lllyasviel/Annotators",
-        detect_resolution: int = 512,
-    ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        self.model_source = model
-        self.detect_resolution = detect_resolution
-
-    def _load(self) -> Any:
+    def _place(self, detector: Any) -> Any:
         import torch
 
-        detector = controlnet_aux_detector("zoe:ZoeDetector", self.model_source, self._files)
         model = detector.model.to(self.device)  # ZoeDepth's own .to() records the device
         return torch.nn.Module.to(model, dtype=self.dtype).eval()
 
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        import torch
-        import torch.nn.functional as F
+    def _infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        return model.infer(x.to(self.dtype))  # [b,1,h,w] metric depth
 
-        size = multiple_of(tuple(x.shape[-2:]), self.detect_resolution, 32)
-        inp = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        depth = model.infer(inp.to(self.dtype)).float()  # [b,1,h,w] metric depth
-        depth = F.interpolate(depth, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        flat = depth.flatten(1)
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        flat = out.flatten(1)
         low = torch.quantile(flat, 0.02, dim=1).view(-1, 1, 1, 1)
         high = torch.quantile(flat, 0.85, dim=1).view(-1, 1, 1, 1)
-        near = 1.0 - (depth - low) / (high - low).clamp(min=1e-6)
+        near = 1.0 - (out - low) / (high - low).clamp(min=1e-6)
         return near.clamp(0, 1).expand(-1, 3, -1, -1)
 
 
-class ToyWorldDepth(DepthExtractor, ModelExtractor):
+class ToyWorldDepth(DepthExtractor, ToyWorldExtractor):
     """The toy world's depth annotator (normalised inverse depth, trained on exact renders).
 
     Args:
-        resolution, device, dtype, batch_size: see `ModelExtractor` (`batch_size` defaults to 256).
-        weights (`str`, *optional*): an annotator `.safetensors` file instead of the shipped one.
+        resolution, device, dtype, batch_size, weights: see `ToyWorldExtractor`.
     """
 
     backend = "toyworld"
 
-    def __init__(
-        self,
-        resolution: Resolution = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 256,
-        weights: str | None = None,
-    ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        self.weights = weights
-
-    def _load(self) -> Any:
-        return _toyworld_annotator("depth", self.device, self.dtype, self.weights)
-
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        depth = run_at_multiple(model, x.to(self.dtype), 8).float()  # [b,1,H,W] in [0,1]
-        return depth.clamp(0, 1).expand(-1, 3, -1, -1)
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
+        return out.clamp(0, 1).expand(-1, 3, -1, -1)  # [b,1,H,W] in [0,1]
 
 
 register_extractor("depth", "dpt", TransformersDepth, default=True)

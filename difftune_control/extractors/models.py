@@ -2,12 +2,14 @@
 
 Model backends (DPT, UperNet, OneFormer, the controlnet-aux annotators, the toy world's
 annotators) load their weights on first use, run batched on `device` (CUDA when available), and
-turn "weights not found" into a `FileNotFoundError` that says how to provide them offline.
+turn "weights not found" into a `FileNotFoundError` that says how to provide them offline. The
+bases of the controlnet-aux and toy-world backends live in `annotators`.
 """
 
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -79,6 +81,41 @@ def load_pretrained(loader: Callable[[str], T], source: str, what: str, files: S
         ) from err
 
 
+def load_processor_and_model(
+    processor_cls: Any,
+    model_cls: Any,
+    source: str,
+    what: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    local_files_only: bool = False,
+) -> tuple[Any, Any]:
+    """Load a transformers processor and model from one folder or hub id, offline-friendly.
+
+    Args:
+        processor_cls (`Any`): e.g. `AutoImageProcessor`; anything with `from_pretrained`.
+        model_cls (`Any`): e.g. `AutoModelForDepthEstimation`.
+        source (`str`): a local folder (with `config.json`) or a Hugging Face hub id.
+        what (`str`): human name of the weights for errors, e.g. "depth model (dpt)".
+        device (`torch.device`), dtype (`torch.dtype`): where and in which precision the model runs.
+        local_files_only (`bool`, defaults to `False`): never contact the hub.
+
+    Returns:
+        `tuple[Any, Any]`: the processor and the model (on `device`, in `dtype`, eval mode).
+
+    Raises:
+        `FileNotFoundError`: see `load_pretrained`.
+    """
+
+    def load(folder_or_id: str) -> tuple[Any, Any]:
+        kw = {"local_files_only": local_files_only}
+        processor = processor_cls.from_pretrained(folder_or_id, **kw)
+        network = model_cls.from_pretrained(folder_or_id, **kw)
+        return processor, network.to(device, dtype).eval()
+
+    return load_pretrained(load, source, what, ("config.json",))
+
+
 def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     """`None` -> float16 on CUDA, float32 elsewhere; else one of float32 / float16 / bfloat16."""
     import torch
@@ -139,11 +176,13 @@ class ModelExtractor(ConditionExtractor):
         outs = [self._run(model, chunk).float() for chunk in x.split(self.batch_size)]
         return torch.cat(outs, dim=0)
 
+    @abstractmethod
     def _load(self) -> Any:
-        raise NotImplementedError(f"{type(self).__name__} must implement _load()")
+        """Load the model (on `self.device`, in `self.dtype`, eval mode); called on first use."""
 
+    @abstractmethod
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must implement _run()")
+        """A micro-batch [b,3,H,W] in [0,1] on `self.device` -> hint [b,3,H,W] in [0,1]."""
 
 
 def normalize_per_image(x: torch.Tensor) -> torch.Tensor:
@@ -163,44 +202,6 @@ def multiple_of(size: tuple[int, int], base: int, multiple: int) -> tuple[int, i
         max(multiple, int(round(h * scale / multiple)) * multiple),
         max(multiple, int(round(w * scale / multiple)) * multiple),
     )
-
-
-def controlnet_aux_detector(cls_path: str, source: str, files: Sequence[str], **kwargs: Any) -> Any:
-    """Load a controlnet-aux detector (`"module:Class"`) with `from_pretrained`, offline-friendly."""
-    import importlib
-
-    module_name, cls_name = cls_path.split(":")
-    try:
-        module = importlib.import_module(f"controlnet_aux.{module_name}")
-    except ImportError as err:
-        raise ImportError(f"this backend needs controlnet-aux (`pip install controlnet-aux`): {err}") from err
-    detector_cls = getattr(module, cls_name)
-    return load_pretrained(
-        lambda s: detector_cls.from_pretrained(s, **kwargs), source, f"controlnet-aux {cls_name}", files
-    )
-
-
-def toyworld_annotator(
-    kind: str, device: torch.device, dtype: torch.dtype, weights: str | None = None
-) -> Any:
-    """Load one of the toy world's annotators ("depth", "normal", "segmentation").
-
-    Args:
-        kind (`str`): the annotator.
-        device (`torch.device`), dtype (`torch.dtype`): where and in which precision it runs.
-        weights (`str`, *optional*): a `.safetensors` annotator file instead of the shipped one.
-    """
-    try:
-        from difftune_control import toyworld
-    except ImportError as err:
-        raise ImportError(
-            f"the toyworld backend needs difftune_control.toyworld, which could not be imported: {err}"
-        ) from err
-    if weights is None:
-        model = toyworld.load_annotator(kind, device, dtype)
-    else:
-        model = toyworld.load_annotator(kind, device, dtype, path=weights)
-    return model.eval()
 
 
 def run_at_multiple(network: Any, x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -24,10 +24,9 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from .annotators import ControlNetAuxExtractor, ToyWorldExtractor
 from .base import ConditionExtractor, Resolution
 from .metrics import channel_norm, normal_dissimilarity
-from .models import ModelExtractor, controlnet_aux_detector, multiple_of, run_at_multiple
-from .models import toyworld_annotator as _toyworld_annotator
 from .registry import get_extractor, register_extractor
 
 if TYPE_CHECKING:
@@ -131,7 +130,7 @@ class NormalFromDepth(NormalExtractor):
         return normals_from_depth(depth, a=self.a, bg_th=self.bg_th, depth_scale=self.depth_scale)
 
 
-class NormalBae(NormalExtractor, ModelExtractor):
+class NormalBae(NormalExtractor, ControlNetAuxExtractor):
     """controlnet-aux NormalBae (ControlNet 1.1's normal annotator, ScanNet convention), batched.
 
     Args:
@@ -141,71 +140,31 @@ class NormalBae(NormalExtractor, ModelExtractor):
     """
 
     backend = "normalbae"
-    _files: tuple[str, ...] = ("scannet.pt",)
+    _detector = "normalbae:NormalBaeDetector"
+    _files = ("scannet.pt",)
 
-    def __init__(
-        self,
-        resolution: Resolution = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 16,
-        model: str = "lllyasviel/Annotators",
-        detect_resolution: int = 512,
-    ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        self.model_source = model
-        self.detect_resolution = detect_resolution
+    def _infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        mean = x.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = x.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return model(((x - mean) / std).to(self.dtype))[0][-1][:, :3]  # last refinement
 
-    def _load(self) -> Any:
-        detector = controlnet_aux_detector("normalbae:NormalBaeDetector", self.model_source, self._files)
-        return detector.model.to(self.device, self.dtype).eval()
-
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
-
-        size = multiple_of(tuple(x.shape[-2:]), self.detect_resolution, 64)
-        inp = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        mean = inp.new_tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = inp.new_tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        normal = model(((inp - mean) / std).to(self.dtype))[0][-1][:, :3].float()  # last refinement
-        normal = F.interpolate(normal, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return ((normal + 1.0) * 0.5).clamp(0, 1)
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
+        return ((out + 1.0) * 0.5).clamp(0, 1)
 
 
-class ToyWorldNormal(NormalExtractor, ModelExtractor):
+class ToyWorldNormal(NormalExtractor, ToyWorldExtractor):
     """The toy world's normal annotator, coloured in the ControlNet 1.1 convention.
 
     Args:
-        resolution, device, dtype, batch_size: see `ModelExtractor` (`batch_size` defaults to 256).
-        weights (`str`, *optional*): an annotator `.safetensors` file instead of the shipped one.
+        resolution, device, dtype, batch_size, weights: see `ToyWorldExtractor`.
     """
 
     backend = "toyworld"
 
-    def __init__(
-        self,
-        resolution: Resolution = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 256,
-        weights: str | None = None,
-    ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        self.weights = weights
-
-    def _load(self) -> Any:
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
         from difftune_control.toyworld import normal_to_rgb
 
-        return _toyworld_annotator("normal", self.device, self.dtype, self.weights), normal_to_rgb
-
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        network, normal_to_rgb = model
-        normal = run_at_multiple(network, x.to(self.dtype), 8).float()  # [b,3,H,W] camera-space normals
-        normal = normal / channel_norm(normal).clamp(min=1e-6)  # unit again after any resize
+        normal = out / channel_norm(out).clamp(min=1e-6)  # [b,3,H,W] camera-space, unit after any resize
         return normal_to_rgb(normal).float().clamp(0, 1)
 
 

@@ -16,12 +16,13 @@ classes present in either map.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
+from .annotators import ToyWorldExtractor
 from .base import ConditionExtractor, Resolution
 from .metrics import segmentation_dissimilarity
-from .models import ModelExtractor, load_pretrained, run_at_multiple
-from .models import toyworld_annotator as _toyworld_annotator
+from .models import ModelExtractor, load_processor_and_model
 from .palette import ADE20K_CLASSES, class_ids_to_colors
 from .registry import register_extractor
 
@@ -49,7 +50,7 @@ def _check_ade20k(network: Any, source: str) -> None:
 
 
 class _TransformersSegmentation(SegmentationExtractor, ModelExtractor):
-    """Shared constructor of the transformers segmentation backends."""
+    """Shared constructor and loading of the transformers segmentation backends."""
 
     _default_model = ""
 
@@ -68,6 +69,21 @@ class _TransformersSegmentation(SegmentationExtractor, ModelExtractor):
         self.model_source = model or self._default_model
         self.local_files_only = local_files_only
 
+    def _load_checked(self, processor_cls: Any, model_cls: Any) -> tuple[Any, Any]:
+        """Load the processor and the network (see `load_processor_and_model`) and check that the
+        network predicts the ADE20K classes."""
+        processor, network = load_processor_and_model(
+            processor_cls,
+            model_cls,
+            self.model_source,
+            f"segmentation model ({self.backend})",
+            self.device,
+            self.dtype,
+            self.local_files_only,
+        )
+        _check_ade20k(network, self.model_source)
+        return processor, network
+
 
 class UperNetSegmentation(_TransformersSegmentation):
     """ADE20K semantic segmentation with transformers' UperNet and its image processor.
@@ -85,20 +101,7 @@ class UperNetSegmentation(_TransformersSegmentation):
     def _load(self) -> Any:
         from transformers import AutoImageProcessor, UperNetForSemanticSegmentation
 
-        def load(source: str) -> Any:
-            kw = {"local_files_only": self.local_files_only}
-            processor = AutoImageProcessor.from_pretrained(source, **kw)
-            network = UperNetForSemanticSegmentation.from_pretrained(source, **kw)
-            return processor, network.to(self.device, self.dtype).eval()
-
-        processor, network = load_pretrained(
-            load,
-            self.model_source,
-            "segmentation model (upernet)",
-            ("config.json",),
-        )
-        _check_ade20k(network, self.model_source)
-        return processor, network
+        return self._load_checked(AutoImageProcessor, UperNetForSemanticSegmentation)
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         import torch.nn.functional as F
@@ -126,20 +129,7 @@ class OneFormerSegmentation(_TransformersSegmentation):
     def _load(self) -> Any:
         from transformers import OneFormerForUniversalSegmentation, OneFormerProcessor
 
-        def load(source: str) -> Any:
-            kw = {"local_files_only": self.local_files_only}
-            processor = OneFormerProcessor.from_pretrained(source, **kw)
-            network = OneFormerForUniversalSegmentation.from_pretrained(source, **kw)
-            return processor, network.to(self.device, self.dtype).eval()
-
-        processor, network = load_pretrained(
-            load,
-            self.model_source,
-            "segmentation model (oneformer)",
-            ("config.json",),
-        )
-        _check_ade20k(network, self.model_source)
-        return processor, network
+        return self._load_checked(OneFormerProcessor, OneFormerForUniversalSegmentation)
 
     def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -161,47 +151,33 @@ class OneFormerSegmentation(_TransformersSegmentation):
         return class_ids_to_colors(torch.stack(list(maps)).to(x.device))
 
 
-class ToyWorldSegmentation(SegmentationExtractor, ModelExtractor):
+class ToyWorldSegmentation(SegmentationExtractor, ToyWorldExtractor):
     """The toy world's segmentation annotator, its classes drawn in their ADE20K colours.
 
     Args:
-        resolution, device, dtype, batch_size: see `ModelExtractor` (`batch_size` defaults to 256).
-        weights (`str`, *optional*): an annotator `.safetensors` file instead of the shipped one.
+        resolution, device, dtype, batch_size, weights: see `ToyWorldExtractor`.
     """
 
     backend = "toyworld"
 
-    def __init__(
-        self,
-        resolution: Resolution = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 256,
-        weights: str | None = None,
-    ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        self.weights = weights
-
-    def _load(self) -> Any:
+    @cached_property
+    def _ade20k_ids(self) -> torch.Tensor:
+        """The ADE20K class id of each toy class (`TOY_TO_ADE20K`), long [C_toy] on `self.device`."""
         import torch
 
         from difftune_control.toyworld import TOY_TO_ADE20K
 
         table = [int(TOY_TO_ADE20K[i]) for i in range(len(TOY_TO_ADE20K))]
-        lookup = torch.tensor(table, dtype=torch.long, device=self.device)
-        return _toyworld_annotator("segmentation", self.device, self.dtype, self.weights), lookup
+        return torch.tensor(table, dtype=torch.long, device=self.device)
 
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        network, lookup = model
-        logits = run_at_multiple(network, x.to(self.dtype), 8)  # [b,C_toy,H,W]
-        if logits.shape[1] != lookup.numel():
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
+        lookup = self._ade20k_ids
+        if out.shape[1] != lookup.numel():  # out: [b,C_toy,H,W] logits
             raise RuntimeError(
-                f"toy segmentation annotator predicts {logits.shape[1]} classes but TOY_TO_ADE20K maps "
+                f"toy segmentation annotator predicts {out.shape[1]} classes but TOY_TO_ADE20K maps "
                 f"{lookup.numel()}"
             )
-        return class_ids_to_colors(lookup[logits.argmax(dim=1)])
+        return class_ids_to_colors(lookup[out.argmax(dim=1)])
 
 
 register_extractor("segmentation", "upernet", UperNetSegmentation, default=True)

@@ -17,11 +17,12 @@ Backends:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from .annotators import ControlNetAuxExtractor
 from .base import ConditionExtractor, Resolution
 from .metrics import gaussian_blur, sketch_dissimilarity, to_gray
-from .models import ModelExtractor, controlnet_aux_detector, multiple_of
 from .registry import register_extractor
 
 if TYPE_CHECKING:
@@ -138,8 +139,10 @@ class XDoGSketch(SketchExtractor):
         return ink.expand(-1, 3, -1, -1)
 
 
-class ControlNetAuxSketch(SketchExtractor, ModelExtractor):
+class ControlNetAuxSketch(SketchExtractor, ControlNetAuxExtractor):
     """Shared code of the controlnet-aux line annotators (batched; see the module docstring).
+
+    Subclasses name the detector's networks in `_networks` and implement `_lines`.
 
     Args:
         resolution, device, dtype, batch_size: see `ModelExtractor`.
@@ -148,43 +151,26 @@ class ControlNetAuxSketch(SketchExtractor, ModelExtractor):
             multiples of 64, as controlnet-aux does); the result is resized back.
     """
 
-    _detector: str = ""
-    _files: tuple[str, ...] = ()
+    _min_detect_resolution = 64
+    _networks: ClassVar[tuple[str, ...]] = ()
+    """Attributes of the detector holding its networks (cast to `dtype`, eval mode)."""
 
-    def __init__(
-        self,
-        resolution: Resolution = None,
-        device: str | None = None,
-        dtype: str | None = None,
-        batch_size: int = 16,
-        model: str = "lllyasviel/Annotators",
-        detect_resolution: int = 512,
-    ) -> None:
-        ModelExtractor.__init__(
-            self, resolution=resolution, device=device, dtype=dtype, batch_size=batch_size
-        )
-        if not isinstance(detect_resolution, int) or detect_resolution < 64:
-            raise ValueError(
-                f"{self.backend} detect_resolution must be an int >= 64, got {detect_resolution!r}"
-            )
-        self.model_source = model
-        self.detect_resolution = detect_resolution
+    def _place(self, detector: Any) -> Any:
+        detector = detector.to(self.device)
+        for attribute in self._networks:
+            getattr(detector, attribute).to(self.dtype).eval()
+        return detector
 
-    def _load(self) -> Any:
-        detector = controlnet_aux_detector(self._detector, self.model_source, self._files)
-        return detector.to(self.device)
+    def _infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        return self._lines(model, x.to(self.dtype))
 
-    def _run(self, model: Any, x: torch.Tensor) -> torch.Tensor:
-        import torch.nn.functional as F
+    def _to_hint(self, out: torch.Tensor) -> torch.Tensor:
+        return out.clamp(0, 1).expand(-1, 3, -1, -1)
 
-        size = multiple_of(tuple(x.shape[-2:]), self.detect_resolution, 64)
-        inp = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        lines = self._lines(model, inp.to(self.dtype)).float()  # [b,1,h,w] in [0,1]
-        lines = F.interpolate(lines, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return lines.clamp(0, 1).expand(-1, 3, -1, -1)
-
+    @abstractmethod
     def _lines(self, detector: Any, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The detector's line strength [b,1,h,w] (white lines on black; clamped to [0,1] after) for
+        [b,3,h,w] in [0,1], already in `dtype`."""
 
 
 class PiDiNetSketch(ControlNetAuxSketch):
@@ -194,11 +180,7 @@ class PiDiNetSketch(ControlNetAuxSketch):
     default_dtype = "float32"  # its pixel-difference convolutions mix in float32 buffers
     _detector = "pidi:PidiNetDetector"
     _files = ("table5_pidinet.pth",)
-
-    def _load(self) -> Any:
-        detector = super()._load()
-        detector.netNetwork.to(self.dtype).eval()
-        return detector
+    _networks = ("netNetwork",)
 
     def _lines(self, detector: Any, x: torch.Tensor) -> torch.Tensor:
         return detector.netNetwork(x.flip(1))[-1]  # the network was trained on BGR input
@@ -210,11 +192,7 @@ class HEDSketch(ControlNetAuxSketch):
     backend = "hed"
     _detector = "hed:HEDdetector"
     _files = ("ControlNetHED.pth",)
-
-    def _load(self) -> Any:
-        detector = super()._load()
-        detector.netNetwork.to(self.dtype).eval()
-        return detector
+    _networks = ("netNetwork",)
 
     def _lines(self, detector: Any, x: torch.Tensor) -> torch.Tensor:
         import torch
@@ -239,6 +217,7 @@ class LineartSketch(ControlNetAuxSketch):
     backend = "lineart"
     _detector = "lineart:LineartDetector"
     _files = ("sk_model.pth", "sk_model2.pth")
+    _networks = ("model", "model_coarse")
 
     def __init__(
         self,
@@ -252,12 +231,6 @@ class LineartSketch(ControlNetAuxSketch):
     ) -> None:
         super().__init__(resolution, device, dtype, batch_size, model, detect_resolution)
         self.coarse = coarse
-
-    def _load(self) -> Any:
-        detector = super()._load()
-        detector.model.to(self.dtype).eval()
-        detector.model_coarse.to(self.dtype).eval()
-        return detector
 
     def _lines(self, detector: Any, x: torch.Tensor) -> torch.Tensor:
         network = detector.model_coarse if self.coarse else detector.model
