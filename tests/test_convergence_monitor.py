@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_unet, tiny_vae
 
 from difftune_control.config import DetectorConfig
 from difftune_control.convergence import ConvergenceMonitor
@@ -31,31 +32,11 @@ class BlurGrayExtractor:
 
 @pytest.fixture(scope="module")
 def models():
-    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers import ControlNetModel, DDPMScheduler
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        sample_size=RES // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    ).eval()
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=RES,
-    ).eval()
+    unet = tiny_unet(RES // 2)
+    vae = tiny_vae(RES)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     scheduler_config = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).config
     return unet, vae, controlnet, scheduler_config

@@ -153,6 +153,15 @@ def test_bad_model_path_and_condition(tiny_dataset_dir, tmp_path):
         train(cfg)
 
 
+def tiny_flags(pipeline, data, out, run_name: str) -> list[str]:
+    """Command-line flags of a tiny CPU run (the subprocess twin of ``tiny_config``)."""
+    return [
+        "--pretrained_model_name_or_path", str(pipeline), "--train_data_dir", str(data), "--condition", "canny",
+        "--resolution", "16", "--conditioning_embedding_out_channels", "8", "16", "--output_dir", str(out),
+        "--run_name", run_name, "--report_to", "none", "--logging_steps", "1", "--device", "cpu",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (gloo): both ranks train.
@@ -178,17 +187,7 @@ def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir
         "--dynamo_backend",
         "no",
         "scripts/train_controlnet.py",
-        "--pretrained_model_name_or_path",
-        str(tiny_pipeline_dir),
-        "--train_data_dir",
-        str(tiny_dataset_dir),
-        "--condition",
-        "canny",
-        "--resolution",
-        "16",
-        "--conditioning_embedding_out_channels",
-        "8",
-        "16",
+        *tiny_flags(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "mp"),
         "--train_batch_size",
         "2",
         "--max_train_steps",
@@ -205,16 +204,6 @@ def test_accelerate_launch_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir
         "2",
         "--convergence_num_inference_steps",
         "2",
-        "--output_dir",
-        str(tmp_path),
-        "--run_name",
-        "mp",
-        "--report_to",
-        "none",
-        "--logging_steps",
-        "1",
-        "--device",
-        "cpu",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -277,17 +266,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_pipeline_dir, tiny_dataset_di
         "-m",
         "difftune_control.cli",
         "train",
-        "--pretrained_model_name_or_path",
-        str(tiny_pipeline_dir),
-        "--train_data_dir",
-        str(tiny_dataset_dir),
-        "--condition",
-        "canny",
-        "--resolution",
-        "16",
-        "--conditioning_embedding_out_channels",
-        "8",
-        "16",
+        *tiny_flags(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "sig"),
         "--train_batch_size",
         "4",
         "--max_train_steps",
@@ -296,17 +275,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_pipeline_dir, tiny_dataset_di
         "100000",
         "--method",
         "vanilla",
-        "--output_dir",
-        str(tmp_path),
-        "--run_name",
-        "sig",
-        "--report_to",
-        "none",
-        "--logging_steps",
-        "1",
         "--no-detect_convergence",
-        "--device",
-        "cpu",
     ]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=dict(os.environ)
