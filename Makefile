@@ -13,7 +13,7 @@ else
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 endif
 DEMO_RUN ?= runs/demo
-DEMO_ARGS ?= --condition depth --max_train_steps 200 --train_batch_size 32 --max_train_samples 2000 --bank_size 512 --convergence_every 25 --checkpointing_steps 100
+DEMO_ARGS ?= --condition depth --max_train_steps 200 --train_batch_size 32 --max_train_samples 2000 --bank_size 256 --bank_batch_size 64 --bank_num_inference_steps 10 --convergence_every 25 --checkpointing_steps 100
 
 .PHONY: install demo test lint bench clean-demo
 

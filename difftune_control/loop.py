@@ -209,6 +209,7 @@ class _Loop:
         self.run_dir, self.state = run_dir, state
         self.main = accelerator.is_main_process
         self.log = JsonlLogger(run_dir / "metrics.jsonl") if self.main else None
+        self._postfix: dict[str, str] = {}
         self.tb = None
         if self.main and cfg.train.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -223,6 +224,11 @@ class _Loop:
             return
         record.setdefault("time", round(self.now(), 3))
         self.log.log(record)
+        bar = getattr(self, "bar", None)
+        if bar is not None and record["type"] in ("train", "convergence_eval"):
+            keys = {"train": ("loss", "images_per_s"), "convergence_eval": ("p",)}[record["type"]]
+            self._postfix.update({k: f"{record[k]:.3g}" for k in keys if record.get(k) is not None})
+            bar.set_postfix(self._postfix, refresh=False)
         if self.tb is not None:
             prefix = record["type"]
             for key, value in record.items():
@@ -253,6 +259,15 @@ class _Loop:
         reason = "max_steps"
         window: list[dict] = []
         t_log = time.time()
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=t.max_train_steps,
+            initial=st["global_step"],
+            desc="training",
+            unit="step",
+            disable=not self.main,
+        )
         with StopSignal() as stop:
             while st["global_step"] < t.max_train_steps:
                 with acc.accumulate(self.trainer.controlnet):
@@ -268,6 +283,7 @@ class _Loop:
                 self.lr_scheduler.step()
                 st["global_step"] += 1
                 step = st["global_step"]
+                self.bar.update(1)
                 if step % t.logging_steps == 0 or step == t.max_train_steps:
                     self._log_train(step, window, time.time() - t_log)
                     window, t_log = [], time.time()
@@ -282,6 +298,7 @@ class _Loop:
                     self._checkpoint(step)
                 if finished:
                     break
+        self.bar.close()
         self._finish(reason)
 
     def _should_stop(self, stop: StopSignal) -> str | None:
