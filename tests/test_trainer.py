@@ -293,3 +293,12 @@ def test_sigterm_saves_a_checkpoint_and_stops(tiny_pipeline_dir, tiny_dataset_di
     assert end["type"] == "end" and end["reason"] == "signal"
     assert (run / f"checkpoint-{end['step']}" / "trainer_state.json").is_file()
     assert (run / "controlnet" / "config.json").is_file()
+
+
+def test_nan_loss_stops_with_a_clear_message(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method="vanilla")
+    trainer, _ = build_trainer(cfg)
+    with torch.no_grad():
+        next(trainer.controlnet.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="resume_from_checkpoint latest"):
+        trainer.training_step(target_batch(trainer))
