@@ -32,6 +32,25 @@ def _isolated_cache(tmp_path_factory):
 TINY_WORDS = ["a", "red", "blue", "green", "circle", "square", "on", "grey", "background", "small", "big"]
 
 
+def tiny_text_encoder(vocab_size: int, max_positions: int = 8, layers: int = 1):
+    """A CLIPTextModel of width 16 (pad = eos = 1, bos = 0, as SD1.5's tokenizer numbers them)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            max_position_embeddings=max_positions,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+
+
 def tiny_unet(sample_size: int = 8):
     """A two-level UNet2DConditionModel (8, 16 channels) with cross-attention width 16."""
     from diffusers import UNet2DConditionModel
@@ -70,7 +89,7 @@ def tiny_vae(sample_size: int = 16):
 def build_tiny_pipeline(folder: Path) -> Path:
     """Save a tiny SD-architecture pipeline (real diffusers/transformers classes) to ``folder``."""
     from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     tok_dir = folder / "tokenizer"
@@ -86,19 +105,7 @@ def build_tiny_pipeline(folder: Path) -> Path:
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
     tokenizer.save_pretrained(tok_dir)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    text_encoder = tiny_text_encoder(len(vocab), max_positions=8)
     unet = tiny_unet()
     vae = tiny_vae()
     scheduler = DDPMScheduler(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_unet, tiny_vae
+from conftest import tiny_text_encoder, tiny_unet, tiny_vae
 
 from difftune_control import bank as bank_mod
 from difftune_control.bank import (
@@ -54,7 +54,7 @@ def one_thread():
 def make_models(folder: Path) -> dict:
     """Tiny real SD parts (same weights on every call); the tokenizer's files go to ``folder``."""
     from diffusers import DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     chars = "abcdefghijklmnopqrstuvwxyz"
@@ -65,19 +65,7 @@ def make_models(folder: Path) -> dict:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer.from_pretrained(folder, model_max_length=12)
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=12,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    ).eval()
+    text_encoder = tiny_text_encoder(len(vocab), max_positions=12, layers=2)
     unet = tiny_unet()
     vae = tiny_vae(RES)
     scheduler = DDPMScheduler(
