@@ -641,7 +641,9 @@ class BankDataset(torch.utils.data.Dataset):
             "index": int(self.indices[i]),
         }
 
-    def batch(self, indices: torch.Tensor, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    def batch(
+        self, indices: torch.Tensor, device: torch.device | str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The rows ``indices`` stacked, on ``device``: the same values as ``__getitem__``, without a Python loop.
 
         Hints travel as uint8 and become float on the device (a quarter of the transfer).
