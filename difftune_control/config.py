@@ -458,6 +458,12 @@ def _check_types(section: Any) -> list[str]:
     return problems
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) -> RunConfig:
     """Fill model-dependent defaults (fields left at None) for the toy world or an SD checkpoint.
 
@@ -479,7 +485,8 @@ def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) ->
     fill(cfg.train, "max_train_steps", 1000, 10000)
     fill(cfg.train, "validation_steps", 250, 1000)
     fill(cfg.bank, "bank_size", 2000, 5000)
-    fill(cfg.bank, "bank_batch_size", 256, 16)
+    # toy world on a CPU: smaller generation batches, so the progress bar moves every minute or so
+    fill(cfg.bank, "bank_batch_size", 256 if _cuda_available() else 64, 16)
     fill(cfg.detector, "convergence_every", 50, 500)
     fill(cfg.detector, "convergence_samples", 16, 8)
     fill(cfg.detector, "convergence_num_inference_steps", 8, 10)
