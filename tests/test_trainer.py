@@ -302,3 +302,31 @@ def test_nan_loss_stops_with_a_clear_message(tiny_pipeline_dir, tiny_dataset_dir
         next(trainer.controlnet.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="resume_from_checkpoint latest"):
         trainer.training_step(target_batch(trainer))
+
+
+def test_checkpoints_total_limit_keeps_the_newest(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    from difftune_control.trainer import train
+
+    run = train(
+        tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method="vanilla", train__max_train_steps=6,
+            train__checkpoints_total_limit=2, detector__detect_convergence=False,
+        )
+    )  # fmt: skip
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_bank_command_builds_then_reuses(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, capsys):
+    from difftune_control.bank import load_bank
+    from difftune_control.cli import main
+
+    argv = ["bank", *tiny_flags(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "b"), "--bank_size", "6",
+            "--bank_batch_size", "3", "--bank_num_inference_steps", "2", "--bank_dir", str(tmp_path / "bank")]  # fmt: skip
+    assert main(argv) == 0
+    first = capsys.readouterr().out.strip().splitlines()[-1]
+    assert first == str(tmp_path / "bank") and len(load_bank(first)) == 6
+    stamp = (tmp_path / "bank" / "shard-00000.safetensors").stat().st_mtime_ns
+    assert main(argv) == 0  # the manifest matches: reused, nothing regenerated
+    assert (tmp_path / "bank" / "shard-00000.safetensors").stat().st_mtime_ns == stamp
+    assert main([*argv, "--method", "vanilla"]) == 2
+    assert "uses no memory bank" in capsys.readouterr().err
