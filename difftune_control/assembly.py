@@ -113,6 +113,7 @@ def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> Valid
     from difftune_control.data import load_target_dataset
     from difftune_control.validation import encode_prompts
 
+    tail = False  # take the last k rows (the validation source is the training set itself)
     if cfg.data.validation_data_dir:
         source = cfg.data.validation_data_dir
     elif base.is_toy and not (cfg.data.train_data_dir or cfg.data.dataset_name):
@@ -120,14 +121,14 @@ def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> Valid
 
         source = str(default_dataset_dir(split="validation", resolution=cfg.data.resolution))
     else:
-        source = train_source(cfg, base.is_toy)
+        source, tail = train_source(cfg, base.is_toy), True
         logger.warning("no --validation_data_dir: the detector uses the last %d training samples", k)
     ds = load_target_dataset(dataset_spec(cfg, source), hint_fn=extractor)
     if len(ds) < k:
         raise ValueError(
             f"validation set {source} has {len(ds)} samples; the detector needs {k} (--convergence_samples)"
         )
-    idx = list(range(len(ds) - k, len(ds))) if source == train_source(cfg, base.is_toy) else list(range(k))
+    idx = list(range(len(ds) - k, len(ds))) if tail else list(range(k))
     items = [ds[i] for i in idx]
     prompts = [it["caption"] for it in items]
     embeds = encode_prompts(base.text_encoder, base.tokenizer, prompts).float().cpu()

@@ -251,12 +251,17 @@ class ExportConfig:
     """Export of a trained ControlNet."""
 
     format: Literal["webui", "diffusers"] = _f(
-        "webui", "webui = one LDM-keyed .safetensors; diffusers = a folder."
+        "webui",
+        "webui = one LDM-keyed .safetensors that A1111, Forge and ComfyUI load; diffusers = a "
+        "save_pretrained folder with a model card.",
     )
     dtype: Literal["fp16", "bf16", "fp32"] = _f("fp16", "Exported weights dtype.")
     name: str | None = _f(None, "Name part of the file name. Default: the run name.")
     out: str | None = _f(None, "Output folder. Default: <run>/export.")
-    verify: bool = _f(True, "Reload the export and compare outputs with the trained model.")
+    condition: str | None = _f(None, "Condition for the file name. Default: the run config's condition.")
+    verify: bool = _f(
+        True, "Reload the export and compare outputs with the trained model (--no-verify skips it)."
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -504,23 +509,30 @@ def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) ->
     return cfg
 
 
-def add_config_arguments(parser: Any, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
+def add_config_arguments(
+    parser: Any, sections: tuple[str, ...] | dict[str, type] = tuple(SECTIONS), *, overlay: bool = True
+) -> None:
     """Add one flag per config field (``--<field>``), grouped by section, to an argparse parser.
 
-    Flags default to ``None`` (meaning: keep the dataclass default) so that a saved config can be
-    overlaid by only the flags a user actually gave.
+    Args:
+        parser: an ``argparse.ArgumentParser``.
+        sections: names of :data:`SECTIONS`, or a mapping ``{name: dataclass}`` for other configs.
+        overlay: ``True`` (for :func:`config_from_args`): flags default to ``None``, meaning "keep the
+            dataclass (or saved config) value", and land in ``args.<section>.<field>``, so a saved
+            config can be overlaid by only the flags a user gave. ``False``: flags carry the
+            dataclass defaults and land in ``args.<field>`` (a command with one config section).
     """
     import argparse
 
-    for name in sections:
-        cls = SECTIONS[name]
+    items = sections.items() if isinstance(sections, dict) else ((n, SECTIONS[n]) for n in sections)
+    for name, cls in items:
         group = parser.add_argument_group(f"{name} ({cls.__doc__.strip().splitlines()[0]})")
         hints = field_types(cls)
         for f in dataclasses.fields(cls):
             tp, _ = _unwrap_optional(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             kw: dict[str, Any] = {
-                "default": None,
+                "default": None if overlay else default,
                 "help": f"{f.metadata.get('help', '')} (default: {default})",
             }
             if tp is bool:
@@ -532,7 +544,7 @@ def add_config_arguments(parser: Any, sections: tuple[str, ...] = tuple(SECTIONS
                 kw["type"] = typing.get_args(tp)[0]
             else:
                 kw["type"] = tp
-            group.add_argument(f"--{f.name}", dest=f"{name}.{f.name}", **kw)
+            group.add_argument(f"--{f.name}", dest=f"{name}.{f.name}" if overlay else f.name, **kw)
 
 
 def config_from_args(args: Any, base: RunConfig | None = None) -> RunConfig:

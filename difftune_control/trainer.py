@@ -74,13 +74,14 @@ class ControlNetTrainer:
         out = {
             k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
         }
+        is_bank = plan.is_bank.to(self.device)
         for k in BATCH_KEYS:
-            out[k][~plan.is_bank.to(self.device)] = tb[k]
+            out[k][~is_bank] = tb[k]
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
             rows = self.bank.batch(idx, self.device)
             for k in BATCH_KEYS:
-                out[k][plan.is_bank.to(self.device)] = rows[k].to(out[k].dtype)
+                out[k][is_bank] = rows[k].to(out[k].dtype)
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = plan.timesteps.to(self.device)
         out["noise"] = torch.randn(out["latents"].shape, generator=self.generator).to(self.device)

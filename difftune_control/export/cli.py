@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from difftune_control.export.exporter import FORMATS, export_controlnet
+from difftune_control.config import ExportConfig, add_config_arguments
+from difftune_control.export.exporter import export_controlnet
 from difftune_control.export.verify import VerificationError
-from difftune_control.export.webui import DTYPES
 
 DESCRIPTION = (
     "Export a trained ControlNet. 'webui': one control_<name>_<sd>_<condition>_<dtype>.safetensors in the "
@@ -26,19 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="RUN_OR_CHECKPOINT",
         help="run folder (uses controlnet/, else the latest checkpoint), checkpoint-N folder, or diffusers ControlNet folder",
     )
-    parser.add_argument("--format", choices=FORMATS, default="webui", help="output format (default: webui)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp16", help="weights dtype (default: fp16)")
-    parser.add_argument("--name", default=None, help="name part of the file name (default: the run name)")
-    parser.add_argument("--out", default=None, help="output folder (default: <run>/export)")
-    parser.add_argument(
-        "--condition", default=None, help="condition for the file name (default: the run config's condition)"
-    )
-    parser.add_argument(
-        "--no-verify",
-        dest="verify",
-        action="store_false",
-        help="skip reloading the export and comparing outputs",
-    )
+    add_config_arguments(parser, {"export": ExportConfig}, overlay=False)
 
 
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
