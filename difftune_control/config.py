@@ -118,7 +118,7 @@ class MethodConfig:
         "fixed",
         "Diff-Tuning batch split: fixed (released code), mixture (paper), psi-only (ablation: no bank).",
     )
-    psi_power: float = _f(1.0, "Power s of psi(t) = ((t+1)/T)^s.")
+    psi_power: float = _f(1.0, "Power s of psi(t) = ((t+1)/T)^s; 0 = uniform t (the bank without the t-skew).")
     bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
     bank_weight: float = _f(0.1, "fixed split: weight lambda of the bank loss.")
     retention: Literal["renoise", "trajectory", "snr"] = _f(
@@ -331,8 +331,8 @@ class RunConfig:
             problems.append(f"--bank_share must be in (0, 1), got {m.bank_share}")
         if m.bank_weight < 0:
             problems.append(f"--bank_weight must be >= 0, got {m.bank_weight}")
-        if m.psi_power <= 0:
-            problems.append(f"--psi_power must be > 0, got {m.psi_power}")
+        if m.psi_power < 0:
+            problems.append(f"--psi_power must be >= 0 (0: uniform t, no skew), got {m.psi_power}")
         problems += _distill_problems(self)
         if not 0.0 <= data.proportion_empty_prompts <= 1.0:
             problems.append(

@@ -29,9 +29,11 @@ CONDITIONS = ["canny", "depth", "normal", "segmentation", "sketch"]
 ABLATIONS = {  # name -> flags, all on depth, against difftuning (fixed) and vanilla
     "mixture": ["--split", "mixture"],
     "psi-only": ["--split", "psi-only"],
+    "s=0": ["--psi_power", "0"],
     "s=0.5": ["--psi_power", "0.5"],
     "s=2": ["--psi_power", "2"],
     "r=0.4": ["--bank_share", "0.4"],
+    "lambda=0": ["--bank_weight", "0"],
     "lambda=0.3": ["--bank_weight", "0.3"],
     "bank=500": ["--bank_size", "500"],
     "bank_hint=zero": ["--bank_hint", "zero"],
@@ -83,6 +85,11 @@ def jobs(args) -> list[tuple[str, str, str, int, list[str]]]:
     if args.ablations:
         variants = {"vanilla": ("vanilla", []), "difftuning": ("difftuning", [])}
         variants.update({k: ("difftuning", v) for k, v in ABLATIONS.items()})
+        if args.variants:
+            unknown = sorted(set(args.variants) - set(variants))
+            if unknown:
+                raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(variants)}")
+            variants = {k: v for k, v in variants.items() if k in args.variants}
         for label, (method, extra) in variants.items():
             for seed in args.seeds:
                 out.append((f"depth-{label}-s{seed}", "depth", method, seed, extra))
@@ -359,6 +366,12 @@ def main() -> int:
     p.add_argument(
         "--ablations", action="store_true", help="the depth ablation grid instead of the 5 conditions"
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="with --ablations: only these (vanilla, difftuning, " + ", ".join(ABLATIONS) + ")",
+    )
     p.add_argument("--aggregate-only", action="store_true")
     p.add_argument("--no-retention", action="store_true")
     p.add_argument("--device", default=None)
@@ -370,7 +383,9 @@ def main() -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     todo = jobs(args)
     if not args.aggregate_only:
-        extra_sets = [[]] + ([["--bank_size", "500"], ["--bank_hint", "zero"]] if args.ablations else [])
+        # a bank of its own for variants that change what the bank holds
+        own = sorted({tuple(e) for *_, e in todo if e[:1] in (["--bank_size"], ["--bank_hint"])})
+        extra_sets = [[]] + [list(e) for e in own]
         prepare(args, {c for _, c, _, _, _ in todo}, extra_sets)
         t0 = time.time()
         with ThreadPoolExecutor(args.parallel) as pool:

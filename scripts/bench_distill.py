@@ -10,7 +10,7 @@ Part ``retention`` (condition ``--condition``, default depth): vanilla, Diff-Tun
 convergence, final controllability, and the retention score of scripts/bench_convergence.py
 (text following with an all-zero hint, Frechet distance to real renders).
 
-Part ``continual``: ControlNet A = the ``renoise`` run on ``--condition`` (depth); each variant
+Part ``continual``: ControlNet A = the ``--first_variant`` run (vanilla) on ``--condition`` (depth); each variant
 then adapts A to ``--second`` (segmentation) starting from A's weights, with Diff-Tuning and no
 teacher, or distilling A (``--teacher_controlnet A``, renoise or snr retention), and plain vanilla
 fine-tuning for reference. Measured: how much of A's controllability survives (A's metric on A's
@@ -77,7 +77,7 @@ def retention_jobs(args) -> list[tuple[str, list[str]]]:
 
 
 def teacher_name(args, seed: int) -> str:
-    return f"{args.condition}-renoise-s{seed}"
+    return f"{args.condition}-{args.first_variant}-s{seed}"
 
 
 def adapt_jobs(args) -> list[tuple[str, list[str]]]:
@@ -245,6 +245,13 @@ def main() -> int:
     p.add_argument(
         "--condition", default="depth", help="retention part's condition, and A of the continual part"
     )
+    p.add_argument(
+        "--first_variant",
+        default="vanilla",
+        choices=list(RETENTION),
+        help="which retention-part run is ControlNet A of the continual part (default vanilla: on the toy "
+        "world it is the one that has converged on depth by 1,000 steps)",
+    )
     p.add_argument("--second", default="segmentation", help="B of the continual part (a condition)")
     p.add_argument(
         "--second_flags",
@@ -278,7 +285,7 @@ def main() -> int:
             bc.prepare(args, {args.second}, [args.second_args])
         first = retention_jobs(args) if "retention" in args.parts else []
         if continual and not first:  # A alone
-            first = [j for j in retention_jobs(args) if "-renoise-" in j[0]]
+            first = [j for j in retention_jobs(args) if f"-{args.first_variant}-" in j[0]]
         run_all(args, first)
         if continual:
             run_all(args, adapt_jobs(args))
