@@ -1,23 +1,34 @@
 #!/usr/bin/env bash
-# Convergence benchmark on a two-GPU machine (nvidia-h200-x2), one 10-minute command.
-# GPU 0: depth, normal, canny (vanilla vs Diff-Tuning, seeds 0-2, 1,000 steps).
-# GPU 1: segmentation, sketch, and the first ablations (psi-only, s=0; seeds 0-1).
-# Each group has its own cache; a group still running after $BUDGET seconds is stopped (its
-# runs checkpoint on SIGTERM and are summarised as partial). Results: $OUT/*.tgz, logs.
+# Convergence benchmarks on a two-GPU machine (nvidia-h200-x2) in one 10-minute command.
+#   GPU 0: depth, normal, canny       vanilla vs Diff-Tuning (fixed), seeds 0-2
+#   GPU 1: segmentation, sketch       vanilla vs Diff-Tuning (fixed), seeds 0-2
+#          depth, retention sources   trajectory, snr (seeds 0-1; vanilla/renoise are GPU 0's runs)
+#          depth, ablations           lambda=0, s=0.5 (seeds 0-1)
+# Every group is its own process tree with its own cache; each run is a `difftune train`
+# subprocess with one intra-op thread (36 runs share 32 cores). A group still running after
+# $BUDGET seconds is stopped (runs checkpoint on SIGTERM; the summary marks them partial).
+# Usage (device tool, from the repository root): OUT=... bash bench/h200x2_convergence.sh
 set -u
 OUT=${OUT:-/tmp/out}
-BUDGET=${BUDGET:-500}
+BUDGET=${BUDGET:-480}
+STEPS=${STEPS:-800}
 W=/tmp/conv
 mkdir -p $W
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-B="python3 scripts/bench_convergence.py --max_train_steps 1000 --convergence_every 50"
-CUDA_VISIBLE_DEVICES=0 DIFFTUNE_CACHE=/tmp/c0 timeout $BUDGET $B --out $W/main0 --conditions depth normal canny --parallel 18 > $W/main0.log 2>&1 &
-CUDA_VISIBLE_DEVICES=1 DIFFTUNE_CACHE=/tmp/c1 timeout $BUDGET $B --out $W/main1 --conditions segmentation sketch --parallel 12 > $W/main1.log 2>&1 &
-CUDA_VISIBLE_DEVICES=1 DIFFTUNE_CACHE=/tmp/c2 timeout $BUDGET $B --out $W/abl1 --ablations --variants psi-only s=0 --seeds 0 1 --parallel 4 > $W/abl1.log 2>&1 &
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+C="--max_train_steps $STEPS --convergence_every 50"
+group() {  # gpu name script args...
+  local gpu=$1 name=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu DIFFTUNE_CACHE=/tmp/cache-$name timeout $BUDGET python3 "$@" --out $W/$name $C > $W/$name.log 2>&1
+}
+for c in depth normal canny; do group 0 $c scripts/bench_convergence.py --conditions $c --parallel 6 & done
+for c in segmentation sketch; do group 1 $c scripts/bench_convergence.py --conditions $c --parallel 6 & done
+group 1 distill scripts/bench_distill.py --parts retention --variants trajectory snr --seeds 0 1 --parallel 4 &
+group 1 ablations scripts/bench_convergence.py --ablations --variants lambda=0 s=0.5 --seeds 0 1 --parallel 4 &
 wait
 pkill -TERM -f "difftune_control.cli train" && sleep 20
-for d in main0 main1; do python3 scripts/bench_convergence.py --out $W/$d --aggregate-only >> $W/$d.log 2>&1; done
-python3 scripts/bench_convergence.py --out $W/abl1 --ablations --aggregate-only >> $W/abl1.log 2>&1
+for g in depth normal canny segmentation sketch; do python3 scripts/bench_convergence.py --out $W/$g --aggregate-only >> $W/$g.log 2>&1; done
+python3 scripts/bench_convergence.py --out $W/ablations --ablations --aggregate-only >> $W/ablations.log 2>&1
 cd $W && tar czf $OUT/conv-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' --exclude='samples' . \
-  && tar czf $OUT/conv-samples-depth-s0.tgz */runs/depth-*-s0/samples
-ls -la $OUT; nvidia-smi --query-gpu=name,memory.used --format=csv
+  && tar czf $OUT/conv-samples-s0.tgz */runs/depth-*-s0/samples */runs/sketch-*-s0/samples
+ls -la $OUT

@@ -66,12 +66,14 @@ def run_all(args, jobs: list[tuple[str, list[str]]]) -> None:
 
 
 def retention_jobs(args) -> list[tuple[str, list[str]]]:
+    labels = args.variants or list(RETENTION)
     return [
         (
             f"{args.condition}-{label}-s{s}",
             bc.train_cmd(args, f"{args.condition}-{label}-s{s}", args.condition, m, s, x),
         )
         for label, (m, x) in RETENTION.items()
+        if label in labels
         for s in args.seeds
     ]
 
@@ -258,6 +260,13 @@ def main() -> int:
         default="",
         help='extra flags of the B runs and B evaluation, one string, e.g. "--train_data_dir OTHER" (a second domain)',
     )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(RETENTION),
+        default=None,
+        help="retention part: only these sources (all by default)",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--max_train_steps", type=int, default=1000)
     p.add_argument("--adapt_steps", type=int, default=1000)
@@ -280,7 +289,10 @@ def main() -> int:
     continual = "continual" in args.parts
     if not args.aggregate_only:
         t0 = time.time()
-        bc.prepare(args, {args.condition}, [[], ["--retention", "trajectory"], ["--retention", "snr"]])
+        bc.limit_threads(args.parallel)
+        labels = args.variants or list(RETENTION)
+        flag_sets = {tuple(RETENTION[label][1]) for label in labels}
+        bc.prepare(args, {args.condition}, [list(f) for f in sorted(flag_sets)])
         if continual:
             bc.prepare(args, {args.second}, [args.second_args])
         first = retention_jobs(args) if "retention" in args.parts else []
