@@ -290,7 +290,7 @@ def tables(rows: dict) -> tuple[str, dict]:
         )
     lines += [
         "",
-        "Speed-up of Diff-Tuning against vanilla (mean steps, vanilla / difftuning; >1 = sooner):",
+        "Speed-up of Diff-Tuning against vanilla (mean steps, vanilla / difftuning; >1 = sooner; the change in steps in brackets):",
         "",
         "| condition / variant | p>=0.25 | event | p>=0.5 |",
         "|---|---|---|---|",
@@ -310,7 +310,7 @@ def tables(rows: dict) -> tuple[str, dict]:
             b = [v for v in agg[g][lv] if v is not None]
             if a and b and len(b) == len(agg[g][lv]):
                 up = statistics.mean(a) / statistics.mean(b)
-                cells.append(f"{up:.2f}x ({100 * (1 - 1 / up):+.0f}% steps)")
+                cells.append(f"{up:.2f}x ({100 * (1 / up - 1):+.0f}% steps)")
                 if g.endswith("-difftuning"):
                     ups[lv].append(up)
             else:
@@ -335,7 +335,7 @@ def curves(args, rows: dict, path: Path) -> None:
 
     groups = sorted({group_key(n) for n in rows})
     panels = sorted({g.split("-")[0] for g in groups}) if not args.ablations else ["depth"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 6.5), 3.8), squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[0], panels):
         for i, g in enumerate(x for x in groups if x.startswith(panel + "-")):
@@ -362,7 +362,8 @@ def curves(args, rows: dict, path: Path) -> None:
         ax.set_ylim(-0.1, 1.0)
         ax.legend(fontsize=7)
     fig.suptitle(
-        "Controllability progress p (0 = hint ignored, 1 = annotator floor); dashed: detector threshold"
+        "Controllability progress p (0 = hint ignored, 1 = annotator floor); dashed: detector threshold",
+        fontsize=9,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -230,7 +230,7 @@ def continual_table(args, rows: dict) -> tuple[str, dict]:
         ev = [v for v in c["event"] if v is not None]
         lines.append(
             f"| {label} | {_ms(c['p_first_before'])} | {_ms(c['p_first'])} | {_ms(c['survival'])} | "
-            f"{_ms(c['p_second'])} | {statistics.mean(ev):.0f} ({len(ev)}/{len(c['event'])})"
+            f"{_ms(c['p_second'])} | {statistics.mean(ev):.0f} ({len(ev)}/{len(c['event'])}) |"
             if ev
             else f"| {label} | {_ms(c['p_first_before'])} | {_ms(c['p_first'])} | {_ms(c['survival'])} | "
             f"{_ms(c['p_second'])} | not reached |"

@@ -111,6 +111,13 @@ class SyntheticCached(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.captions)
 
+    def batch(self, indices, device=None):  # the bank's interface (difftune_control.bank.BankDataset.batch)
+        return {
+            "latents": self.latents[indices].to(device),
+            "encoder_hidden_states": self.ehs[indices].to(device),
+            "conditioning_pixel_values": self.hints[indices].to(device),
+        }
+
     def __getitem__(self, i):
         return {
             "latents": self.latents[i],
@@ -316,6 +323,19 @@ class GpuMemoryPoll(threading.Thread):
             time.sleep(0.5)
 
 
+def example_rate(stderr: str) -> float | None:
+    """Steps/s of the example's progress bar when it first reaches the last step.
+
+    tqdm's rate is a moving average of recent steps: at the last step it is the steady rate. Later
+    refreshes of the same bar include the final save and understate it.
+    """
+    rates = re.findall(r"Steps:\s+\d+%.*?(\d+)/(\d+) \[[^,]*,\s*([\d.]+)(it/s|s/it)", stderr)
+    for n, total, rate, unit in rates:
+        if n == total:
+            return float(rate) if unit == "it/s" else 1.0 / float(rate)
+    return None
+
+
 def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: int, log: Path) -> dict:
     out_dir = Path("/tmp/diffusers-example-out")
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -358,11 +378,9 @@ def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: 
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     poll.stop = True
     log.write_text(res.stdout + "\n" + res.stderr)
-    rates = re.findall(r"Steps:\s+\d+%.*?(\d+)/(\d+) \[[^,]*,\s*([\d.]+)(it/s|s/it)", res.stderr)
-    if res.returncode != 0 or not rates:
+    its = example_rate(res.stderr)
+    if res.returncode != 0 or its is None:
         return {"impl": "diffusers example", "batch": batch, "error": res.stderr[-1500:]}
-    _, _, rate, unit = rates[-1]
-    its = float(rate) if unit == "it/s" else 1.0 / float(rate)
     return {
         "impl": "diffusers example",
         "batch": batch,
