@@ -118,7 +118,9 @@ class MethodConfig:
         "fixed",
         "Diff-Tuning batch split: fixed (released code), mixture (paper), psi-only (ablation: no bank).",
     )
-    psi_power: float = _f(1.0, "Power s of psi(t) = ((t+1)/T)^s; 0 = uniform t (the bank without the t-skew).")
+    psi_power: float = _f(
+        1.0, "Power s of psi(t) = ((t+1)/T)^s; 0 = uniform t (the bank without the t-skew)."
+    )
     bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
     bank_weight: float = _f(0.1, "fixed split: weight lambda of the bank loss.")
     retention: Literal["renoise", "trajectory", "snr"] = _f(

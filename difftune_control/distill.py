@@ -27,6 +27,14 @@ noise. SNR = 1 is where signal and noise carry equal power (t ~ 354 of 1000 for 
 scaled-linear schedule): the point past which x_t is mostly noise. With Diff-Tuning's bank
 timesteps (xi(t) proportional to T - t) that sends about 42% of the bank slots to recorded states.
 
+What the toy world measured (BENCHMARKS.md sections 2-3): the premise about high SNR does not hold
+for a weak base. Its own samples are smoother than the data it learned from, and it errs on them
+in one coherent direction at every t, so a re-noised slot with the true noise as target pulls a
+fresh ControlNet 2-12x harder than a target sample does (``scripts/diagnose_bank.py``). There
+``trajectory`` (the teacher's prediction as target everywhere: zero pull at step 0) converged
+sooner than vanilla while ``snr`` and ``renoise`` did not converge. The threshold stays 1 as
+above; on such a base choose ``trajectory``.
+
 Targets are the teacher's *conditional, unguided* prediction. The bank is sampled with CFG, so the
 ``model_output`` a sampler step sees is the guided mix ``u + w (c - u)``; the student in a bank
 slot is the base UNet + ControlNet run once with the prompt (as in training), which is what the

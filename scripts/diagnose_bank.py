@@ -1,0 +1,130 @@
+#!/usr/bin/env python
+"""Does the memory bank's retention loss drown the target's signal? A check at step 0, on a CPU.
+
+    python scripts/diagnose_bank.py                                   # toy world, depth, 128 samples
+    python scripts/diagnose_bank.py --out docs/bench/bank-diagnosis.json -- --condition canny
+    python scripts/diagnose_bank.py -- --pretrained_model_name_or_path DIR --train_data_dir DATA \\
+        --condition depth --device cuda
+
+A fresh ControlNet outputs zero, so at step 0 the base model alone predicts the noise, and the
+gradient reaching the ControlNet (its zero convolutions) measures how much each part of the loss
+wants it to change. Diff-Tuning's ``renoise`` retention asks the ControlNet to predict the true
+noise of the base model's *own* re-noised samples; if the base denoises its samples no better than
+real data, or errs on them in one coherent direction, that gradient can outweigh the target's,
+and the ControlNet spends itself correcting the base instead of learning the hint. Printed, for a
+batch at one timestep each: the loss and the gradient norm of target rows and of bank rows, and
+for the run's own batch plan the target part against the weighted bank part. Also the per-channel
+spread of target and bank latents. The bank is built (or reused) as ``difftune train`` would.
+Flags after ``--`` are ``difftune train`` flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def grad_norm(trainer, batch: dict, plan, mask: torch.Tensor) -> tuple[float, float]:
+    """Gradient norm over the ControlNet's parameters of ``sum(weights * mask * loss)``, and the masked mean loss."""
+    net = trainer.controlnet
+    net.zero_grad(set_to_none=True)
+    parts = trainer.compute_loss(trainer.assemble(batch, plan))
+    m = mask.to(parts.device)
+    (plan.weights.to(parts.device) * m * parts).sum().backward()
+    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.parameters() if p.grad is not None))
+    return float(norm), float(parts.detach()[m.bool()].mean())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=64, help="target rows per measurement (and bank rows)")
+    p.add_argument("--timesteps", nargs="+", type=int, default=[10, 100, 300, 600, 900])
+    p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
+    p.add_argument("train_args", nargs="*", help="difftune train flags (after --)")
+    args = p.parse_args()
+
+    from accelerate import Accelerator
+
+    from difftune_control import assembly
+    from difftune_control.cli import build_parser
+    from difftune_control.config import config_from_args, resolve_defaults
+    from difftune_control.extractors import load_recipe
+    from difftune_control.forgetting import BatchPlan
+    from difftune_control.runtime import is_toy_model, load_base_model, make_controlnet
+    from difftune_control.trainer import DiffTuningTrainer
+    from difftune_control.validation import encode_prompts
+
+    flags = ["--method", "difftuning", "--device", "cpu", "--max_train_samples", str(max(128, args.samples))]
+    cfg = config_from_args(build_parser().parse_args(["train", *flags, *args.train_args]))
+    toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
+    cfg = resolve_defaults(cfg, toy=toy, recipe=load_recipe(cfg.data.condition))
+    cfg.validate()
+    cfg.data.proportion_empty_prompts = 0.0  # every row with its caption: the measurement, not the recipe
+    acc = Accelerator(cpu=cfg.train.device == "cpu")
+    torch.manual_seed(cfg.train.seed)
+    base = load_base_model(cfg.model, acc.device, torch.float32)
+    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
+    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
+    bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
+    empty = encode_prompts(base.text_encoder, base.tokenizer, [""]).float()
+    controlnet = make_controlnet(cfg.model, base.unet).to(acc.device)
+    trainer = DiffTuningTrainer(cfg, acc, base, controlnet, target, empty, bank)
+
+    n = args.samples
+    batch = torch.utils.data.default_collate([target[i] for i in range(n)])
+    rows = []
+    for t in args.timesteps:
+        row = {"t": t}
+        for source in ("target", "bank"):
+            is_bank = torch.full((n,), source == "bank")
+            plan = BatchPlan(
+                is_bank=is_bank, timesteps=torch.full((n,), t), weights=torch.full((n,), 1.0 / n)
+            )
+            row[f"{source}_grad"], row[f"{source}_loss"] = grad_norm(trainer, batch, plan, torch.ones(n))
+        row["ratio"] = row["bank_grad"] / max(row["target_grad"], 1e-30)
+        rows.append(row)
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    trainer.generator = g
+    plan = trainer.plan(n)
+    whole = {
+        "target_part_grad": grad_norm(trainer, batch, plan, (~plan.is_bank).float())[0],
+        "bank_part_grad": grad_norm(trainer, batch, plan, plan.is_bank.float())[0],
+        "split": cfg.method.split,
+        "bank_share": cfg.method.bank_share,
+        "bank_weight": cfg.method.bank_weight,
+    }
+    tl = torch.stack([target[i]["latents"] for i in range(n)]).float()
+    bl = bank.latents.float()
+    spread = {"target_latent_std": tl.std((0, 2, 3)).tolist(), "bank_latent_std": bl.std((0, 2, 3)).tolist()}
+
+    print(f"condition {cfg.data.condition}, model {base.model_id}, bank {bank_dir}")
+    print("\n| t | target loss | target grad | bank loss | bank grad | bank / target grad |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['t']} | {r['target_loss']:.4f} | {r['target_grad']:.4g} | {r['bank_loss']:.4f} | "
+            f"{r['bank_grad']:.4g} | {r['ratio']:.1f}x |"
+        )
+    print(
+        f"\nOne batch of the run's plan ({whole['split']}, r = {whole['bank_share']}, lambda = "
+        f"{whole['bank_weight']}): target part {whole['target_part_grad']:.4g}, weighted bank part "
+        f"{whole['bank_part_grad']:.4g} ({whole['bank_part_grad'] / whole['target_part_grad']:.2f}x)"
+    )
+    fmt = lambda v: "[" + ", ".join(f"{x:.2f}" for x in v) + "]"  # noqa: E731
+    print(
+        f"latent std per channel: target {fmt(spread['target_latent_std'])}, "
+        f"bank {fmt(spread['bank_latent_std'])}"
+    )
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"condition": cfg.data.condition, "per_t": rows, "plan": whole, **spread}
+        args.out.write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
