@@ -139,6 +139,11 @@ class MethodConfig:
         "Weight of the bank (retention) loss when it distils (trajectory/snr or a teacher), in place of "
         "lambda (fixed split) or of the bank slots' share (mixture). Default: --bank_weight / unchanged.",
     )
+    bank_check: bool = _f(
+        True,
+        "Before the first step, measure how hard the bank rows pull a fresh ControlNet against the target "
+        "rows (one extra forward/backward) and warn when the bank outweighs the data.",
+    )
     teacher_controlnet: str | None = _f(
         None,
         "Continual adaptation: distil this previously trained ControlNet (run folder, diffusers folder or "

@@ -162,9 +162,26 @@ def run_training(cfg: RunConfig) -> Path:
         }
         cfg.save(run_dir / "config.json", extra)
         logger.info("run folder: %s\nresolved config:\n%s", run_dir, json.dumps(cfg.to_dict(), indent=1))
+    check = _bank_check(cfg, trainer, target, accelerator) if resume is None else None
     loop = _Loop(cfg, accelerator, trainer, optimizer, lr_scheduler, monitor, val, run_dir, state)
+    if check is not None and loop.log is not None:
+        loop.log.log({"type": "bank_check", "step": 0, **check})
     loop.fit()
     return run_dir
+
+
+def _bank_check(cfg: RunConfig, trainer, target, accelerator) -> dict | None:
+    """The memory-bank check of :mod:`difftune_control.diagnostics` on the first target rows (a fresh run with a bank)."""
+    if trainer.bank is None or not cfg.method.bank_check:
+        return None
+    from difftune_control.diagnostics import bank_pull, warn_if_bank_dominates
+
+    n = min(cfg.train.train_batch_size, len(target))
+    batch = torch.utils.data.default_collate([target[i] for i in range(n)])
+    check = bank_pull(trainer, batch)
+    if accelerator.is_main_process:
+        warn_if_bank_dominates(check, cfg.method.retention)
+    return check
 
 
 def _recipe_dict(recipe: Any) -> dict:

@@ -28,17 +28,6 @@ from pathlib import Path
 import torch
 
 
-def grad_norm(trainer, batch: dict, plan, mask: torch.Tensor) -> tuple[float, float]:
-    """Gradient norm over the ControlNet's parameters of ``sum(weights * mask * loss)``, and the masked mean loss."""
-    net = trainer.controlnet
-    net.zero_grad(set_to_none=True)
-    parts = trainer.compute_loss(trainer.assemble(batch, plan))
-    m = mask.to(parts.device)
-    (plan.weights.to(parts.device) * m * parts).sum().backward()
-    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in net.parameters() if p.grad is not None))
-    return float(norm), float(parts.detach()[m.bool()].mean())
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=64, help="target rows per measurement (and bank rows)")
@@ -52,8 +41,8 @@ def main() -> int:
     from difftune_control import assembly
     from difftune_control.cli import build_parser
     from difftune_control.config import config_from_args, resolve_defaults
+    from difftune_control.diagnostics import bank_pull, per_timestep_pull
     from difftune_control.extractors import load_recipe
-    from difftune_control.forgetting import BatchPlan
     from difftune_control.runtime import is_toy_model, load_base_model, make_controlnet
     from difftune_control.trainer import DiffTuningTrainer
     from difftune_control.validation import encode_prompts
@@ -76,23 +65,10 @@ def main() -> int:
 
     n = args.samples
     batch = torch.utils.data.default_collate([target[i] for i in range(n)])
-    rows = []
-    for t in args.timesteps:
-        row = {"t": t}
-        for source in ("target", "bank"):
-            is_bank = torch.full((n,), source == "bank")
-            plan = BatchPlan(
-                is_bank=is_bank, timesteps=torch.full((n,), t), weights=torch.full((n,), 1.0 / n)
-            )
-            row[f"{source}_grad"], row[f"{source}_loss"] = grad_norm(trainer, batch, plan, torch.ones(n))
-        row["ratio"] = row["bank_grad"] / max(row["target_grad"], 1e-30)
-        rows.append(row)
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    trainer.generator = g
-    plan = trainer.plan(n)
+    rows = per_timestep_pull(trainer, batch, args.timesteps)
+    trainer.generator.manual_seed(cfg.train.seed)
     whole = {
-        "target_part_grad": grad_norm(trainer, batch, plan, (~plan.is_bank).float())[0],
-        "bank_part_grad": grad_norm(trainer, batch, plan, plan.is_bank.float())[0],
+        **bank_pull(trainer, batch),
         "split": cfg.method.split,
         "bank_share": cfg.method.bank_share,
         "bank_weight": cfg.method.bank_weight,
@@ -111,8 +87,8 @@ def main() -> int:
         )
     print(
         f"\nOne batch of the run's plan ({whole['split']}, r = {whole['bank_share']}, lambda = "
-        f"{whole['bank_weight']}): target part {whole['target_part_grad']:.4g}, weighted bank part "
-        f"{whole['bank_part_grad']:.4g} ({whole['bank_part_grad'] / whole['target_part_grad']:.2f}x)"
+        f"{whole['bank_weight']}): target part {whole['target_grad']:.4g}, weighted bank part "
+        f"{whole['bank_grad']:.4g} ({whole['ratio']:.2f}x)"
     )
     fmt = lambda v: "[" + ", ".join(f"{x:.2f}" for x in v) + "]"  # noqa: E731
     print(

@@ -176,6 +176,15 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
             + ("" if summary["eval_cost_share"] is None else f" ({100 * summary['eval_cost_share']:.1f}%)"),
         ),
     ]
+    check = summary.get("bank_check")
+    if check and check["ratio"] is not None:
+        facts.append(
+            (
+                "memory bank at step 0",
+                f"the weighted bank rows pull the ControlNet {check['ratio']:.2f}x as hard as the target rows "
+                f"(gradient norm {_fmt(check['bank_grad'])} vs {_fmt(check['target_grad'])})",
+            )
+        )
     if summary["end_reason"]:
         facts.append(("ended", summary["end_reason"]))
     facts += [("caveat", c) for c in summary["caveats"]]

@@ -32,6 +32,7 @@ class Run:
     event: dict[str, Any] | None = None
     milestones: dict[float, dict[str, Any]] = field(default_factory=dict)
     end: dict[str, Any] | None = None
+    bank_check: dict[str, Any] | None = None  # the memory-bank check at step 0 (Diff-Tuning)
 
     @property
     def method(self) -> str:
@@ -185,6 +186,8 @@ def load_run(path: str | Path) -> Run:
             run.milestones[float(r["level"])] = r
         elif kind == "end":
             run.end = r
+        elif kind == "bank_check":
+            run.bank_check = r
     run.train.sort(key=lambda r: r["step"])
     run.evals.sort(key=lambda r: r["step"])
     return run
@@ -230,6 +233,13 @@ def _fmt(x: Any, digits: int = 2) -> str:
 def caveats(run: Run) -> list[str]:
     """Warnings a reader needs to trust p: a d0 - d_floor gap within the evaluation noise."""
     notes = []
+    ratio = _num((run.bank_check or {}).get("ratio"))
+    if ratio is not None and ratio > 1:
+        notes.append(
+            f"at step 0 the weighted memory-bank rows pulled the ControlNet {ratio:.2f}x as hard as the target "
+            "rows: the bank can delay or prevent sudden convergence (BENCHMARKS.md section 2; try --retention "
+            "trajectory)"
+        )
     if not run.evals:
         return notes
     first, last = run.evals[0], run.evals[-1]
@@ -288,6 +298,11 @@ def summarize_run(run: Run) -> dict[str, Any]:
         "wall_seconds": wall,
         "eval_cost_share": eval_seconds / wall if wall > 0 else None,
         "status": status_line(run),
+        "bank_check": (
+            {k: _num(run.bank_check.get(k)) for k in ("ratio", "target_grad", "bank_grad")}
+            if run.bank_check
+            else None
+        ),
         "caveats": caveats(run),
     }
 

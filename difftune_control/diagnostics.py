@@ -1,0 +1,115 @@
+"""How hard each part of the loss pulls a fresh ControlNet: the memory-bank check at step 0.
+
+A new ControlNet outputs zero (zero convolutions), so at step 0 the base model alone makes the
+prediction and the gradient reaching the ControlNet says how strongly each part of the loss wants
+it to change. Diff-Tuning's ``renoise`` retention asks it to predict the true noise of the base's
+own re-noised samples. If the base denoises its samples no better than real data, or errs on them
+in one coherent direction, the bank rows pull harder than the target rows and the ControlNet
+spends itself correcting the base instead of learning the hint: on the toy world the weighted bank
+part was 1.2x the target part and Diff-Tuning never converged on depth (BENCHMARKS.md section 2).
+
+Used by ``run_training`` (one check before the first step of a run with a bank; warns when the
+bank outweighs the data) and by ``scripts/diagnose_bank.py`` (per-timestep table).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from difftune_control.forgetting import BatchPlan
+
+logger = logging.getLogger(__name__)
+
+
+def gradient_pull(trainer, target_batch: dict, plan: BatchPlan, mask: torch.Tensor) -> tuple[float, float]:
+    """Norm of the ControlNet's gradient of ``sum(weights * mask * per_sample_loss)``, and the masked mean loss.
+
+    Runs on the unwrapped ControlNet (no gradient synchronisation across processes) and leaves
+    its gradients cleared and the trainer's random generator where it was.
+    """
+    acc = trainer.accelerator
+    wrapped = trainer.controlnet
+    net = acc.unwrap_model(wrapped)
+    state = trainer.generator.get_state()
+    trainer.controlnet = net
+    try:
+        net.zero_grad(set_to_none=True)
+        with acc.autocast():
+            per_sample = trainer.compute_loss(trainer.assemble(target_batch, plan))
+        m = mask.to(per_sample.device, per_sample.dtype)
+        (plan.weights.to(per_sample.device) * m * per_sample).sum().backward()
+        grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
+        norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+        loss = float(per_sample.detach()[m.bool()].float().mean()) if m.any() else float("nan")
+    finally:
+        net.zero_grad(set_to_none=True)
+        trainer.controlnet = wrapped
+        trainer.generator.set_state(state)
+    return norm, loss
+
+
+def bank_pull(trainer, target_batch: dict) -> dict:
+    """The run's own batch plan on one target batch: the target rows' pull against the weighted bank rows'."""
+    n = len(target_batch["caption"])
+    state = trainer.generator.get_state()
+    plan = trainer.plan(n)
+    trainer.generator.set_state(state)
+    if plan.num_bank == 0:
+        raise ValueError("bank_pull: this run's batch plan has no bank slots")
+    is_bank = plan.is_bank
+    target_grad, target_loss = gradient_pull(trainer, target_batch, plan, (~is_bank).float())
+    bank_grad, bank_loss = gradient_pull(trainer, target_batch, plan, is_bank.float())
+    return {
+        "target_grad": target_grad,
+        "bank_grad": bank_grad,
+        "ratio": bank_grad / target_grad if target_grad > 0 else float("inf"),
+        "target_loss": target_loss,
+        "bank_loss": bank_loss,
+        "bank_slots": plan.num_bank,
+        "batch": n,
+    }
+
+
+def per_timestep_pull(trainer, target_batch: dict, timesteps: list[int]) -> list[dict]:
+    """For each t: the pull of a batch of target rows at t against a batch of bank rows at t (equal weights)."""
+    n = len(target_batch["caption"])
+    rows = []
+    for t in timesteps:
+        row: dict = {"t": int(t)}
+        for source in ("target", "bank"):
+            plan = BatchPlan(
+                is_bank=torch.full((n,), source == "bank"),
+                timesteps=torch.full((n,), int(t)),
+                weights=torch.full((n,), 1.0 / n),
+            )
+            row[f"{source}_grad"], row[f"{source}_loss"] = gradient_pull(
+                trainer, target_batch, plan, torch.ones(n)
+            )
+        row["ratio"] = row["bank_grad"] / row["target_grad"] if row["target_grad"] > 0 else float("inf")
+        rows.append(row)
+    return rows
+
+
+def warn_if_bank_dominates(check: dict, retention: str) -> bool:
+    """Log the check; warn (and return True) when the weighted bank rows pull harder than the target rows."""
+    msg = (
+        f"memory bank check at step 0: the weighted bank rows pull the ControlNet {check['ratio']:.2f}x as hard "
+        f"as the target rows (gradient norm {check['bank_grad']:.3g} vs {check['target_grad']:.3g})"
+    )
+    if check["ratio"] <= 1.0:
+        logger.info(msg)
+        return False
+    logger.warning(
+        msg + ". The base model denoises its own samples worse than your data, so the bank will "
+        "first teach the ControlNet to correct the base instead of following the hint; on the toy world "
+        "this delayed or prevented sudden convergence (BENCHMARKS.md section 2)."
+        + (
+            " Consider --retention trajectory (the base's own predictions as bank targets) or "
+            "--split psi-only (no bank)."
+            if retention == "renoise"
+            else ""
+        )
+    )
+    return True
