@@ -6,7 +6,7 @@ it to change. Diff-Tuning's ``renoise`` retention asks it to predict the true no
 own re-noised samples. If the base denoises its samples no better than real data, or errs on them
 in one coherent direction, the bank rows pull harder than the target rows and the ControlNet
 spends itself correcting the base instead of learning the hint: on the toy world the weighted bank
-part was 1.2x the target part and Diff-Tuning never converged on depth (BENCHMARKS.md section 2).
+part was 1.3x the target part and Diff-Tuning never converged on depth (BENCHMARKS.md section 2).
 
 Used by ``run_training`` (one check before the first step of a run with a bank; warns when the
 bank outweighs the data) and by ``scripts/diagnose_bank.py`` (per-timestep table).

@@ -32,6 +32,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=64, help="target rows per measurement (and bank rows)")
     p.add_argument("--timesteps", nargs="+", type=int, default=[10, 100, 300, 600, 900])
+    p.add_argument(
+        "--probe_t",
+        type=int,
+        default=300,
+        help="timestep of the probe: bank rows against target latents with the bank's prompts and hints "
+        "(does the pull come from the bank's latents?). Hints cannot matter at step 0: the hint "
+        "encoder's last convolution starts at zero too",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     p.add_argument("train_args", nargs="*", help="difftune train flags (after --)")
     args = p.parse_args()
@@ -74,6 +82,19 @@ def main() -> int:
         "bank_weight": cfg.method.bank_weight,
     }
     tl = torch.stack([target[i]["latents"] for i in range(n)]).float()
+    own = bank.batch
+    swaps = {
+        "bank rows": lambda rows: rows,
+        "target latents, bank prompts and hints": lambda rows: {
+            **rows,
+            "latents": tl[: len(rows["latents"])].to(rows["latents"]),
+        },
+    }
+    probe = {}
+    for name, swap in swaps.items():
+        bank.batch = lambda idx, device=None, swap=swap: swap(own(idx, device))
+        probe[name] = per_timestep_pull(trainer, batch, [args.probe_t])[0]["bank_grad"]
+    bank.batch = own
     bl = bank.latents.float()
     spread = {"target_latent_std": tl.std((0, 2, 3)).tolist(), "bank_latent_std": bl.std((0, 2, 3)).tolist()}
 
@@ -95,9 +116,20 @@ def main() -> int:
         f"latent std per channel: target {fmt(spread['target_latent_std'])}, "
         f"bank {fmt(spread['bank_latent_std'])}"
     )
+    print(f"\nwhat pulls (bank-row gradient norm at t = {args.probe_t}):")
+    for name, value in probe.items():
+        print(f"  {name}: {value:.4g}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"condition": cfg.data.condition, "per_t": rows, "plan": whole, **spread}
+        payload = {
+            "condition": cfg.data.condition,
+            "bank_guidance_scale": cfg.bank.bank_guidance_scale,
+            "per_t": rows,
+            "plan": whole,
+            "probe_t": args.probe_t,
+            "probe": probe,
+            **spread,
+        }
         args.out.write_text(json.dumps(payload, indent=1))
     return 0
 
