@@ -241,6 +241,9 @@ class TrainConfig:
     )
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
     torch_compile: bool = _f(False, "torch.compile the ControlNet and UNet.")
+    channels_last: bool = _f(
+        False, "channels_last memory format for the ControlNet, the UNet and their inputs."
+    )
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint-N path.")

@@ -84,6 +84,42 @@ def run_bank_only(cfg: RunConfig) -> Path:
     return path
 
 
+def prepare_trainable(cfg: RunConfig, accelerator, base):
+    """A fresh ControlNet from ``base.unet`` with the run's speed/memory settings, its optimizer and LR schedule.
+
+    Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``, cuDNN autotuning
+    (fixed shapes: every step has the same batch and resolution) and fused AdamW on CUDA. Returns
+    ``(controlnet, optimizer, lr_scheduler)``, the first two prepared by ``accelerator``.
+    """
+    t = cfg.train
+    device = accelerator.device
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    controlnet = make_controlnet(cfg.model, base.unet)
+    if t.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
+    if t.channels_last:
+        controlnet.to(memory_format=torch.channels_last)
+        base.unet.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(
+        controlnet.parameters(),
+        lr=t.learning_rate,
+        betas=(t.adam_beta1, t.adam_beta2),
+        weight_decay=t.adam_weight_decay,
+        eps=t.adam_epsilon,
+        fused=device.type == "cuda",
+    )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
+    )
+    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    if t.torch_compile:
+        controlnet = torch.compile(controlnet)
+        base.unet = torch.compile(base.unet)
+    return controlnet, optimizer, lr_scheduler
+
+
 def run_training(cfg: RunConfig) -> Path:
     """Set up everything from ``cfg`` and train; returns the run folder."""
     from difftune_control import assembly
@@ -110,26 +146,7 @@ def run_training(cfg: RunConfig) -> Path:
     bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
 
     torch.manual_seed(cfg.train.seed)
-    controlnet = make_controlnet(cfg.model, base.unet)
-    if cfg.train.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        base.unet.enable_gradient_checkpointing()
-    t = cfg.train
-    optimizer = torch.optim.AdamW(
-        controlnet.parameters(),
-        lr=t.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2),
-        weight_decay=t.adam_weight_decay,
-        eps=t.adam_epsilon,
-        fused=device.type == "cuda",
-    )
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
-    )
-    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
-    if t.torch_compile:
-        controlnet = torch.compile(controlnet)
-        base.unet = torch.compile(base.unet)
+    controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
     monitor = (
         _make_monitor(cfg, recipe, extractor, val, empty, run_dir)
@@ -322,8 +339,9 @@ class _Loop:
         flags = [stop.received is not None]
         st = self.state
         flags.append(st["stop_at"] is not None and st["global_step"] >= st["stop_at"])
-        t = torch.tensor([int(f) for f in flags], device=self.acc.device)
-        t = self.acc.reduce(t, reduction="sum") if self.acc.num_processes > 1 else t
+        t = torch.tensor([int(f) for f in flags])
+        if self.acc.num_processes > 1:  # every process stops at the same step
+            t = self.acc.reduce(t.to(self.acc.device), reduction="sum")
         if t[0] > 0:
             return "signal"
         if t[1] > 0:

@@ -74,14 +74,16 @@ class ControlNetTrainer:
         out = {
             k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
         }
-        is_bank = plan.is_bank.to(self.device)
+        # Slot indices come from the CPU plan: placing rows needs no device synchronisation.
+        target_slots = (~plan.is_bank).nonzero().flatten().to(self.device, non_blocking=True)
         for k in BATCH_KEYS:
-            out[k][~is_bank] = tb[k]
+            out[k].index_copy_(0, target_slots, tb[k])
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
             rows = self.bank.batch(idx, self.device)
+            bank_slots = plan.is_bank.nonzero().flatten().to(self.device, non_blocking=True)
             for k in BATCH_KEYS:
-                out[k][is_bank] = rows[k].to(out[k].dtype)
+                out[k].index_copy_(0, bank_slots, rows[k].to(out[k].dtype))
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = plan.timesteps.to(self.device)
         out["noise"] = torch.randn(out["latents"].shape, generator=self.generator).to(self.device)
@@ -95,7 +97,7 @@ class ControlNetTrainer:
             ehs = batch["encoder_hidden_states"].to(self.device)
             if drop.any():
                 ehs = ehs.clone()
-                ehs[drop.to(self.device)] = self.empty.to(self.device, ehs.dtype)
+                ehs[drop.nonzero().flatten().to(self.device)] = self.empty.to(self.device, ehs.dtype)
             latents = batch["latents"].to(self.device)
         else:
             from difftune_control.validation import encode_images, encode_prompts
@@ -119,11 +121,14 @@ class ControlNetTrainer:
             noisy = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_input"], noisy)
         dtype = self.base.unet.dtype
         ehs = batch["encoder_hidden_states"].to(dtype)
+        hint = batch["conditioning_pixel_values"]
+        if self.cfg.train.channels_last:
+            noisy, hint = (x.contiguous(memory_format=torch.channels_last) for x in (noisy, hint))
         down, mid = self.controlnet(
             noisy,
             t,
             encoder_hidden_states=ehs,
-            controlnet_cond=batch["conditioning_pixel_values"],
+            controlnet_cond=hint,
             return_dict=False,
         )
         pred = self.base.unet(
@@ -147,19 +152,22 @@ class ControlNetTrainer:
             per_sample = self.compute_loss(batch)
         weights = plan.weights.to(self.device)
         loss = (weights * per_sample).sum()
-        if not torch.isfinite(loss):
+        self.accelerator.backward(loss)  # queued before the finiteness check waits for the GPU
+        if not torch.isfinite(loss):  # raised before any optimizer step uses these gradients
             raise FloatingPointError(
                 f"loss is {loss.item()} (per-sample: {per_sample.detach().cpu().tolist()[:8]}...). Lower "
                 "--learning_rate, try --mixed_precision no or bf16 instead of fp16, and check the data for broken images; "
                 "the last checkpoint is intact: resume with --resume_from_checkpoint latest"
             )
-        self.accelerator.backward(loss)
-        bank = plan.is_bank.to(self.device)
         ps = per_sample.detach()
+
+        def mean_over(mask: torch.Tensor):  # mask on the CPU: no device synchronisation
+            return ps.index_select(0, mask.nonzero().flatten().to(self.device)).mean() if mask.any() else None
+
         return {
             "loss": loss.detach(),
-            "loss_target": ps[~bank].mean() if (~bank).any() else None,
-            "loss_bank": ps[bank].mean() if bank.any() else None,
+            "loss_target": mean_over(~plan.is_bank),
+            "loss_bank": mean_over(plan.is_bank),
             "bank_share": plan.num_bank / plan.is_bank.numel(),
             "images": plan.is_bank.numel(),
         }

@@ -7,7 +7,9 @@
 Builds a random-initialised SD1.5-sized pipeline (the SD1.5 UNet/VAE/text-encoder configs, the
 toy world's tokenizer; nothing is downloaded), then measures at 512 px, bf16:
 - our trainer's optimizer steps (vanilla and Diff-Tuning, latents and text embeddings cached
-  as our trainer does by default) at several batch sizes: images/s, peak GPU memory, MFU;
+  as our trainer does by default) at several batch sizes and speed settings (``--speed``:
+  channels_last, torch.compile, both; set up by the training loop's own ``prepare_trainable``):
+  images/s, peak GPU memory, MFU;
 - batch 1 with gradient checkpointing (peak memory);
 - memory-bank generation (DDIM 25 steps, CFG 7.5, VAE re-encode): images/s;
 - optionally diffusers' unmodified ``examples/controlnet/train_controlnet.py`` on the same model
@@ -31,6 +33,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from difftune_control.bank import BankDataset
 
 FLOP_PER_IMAGE = 2.45e12
 PEAK_BF16 = 790e12
@@ -99,42 +103,53 @@ def build_sd15(folder: Path) -> Path:
 
 
 class SyntheticCached(torch.utils.data.Dataset):
-    """Items shaped like the latent cache's (SD1.5 at 512 px)."""
+    """Items shaped like the latent cache's (SD1.5 at 512 px); hints stored as uint8 like the bank's."""
 
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(0)
         self.latents = torch.randn(n, 4, 64, 64, generator=g)
-        self.ehs = torch.randn(n, 77, 768, generator=g)
-        self.hints = torch.rand(n, 3, 512, 512, generator=g)
+        self.encoder_hidden_states = torch.randn(n, 77, 768, generator=g).half()
+        self.hints = torch.randint(0, 256, (n, 3, 512, 512), generator=g, dtype=torch.uint8)
         self.captions = ["a photo"] * n
 
     def __len__(self):
         return len(self.captions)
 
-    def batch(self, indices, device=None):  # the bank's interface (difftune_control.bank.BankDataset.batch)
-        return {
-            "latents": self.latents[indices].to(device),
-            "encoder_hidden_states": self.ehs[indices].to(device),
-            "conditioning_pixel_values": self.hints[indices].to(device),
-        }
+    batch = BankDataset.batch  # the bank's own row fetch: the trainer draws bank rows through it
 
     def __getitem__(self, i):
         return {
             "latents": self.latents[i],
-            "encoder_hidden_states": self.ehs[i],
-            "conditioning_pixel_values": self.hints[i],
+            "encoder_hidden_states": self.encoder_hidden_states[i].float(),
+            "conditioning_pixel_values": self.hints[i].float() / 255.0,
             "caption": self.captions[i],
             "index": i,
         }
 
 
+SPEED_SETTINGS = {  # name -> RunConfig.train fields
+    "default": {},
+    "channels_last": {"channels_last": True},
+    "compile": {"torch_compile": True},
+    "channels_last+compile": {"channels_last": True, "torch_compile": True},
+}
+
+
 def bench_ours(
-    model_dir: Path, batch: int, method: str, steps: int, warmup: int, checkpointing: bool = False
+    model_dir: Path,
+    batch: int,
+    method: str,
+    steps: int,
+    warmup: int,
+    checkpointing: bool = False,
+    speed: str = "default",
 ) -> dict:
+    """Optimizer steps of our trainer, set up by the loop's own ``prepare_trainable``."""
     from accelerate import Accelerator
 
     from difftune_control.config import RunConfig, resolve_defaults
-    from difftune_control.runtime import load_base_model, make_controlnet
+    from difftune_control.loop import prepare_trainable
+    from difftune_control.runtime import load_base_model
     from difftune_control.trainer import trainer_class
 
     cfg = RunConfig()
@@ -142,17 +157,16 @@ def bench_ours(
     cfg.method.method = method
     cfg.train.train_batch_size = batch
     cfg.train.mixed_precision = "bf16"
+    cfg.train.gradient_checkpointing = checkpointing
+    for k, v in SPEED_SETTINGS[speed].items():
+        setattr(cfg.train, k, v)
     cfg = resolve_defaults(cfg, toy=False)
     acc = Accelerator(mixed_precision="bf16")
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = load_base_model(cfg.model, acc.device, torch.bfloat16)
-    controlnet = make_controlnet(cfg.model, base.unet)
-    if checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        base.unet.enable_gradient_checkpointing()
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5, fused=True)
-    controlnet, opt = acc.prepare(controlnet, opt)
+    torch.manual_seed(0)
+    controlnet, opt, _ = prepare_trainable(cfg, acc, base)
     target = SyntheticCached(max(batch, 8) * 2)
     bank = SyntheticCached(64) if method == "difftuning" else None
     empty = torch.zeros(1, 77, 768)
@@ -172,10 +186,12 @@ def bench_ours(
             yield from loader
 
     it = batches()
+    t_start = time.perf_counter()
     for i in range(warmup + steps):
         if i == warmup:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
+            warm_s = t0 - t_start
         trainer.training_step(next(it))
         acc.clip_grad_norm_(controlnet.parameters(), 1.0)
         opt.step()
@@ -188,11 +204,14 @@ def bench_ours(
         "method": method,
         "batch": batch,
         "gradient_checkpointing": checkpointing,
+        "speed": speed,
         "images_per_s": ips,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "mfu": ips * FLOP_PER_IMAGE / PEAK_BF16,
+        "warmup_seconds": warm_s,
     }
     del trainer, controlnet, opt, base, it
+    torch._dynamo.reset()
     torch.cuda.empty_cache()
     return out
 
@@ -400,6 +419,19 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--diffusers-example", type=Path, default=None)
     p.add_argument("--example-steps", type=int, default=40)
+    p.add_argument("--example-batches", nargs="+", type=int, default=None, help="default: --batches")
+    p.add_argument(
+        "--speed",
+        nargs="+",
+        default=["default"],
+        choices=list(SPEED_SETTINGS),
+        help="trainer speed settings to compare (each at every batch size and method)",
+    )
+    p.add_argument(
+        "--methods", nargs="+", default=["vanilla", "difftuning"], choices=["vanilla", "difftuning"]
+    )
+    p.add_argument("--checkpointing-speed", default="default", choices=list(SPEED_SETTINGS))
+    p.add_argument("--skip", nargs="*", default=[], choices=["checkpointing", "bank", "detector"])
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_throughput needs a CUDA GPU")
@@ -417,17 +449,30 @@ def main() -> int:
 
     if args.diffusers_example:  # first: the comparison the benchmark exists for
         data = make_parquet(Path("/tmp/bench-parquet"))
-        for b in args.batches:
+        for b in args.example_batches or args.batches:
             record(
                 bench_example(
                     args.diffusers_example, model, data, b, args.example_steps, args.out / f"example-b{b}.log"
                 )
             )
     for b in args.batches:
-        for method in ("vanilla", "difftuning"):
-            record(bench_ours(model, b, method, args.steps, args.warmup))
-    record(bench_ours(model, 1, "difftuning", args.steps, args.warmup, checkpointing=True))
-    record(bench_bank(model))
+        for speed in args.speed:
+            for method in args.methods:
+                record(bench_ours(model, b, method, args.steps, args.warmup, speed=speed))
+    if "checkpointing" not in args.skip:
+        record(
+            bench_ours(
+                model,
+                1,
+                "difftuning",
+                args.steps,
+                args.warmup,
+                checkpointing=True,
+                speed=args.checkpointing_speed,
+            )
+        )
+    if "bank" not in args.skip:
+        record(bench_bank(model))
     ref = [
         r
         for r in results
@@ -435,17 +480,20 @@ def main() -> int:
         and r["batch"] == max(args.batches)
         and not r["gradient_checkpointing"]
     ]
-    if ref:  # the largest batch's throughput: a conservative (high) estimate of the detector's share
+    if (
+        ref and "detector" not in args.skip
+    ):  # the largest batch's throughput: a conservative (high) estimate of the detector's share
         record(bench_detector(model, min(r["images_per_s"] for r in ref)))
     lines = [
-        "| implementation | method | batch | grad. ckpt | images/s | peak GiB | MFU |",
-        "|---|---|---|---|---|---|---|",
+        "| implementation | method | batch | speed settings | grad. ckpt | images/s | peak GiB | MFU |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "images_per_s" in r and "what" not in r:
             mem = r.get("peak_gib", r.get("peak_gib_nvsmi"))
             lines.append(
-                f"| {r['impl']} | {r.get('method', 'vanilla')} | {r['batch']} | {r.get('gradient_checkpointing', False)} | "
+                f"| {r['impl']} | {r.get('method', 'vanilla')} | {r['batch']} | {r.get('speed', '-')} | "
+                f"{r.get('gradient_checkpointing', False)} | "
                 f"{r['images_per_s']:.1f} | {mem:.1f} | {100 * r['mfu']:.0f}% |"
             )
     for r in results:

@@ -189,8 +189,8 @@ def build_trainer(cfg: RunConfig):
     from accelerate import Accelerator
 
     from difftune_control import assembly
-    from difftune_control.loop import _resolve
-    from difftune_control.runtime import load_base_model, make_controlnet
+    from difftune_control.loop import _resolve, prepare_trainable
+    from difftune_control.runtime import load_base_model
     from difftune_control.trainer import trainer_class
     from difftune_control.validation import encode_prompts
 
@@ -202,9 +202,7 @@ def build_trainer(cfg: RunConfig):
     empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
     bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
     torch.manual_seed(0)
-    controlnet = make_controlnet(cfg.model, base.unet)
-    opt = torch.optim.AdamW(controlnet.parameters(), lr=cfg.train.learning_rate, weight_decay=0.0)
-    controlnet, opt = acc.prepare(controlnet, opt)
+    controlnet, opt, _ = prepare_trainable(cfg, acc, base)
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
     return trainer, opt
 

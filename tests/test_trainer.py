@@ -78,6 +78,21 @@ def test_loss_decreases_when_overfitting_onetarget_batch(tiny_pipeline_dir, tiny
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+def test_channels_last_gives_the_same_loss_and_gradients(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    results = []
+    for channels_last in (False, True):
+        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__channels_last=channels_last)
+        trainer, _ = build_trainer(cfg)
+        conv = trainer.controlnet.controlnet_cond_embedding.conv_in.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        plan = trainer.plan(4)
+        trainer.generator.manual_seed(5)
+        loss = trainer.training_step(target_batch(trainer), plan=plan)["loss"].item()
+        results.append((loss, conv.grad.clone()))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
 def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"]
 
