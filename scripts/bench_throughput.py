@@ -458,7 +458,20 @@ def main() -> int:
     for b in args.batches:
         for speed in args.speed:
             for method in args.methods:
-                record(bench_ours(model, b, method, args.steps, args.warmup, speed=speed))
+                try:
+                    record(bench_ours(model, b, method, args.steps, args.warmup, speed=speed))
+                except Exception as e:  # a setting that fails here (e.g. a compiler error) is a result too
+                    record(
+                        {
+                            "impl": "ours",
+                            "method": method,
+                            "batch": b,
+                            "speed": speed,
+                            "error": repr(e)[:2000],
+                        }
+                    )
+                    torch._dynamo.reset()
+                    torch.cuda.empty_cache()
     if "checkpointing" not in args.skip:
         record(
             bench_ours(
@@ -495,6 +508,11 @@ def main() -> int:
                 f"| {r['impl']} | {r.get('method', 'vanilla')} | {r['batch']} | {r.get('speed', '-')} | "
                 f"{r.get('gradient_checkpointing', False)} | "
                 f"{r['images_per_s']:.1f} | {mem:.1f} | {100 * r['mfu']:.0f}% |"
+            )
+    for r in results:
+        if "error" in r:
+            lines.append(
+                f"\nFailed: {r['impl']} {r.get('method', '')} batch {r['batch']} {r.get('speed', '')}: {r['error'][-300:]}"
             )
     for r in results:
         if r.get("what") == "detector":
