@@ -152,13 +152,16 @@ class ControlNetTrainer:
             per_sample = self.compute_loss(batch)
         weights = plan.weights.to(self.device)
         loss = (weights * per_sample).sum()
-        self.accelerator.backward(loss)  # queued before the finiteness check waits for the GPU
-        if not torch.isfinite(loss):  # raised before any optimizer step uses these gradients
+        # Checked before backward is queued: the wait for the forward lets the previous step's optimizer
+        # and this step's data overlap the GPU; checked after backward, the next forward's launches
+        # would start on an idle GPU (BENCHMARKS.md section 4).
+        if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} (per-sample: {per_sample.detach().cpu().tolist()[:8]}...). Lower "
                 "--learning_rate, try --mixed_precision no or bf16 instead of fp16, and check the data for broken images; "
                 "the last checkpoint is intact: resume with --resume_from_checkpoint latest"
             )
+        self.accelerator.backward(loss)
         ps = per_sample.detach()
 
         def mean_over(mask: torch.Tensor):  # mask on the CPU: no device synchronisation
