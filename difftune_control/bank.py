@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 
 from difftune_control.config import BankConfig
-from difftune_control.utils import atomic_save_safetensors, atomic_write_text, cache_root
+from difftune_control.utils import atomic_save_safetensors, atomic_write_text, cache_root, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -649,9 +649,9 @@ class BankDataset(torch.utils.data.Dataset):
         Hints travel as uint8 and become float on the device (a quarter of the transfer).
         """
         return {
-            "latents": self.latents[indices].to(device).float(),
-            "encoder_hidden_states": self.encoder_hidden_states[indices].to(device).float(),
-            "conditioning_pixel_values": self.hints[indices].to(device).float() / 255.0,
+            "latents": to_device(self.latents[indices], device).float(),
+            "encoder_hidden_states": to_device(self.encoder_hidden_states[indices], device).float(),
+            "conditioning_pixel_values": to_device(self.hints[indices], device).float() / 255.0,
         }
 
     def images(self, vae, n: int = 16) -> torch.Tensor:

@@ -244,6 +244,7 @@ class TrainConfig:
     channels_last: bool = _f(
         False, "channels_last memory format for the ControlNet, the UNet and their inputs."
     )
+    cudnn_benchmark: bool = _f(False, "Let cuDNN time its convolution algorithms on the first steps (CUDA).")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.")
     resume_from_checkpoint: str | None = _f(None, "'latest' or a checkpoint-N path.")

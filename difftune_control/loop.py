@@ -88,13 +88,12 @@ def prepare_trainable(cfg: RunConfig, accelerator, base):
     """A fresh ControlNet from ``base.unet`` with the run's speed/memory settings, its optimizer and LR schedule.
 
     Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``, cuDNN autotuning
-    (fixed shapes: every step has the same batch and resolution) and fused AdamW on CUDA. Returns
+    (``--cudnn_benchmark``) and fused AdamW on CUDA. Returns
     ``(controlnet, optimizer, lr_scheduler)``, the first two prepared by ``accelerator``.
     """
     t = cfg.train
     device = accelerator.device
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda" and t.cudnn_benchmark
     controlnet = make_controlnet(cfg.model, base.unet)
     if t.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
@@ -285,6 +284,7 @@ class _Loop:
             batch_sampler=StreamBatchSampler(stream, st["consumed_batches"]),
             num_workers=cfg.data.dataloader_num_workers,
             collate_fn=torch.utils.data.default_collate,
+            pin_memory=acc.device.type == "cuda",  # asynchronous copies (utils.to_device)
             generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched (exact resume)
         )
         batches = iter(loader)
@@ -349,6 +349,8 @@ class _Loop:
         return None
 
     def _log_train(self, step: int, window: list[dict], seconds: float) -> None:
+        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+
         def mean(key):
             vals = [float(p[key]) for p in window if p[key] is not None]
             return sum(vals) / len(vals) if vals else None
@@ -368,6 +370,7 @@ class _Loop:
         )
 
     def _evaluate(self) -> None:
+        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             base = self.trainer.base
             net = self.acc.unwrap_model(self.trainer.controlnet)
@@ -389,6 +392,7 @@ class _Loop:
         self.acc.wait_for_everyone()
 
     def _validation_grid(self, step: int) -> None:
+        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             from difftune_control.validation import sample_images
 
@@ -416,6 +420,7 @@ class _Loop:
         self.acc.wait_for_everyone()
 
     def _checkpoint(self, step: int) -> None:
+        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         st = dict(self.state)
         st["elapsed"] = self.now()
         st["trainer"] = self.trainer.state_dict()
@@ -427,6 +432,7 @@ class _Loop:
         self.emit({"type": "checkpoint", "step": step, "path": path.name})
 
     def _finish(self, reason: str) -> None:
+        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             net = self.acc.unwrap_model(self.trainer.controlnet)
             with atomic_dir(self.run_dir / "controlnet") as tmp:

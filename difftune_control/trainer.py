@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from difftune_control.config import RunConfig
 from difftune_control.forgetting import BatchPlan, plan_batch, vanilla_plan
+from difftune_control.utils import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ControlNetTrainer:
         # One CPU generator drives plans, noise, caption dropout and bank draws: saved in checkpoints.
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
 
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:
@@ -75,18 +77,18 @@ class ControlNetTrainer:
             k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
         }
         # Slot indices come from the CPU plan: placing rows needs no device synchronisation.
-        target_slots = (~plan.is_bank).nonzero().flatten().to(self.device, non_blocking=True)
+        target_slots = to_device((~plan.is_bank).nonzero().flatten(), self.device)
         for k in BATCH_KEYS:
             out[k].index_copy_(0, target_slots, tb[k])
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
             rows = self.bank.batch(idx, self.device)
-            bank_slots = plan.is_bank.nonzero().flatten().to(self.device, non_blocking=True)
+            bank_slots = to_device(plan.is_bank.nonzero().flatten(), self.device)
             for k in BATCH_KEYS:
                 out[k].index_copy_(0, bank_slots, rows[k].to(out[k].dtype))
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
-        out["timesteps"] = plan.timesteps.to(self.device)
-        out["noise"] = torch.randn(out["latents"].shape, generator=self.generator).to(self.device)
+        out["timesteps"] = to_device(plan.timesteps, self.device)
+        out["noise"] = to_device(torch.randn(out["latents"].shape, generator=self.generator), self.device)
         return out
 
     def _encode_target(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -94,22 +96,24 @@ class ControlNetTrainer:
         n = len(batch["caption"])
         drop = torch.rand(n, generator=self.generator) < self.cfg.data.proportion_empty_prompts
         if "latents" in batch:
-            ehs = batch["encoder_hidden_states"].to(self.device)
+            ehs = to_device(batch["encoder_hidden_states"], self.device)
             if drop.any():
                 ehs = ehs.clone()
-                ehs[drop.nonzero().flatten().to(self.device)] = self.empty.to(self.device, ehs.dtype)
-            latents = batch["latents"].to(self.device)
+                ehs[to_device(drop.nonzero().flatten(), self.device)] = to_device(
+                    self.empty, self.device, ehs.dtype
+                )
+            latents = to_device(batch["latents"], self.device)
         else:
             from difftune_control.validation import encode_images, encode_prompts
 
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
             ehs = encode_prompts(self.base.text_encoder, self.base.tokenizer, captions, self.device)
-            images = (batch["pixel_values"].to(self.device) + 1) / 2
+            images = (to_device(batch["pixel_values"], self.device) + 1) / 2
             latents = encode_images(self.base.vae, images)
         return {
             "latents": latents.float(),
             "encoder_hidden_states": ehs.float(),
-            "conditioning_pixel_values": batch["conditioning_pixel_values"].to(self.device).float(),
+            "conditioning_pixel_values": to_device(batch["conditioning_pixel_values"], self.device).float(),
         }
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,26 +150,23 @@ class ControlNetTrainer:
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
         """Forward + backward of one micro-batch; returns the loss parts for logging."""
+        self.check_finite()  # the previous step's loss: finished on the GPU by now, so no wait
         plan = plan or self.plan(len(target_batch["caption"]))
         batch = self.assemble(target_batch, plan)
         with self.accelerator.autocast():
             per_sample = self.compute_loss(batch)
-        weights = plan.weights.to(self.device)
+        weights = to_device(plan.weights, self.device)
         loss = (weights * per_sample).sum()
-        # Checked before backward is queued: the wait for the forward lets the previous step's optimizer
-        # and this step's data overlap the GPU; checked after backward, the next forward's launches
-        # would start on an idle GPU (BENCHMARKS.md section 4).
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"loss is {loss.item()} (per-sample: {per_sample.detach().cpu().tolist()[:8]}...). Lower "
-                "--learning_rate, try --mixed_precision no or bf16 instead of fp16, and check the data for broken images; "
-                "the last checkpoint is intact: resume with --resume_from_checkpoint latest"
-            )
+        self._watch_finite(loss, per_sample)
         self.accelerator.backward(loss)
         ps = per_sample.detach()
 
         def mean_over(mask: torch.Tensor):  # mask on the CPU: no device synchronisation
-            return ps.index_select(0, mask.nonzero().flatten().to(self.device)).mean() if mask.any() else None
+            return (
+                ps.index_select(0, to_device(mask.nonzero().flatten(), self.device)).mean()
+                if mask.any()
+                else None
+            )
 
         return {
             "loss": loss.detach(),
@@ -174,6 +175,42 @@ class ControlNetTrainer:
             "bank_share": plan.num_bank / plan.is_bank.numel(),
             "images": plan.is_bank.numel(),
         }
+
+    # -- non-finite loss ---------------------------------------------------------------------
+    def _watch_finite(self, loss: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """Note whether ``loss`` is finite without waiting for the GPU (checked by :meth:`check_finite`).
+
+        On CUDA the flag is copied to pinned memory behind an event, so the CPU can queue the next
+        step while this one runs; elsewhere it is checked at once.
+        """
+        bad = ~torch.isfinite(loss.detach())
+        ps = per_sample.detach()
+        if loss.device.type != "cuda":
+            self._pending.append((bad, None, ps))
+            return self.check_finite()
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending.append((flag, event, ps))
+
+    def check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a loss since the last check was NaN or infinite.
+
+        Called before each step and by the loop before anything is logged, evaluated or saved: a
+        bad step's update never reaches a checkpoint.
+        """
+        while self._pending:
+            flag, event, ps = self._pending.pop(0)
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                self._pending.clear()
+                raise FloatingPointError(
+                    f"loss is not finite (per-sample: {ps.cpu().tolist()[:8]}...). Lower --learning_rate, try "
+                    "--mixed_precision no or bf16 instead of fp16, and check the data for broken images; "
+                    "the last checkpoint is intact: resume with --resume_from_checkpoint latest"
+                )
 
     # -- resumable state ----------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, cache locations, JSON-lines logs."""
+"""Small shared helpers: atomic writes, cache locations, JSON-lines logs, host-to-device copies."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -133,3 +135,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON: {err}") from err
     return records
+
+
+def to_device(
+    x: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``x.to(device, dtype)`` that does not wait for the GPU: a CPU tensor bound for CUDA is staged in
+    pinned memory and copied asynchronously, so the training step never drains the GPU's queue."""
+    device = torch.device(device) if device is not None else x.device
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x if x.is_pinned() else x.pin_memory()
+        return x.to(device, dtype, non_blocking=True)
+    return x.to(device, dtype)

@@ -132,6 +132,7 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     "channels_last": {"channels_last": True},
     "compile": {"torch_compile": True},
     "channels_last+compile": {"channels_last": True, "torch_compile": True},
+    "cudnn_benchmark": {"cudnn_benchmark": True},
 }
 
 
