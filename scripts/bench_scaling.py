@@ -2,6 +2,8 @@
 """Scaling over GPUs through accelerate: training and memory-bank generation, 1 vs N processes.
 
     python scripts/bench_scaling.py --out bench/scaling                       # toy world, 1 vs 2 GPUs
+    python scripts/bench_scaling.py --out bench/scaling-sd15 --sd15 --mixed_precision bf16 \
+        --global_batch 32 --steps 40 --bank_size 128 --window 5                # SD1.5 scale, 512 px
     python scripts/bench_scaling.py --out DIR -- --pretrained_model_name_or_path SD15 --train_data_dir DATA \\
         --mixed_precision bf16 --condition canny                             # your model and data
 
@@ -175,6 +177,11 @@ def main() -> int:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--cpu", action="store_true", help="CPU processes (gloo), for a smoke test")
     p.add_argument("--skip_bank", action="store_true")
+    p.add_argument(
+        "--sd15",
+        action="store_true",
+        help="SD1.5 scale: bench_throughput's random-initialised SD1.5 model and 512 px parquet data, canny",
+    )
     p.add_argument("train_args", nargs="*", help="extra difftune train/bank flags (after --)")
     args = p.parse_args()
     if 1 not in args.processes:
@@ -184,6 +191,19 @@ def main() -> int:
             raise SystemExit(f"--global_batch {args.global_batch} does not split over {n} processes")
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "4")
+    if args.sd15:
+        from bench_throughput import build_sd15, make_parquet
+
+        model = build_sd15(Path("/tmp/sd15-random"))
+        data = make_parquet(Path("/tmp/bench-parquet"))
+        args.condition = "canny"  # an extractor without weights to download
+        args.train_args = [
+            "--pretrained_model_name_or_path", str(model),
+            "--dataset_name", str(data),
+            "--resolution", "512",
+            "--bank_size", str(args.bank_size),  # the training runs' bank: the preparation builds it once
+            *args.train_args,
+        ]  # fmt: skip
 
     # one shared preparation (dataset, latent cache, bank) so the timed training runs do not build them
     prep = [sys.executable, "-m", "difftune_control.cli", "bank", "--condition", args.condition]
