@@ -4,7 +4,8 @@
 # 1. retention sources trajectory (GPU 0) and snr (GPU 1) on depth, seeds 0-1, 800 steps, with
 #    their retention score (bench_distill.py --parts retention); at most $DISTILL_BUDGET seconds;
 # 2. SD1.5-scale scaling over 1 vs 2 processes through accelerate (bench_scaling.py --sd15):
-#    training with a global batch of 32 and bank generation; at most $SCALING_BUDGET seconds.
+#    training with a global batch of 32 and a bank of 512 images (two shards, one per process; the
+#    2026-11-22 call used 64, one shard, so its bank scaling measured nothing); at most $SCALING_BUDGET s.
 # Needs .whl (diffusers, datasets) carried.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -26,7 +27,7 @@ done
 wait
 bash bench/stop_runs.sh
 timeout $SCALING_BUDGET python3 scripts/bench_scaling.py --out $W/scaling-sd15 --sd15 --mixed_precision bf16 \
-  --global_batch 32 --steps 40 --bank_size 64 --window 5 > $W/scaling-sd15.log 2>&1
+  --global_batch 32 --steps 40 --bank_size 512 --window 5 > $W/scaling-sd15.log 2>&1
 cd $W && tar czf $OUT/x2-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' --exclude='samples' \
   --exclude='cache-n*' .
 tail -12 $W/distill-*.log; tail -15 $W/scaling-sd15.log

@@ -2,8 +2,8 @@
 """Scaling over GPUs through accelerate: training and memory-bank generation, 1 vs N processes.
 
     python scripts/bench_scaling.py --out bench/scaling                       # toy world, 1 vs 2 GPUs
-    python scripts/bench_scaling.py --out bench/scaling-sd15 --sd15 --mixed_precision bf16 \
-        --global_batch 32 --steps 40 --bank_size 128 --window 5                # SD1.5 scale, 512 px
+    python scripts/bench_scaling.py --out bench/scaling-sd15 --sd15 --mixed_precision bf16 \\
+        --global_batch 32 --steps 40 --bank_size 512 --window 5                # SD1.5 scale, 512 px
     python scripts/bench_scaling.py --out DIR -- --pretrained_model_name_or_path SD15 --train_data_dir DATA \\
         --mixed_precision bf16 --condition canny                             # your model and data
 
@@ -189,6 +189,14 @@ def main() -> int:
     for n in args.processes:
         if args.global_batch % n:
             raise SystemExit(f"--global_batch {args.global_batch} does not split over {n} processes")
+    from difftune_control.bank import SHARD_SIZE
+
+    need = SHARD_SIZE * max(args.processes)
+    if not args.skip_bank and args.bank_size < need and not args.cpu:
+        raise SystemExit(
+            f"--bank_size {args.bank_size}: bank generation is split by shards of {SHARD_SIZE} images; "
+            f"a bank of at least {need} gives each of {max(args.processes)} processes work (or --skip_bank)"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "4")
     if args.sd15:
