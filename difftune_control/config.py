@@ -228,6 +228,11 @@ class TrainConfig:
         "constant", "LR schedule."
     )
     lr_warmup_steps: int = _f(0, "Warm-up optimizer steps.")
+    optimizer: Literal["adamw", "adafactor"] = _f(
+        "adamw",
+        "adamw (fused on CUDA) or adafactor (factored second moments, no first moment: the optimizer "
+        "state of a SD1.5 ControlNet is 0.75 GB instead of 2.9 GB; --learning_rate is used as given).",
+    )
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")

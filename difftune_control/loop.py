@@ -88,7 +88,7 @@ def prepare_trainable(cfg: RunConfig, accelerator, base):
     """A fresh ControlNet from ``base.unet`` with the run's speed/memory settings, its optimizer and LR schedule.
 
     Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``, cuDNN autotuning
-    (``--cudnn_benchmark``) and fused AdamW on CUDA. Returns
+    (``--cudnn_benchmark``) and the optimizer (``--optimizer``: fused AdamW on CUDA, or Adafactor). Returns
     ``(controlnet, optimizer, lr_scheduler)``, the first two prepared by ``accelerator``.
     """
     t = cfg.train
@@ -101,14 +101,26 @@ def prepare_trainable(cfg: RunConfig, accelerator, base):
     if t.channels_last:
         controlnet.to(memory_format=torch.channels_last)
         base.unet.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(
-        controlnet.parameters(),
-        lr=t.learning_rate,
-        betas=(t.adam_beta1, t.adam_beta2),
-        weight_decay=t.adam_weight_decay,
-        eps=t.adam_epsilon,
-        fused=device.type == "cuda",
-    )
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(
+            controlnet.parameters(),
+            lr=t.learning_rate,
+            weight_decay=t.adam_weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            controlnet.parameters(),
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+            fused=device.type == "cuda",
+        )
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
     )

@@ -133,6 +133,7 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     "compile": {"torch_compile": True},
     "channels_last+compile": {"channels_last": True, "torch_compile": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},
+    "adafactor": {"optimizer": "adafactor"},
 }
 
 
@@ -432,6 +433,9 @@ def main() -> int:
         "--methods", nargs="+", default=["vanilla", "difftuning"], choices=["vanilla", "difftuning"]
     )
     p.add_argument("--checkpointing-speed", default="default", choices=list(SPEED_SETTINGS))
+    p.add_argument(
+        "--grid-checkpointing", action="store_true", help="gradient checkpointing in the grid rows too"
+    )
     p.add_argument("--skip", nargs="*", default=[], choices=["checkpointing", "bank", "detector"])
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -460,7 +464,11 @@ def main() -> int:
         for speed in args.speed:
             for method in args.methods:
                 try:
-                    record(bench_ours(model, b, method, args.steps, args.warmup, speed=speed))
+                    record(
+                        bench_ours(
+                            model, b, method, args.steps, args.warmup, args.grid_checkpointing, speed=speed
+                        )
+                    )
                 except Exception as e:  # a setting that fails here (e.g. a compiler error) is a result too
                     record(
                         {

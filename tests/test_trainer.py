@@ -57,7 +57,10 @@ def test_difftuning_fixed_step_uses_bank(tiny_pipeline_dir, tiny_dataset_dir, tm
     assert parts["bank_share"] == 0.25 and parts["loss_bank"] is not None and parts["loss_target"] is not None
 
 
-def test_loss_decreases_when_overfitting_onetarget_batch(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_loss_decreases_when_overfitting_onetarget_batch(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, optimizer
+):
     cfg = tiny_config(
         tiny_pipeline_dir,
         tiny_dataset_dir,
@@ -65,8 +68,10 @@ def test_loss_decreases_when_overfitting_onetarget_batch(tiny_pipeline_dir, tiny
         method__method="vanilla",
         data__proportion_empty_prompts=0.0,
         train__learning_rate=1e-2,
+        train__optimizer=optimizer,
     )
     trainer, opt = build_trainer(cfg)
+    assert type(opt.optimizer).__name__ == {"adamw": "AdamW", "adafactor": "Adafactor"}[optimizer]
     batch = target_batch(trainer)
     losses = []
     for _ in range(40):
@@ -91,6 +96,25 @@ def test_channels_last_gives_the_same_loss_and_gradients(tiny_pipeline_dir, tiny
         results.append((loss, conv.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
+def test_adafactor_state_is_a_fraction_of_adamw(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    sizes = {}
+    for optimizer in ("adamw", "adafactor"):
+        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__optimizer=optimizer)
+        trainer, opt = build_trainer(cfg)
+        trainer.training_step(target_batch(trainer))
+        opt.step()
+        params = sum(p.numel() for p in trainer.controlnet.parameters())
+        state = sum(
+            v.numel()
+            for st in opt.optimizer.state.values()
+            for v in st.values()
+            if torch.is_tensor(v) and v.dim()
+        )
+        sizes[optimizer] = state / params
+    assert sizes["adamw"] == pytest.approx(2.0)
+    assert sizes["adafactor"] < 0.7, sizes
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -129,6 +153,31 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
     assert _losses(resumed) == _losses(full)
     from safetensors.torch import load_file
 
+    wa = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors")
+    wb = load_file(resumed / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from difftune_control.trainer import train
+
+    def cfg(folder, steps, **kw):
+        return tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path / folder,
+            train__optimizer="adafactor",
+            train__max_train_steps=steps,
+            detector__detect_convergence=False,
+            **kw,
+        )
+
+    full = train(cfg("a", 4))
+    train(cfg("b", 2))
+    resumed = train(cfg("b", 4, train__resume_from_checkpoint="latest"))
+    assert _losses(resumed) == _losses(full)
     wa = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(resumed / "controlnet" / "diffusion_pytorch_model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
