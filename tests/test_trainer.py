@@ -394,3 +394,36 @@ def test_bank_command_builds_then_reuses(tiny_pipeline_dir, tiny_dataset_dir, tm
     assert (tmp_path / "bank" / "shard-00000.safetensors").stat().st_mtime_ns == stamp
     assert main([*argv, "--method", "vanilla"]) == 2
     assert "uses no memory bank" in capsys.readouterr().err
+
+
+def _bare_trainer():
+    from difftune_control.trainer import ControlNetTrainer
+
+    trainer = ControlNetTrainer.__new__(ControlNetTrainer)
+    trainer._pending = []
+    return trainer
+
+
+def test_non_finite_loss_on_cpu_raises_at_once():
+    trainer = _bare_trainer()
+    trainer._watch_finite(torch.tensor(1.0), torch.ones(2))
+    with pytest.raises(FloatingPointError, match="per-sample: \\[nan, 1.0\\]"):
+        trainer._watch_finite(torch.tensor(float("nan")), torch.tensor([float("nan"), 1.0]))
+    assert trainer._pending == []
+
+
+@pytest.mark.gpu
+def test_non_finite_loss_on_cuda_is_reported_by_the_next_check():
+    from difftune_control.utils import to_device
+
+    trainer = _bare_trainer()
+    trainer._watch_finite(torch.tensor(2.0, device="cuda"), torch.ones(2, device="cuda"))
+    trainer.check_finite()  # finite: nothing raised
+    bad = torch.tensor(float("inf"), device="cuda")
+    trainer._watch_finite(bad, torch.full((2,), float("inf"), device="cuda"))  # queued, not raised
+    assert len(trainer._pending) == 1
+    with pytest.raises(FloatingPointError, match="not finite"):
+        trainer.check_finite()
+    x = torch.arange(6.0).view(2, 3)
+    y = to_device(x, "cuda", torch.float16)
+    assert y.device.type == "cuda" and y.dtype == torch.float16 and torch.equal(y.cpu().float(), x)
