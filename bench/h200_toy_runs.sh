@@ -21,4 +21,4 @@ wait
 bash bench/stop_runs.sh
 python3 scripts/bench_convergence.py --out $W/ablations --ablations --aggregate-only >> $W/ablations.log 2>&1
 cd $W && tar czf $OUT/toy-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' --exclude='samples' .
-tail -30 $W/distill.log; tail -25 $W/ablations.log
+tail -n 30 $W/distill.log; tail -n 25 $W/ablations.log

@@ -6,7 +6,7 @@
 # 2. SD1.5-scale scaling over 1 vs 2 processes through accelerate (bench_scaling.py --sd15):
 #    training with a global batch of 32 and a bank of 512 images (two shards, one per process; the
 #    2026-11-22 call used 64, one shard, so its bank scaling measured nothing); at most $SCALING_BUDGET s.
-# Needs .whl (diffusers, datasets) carried.
+# PARTS="scaling" (or "distill") runs one part only. Needs .whl (diffusers, datasets) carried.
 set -u
 OUT=${OUT:-/tmp/out}
 DISTILL_BUDGET=${DISTILL_BUDGET:-230}
@@ -18,7 +18,9 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 W=/tmp/x2
 mkdir -p $W
+PARTS=${PARTS:-distill scaling}
 for v in trajectory:0 snr:1; do
+  [[ " $PARTS " == *" distill "* ]] || break
   name=${v%%:*} gpu=${v##*:}
   CUDA_VISIBLE_DEVICES=$gpu DIFFTUNE_CACHE=/tmp/cache-$name OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
     timeout $DISTILL_BUDGET python3 scripts/bench_distill.py --out $W/distill-$name --max_train_steps 800 \
@@ -26,8 +28,8 @@ for v in trajectory:0 snr:1; do
 done
 wait
 bash bench/stop_runs.sh
-timeout $SCALING_BUDGET python3 scripts/bench_scaling.py --out $W/scaling-sd15 --sd15 --mixed_precision bf16 \
+[[ " $PARTS " == *" scaling "* ]] && timeout $SCALING_BUDGET python3 scripts/bench_scaling.py --out $W/scaling-sd15 --sd15 --mixed_precision bf16 \
   --global_batch 32 --steps 40 --bank_size 512 --window 5 > $W/scaling-sd15.log 2>&1
 cd $W && tar czf $OUT/x2-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' --exclude='samples' \
   --exclude='cache-n*' .
-tail -12 $W/distill-*.log; tail -15 $W/scaling-sd15.log
+tail -n 12 $W/distill-*.log; tail -n 15 $W/scaling-sd15.log
