@@ -11,7 +11,7 @@
 set -u
 OUT=${OUT:-/tmp/out}
 DISTILL_BUDGET=${DISTILL_BUDGET:-230}
-SCALING_BUDGET=${SCALING_BUDGET:-330}
+SCALING_BUDGET=${SCALING_BUDGET:-480}  # a 512-image bank is built three times (preparation, 1 and 2 processes)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
 python3 -m pip install -q --no-index --find-links .whl/ds datasets --break-system-packages
