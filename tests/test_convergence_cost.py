@@ -181,7 +181,10 @@ def measure(scale: Scale, device: torch.device, train_steps: int, evals: int, tm
     step_s = (time.perf_counter() - start) / train_steps
 
     k = scale.k
-    cfg = DetectorConfig(convergence_every=scale.every, convergence_samples=k)  # defaults: 10 steps, CFG 1
+    steps = 8 if scale.name == "toy" else 10  # the resolved defaults (config.resolve_defaults); CFG 1
+    cfg = DetectorConfig(
+        convergence_every=scale.every, convergence_samples=k, convergence_num_inference_steps=steps
+    )
     images = torch.rand(k, 3, r, r, generator=g)
     monitor = ConvergenceMonitor(
         cfg, extractor, torch.randn(k, 77, scale.text_dim, generator=g).to(device), extractor(images.to(device)).cpu(),
