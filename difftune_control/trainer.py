@@ -47,8 +47,8 @@ class ControlNetTrainer:
     ):
         self.cfg, self.accelerator, self.base = cfg, accelerator, base
         self.controlnet, self.target, self.bank = controlnet, target, bank
-        self.empty = empty_prompt_embedding
         self.device = accelerator.device
+        self.empty = empty_prompt_embedding.to(self.device)  # moved once, not at every caption dropout
         self.num_train_timesteps = int(base.noise_scheduler.config.num_train_timesteps)
         self.prediction_type = cfg.model.prediction_type or base.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
@@ -76,20 +76,23 @@ class ControlNetTrainer:
         out = {
             k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
         }
-        # Slot indices come from the CPU plan: placing rows needs no device synchronisation.
-        target_slots = to_device((~plan.is_bank).nonzero().flatten(), self.device)
+        target_slots = self._slots(~plan.is_bank)
         for k in BATCH_KEYS:
             out[k].index_copy_(0, target_slots, tb[k])
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
             rows = self.bank.batch(idx, self.device)
-            bank_slots = to_device(plan.is_bank.nonzero().flatten(), self.device)
+            bank_slots = self._slots(plan.is_bank)
             for k in BATCH_KEYS:
                 out[k].index_copy_(0, bank_slots, rows[k].to(out[k].dtype))
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = to_device(plan.timesteps, self.device)
         out["noise"] = to_device(torch.randn(out["latents"].shape, generator=self.generator), self.device)
         return out
+
+    def _slots(self, mask: torch.Tensor) -> torch.Tensor:
+        """Indices of a CPU row mask, on the device: rows are picked without a device synchronisation."""
+        return to_device(mask.nonzero().flatten(), self.device)
 
     def _encode_target(self, batch: dict) -> dict[str, torch.Tensor]:
         """Latents, text embeddings (with caption dropout) and hints of the target rows."""
@@ -99,9 +102,7 @@ class ControlNetTrainer:
             ehs = to_device(batch["encoder_hidden_states"], self.device)
             if drop.any():
                 ehs = ehs.clone()
-                ehs[to_device(drop.nonzero().flatten(), self.device)] = to_device(
-                    self.empty, self.device, ehs.dtype
-                )
+                ehs[self._slots(drop)] = self.empty.to(ehs.dtype)
             latents = to_device(batch["latents"], self.device)
         else:
             from difftune_control.validation import encode_images, encode_prompts
@@ -160,18 +161,10 @@ class ControlNetTrainer:
         self._watch_finite(loss, per_sample)
         self.accelerator.backward(loss)
         ps = per_sample.detach()
-
-        def mean_over(mask: torch.Tensor):  # mask on the CPU: no device synchronisation
-            return (
-                ps.index_select(0, to_device(mask.nonzero().flatten(), self.device)).mean()
-                if mask.any()
-                else None
-            )
-
         return {
             "loss": loss.detach(),
-            "loss_target": mean_over(~plan.is_bank),
-            "loss_bank": mean_over(plan.is_bank),
+            "loss_target": ps[self._slots(~plan.is_bank)].mean() if plan.num_bank < len(ps) else None,
+            "loss_bank": ps[self._slots(plan.is_bank)].mean() if plan.num_bank else None,
             "bank_share": plan.num_bank / plan.is_bank.numel(),
             "images": plan.is_bank.numel(),
         }
