@@ -9,10 +9,7 @@ OUT=${OUT:-/tmp/out}
 SPEED=${SPEED:-default}
 SKIP=${SKIP:-bank detector}
 LIMIT=${LIMIT:-540}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
-python3 -m pip install -q --no-index --find-links .whl/ds datasets --break-system-packages
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+source bench/device_env.sh
 timeout $LIMIT python3 scripts/bench_throughput.py --out $OUT/thr --batches 32 8 --steps 30 --warmup 5 \
   --speed $SPEED --skip $SKIP --diffusers-example third_party/diffusers_example/train_controlnet.py \
   --example-batches 32 --example-steps 40 > $OUT/thr.log 2>&1

@@ -11,7 +11,8 @@ OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-300}
 W=/tmp/toy
 mkdir -p $W
-export PYTHONPATH=${PYTHONPATH:-/tmp/site:$PWD} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+source bench/device_env.sh
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 C="--max_train_steps 800 --convergence_every 50"
 DIFFTUNE_CACHE=/tmp/cache-distill timeout $BUDGET python3 scripts/bench_distill.py --out $W/distill $C \
   --parts retention --variants trajectory snr --seeds 0 1 --parallel 4 > $W/distill.log 2>&1 &

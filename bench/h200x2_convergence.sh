@@ -7,7 +7,7 @@
 # Every group is its own process tree with its own cache; each run is a `difftune train`
 # subprocess with one intra-op thread (36 runs share 32 cores). A group still running after
 # $BUDGET seconds is stopped (runs checkpoint on SIGTERM; the summary marks them partial).
-# Usage (device tool, from the repository root): OUT=... bash bench/h200x2_convergence.sh
+# Usage (device tool, from the repository root, .whl carried): OUT=... bash bench/h200x2_convergence.sh
 set -u
 OUT=${OUT:-/tmp/out}
 BUDGET=${BUDGET:-480}
@@ -15,7 +15,7 @@ STEPS=${STEPS:-800}
 W=/tmp/conv
 mkdir -p $W
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source bench/device_env.sh
 C="--max_train_steps $STEPS --convergence_every 50"
 group() {  # gpu name script args...
   local gpu=$1 name=$2; shift 2

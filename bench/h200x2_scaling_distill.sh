@@ -12,11 +12,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 DISTILL_BUDGET=${DISTILL_BUDGET:-230}
 SCALING_BUDGET=${SCALING_BUDGET:-480}  # a 512-image bank is built three times (preparation, 1 and 2 processes)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-  .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
-python3 -m pip install -q --no-index --find-links .whl/ds datasets --break-system-packages
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+source bench/device_env.sh
 W=/tmp/x2
 mkdir -p $W
 PARTS=${PARTS:-distill scaling}

@@ -1,0 +1,8 @@
+# Sourced by the bench/*.sh device scripts: the packages the GPU machine lacks, from the carried
+# wheels in .whl/ (diffusers, importlib_metadata; datasets with dill and multiprocess in .whl/ds),
+# and the environment every run there needs (NVLink multicast off for NCCL).
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/diffusers-*.whl .whl/importlib_metadata-*.whl
+python3 -m pip install -q --no-index --find-links .whl/ds datasets --break-system-packages
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
