@@ -40,6 +40,41 @@ FLOP_PER_IMAGE = 2.45e12
 PEAK_BF16 = 790e12
 
 
+SD15_UNET = dict(  # the SD1.5 UNet's architecture
+    sample_size=64,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
+
+def optimizer_state_sizes() -> dict:
+    """fp32 optimizer state of a SD1.5 ControlNet (default hint encoder), AdamW vs Adafactor, from its
+    parameter shapes: AdamW keeps two moments per parameter; transformers' Adafactor (beta1=None)
+    keeps, per matrix or convolution, one vector over all dims but the last and one over all but the
+    second-to-last, and one value per parameter of a 1-d tensor. Built on the meta device: no memory."""
+    import math
+
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    with torch.device("meta"):
+        controlnet = ControlNetModel.from_config(UNet2DConditionModel(**SD15_UNET).config)
+    shapes = [tuple(q.shape) for q in controlnet.parameters()]
+    params = sum(math.prod(sh) for sh in shapes)
+    adafactor = sum(
+        math.prod(sh[:-1]) + math.prod(sh[:-2]) * sh[-1] if len(sh) >= 2 else math.prod(sh) for sh in shapes
+    )
+    return {
+        "what": "optimizer state",
+        "parameters": params,
+        "adamw_gb": 8 * params / 1e9,
+        "adafactor_gb": 4 * adafactor / 1e9,
+    }
+
+
 def build_sd15(folder: Path) -> Path:
     """A random-initialised SD1.5-architecture pipeline folder (fp32 weights, as released checkpoints load)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -64,15 +99,7 @@ def build_sd15(folder: Path) -> Path:
             pad_token_id=tok.eos_token_id,
         )
     )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         layers_per_block=2,
@@ -437,7 +464,13 @@ def main() -> int:
         "--grid-checkpointing", action="store_true", help="gradient checkpointing in the grid rows too"
     )
     p.add_argument("--skip", nargs="*", default=[], choices=["checkpointing", "bank", "detector"])
+    p.add_argument(
+        "--state-sizes", action="store_true", help="only print the optimizer-state sizes (CPU) and exit"
+    )
     args = p.parse_args()
+    if args.state_sizes:
+        print(json.dumps(optimizer_state_sizes()))
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("bench_throughput needs a CUDA GPU")
     args.out.mkdir(parents=True, exist_ok=True)
