@@ -245,7 +245,9 @@ class TrainConfig:
         False, "Gradient checkpointing for ControlNet (and the UNet's backward)."
     )
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
-    torch_compile: bool = _f(False, "torch.compile the ControlNet and UNet.")
+    torch_compile: bool = _f(
+        False, "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional)."
+    )
     channels_last: bool = _f(
         False, "channels_last memory format for the ControlNet, the UNet and their inputs."
     )

@@ -136,14 +136,17 @@ class ControlNetTrainer:
             controlnet_cond=hint,
             return_dict=False,
         )
-        pred = self.base.unet(
-            noisy.to(dtype),
-            t,
-            encoder_hidden_states=ehs,
-            down_block_additional_residuals=[d.to(dtype) for d in down],
-            mid_block_additional_residual=mid.to(dtype),
-            return_dict=False,
-        )[0]
+        # The frozen UNet runs in its own precision outside autocast, as diffusers runs it: on CUDA,
+        # autocast would lift its GroupNorms and LayerNorms to fp32 (twice the activation traffic).
+        with torch.autocast(noisy.device.type, enabled=False):
+            pred = self.base.unet(
+                noisy.to(dtype),
+                t,
+                encoder_hidden_states=ehs,
+                down_block_additional_residuals=[d.to(dtype) for d in down],
+                mid_block_additional_residual=mid.to(dtype),
+                return_dict=False,
+            )[0]
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
         if "retention_mask" in batch:  # ... and the teacher's prediction as their target
             target = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_target"], target)

@@ -8,7 +8,8 @@ Builds a random-initialised SD1.5-sized pipeline (the SD1.5 UNet/VAE/text-encode
 toy world's tokenizer; nothing is downloaded), then measures at 512 px, bf16:
 - our trainer's optimizer steps (vanilla and Diff-Tuning, latents and text embeddings cached
   as our trainer does by default) at several batch sizes and speed settings (``--speed``:
-  channels_last, torch.compile, both; set up by the training loop's own ``prepare_trainable``):
+  channels_last, regional torch.compile, both, Adafactor; set up by the training loop's own
+  ``prepare_trainable``; ``unet_autocast`` reruns the frozen UNet under autocast, for an A/B):
   images/s, peak GPU memory, MFU;
 - batch 1 with gradient checkpointing (peak memory);
 - memory-bank generation (DDIM 25 steps, CFG 7.5, VAE re-encode): images/s;
@@ -161,6 +162,9 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     "channels_last+compile": {"channels_last": True, "torch_compile": True},
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
+    # A/B only: the frozen UNet under autocast again, as the trainer ran it up to commit 085ed8c
+    # (autocast lifts its GroupNorms/LayerNorms to fp32); see bench_ours.
+    "unet_autocast": {},
 }
 
 
@@ -194,6 +198,8 @@ def bench_ours(
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = load_base_model(cfg.model, acc.device, torch.bfloat16)
+    if speed == "unet_autocast":
+        base.unet.forward = torch.autocast("cuda", dtype=torch.bfloat16)(base.unet.forward)
     torch.manual_seed(0)
     controlnet, opt, _ = prepare_trainable(cfg, acc, base)
     target = SyntheticCached(max(batch, 8) * 2)

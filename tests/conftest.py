@@ -184,7 +184,7 @@ def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig
     return cfg
 
 
-def build_trainer(cfg: RunConfig):
+def build_trainer(cfg: RunConfig, mixed_precision: str = "no"):
     """Set up the pieces of a run in-process (as run_training does) and return the trainer."""
     from accelerate import Accelerator
 
@@ -195,8 +195,12 @@ def build_trainer(cfg: RunConfig):
     from difftune_control.validation import encode_prompts
 
     cfg, toy, _ = _resolve(cfg)
-    acc = Accelerator(cpu=True)
-    base = load_base_model(cfg.model, acc.device, torch.float32)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # a process-wide singleton: the tests use more than one precision
+    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[mixed_precision]
+    base = load_base_model(cfg.model, acc.device, dtype)
     recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
     target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
     empty = encode_prompts(base.text_encoder, base.tokenizer, [""])

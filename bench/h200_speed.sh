@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One H200, one command (device tool, from the repository root): OUT=... bash bench/h200_speed.sh
+# 1. diffusers' example at batch 32 beside our trainer at batch 32 and 8 (default settings, and the
+#    frozen UNet under autocast as an A/B); 2. batch 1 with gradient checkpointing, AdamW vs
+#    Adafactor (peak memory); 3. regional torch.compile at batch 32 with a long warm-up.
+# PARTS selects parts (default "main memory compile"); each part has its own time limit.
+# Needs .whl (diffusers, datasets) and third_party/.
+set -u
+OUT=${OUT:-/tmp/out}
+PARTS=${PARTS:-main memory compile}
+source bench/device_env.sh
+B="python3 scripts/bench_throughput.py --skip checkpointing bank detector"
+for part in $PARTS; do
+  case $part in
+    main) timeout ${MAIN_LIMIT:-300} $B --out $OUT/main --batches 32 8 --steps 30 --warmup 5 \
+            --speed default unet_autocast --example-batches 32 --example-steps 40 \
+            --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
+    memory) timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory --batches 1 --methods difftuning \
+              --speed default adafactor --grid-checkpointing --steps 20 --warmup 3 ;;
+    compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches 32 --methods vanilla difftuning \
+               --speed compile --steps 30 --warmup 5 ;;
+  esac > $OUT/$part.log 2>&1
+  echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
+done
