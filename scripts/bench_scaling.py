@@ -77,12 +77,15 @@ def train_run(args, n: int) -> dict:
         *(["--device", "cpu"] if args.cpu else []),
         *args.train_args,
     ]  # fmt: skip
-    t0 = time.time()
-    rc = run_cmd(cmd, args.out / "logs" / f"{name}.log")
-    wall = time.time() - t0
-    if rc != 0:
-        raise SystemExit(f"{name} failed (rc={rc}); see {args.out / 'logs' / (name + '.log')}")
     from difftune_control.utils import read_jsonl
+
+    wall = None  # a reused run's wall time is not known
+    if not (args.reuse and finished_run(args, name)):
+        t0 = time.time()
+        rc = run_cmd(cmd, args.out / "logs" / f"{name}.log")
+        wall = time.time() - t0
+        if rc != 0:
+            raise SystemExit(f"{name} failed (rc={rc}); see {args.out / 'logs' / (name + '.log')}")
 
     train = [r for r in read_jsonl(args.out / "runs" / name / "metrics.jsonl") if r["type"] == "train"]
     steady = [r["images_per_s"] for r in train if r["step"] > args.steps // 5] or [train[-1]["images_per_s"]]
@@ -93,6 +96,11 @@ def train_run(args, n: int) -> dict:
         "wall_s": wall,
         "loss": [(r["step"], r["loss"]) for r in train],
     }
+
+
+def finished_run(args, name: str) -> bool:
+    """A training run of an earlier call that reached ``--steps`` (its final checkpoint is written)."""
+    return (args.out / "runs" / name / f"checkpoint-{args.steps}").is_dir()
 
 
 def bank_run(args, n: int) -> dict:
@@ -177,6 +185,12 @@ def main() -> int:
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
     p.add_argument("--cpu", action="store_true", help="CPU processes (gloo), for a smoke test")
     p.add_argument("--skip_bank", action="store_true")
+    p.add_argument("--skip_train", action="store_true")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the training runs an earlier call finished in --out (a call cut short goes on from there)",
+    )
     p.add_argument(
         "--sd15",
         action="store_true",
@@ -215,16 +229,23 @@ def main() -> int:
 
     # one shared preparation (dataset, latent cache, bank) so the timed training runs do not build them
     prep = [sys.executable, "-m", "difftune_control.cli", "bank", "--condition", args.condition]
-    prep += ["--device", "cpu"] if args.cpu else []
-    if args.method == "difftuning" and run_cmd(prep + args.train_args, args.out / "logs" / "prepare.log"):
+    prep += ["--mixed_precision", args.mixed_precision] + (["--device", "cpu"] if args.cpu else [])
+    reused = args.reuse and all(finished_run(args, f"train-n{n}") for n in args.processes)
+    if args.skip_train or reused:
+        prep = None
+    if (
+        prep
+        and args.method == "difftuning"
+        and run_cmd(prep + args.train_args, args.out / "logs" / "prepare.log")
+    ):
         raise SystemExit(f"preparation failed; see {args.out / 'logs' / 'prepare.log'}")
-    train = [train_run(args, n) for n in sorted(args.processes)]
+    train = [] if args.skip_train else [train_run(args, n) for n in sorted(args.processes)]
     bank = [] if args.skip_bank else [bank_run(args, n) for n in sorted(args.processes)]
-    ref_t = train[0]
+    ref_t = train[0] if train else None
     lines = [
         "| processes | per-process batch | training images/s | speed-up | loss vs 1 process (mean / max rel. diff.) |",
         "|---|---|---|---|---|",
-    ]
+    ] if train else []  # fmt: skip
     for r in train:
         r["speedup"] = r["images_per_s"] / ref_t["images_per_s"]
         r["vs_one"] = compare(ref_t, r, args.window) if r is not ref_t else None
@@ -251,7 +272,8 @@ def main() -> int:
     md = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(md)
     (args.out / "results.json").write_text(json.dumps({"train": train, "bank": bank}, indent=1))
-    plot(train, args.window, args.out / "loss.png")
+    if train:
+        plot(train, args.window, args.out / "loss.png")
     print(md)
     return 0
 
