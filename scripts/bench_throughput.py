@@ -249,7 +249,7 @@ def bench_ours(
         "mfu": ips * FLOP_PER_IMAGE / PEAK_BF16,
         "warmup_seconds": warm_s,
     }
-    del trainer, controlnet, opt, base, it, loader
+    del trainer, controlnet, opt, base, it
     torch._dynamo.reset()
     gc.collect()
     torch.cuda.empty_cache()
