@@ -36,3 +36,14 @@ def test_bench_scaling_two_cpu_processes(tiny_pipeline_dir, tiny_dataset_dir, tm
         b["images_per_s"] for b in results["bank"]
     )
     assert (out / "loss.png").stat().st_size > 0
+
+    # --reuse: a second call keeps the finished training runs (same numbers, no new launch)
+    logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").glob("train-n*.log")}
+    res = subprocess.run(
+        [*cmd[:2], "--reuse", "--skip_bank", *cmd[2:]], capture_output=True, text=True, env=env, cwd=ROOT
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    again = json.loads((out / "results.json").read_text())
+    assert [r["images_per_s"] for r in again["train"]] == [one["images_per_s"], two["images_per_s"]]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").glob("train-n*.log")} == logs
+    assert again["bank"] == [] and not (out / "logs" / "prepare.log").stat().st_mtime_ns > max(logs.values())
