@@ -473,3 +473,11 @@ def test_non_finite_loss_on_cuda_is_reported_by_the_next_check():
     x = torch.arange(6.0).view(2, 3)
     y = to_device(x, "cuda", torch.float16)
     assert y.device.type == "cuda" and y.dtype == torch.float16 and torch.equal(y.cpu().float(), x)
+
+
+def test_precision_advice_only_for_fp32_on_a_gpu():
+    from difftune_control.loop import precision_advice
+
+    assert "--mixed_precision" in precision_advice("cuda", "no")
+    assert precision_advice("cuda", "bf16") is None and precision_advice("cuda", "fp16") is None
+    assert precision_advice("cpu", "no") is None
