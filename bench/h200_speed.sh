@@ -3,7 +3,8 @@
 # 1. diffusers' example at batch 32 beside our trainer at batch 32 and 8 (default settings, and the
 #    frozen UNet under autocast as an A/B); 2. batch 1 with gradient checkpointing, AdamW vs
 #    Adafactor (peak memory); 3. regional torch.compile at batch 32 with a long warm-up.
-# PARTS selects parts (default "main memory compile"); each part has its own time limit.
+# PARTS selects parts (default "main memory compile"); each part has its own time limit;
+# COMPILE_SPEED (default compile) is part 3's --speed, e.g. channels_last+compile.
 # Needs .whl (diffusers, datasets) and third_party/.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -18,7 +19,7 @@ for part in $PARTS; do
     memory) timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory --batches 1 --methods difftuning \
               --speed default adafactor --grid-checkpointing --steps 20 --warmup 3 ;;
     compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches 32 --methods vanilla difftuning \
-               --speed compile --steps 30 --warmup 5 ;;
+               --speed ${COMPILE_SPEED:-compile} --steps 30 --warmup 5 ;;
   esac > $OUT/$part.log 2>&1
   echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
 done
