@@ -137,7 +137,8 @@ class DistillationTrainer(DiffTuningTrainer):
         self, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, hints: torch.Tensor
     ) -> torch.Tensor:
         """The frozen teacher's (base UNet + teacher ControlNet) prediction in the trained prediction type."""
-        with torch.no_grad(), self.accelerator.autocast():
+        # no autocast: the frozen models run in their own dtype, as when the bank recorded its targets
+        with torch.no_grad():
             pred = denoiser_prediction(self.base.unet, x_t, t, encoder_hidden_states, self.teacher, hints)
         return convert_prediction(
             pred.float(), x_t, self.alphas_cumprod[t], self.base_prediction_type, self.prediction_type
