@@ -4,7 +4,8 @@
 #    frozen UNet under autocast as an A/B); 2. batch 1 with gradient checkpointing, AdamW vs
 #    Adafactor (peak memory); 3. regional torch.compile at batch 32 with a long warm-up.
 # PARTS selects parts (default "main memory compile"); each part has its own time limit;
-# COMPILE_SPEED (default compile) is part 3's --speed, e.g. channels_last+compile.
+# MAIN_SPEED (default "default unet_autocast") and COMPILE_SPEED (default compile) are the
+# --speed settings of parts 1 and 3, e.g. COMPILE_SPEED=channels_last+compile.
 # Needs .whl (diffusers, datasets) and third_party/.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -14,12 +15,14 @@ B="python3 scripts/bench_throughput.py --skip checkpointing bank detector"
 for part in $PARTS; do
   case $part in
     main) timeout ${MAIN_LIMIT:-300} $B --out $OUT/main --batches 32 8 --steps 30 --warmup 5 \
-            --speed default unet_autocast --example-batches 32 --example-steps 40 \
+            --speed ${MAIN_SPEED:-default unet_autocast} --example-batches 32 --example-steps 40 \
             --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
-    memory) timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory --batches 1 --methods difftuning \
-              --speed default adafactor --grid-checkpointing --steps 20 --warmup 3 ;;
+    memory) for s in default adafactor; do  # each optimizer in a fresh process: a clean peak
+              timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory/$s --batches 1 --methods difftuning \
+                --speed $s --grid-checkpointing --steps 20 --warmup 3
+            done ;;
     compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches 32 --methods vanilla difftuning \
                --speed ${COMPILE_SPEED:-compile} --steps 30 --warmup 5 ;;
   esac > $OUT/$part.log 2>&1
-  echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
+  echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md $OUT/$part/*/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
 done

@@ -6,8 +6,7 @@
 # 2. SD1.5-scale scaling over 1 vs 2 processes through accelerate (bench_scaling.py --sd15):
 #    training with a global batch of 32 and a bank of 512 images (two shards, one per process; the
 #    2026-11-22 call used 64, one shard, so its bank scaling measured nothing); at most $SCALING_BUDGET s.
-# 3. (only when PARTS names it) batch 1 + gradient checkpointing, AdamW vs --optimizer adafactor.
-# PARTS (default "distill scaling") picks the parts, e.g. PARTS="scaling memory". Needs .whl (diffusers, datasets) carried.
+# PARTS (default "distill scaling") picks the parts, e.g. PARTS=scaling. Needs .whl (diffusers, datasets) carried.
 set -u
 OUT=${OUT:-/tmp/out}
 DISTILL_BUDGET=${DISTILL_BUDGET:-230}
@@ -27,9 +26,6 @@ wait
 bash bench/stop_runs.sh
 [[ " $PARTS " == *" scaling "* ]] && timeout $SCALING_BUDGET python3 scripts/bench_scaling.py --out $W/scaling-sd15 --sd15 --mixed_precision bf16 \
   --global_batch 32 --steps 40 --bank_size 512 --window 5 > $W/scaling-sd15.log 2>&1
-[[ " $PARTS " == *" memory "* ]] && CUDA_VISIBLE_DEVICES=0 timeout ${MEMORY_BUDGET:-150} python3 scripts/bench_throughput.py \
-  --out $W/memory --batches 1 --methods difftuning --speed default adafactor --grid-checkpointing \
-  --steps 20 --warmup 3 --skip checkpointing bank detector > $W/memory.log 2>&1
 cd $W && tar czf $OUT/x2-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' --exclude='samples' \
   --exclude='cache-n*' .
 tail -n 12 $W/distill-*.log; tail -n 15 $W/scaling-sd15.log

@@ -91,7 +91,7 @@ class DistillationTrainer(DiffTuningTrainer):
         out = super().assemble(target_batch, plan)
         if plan.num_bank == 0:
             return out
-        slots = self._slots(plan.is_bank)  # [nb], in the order of bank_index
+        slots = out["bank_slots"]  # [nb], in the order of bank_index
         t = out["timesteps"][slots].clone()
         latents, noise = out["latents"][slots], out["noise"][slots]
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)

@@ -76,15 +76,16 @@ class ControlNetTrainer:
         out = {
             k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
         }
-        target_slots = self._slots(~plan.is_bank)
+        # slot indices on the device, computed once per batch (the loss parts and subclasses reuse them)
+        out["target_slots"] = self._slots(~plan.is_bank)
         for k in BATCH_KEYS:
-            out[k].index_copy_(0, target_slots, tb[k])
+            out[k].index_copy_(0, out["target_slots"], tb[k])
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
             rows = self.bank.batch(idx, self.device)
-            bank_slots = self._slots(plan.is_bank)
+            out["bank_slots"] = self._slots(plan.is_bank)
             for k in BATCH_KEYS:
-                out[k].index_copy_(0, bank_slots, rows[k].to(out[k].dtype))
+                out[k].index_copy_(0, out["bank_slots"], rows[k].to(out[k].dtype))
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = to_device(plan.timesteps, self.device)
         out["noise"] = to_device(torch.randn(out["latents"].shape, generator=self.generator), self.device)
@@ -166,8 +167,8 @@ class ControlNetTrainer:
         ps = per_sample.detach()
         return {
             "loss": loss.detach(),
-            "loss_target": ps[self._slots(~plan.is_bank)].mean() if plan.num_bank < len(ps) else None,
-            "loss_bank": ps[self._slots(plan.is_bank)].mean() if plan.num_bank else None,
+            "loss_target": ps[batch["target_slots"]].mean() if plan.num_bank < len(ps) else None,
+            "loss_bank": ps[batch["bank_slots"]].mean() if plan.num_bank else None,
             "bank_share": plan.num_bank / plan.is_bank.numel(),
             "images": plan.is_bank.numel(),
         }
