@@ -122,7 +122,31 @@ class MethodConfig:
         1.0, "Power s of psi(t) = ((t+1)/T)^s; 0 = uniform t (the bank without the t-skew)."
     )
     bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
-    bank_weight: float = _f(0.1, "fixed split: weight lambda of the bank loss.")
+    bank_weight: float | Literal["auto"] = _f(
+        0.1,
+        "fixed split: weight lambda of the bank loss; auto = set lambda so the weighted bank rows pull "
+        "--bank_pull times as hard as the target rows (measured on the ControlNet's gradient, every "
+        "--bank_pull_every steps, logged as bank_weight records).",
+        parse=lambda s: "auto" if s == "auto" else float(s),
+    )
+    bank_pull: float = _f(0.5, "--bank_weight auto: the bank rows' pull as a fraction of the target rows'.")
+    bank_pull_every: int = _f(
+        200, "--bank_weight auto: re-measure the pulls every N optimizer steps (0 = at step 0 only)."
+    )
+    bank_prompt: Literal["keep", "drop"] = _f(
+        "keep",
+        "Bank rows' text condition: keep their prompts, or drop them (empty prompt, as the authors' null "
+        "class drops the condition being fine-tuned).",
+    )
+    loss_weighting: Literal["none", "inverse_snr", "min_snr"] = _f(
+        "none",
+        "Per-sample weight of the target rows' loss over t: none; inverse_snr (x0-supervision: "
+        "sigma_t^2/alpha_t^2 for epsilon); min_snr (Min-SNR-gamma).",
+    )
+    snr_gamma: float = _f(5.0, "min_snr loss weighting: gamma.")
+    loss_weight_max: float | None = _f(
+        None, "Clamp of the loss weighting's per-sample weight (inverse_snr reaches ~200 at SD's last step)."
+    )
     retention: Literal["renoise", "trajectory", "snr"] = _f(
         "renoise",
         "Retention source of bank slots: renoise (Diff-Tuning: re-noised bank images, true noise as target), "
@@ -347,8 +371,18 @@ class RunConfig:
         m, t, b, d, data = self.method, self.train, self.bank, self.detector, self.data
         if not 0.0 < m.bank_share < 1.0:
             problems.append(f"--bank_share must be in (0, 1), got {m.bank_share}")
-        if m.bank_weight < 0:
-            problems.append(f"--bank_weight must be >= 0, got {m.bank_weight}")
+        if m.bank_weight != "auto" and not (isinstance(m.bank_weight, (int, float)) and m.bank_weight >= 0):
+            problems.append(f"--bank_weight must be a number >= 0 or auto, got {m.bank_weight!r}")
+        if not m.bank_pull > 0:
+            problems.append(f"--bank_pull must be > 0, got {m.bank_pull}")
+        if m.bank_pull_every < 0:
+            problems.append(f"--bank_pull_every must be >= 0 (0 = at step 0 only), got {m.bank_pull_every}")
+        if m.bank_weight == "auto" and m.split != "fixed":
+            problems.append(f"--bank_weight auto sets lambda of the fixed split; got --split {m.split}")
+        if not m.snr_gamma > 0:
+            problems.append(f"--snr_gamma must be > 0, got {m.snr_gamma}")
+        if m.loss_weight_max is not None and not m.loss_weight_max > 0:
+            problems.append(f"--loss_weight_max must be > 0, got {m.loss_weight_max}")
         if m.psi_power < 0:
             problems.append(f"--psi_power must be >= 0 (0: uniform t, no skew), got {m.psi_power}")
         problems += _distill_problems(self)
@@ -561,7 +595,7 @@ def add_config_arguments(
                 kw["nargs"] = "+"
                 kw["type"] = typing.get_args(tp)[0]
             else:
-                kw["type"] = tp
+                kw["type"] = f.metadata.get("parse", tp)
             group.add_argument(f"--{f.name}", dest=f"{name}.{f.name}" if overlay else f.name, **kw)
 
 

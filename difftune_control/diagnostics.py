@@ -68,6 +68,7 @@ def bank_pull(trainer, target_batch: dict) -> dict:
         "target_loss": target_loss,
         "bank_loss": bank_loss,
         "bank_slots": plan.num_bank,
+        "bank_weight": plan.bank_weight,
         "batch": n,
     }
 

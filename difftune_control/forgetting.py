@@ -175,3 +175,72 @@ def plan_batch(
     if split == "psi-only":
         return psi_only_plan(batch_size, power, num_train_timesteps, generator)
     raise ValueError(f"--split: got {split!r}; choose one of ['fixed', 'mixture', 'psi-only']")
+
+
+# -- loss weightings over t ---------------------------------------------------------------------
+LossWeighting = Literal["none", "inverse_snr", "min_snr"]
+
+
+def snr(alphas_cumprod_t: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t) of the timesteps' noise levels."""
+    a = alphas_cumprod_t.double()
+    return a / (1.0 - a)
+
+
+def loss_weights(
+    kind: LossWeighting,
+    alphas_cumprod_t: torch.Tensor,
+    prediction_type: str = "epsilon",
+    *,
+    snr_gamma: float = 5.0,
+    max_weight: float | None = None,
+) -> torch.Tensor:
+    """Per-sample weight of the denoising loss at the given noise levels (float32, same shape).
+
+    - ``none``: 1.
+    - ``inverse_snr``: x0-supervision (Sangare et al., CVPR 2026, "Improving Controllable
+      Generation: Faster Training and Better Performance via x0-Supervision"): the loss of the
+      clean-latent estimate. For an epsilon model ||x0 - x0_hat||^2 = sigma_t^2 / alpha_t^2
+      ||eps - eps_hat||^2 = ||eps - eps_hat||^2 / SNR(t); for a v model the factor is
+      sigma_t^2 = 1 / (SNR(t) + 1).
+    - ``min_snr``: Min-SNR-gamma (Hang et al., ICCV 2023): min(SNR, gamma) / SNR for epsilon,
+      min(SNR, gamma) / (SNR + 1) for v.
+
+    ``max_weight`` clamps the weight from above (the inverse SNR reaches ~200 at SD's last step).
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction type {prediction_type!r}: use epsilon or v_prediction")
+    s = snr(alphas_cumprod_t)
+    denom = s if prediction_type == "epsilon" else s + 1.0
+    if kind == "none":
+        w = torch.ones_like(s)
+    elif kind == "inverse_snr":
+        w = 1.0 / denom
+    elif kind == "min_snr":
+        w = s.clamp(max=snr_gamma) / denom
+    else:
+        raise ValueError(f"--loss_weighting: got {kind!r}; choose one of ['none', 'inverse_snr', 'min_snr']")
+    if max_weight is not None:
+        w = w.clamp(max=max_weight)
+    return w.float()
+
+
+def reweight(plan: BatchPlan, slot_weights: torch.Tensor, *, bank: bool = False) -> BatchPlan:
+    """The plan with its target slots' (and, with ``bank=True``, its bank slots') weights multiplied."""
+    mask = torch.ones_like(plan.is_bank) if bank else ~plan.is_bank
+    w = torch.where(mask, plan.weights * slot_weights.to(plan.weights.dtype), plan.weights)
+    return BatchPlan(is_bank=plan.is_bank, timesteps=plan.timesteps, weights=w, bank_weight=plan.bank_weight)
+
+
+def weight_for_pull(bank_pull_at_unit_weight: float, target_pull: float, fraction: float) -> float:
+    """The bank weight lambda that makes the weighted bank rows pull ``fraction`` of the target rows' pull.
+
+    The pull of a loss part is the norm of its gradient on the ControlNet's parameters
+    (:mod:`difftune_control.diagnostics`); it is linear in the part's weight, so measuring it once
+    at lambda = 1 gives lambda = fraction * target_pull / bank_pull(1).
+    """
+    if bank_pull_at_unit_weight <= 0 or not target_pull > 0:
+        raise ValueError(
+            f"cannot set the bank weight from pulls bank={bank_pull_at_unit_weight}, target={target_pull}"
+        )
+    return fraction * target_pull / bank_pull_at_unit_weight

@@ -241,6 +241,8 @@ def _bank_check(cfg: RunConfig, trainer, target, accelerator) -> dict | None:
 
     n = min(cfg.train.train_batch_size, len(target))
     batch = torch.utils.data.default_collate([target[i] for i in range(n)])
+    if cfg.method.bank_weight == "auto":  # lambda measured first, so the check shows the pull it sets
+        trainer.calibrate_bank_weight(batch)
     check = bank_pull(trainer, batch)
     if accelerator.is_main_process:
         warn_if_bank_dominates(check, cfg.method.retention)
@@ -399,7 +401,7 @@ class _Loop:
         self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
 
         def mean(key):
-            vals = [float(p[key]) for p in window if p[key] is not None]
+            vals = [float(p[key]) for p in window if p.get(key) is not None]
             return sum(vals) / len(vals) if vals else None
 
         images = sum(p["images"] for p in window) * self.acc.num_processes
@@ -411,6 +413,7 @@ class _Loop:
                 "loss_target": mean("loss_target"),
                 "loss_bank": mean("loss_bank"),
                 "bank_share": mean("bank_share"),
+                "bank_weight": mean("bank_weight"),
                 "lr": self.lr_scheduler.get_last_lr()[0],
                 "images_per_s": images / max(seconds, 1e-9),
             }

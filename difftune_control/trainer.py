@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from difftune_control.config import RunConfig
-from difftune_control.forgetting import BatchPlan, plan_batch, vanilla_plan
+from difftune_control.forgetting import BatchPlan, loss_weights, plan_batch, reweight, vanilla_plan
 from difftune_control.utils import to_device
 
 logger = logging.getLogger(__name__)
@@ -63,7 +63,21 @@ class ControlNetTrainer:
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:
         """Which slots come from where, their timesteps and loss weights. Vanilla: uniform t, target only."""
-        return vanilla_plan(batch_size, self.num_train_timesteps, self.generator)
+        return self.weigh(vanilla_plan(batch_size, self.num_train_timesteps, self.generator))
+
+    def weigh(self, plan: BatchPlan) -> BatchPlan:
+        """Apply ``--loss_weighting`` (x0-supervision's inverse SNR, Min-SNR-gamma) to the target slots."""
+        m = self.cfg.method
+        if m.loss_weighting == "none":
+            return plan
+        w = loss_weights(
+            m.loss_weighting,
+            self.alphas_cumprod.cpu()[plan.timesteps],
+            self.prediction_type,
+            snr_gamma=m.snr_gamma,
+            max_weight=m.loss_weight_max,
+        )
+        return reweight(plan, w)
 
     # -- one micro-batch ----------------------------------------------------------------------
     def assemble(self, target_batch: dict, plan: BatchPlan) -> dict[str, torch.Tensor]:
@@ -83,6 +97,8 @@ class ControlNetTrainer:
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
             rows = self.bank.batch(idx, self.device)
+            if self.cfg.method.bank_prompt == "drop":  # the null text condition, as for caption dropout
+                rows["encoder_hidden_states"] = self.empty.expand(plan.num_bank, -1, -1)
             out["bank_slots"] = self._slots(plan.is_bank)
             for k in BATCH_KEYS:
                 out[k].index_copy_(0, out["bank_slots"], rows[k].to(out[k].dtype))
@@ -156,6 +172,7 @@ class ControlNetTrainer:
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
         """Forward + backward of one micro-batch; returns the loss parts for logging."""
         self.check_finite()  # the previous step's loss: finished on the GPU by now, so no wait
+        self.before_step(target_batch)
         plan = plan or self.plan(len(target_batch["caption"]))
         batch = self.assemble(target_batch, plan)
         with self.accelerator.autocast():
@@ -170,8 +187,12 @@ class ControlNetTrainer:
             "loss_target": ps[batch["target_slots"]].mean() if plan.num_bank < len(ps) else None,
             "loss_bank": ps[batch["bank_slots"]].mean() if plan.num_bank else None,
             "bank_share": plan.num_bank / plan.is_bank.numel(),
+            "bank_weight": plan.bank_weight if plan.num_bank else None,
             "images": plan.is_bank.numel(),
         }
+
+    def before_step(self, target_batch: dict) -> None:
+        """Hook at the start of each micro-batch (before its plan is drawn); nothing for vanilla."""
 
     # -- non-finite loss ---------------------------------------------------------------------
     def _watch_finite(self, loss: torch.Tensor, per_sample: torch.Tensor) -> None:
@@ -218,25 +239,99 @@ class ControlNetTrainer:
 
 
 class DiffTuningTrainer(ControlNetTrainer):
-    """Diff-Tuning: the chain of forgetting changes batch composition and t-sampling only."""
+    """Diff-Tuning: the chain of forgetting changes batch composition and t-sampling only.
+
+    With ``--bank_weight auto`` the bank weight lambda is measured, not given: lambda makes the
+    weighted bank rows' gradient on the ControlNet ``--bank_pull`` times the target rows' (see
+    :func:`calibrate_bank_weight`), at the first step and every ``--bank_pull_every`` steps.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         m = self.cfg.method
         if m.split != "psi-only" and self.bank is None:
             raise ValueError(f"--split {m.split} needs a memory bank; none was built")
+        self.bank_lambda: float | None = None  # --bank_weight auto: the measured lambda
+        self.micro_batches = 0  # micro-batches trained (re-measurement schedule of --bank_weight auto)
 
     def plan(self, batch_size: int) -> BatchPlan:
         m = self.cfg.method
-        return plan_batch(
-            batch_size,
-            m.split,
-            power=m.psi_power,
-            bank_share=m.bank_share,
-            bank_weight=m.bank_weight,
-            num_train_timesteps=self.num_train_timesteps,
-            generator=self.generator,
+        return self.weigh(
+            plan_batch(
+                batch_size,
+                m.split,
+                power=m.psi_power,
+                bank_share=m.bank_share,
+                bank_weight=m.bank_weight if m.bank_weight != "auto" else (self.bank_lambda or 1.0),
+                num_train_timesteps=self.num_train_timesteps,
+                generator=self.generator,
+            )
         )
+
+    def before_step(self, target_batch: dict) -> None:
+        m, accum = self.cfg.method, self.cfg.train.gradient_accumulation_steps
+        micro, self.micro_batches = self.micro_batches, self.micro_batches + 1
+        if m.bank_weight != "auto" or micro % accum:  # only where no gradient is being accumulated
+            return
+        step = micro // accum
+        if self.bank_lambda is None or (m.bank_pull_every and step % m.bank_pull_every == 0 and step > 0):
+            self.calibrate_bank_weight(target_batch)
+
+    def calibrate_bank_weight(self, target_batch: dict) -> dict:
+        """Measure both parts' pull at lambda = 1 on ``target_batch`` and set lambda (mean over processes).
+
+        Leaves the random generator, the gradients and the schedule of the run untouched.
+        """
+        from difftune_control.diagnostics import bank_pull
+        from difftune_control.forgetting import weight_for_pull
+
+        previous, self.bank_lambda = self.bank_lambda, 1.0
+        try:
+            check = bank_pull(self, target_batch)
+        finally:
+            self.bank_lambda = previous
+        lam = weight_for_pull(check["bank_grad"], check["target_grad"], self.cfg.method.bank_pull)
+        if self.accelerator.num_processes > 1:
+            lam = float(self.accelerator.reduce(torch.tensor(lam, device=self.device), reduction="mean"))
+        self.bank_lambda = lam
+        logger.info(
+            "--bank_weight auto: lambda = %.4g (bank rows at lambda 1 pull %.3gx the target rows; aiming at %.2fx)",
+            lam,
+            check["ratio"],
+            self.cfg.method.bank_pull,
+        )
+        return {**check, "bank_weight": lam}
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "bank_lambda": self.bank_lambda, "micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if "bank_lambda" in state and self.cfg.method.bank_weight == "auto":
+            self.bank_lambda = state["bank_lambda"]
+        self.micro_batches = int(state.get("micro_batches", 0))
+
+
+_METHODS: dict[str, type[ControlNetTrainer]] = {}
+
+
+def register_method(name: str, cls: type[ControlNetTrainer]) -> None:
+    """Register a training method (``--method NAME``): a :class:`ControlNetTrainer` subclass."""
+    if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"method name must be lowercase letters, digits, '-' or '_': {name!r}")
+    if name in _METHODS:
+        raise ValueError(f"method {name!r} is already registered ({_METHODS[name].__name__})")
+    if not (isinstance(cls, type) and issubclass(cls, ControlNetTrainer)):
+        raise TypeError(f"method {name!r}: {cls!r} is not a ControlNetTrainer subclass")
+    _METHODS[name] = cls
+
+
+def available_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+register_method("vanilla", ControlNetTrainer)
+register_method("difftuning", DiffTuningTrainer)
 
 
 def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
@@ -244,7 +339,9 @@ def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
         from difftune_control.distill_trainer import DistillationTrainer
 
         return DistillationTrainer
-    return DiffTuningTrainer if cfg.method.method == "difftuning" else ControlNetTrainer
+    if cfg.method.method not in _METHODS:
+        raise ValueError(f"--method: got {cfg.method.method!r}; choose one of {available_methods()}")
+    return _METHODS[cfg.method.method]
 
 
 class StopSignal:

@@ -1,0 +1,155 @@
+"""Method options of issue-level importance: loss weightings, the null-condition bank, the auto bank weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_trainer, target_batch, tiny_config
+from diffusers import DDPMScheduler
+
+from difftune_control.config import ConfigError, RunConfig
+from difftune_control.forgetting import BatchPlan, loss_weights, reweight, snr, weight_for_pull
+
+
+@pytest.fixture(scope="module")
+def alphas():
+    s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    return s.alphas_cumprod
+
+
+def test_inverse_snr_is_the_x0_loss_factor(alphas):
+    # ||x0 - x0_hat||^2 = (1 - a) / a ||eps - eps_hat||^2 for x0_hat = (x_t - sqrt(1-a) eps_hat) / sqrt(a)
+    t = torch.tensor([0, 250, 999])
+    a = alphas[t].double()
+    w = loss_weights("inverse_snr", alphas[t], "epsilon")
+    torch.testing.assert_close(w, ((1 - a) / a).float())
+    x0, eps, eps_hat = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    x_t = a.sqrt().float()[:, None] * x0 + (1 - a).sqrt().float()[:, None] * eps
+    x0_hat = (x_t - (1 - a).sqrt().float()[:, None] * eps_hat) / a.sqrt().float()[:, None]
+    # tolerance: float32 round-off of the reconstruction, scaled by the largest weight (~210)
+    torch.testing.assert_close(
+        ((x0 - x0_hat) ** 2).sum(1), w * ((eps - eps_hat) ** 2).sum(1), rtol=1e-4, atol=1e-3
+    )
+    assert float(w[2]) > 150 and float(w[0]) < 1e-3  # SD's schedule: ~210 at the last step
+    # v-prediction: ||x0 - x0_hat||^2 = sigma^2 ||v - v_hat||^2 = ||v - v_hat||^2 / (SNR + 1)
+    torch.testing.assert_close(loss_weights("inverse_snr", alphas[t], "v_prediction"), (1 - a).float())
+    assert float(loss_weights("inverse_snr", alphas[t], "epsilon", max_weight=5.0).max()) == 5.0
+
+
+def test_min_snr_gamma(alphas):
+    t = torch.arange(0, 1000, 37)
+    s = snr(alphas[t])
+    w = loss_weights("min_snr", alphas[t], "epsilon", snr_gamma=5.0)
+    torch.testing.assert_close(w, (s.clamp(max=5.0) / s).float())
+    assert torch.all(w <= 1.0 + 1e-6) and float(w[-1]) == pytest.approx(1.0)  # high noise: SNR < gamma
+    wv = loss_weights("min_snr", alphas[t], "v_prediction", snr_gamma=5.0)
+    torch.testing.assert_close(wv, (s.clamp(max=5.0) / (s + 1)).float())
+    with pytest.raises(ValueError, match="--loss_weighting"):
+        loss_weights("bogus", alphas[t])
+
+
+def test_reweight_touches_target_slots_only():
+    plan = BatchPlan(
+        is_bank=torch.tensor([False, False, True]),
+        timesteps=torch.tensor([1, 2, 3]),
+        weights=torch.tensor([0.5, 0.5, 0.1]),
+        bank_weight=0.1,
+    )
+    out = reweight(plan, torch.tensor([2.0, 3.0, 4.0]))
+    assert out.weights.tolist() == pytest.approx([1.0, 1.5, 0.1])
+    assert reweight(plan, torch.tensor([2.0, 3.0, 4.0]), bank=True).weights.tolist() == pytest.approx(
+        [1.0, 1.5, 0.4]
+    )
+
+
+def test_weight_for_pull_is_linear():
+    assert weight_for_pull(bank_pull_at_unit_weight=4.0, target_pull=2.0, fraction=0.5) == 0.25
+    with pytest.raises(ValueError):
+        weight_for_pull(0.0, 1.0, 0.5)
+
+
+def test_trainer_applies_the_loss_weighting_to_target_slots(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__method="vanilla",
+        method__loss_weighting="min_snr",
+    )
+    trainer, _ = build_trainer(cfg)
+    trainer.generator.manual_seed(3)
+    plan = trainer.plan(4)
+    s = snr(trainer.alphas_cumprod.cpu()[plan.timesteps])
+    torch.testing.assert_close(plan.weights, (s.clamp(max=5.0) / s).float() / 4)
+
+
+def test_null_bank_rows_drop_their_prompt(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    rows = {}
+    for mode in ("keep", "drop"):
+        cfg = tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path / mode,
+            method__bank_share=0.5,
+            method__bank_prompt=mode,
+            bank__bank_hint="zero",
+        )
+        trainer, _ = build_trainer(cfg)
+        trainer.generator.manual_seed(0)
+        plan = trainer.plan(4)
+        batch = trainer.assemble(target_batch(trainer), plan)
+        slots = batch["bank_slots"]
+        assert torch.count_nonzero(batch["conditioning_pixel_values"][slots]) == 0  # the null hint
+        rows[mode] = batch["encoder_hidden_states"][slots]
+        empty = trainer.empty.expand_as(rows[mode]).float()
+    assert torch.equal(rows["drop"], empty)
+    assert not torch.equal(rows["keep"], empty)
+
+
+def test_auto_bank_weight_sets_the_pull_and_leaves_the_run_unchanged(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    from difftune_control.diagnostics import bank_pull
+
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__bank_share=0.5,
+        method__bank_weight="auto",
+        method__bank_pull=0.5,
+    )
+    trainer, _ = build_trainer(cfg)
+    assert trainer.bank_lambda is None
+    batch = target_batch(trainer)
+    gen = trainer.generator.get_state()
+    trainer.training_step(batch)  # measures lambda first, on this batch and the generator's next plan
+    lam = trainer.bank_lambda
+    assert lam is not None and lam > 0
+    for p in trainer.controlnet.parameters():
+        p.grad = None
+    trainer.generator.set_state(gen)
+    check = bank_pull(trainer, batch)
+    assert torch.equal(trainer.generator.get_state(), gen)
+    assert check["bank_weight"] == pytest.approx(lam)
+    assert check["ratio"] == pytest.approx(0.5, rel=0.05)  # the same batch and plan law: linear in lambda
+    state = trainer.state_dict()
+    assert state["bank_lambda"] == lam and state["micro_batches"] == 1
+
+
+def test_bank_weight_flag_takes_auto_and_numbers(tmp_path):
+    import argparse
+
+    from difftune_control.config import add_config_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_config_arguments(p, ("method",))
+    assert config_from_args(p.parse_args(["--bank_weight", "auto"])).method.bank_weight == "auto"
+    assert config_from_args(p.parse_args(["--bank_weight", "0.05"])).method.bank_weight == 0.05
+    cfg = RunConfig()
+    cfg.method.bank_weight = "sometimes"
+    cfg.method.loss_weighting = "inverse_snr"
+    cfg.method.loss_weight_max = -1.0
+    with pytest.raises(ConfigError) as e:
+        cfg.validate()
+    assert "--bank_weight" in str(e.value) and "--loss_weight_max" in str(e.value)
