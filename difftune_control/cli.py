@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 
 from difftune_control import __version__
-from difftune_control.config import ConfigError, RunConfig, add_config_arguments, config_from_args
+from difftune_control.config import (
+    PRESETS,
+    ConfigError,
+    RunConfig,
+    add_config_arguments,
+    apply_preset,
+    config_from_args,
+)
 
 _STAGE_CLIS = {
     "extract": "difftune_control.extractors.cli",
@@ -34,7 +41,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
             base = RunConfig.from_dict(json.loads(path.read_text()))
         except json.JSONDecodeError as err:
             raise ValueError(f"--config {path}: not valid JSON ({err})") from err
-    return config_from_args(args, base)
+    return config_from_args(args, apply_preset(base or RunConfig(), getattr(args, "preset", None)))
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -56,6 +63,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """All training flags (shared by ``difftune train`` and ``scripts/train_controlnet.py``)."""
     parser.add_argument(
         "--config", default=None, help="A saved config.json (e.g. a run's) to start from; flags override it."
+    )
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(PRESETS),
+        help="A named method configuration under the other flags: published = Diff-Tuning as the authors' "
+        "code runs it (re-noised bank images with extracted hints, lambda 0.1).",
     )
     add_config_arguments(parser)
 

@@ -4,6 +4,7 @@
     python scripts/bench_convergence.py --out bench/convergence                 # 5 conditions x 2 methods x 3 seeds
     python scripts/bench_convergence.py --out bench/ablations --ablations       # depth: splits, s, r/lambda, bank
     python scripts/bench_convergence.py --out DIR --aggregate-only              # tables + plots from finished runs
+    python scripts/bench_convergence.py --out bench/search --conditions depth canny --candidates vanilla published null-auto ...
 
 Every run is an ordinary ``difftune train`` subprocess (same data, same steps, same
 hyper-parameters but the method); several share one GPU at once (the models are tiny and the
@@ -38,7 +39,27 @@ ABLATIONS = {  # name -> flags, all on depth, against difftuning (fixed) and van
     "bank=500": ["--bank_size", "500"],
     "bank_hint=zero": ["--bank_hint", "zero"],
 }
+# Named method configurations for --candidates; every flag that differs from the CLI's defaults is
+# spelled out, so a candidate means the same thing whatever the default method is.
+_VANILLA = ["--method", "vanilla", "--loss_weighting", "none"]
+_BANK = ["--method", "difftuning", "--split", "fixed", "--loss_weighting", "none", "--bank_prompt", "keep"]
+_NULL = [*_BANK, "--bank_hint", "zero"]
+CANDIDATES = {
+    "vanilla": _VANILLA,
+    # Diff-Tuning as published: re-noised bank rows carrying hints extracted from the base's samples
+    "published": [*_BANK, "--bank_hint", "extracted", "--bank_weight", "0.1"],
+    "psi-only": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "none"],
+    "inverse-snr": [*_VANILLA[:2], "--loss_weighting", "inverse_snr"],  # x0-supervision
+    "min-snr": [*_VANILLA[:2], "--loss_weighting", "min_snr"],  # Min-SNR-gamma, gamma 5
+    # null-condition bank rows (the authors' null class): an all-zero hint
+    "null": [*_NULL, "--bank_weight", "0.1"],
+    "null-drop": [*_NULL[:-2], "--bank_prompt", "drop", "--bank_hint", "zero", "--bank_weight", "0.1"],
+    "null-l05": [*_NULL, "--bank_weight", "0.05"],
+    "null-auto": [*_NULL, "--bank_weight", "auto", "--bank_pull", "0.5"],
+    "null-auto-isnr": [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"],
+}
 LEVELS = ["0.25", "event", "0.5"]
+BANK_FLAGS = ("--bank_hint", "--bank_size")  # flags that change what the bank holds: a bank of their own
 
 
 def limit_threads(parallel: int) -> None:
@@ -107,11 +128,31 @@ def jobs(args) -> list[tuple[str, str, str, int, list[str]]]:
             for seed in args.seeds:
                 out.append((f"depth-{label}-s{seed}", "depth", method, seed, extra))
         return out
+    if args.candidates:
+        unknown = sorted(set(args.candidates) - set(CANDIDATES))
+        if unknown:
+            raise SystemExit(f"--candidates: unknown {unknown}; choose from {sorted(CANDIDATES)}")
+        for condition in args.conditions:
+            for name in args.candidates:
+                for seed in args.seeds:
+                    flags = CANDIDATES[name]
+                    method = flags[flags.index("--method") + 1]
+                    out.append((f"{condition}-{name}-s{seed}", condition, method, seed, flags))
+        return out
     for condition in args.conditions:
         for method in ("vanilla", "difftuning"):
             for seed in args.seeds:
                 out.append((f"{condition}-{method}-s{seed}", condition, method, seed, []))
     return out
+
+
+def bank_flags(extra: list[str]) -> tuple[str, ...]:
+    """The flags of ``extra`` that change what the bank holds (with their values)."""
+    out = []
+    for i, flag in enumerate(extra[:-1]):
+        if flag in BANK_FLAGS:
+            out += [flag, extra[i + 1]]
+    return tuple(out)
 
 
 def prepare(args, conditions: set[str], extra_sets: list[list[str]]) -> None:
@@ -222,6 +263,20 @@ def frechet(a, b) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
 
 
+def score_retention(args, device: str) -> None:
+    """Retention scores of the base and of every finished run in --out that has none yet (resumable)."""
+    out = args.out / "retention"
+    out.mkdir(exist_ok=True)
+    if not (out / "_base.json").exists():
+        (out / "_base.json").write_text(json.dumps(retention(None, device)))
+    t0 = time.time()
+    for run_dir in sorted((args.out / "runs").iterdir()):
+        dest = out / f"{run_dir.name}.json"
+        if (run_dir / "controlnet").is_dir() and not dest.exists():
+            dest.write_text(json.dumps(retention(run_dir, device)))
+            print(f"retention {run_dir.name}: {time.time() - t0:.0f}s", flush=True)
+
+
 # -- aggregation --------------------------------------------------------------------------------
 def summarize(args) -> dict:
     from difftune_control.report.runs import load_run, summarize_run
@@ -231,10 +286,33 @@ def summarize(args) -> dict:
         if not (run_dir / "metrics.jsonl").exists():
             continue
         s = summarize_run(load_run(run_dir))
+        s["aucc"] = area_under_p(run_dir / "metrics.jsonl", args.max_train_steps)
         ret = args.out / "retention" / f"{run_dir.name}.json"
         s["retention"] = json.loads(ret.read_text()) if ret.exists() else None
         rows[run_dir.name] = s
     return rows
+
+
+def area_under_p(metrics: Path, budget: int) -> float | None:
+    """AUCC: the area under p(step), p clipped to [0, 1], over steps 0..budget, divided by budget.
+
+    None when the run's evaluations do not reach the budget (an unfinished run).
+    """
+    from difftune_control.utils import read_jsonl
+
+    pts = sorted(
+        {
+            r["step"]: r["p"]
+            for r in read_jsonl(metrics)
+            if r["type"] == "convergence_eval" and r.get("p") is not None
+        }.items()
+    )
+    if not pts or pts[-1][0] < budget:
+        return None
+    xs = [x for x, _ in pts if x <= budget]
+    ys = [min(1.0, max(0.0, y)) for x, y in pts if x <= budget]
+    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
+    return area / budget
 
 
 def _steps(s: dict, level: str):
@@ -248,6 +326,14 @@ def _ms(values: list) -> str:
     missing = len(values) - len(vals)
     sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
     return f"{statistics.mean(vals):.0f} ± {sd:.0f}" + (f" ({missing} not reached)" if missing else "")
+
+
+def _msf(values: list) -> str:
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
 
 def _mean(values, fmt: str) -> str:
@@ -265,12 +351,13 @@ def tables(rows: dict) -> tuple[str, dict]:
         groups.setdefault(group_key(name), []).append(s)
     agg = {}
     lines = [
-        "| group | seeds | p>=0.25 | event (p>=0.3 x2) | p>=0.5 | final p | final d | text-following (single / two L-R) | Frechet |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| group | seeds | p>=0.25 | event (p>=0.3 x2) | p>=0.5 | AUCC | final p | final d | text-following (single / two L-R) | Frechet |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for g, ss in sorted(groups.items()):
         entry = {lv: [_steps(s, lv) for s in ss] for lv in LEVELS}
         entry["final_p"] = [s["final_p"] for s in ss]
+        entry["aucc"] = [s.get("aucc") for s in ss]
         entry["final_d"] = [s["final_d"] for s in ss]
         rets = [s["retention"] for s in ss if s["retention"]]
         entry["retention"] = rets
@@ -286,7 +373,7 @@ def tables(rows: dict) -> tuple[str, dict]:
         fr = f"{statistics.mean(r['frechet'] for r in rets):.2f}" if rets else "-"
         lines.append(
             f"| {g} | {len(ss)} | {_ms(entry['0.25'])} | {_ms(entry['event'])} | {_ms(entry['0.5'])} | "
-            f"{_mean(entry['final_p'], '.2f')} | {_mean(entry['final_d'], '.4f')} | {tf} | {fr} |"
+            f"{_msf(entry['aucc'])} | {_mean(entry['final_p'], '.2f')} | {_mean(entry['final_d'], '.4f')} | {tf} | {fr} |"
         )
     lines += [
         "",
@@ -386,8 +473,20 @@ def main() -> int:
         default=None,
         help="with --ablations: only these (vanilla, difftuning, " + ", ".join(ABLATIONS) + ")",
     )
+    p.add_argument(
+        "--candidates",
+        nargs="+",
+        default=None,
+        help="named method configurations on --conditions (instead of vanilla vs difftuning): "
+        + ", ".join(CANDIDATES),
+    )
     p.add_argument("--aggregate-only", action="store_true")
     p.add_argument("--no-retention", action="store_true")
+    p.add_argument(
+        "--retention-only",
+        action="store_true",
+        help="only score the finished runs in --out that have no score yet",
+    )
     p.add_argument("--device", default=None)
     p.add_argument("train_args", nargs="*", help="extra flags for every run (after --)")
     args = p.parse_args()
@@ -396,10 +495,10 @@ def main() -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     todo = jobs(args)
-    if not args.aggregate_only:
+    if not args.aggregate_only and not args.retention_only:
         limit_threads(args.parallel)
         # a bank of its own for variants that change what the bank holds
-        own = sorted({tuple(e) for *_, e in todo if e[:1] in (["--bank_size"], ["--bank_hint"])})
+        own = sorted({bank_flags(e) for *_, e in todo} - {()})
         extra_sets = [[]] + [list(e) for e in own]
         prepare(args, {c for _, c, _, _, _ in todo}, extra_sets)
         t0 = time.time()
@@ -413,16 +512,8 @@ def main() -> int:
             for name, fut in futs.items():
                 print(f"{name}: rc={fut.result()} ({time.time() - t0:.0f}s)", flush=True)
         print(f"all runs: {time.time() - t0:.0f}s", flush=True)
-        if not args.no_retention:
-            (args.out / "retention").mkdir(exist_ok=True)
-            base = retention(None, device)
-            (args.out / "retention" / "_base.json").write_text(json.dumps(base))
-            for name, *_ in todo:
-                run_dir = args.out / "runs" / name
-                if (run_dir / "controlnet").is_dir():
-                    (args.out / "retention" / f"{name}.json").write_text(
-                        json.dumps(retention(run_dir, device))
-                    )
+    if not args.aggregate_only and not args.no_retention:
+        score_retention(args, device)
     rows = summarize(args)
     md, agg = tables(rows)
     base_ret = args.out / "retention" / "_base.json"

@@ -153,3 +153,15 @@ def test_bank_weight_flag_takes_auto_and_numbers(tmp_path):
     with pytest.raises(ConfigError) as e:
         cfg.validate()
     assert "--bank_weight" in str(e.value) and "--loss_weight_max" in str(e.value)
+
+
+def test_preset_published_sits_under_the_flags():
+    from difftune_control.cli import _config, build_parser
+
+    parser = build_parser()
+    cfg = _config(parser.parse_args(["train", "--preset", "published", "--bank_weight", "0.2"]))
+    assert (cfg.method.method, cfg.method.split, cfg.bank.bank_hint) == ("difftuning", "fixed", "extracted")
+    assert cfg.method.bank_weight == 0.2  # the flag wins over the preset
+    assert cfg.method.loss_weighting == "none" and cfg.method.retention == "renoise"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--preset", "nope"])
