@@ -57,6 +57,8 @@ CANDIDATES = {
     "null-l05": [*_NULL, "--bank_weight", "0.05"],
     "null-auto": [*_NULL, "--bank_weight", "auto", "--bank_pull", "0.5"],
     "null-auto-isnr": [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"],
+    # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
+    "psi-isnr": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "inverse_snr"],
 }
 LEVELS = ["0.25", "event", "0.5"]
 BANK_FLAGS = ("--bank_hint", "--bank_size")  # flags that change what the bank holds: a bank of their own
@@ -498,8 +500,8 @@ def main() -> int:
     if not args.aggregate_only and not args.retention_only:
         limit_threads(args.parallel)
         # a bank of its own for variants that change what the bank holds
-        own = sorted({bank_flags(e) for *_, e in todo} - {()})
-        extra_sets = [[]] + [list(e) for e in own]
+        # (the first preparation of a condition also renders its dataset and caches its latents)
+        extra_sets = [list(e) for e in sorted({bank_flags(e) for *_, e in todo})]
         prepare(args, {c for _, c, _, _, _ in todo}, extra_sets)
         t0 = time.time()
         with ThreadPoolExecutor(args.parallel) as pool:
