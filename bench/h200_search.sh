@@ -25,9 +25,9 @@ git_rev=$(cat REVISION 2>/dev/null || echo unknown); echo "commit $git_rev, $(da
 timeout $BUDGET python3 scripts/bench_convergence.py $ARGS --parallel $PAR --no-retention > $OUT/search.log 2>&1
 bash bench/stop_runs.sh
 timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only >> $OUT/search.log 2>&1
-python3 scripts/bench_convergence.py $ARGS --aggregate-only >> $OUT/search.log 2>&1
-cp $W/results.md $W/results.json $W/curves.png $OUT/ 2>/dev/null
 (cd $W && tar czf $OUT/search-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' \
   --exclude='samples' --exclude='logs' runs retention)
+python3 scripts/bench_convergence.py $ARGS --aggregate-only >> $OUT/search.log 2>&1
+cp $W/results.md $W/results.json $W/curves.png $OUT/ 2>/dev/null
 grep -E "rc=|all runs|prepared|retention " $OUT/search.log | tail -n 45
 cat $W/results.md
