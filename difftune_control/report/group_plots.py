@@ -87,8 +87,8 @@ def _dots(ax, y: float, vals: list[float], iv: dict[str, Any], color: str, marke
     if iv["missing"]:
         word = "not reached" if marker == "o" else "incomplete"
         ax.annotate(
-            f"{iv['missing']} {word}", (1, y), xycoords=("axes fraction", "data"), xytext=(-3, 0),
-            textcoords="offset points", fontsize=7.5, color=color, ha="right", va="center",
+            f"{iv['missing']} {word}", (1, y + 0.22), xycoords=("axes fraction", "data"), xytext=(-3, 0),
+            textcoords="offset points", fontsize=7.5, color=color, ha="right", va="bottom",
         )  # fmt: skip
 
 

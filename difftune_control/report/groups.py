@@ -318,6 +318,9 @@ def describe_group(
         "aucc_budget": sorted({s.get("aucc_budget") for s in group.summaries}, key=str),
         "reference": group.reference.name if group.reference is not None else None,
         "differs": [{"field": k, "reference": a, "value": b} for k, a, b in group.differs],
+        "notes": [
+            f"{r.name}: {s['aucc_note']}" for r, s in zip(group.runs, group.summaries) if s.get("aucc_note")
+        ],
         "stats": group_stats(group, levels, confidence),
         "vs_reference": paired_speedups(group, levels, confidence),
     }
@@ -339,7 +342,8 @@ def summarize_groups(
 
     Returns:
         `list[dict]`: per group `name`, `label`, `condition`, `runs`, `seeds`, `reference` (group
-        name or None), `differs` (fields that differ from the reference), `stats` (`group_stats`)
+        name or None), `differs` (fields that differ from the reference), `notes` (runs whose AUCC
+        is held or incomplete, and why), `stats` (`group_stats`)
         and `vs_reference` (`paired_speedups`, None for a reference group).
 
     Example:

@@ -281,6 +281,9 @@ def render_markdown(
         out += [f"  - caveat: {c}" for c in s["caveats"]]
     if groups:
         out += ["", "## Groups of seeds", "", GROUPS_INTRO, "", _md_table(*group_table(groups)), ""]
+        out += [f"- AUCC of {n}" for g in groups for n in g["notes"]] + (
+            [""] if any(g["notes"] for g in groups) else []
+        )
         header, rows = paired_table(groups)
         if rows:
             out += [
@@ -361,6 +364,9 @@ def render_html(
         )
     if groups:
         parts += ["<h2>Groups of seeds</h2>", f"<p>{e(GROUPS_INTRO)}</p>", _html_table(*group_table(groups))]
+        notes = [n for g in groups for n in g["notes"]]
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>AUCC of {e(n)}</li>" for n in notes) + "</ul>")
         header, rows = paired_table(groups)
         if rows:
             parts += ["<h2>Paired speed-ups against the reference</h2>", f"<p>{e(PAIRED_INTRO)}</p>"]
