@@ -8,8 +8,26 @@ from typing import Any
 
 from .groups import LEVELS
 
-
 # -- tables -------------------------------------------------------------------------------------
+GROUPS_INTRO = (
+    "Runs whose config.json files are equal but for the seed (and the run name, output folder and resume "
+    "flag) form a group. Cells: mean [95% t-interval] over the group's seeds; '(k/n not reached)' counts "
+    "seeds that did not get there by their last evaluation (left out of the mean); an AUCC is left out "
+    "when the run has not covered the budget."
+)
+PAIRED_INTRO = (
+    "Runs paired by seed with the reference group (plain vanilla, same condition and training setup): "
+    "speed-up = reference steps / run steps, AUCC ratio = run AUCC / reference AUCC, per seed; cells: "
+    "their mean [95% t-interval] over the seeds where both got there."
+)
+
+
+def differs_text(group: dict[str, Any]) -> str:
+    """ "method.method: vanilla → difftuning; bank.bank_hint: extracted → zero" (at most 8 fields)."""
+    items = [f"{d['field']}: {d['reference']} → {d['value']}" for d in group["differs"]]
+    return "; ".join(items[:8]) + (f"; and {len(items) - 8} more" if len(items) > 8 else "") or "nothing"
+
+
 def _fmt_interval(iv: dict[str, Any], fmt: str, unit: str = "") -> str:
     """ "412 [350, 474]" / "412" (one value) / "—" (none)."""
     if iv["mean"] is None:

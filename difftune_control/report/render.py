@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .group_tables import group_table, paired_table, per_seed_table
+from .group_tables import GROUPS_INTRO, PAIRED_INTRO, differs_text, group_table, paired_table, per_seed_table
 from .runs import Run
 
 CSS = """
@@ -234,25 +234,6 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _fmt(x: Any) -> str:
     return "—" if x is None else f"{x:.4f}"
-
-
-GROUPS_INTRO = (
-    "Runs whose config.json files are equal but for the seed (and the run name, output folder and resume "
-    "flag) form a group. Cells: mean [95% t-interval] over the group's seeds; '(k/n not reached)' counts "
-    "seeds that did not get there by their last evaluation (left out of the mean); an AUCC is left out "
-    "when the run has not covered the budget."
-)
-PAIRED_INTRO = (
-    "Runs paired by seed with the reference group (plain vanilla, same condition and training setup): "
-    "speed-up = reference steps / run steps, AUCC ratio = run AUCC / reference AUCC, per seed; cells: "
-    "their mean [95% t-interval] over the seeds where both got there."
-)
-
-
-def differs_text(group: dict[str, Any]) -> str:
-    """ "method.method: vanilla → difftuning; bank.bank_hint: extracted → zero" (at most 8 fields)."""
-    items = [f"{d['field']}: {d['reference']} → {d['value']}" for d in group["differs"]]
-    return "; ".join(items[:8]) + (f"; and {len(items) - 8} more" if len(items) > 8 else "") or "nothing"
 
 
 def title_of(runs: list[Run]) -> str:
