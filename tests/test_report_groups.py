@@ -13,7 +13,7 @@ import pytest
 from test_report import check_html
 
 from difftune_control.report import build_report, load_run, main, summarize_run
-from difftune_control.report.groups import group_runs, mean_interval, summarize_groups
+from difftune_control.report.groups import group_runs, mean_interval, mean_over_conditions, summarize_groups
 
 EXACT = 1e-12  # sums of a few decimals: only float rounding
 # t quantiles in closed form: 1 degree of freedom is Cauchy, t = tan(pi (q - 1/2)); with 2,
@@ -245,6 +245,29 @@ def test_group_means_intervals_and_paired_speedups_against_hand_computed_values(
     ratios = [0.4375 / 0.325, 1.0, 0.13125 / 0.325]
     assert list(vs["aucc"]["per_seed"].values()) == pytest.approx(ratios, rel=1e-12)
     assert vs["aucc"]["mean"] == pytest.approx(sum(ratios) / 3, rel=1e-12)
+
+
+def test_maucc_is_the_mean_over_conditions_of_the_group_means(tmp_path):
+    root = tmp_path / "runs"
+    half = [0, 0.5, 0.5, 0.5, 0.5]  # AUCC (25 + 150) / 400 = 0.4375; P: 0.325
+    dirs = []
+    for cond, dt_p, dt_event in (("depth", half, 150), ("canny", P, 300)):
+        for seed in (0, 1):
+            dirs.append(tiny_run(root, f"{cond}-vanilla-s{seed}", seed=seed, p=P, max_steps=400, condition=cond,
+                                 event=300))  # fmt: skip
+            dirs.append(tiny_run(root, f"{cond}-dt-s{seed}", seed=seed, p=dt_p, max_steps=400, condition=cond,
+                                 method="difftuning", event=dt_event))  # fmt: skip
+    loaded = [load_run(d) for d in dirs]
+    means = mean_over_conditions(summarize_groups(loaded, [summarize_run(r) for r in loaded]))
+    assert [(m["name"], m["conditions"]) for m in means] == [
+        ("vanilla", ["depth", "canny"]),
+        ("dt", ["depth", "canny"]),
+    ]
+    vanilla, dt = means
+    assert vanilla["maucc"] == pytest.approx(0.325) and vanilla["aucc_ratio"] is None
+    assert dt["maucc"] == pytest.approx((0.4375 + 0.325) / 2)
+    assert dt["aucc_ratio"] == pytest.approx((0.4375 / 0.325 + 1.0) / 2)
+    assert dt["event_speedup"] == pytest.approx((300 / 150 + 300 / 300) / 2)
 
 
 def test_report_of_grouped_runs(tmp_path, capsys):

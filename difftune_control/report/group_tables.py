@@ -15,6 +15,11 @@ GROUPS_INTRO = (
     "seeds that did not get there by their last evaluation (left out of the mean); an AUCC is left out "
     "when the run has not covered the budget."
 )
+MAUCC_INTRO = (
+    "The same experiment on several conditions: mAUCC is the mean over conditions of each condition's mean "
+    "AUCC (as x0-supervision reports it); the speed-up and AUCC ratio are the means over conditions of the "
+    "paired means below."
+)
 PAIRED_INTRO = (
     "Runs paired by seed with the reference group (plain vanilla, same condition and training setup): "
     "speed-up = reference steps / run steps, AUCC ratio = run AUCC / reference AUCC, per seed; cells: "
@@ -124,4 +129,24 @@ def per_seed_table(groups: list[dict[str, Any]]) -> tuple[list[str], list[list[s
                 event = "not reached"
             ratio = vs["aucc"]["per_seed"].get(seed)
             rows.append([g["name"], str(seed), event, "—" if ratio is None else f"{ratio:.2f}×"])
+    return header, rows
+
+
+def conditions_table(means: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of `groups.mean_over_conditions`: mAUCC and mean speed-ups per experiment."""
+    header = ["experiment", "conditions", "mAUCC", "mean event speed-up", "mean AUCC ratio"]
+
+    def f(x: float | None, unit: str = "") -> str:
+        return "—" if x is None else f"{x:.3f}" if not unit else f"{x:.2f}{unit}"
+
+    rows = [
+        [
+            m["name"],
+            ", ".join(m["conditions"]),
+            f(m["maucc"]),
+            f(m["event_speedup"], "×"),
+            f(m["aucc_ratio"], "×"),
+        ]
+        for m in means
+    ]
     return header, rows

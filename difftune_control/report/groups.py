@@ -29,6 +29,9 @@ IGNORED_KEYS = ("train.seed", "train.run_name", "train.output_dir", "train.resum
 """Config fields that do not make another experiment: the seed, where the run went, and how it resumed."""
 METHOD_SECTIONS = ("method", "bank", "bank_dir")
 """Config sections in which a run may differ from its vanilla reference (the method and its bank)."""
+CONDITION_KEYS = ("data.condition", "data.conditioning_image_column", "data.extractor_backend", "bank_dir")
+"""Config fields (besides the recipe, `condition.*`) that follow from the condition: equal elsewhere,
+groups are the same experiment on other conditions."""
 LEVELS = ("0.25", "0.5")
 """Milestone levels whose steps the group tables show beside the convergence event."""
 
@@ -304,12 +307,22 @@ def paired_speedups(
     return out
 
 
+def _family(group: RunGroup) -> str:
+    """A short id shared by groups that run the same experiment on other conditions."""
+    import hashlib
+
+    keys = sorted(k for k in group.config if k not in CONDITION_KEYS and not k.startswith("condition."))
+    text = json.dumps({k: group.config[k] for k in keys}, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def describe_group(
     group: RunGroup, levels: Sequence[str] = LEVELS, confidence: float = 0.95
 ) -> dict[str, Any]:
     """One group's entry of `summarize_groups` (JSON-serialisable)."""
     return {
         "name": group.name,
+        "family": _family(group),
         "label": group.label,
         "method": group.method,
         "condition": group.condition,
@@ -341,7 +354,8 @@ def summarize_groups(
         confidence (`float`, defaults to 0.95): coverage of the t-intervals.
 
     Returns:
-        `list[dict]`: per group `name`, `label`, `condition`, `runs`, `seeds`, `reference` (group
+        `list[dict]`: per group `name`, `family` (an id shared with the same experiment on other
+        conditions, see `mean_over_conditions`), `label`, `condition`, `runs`, `seeds`, `reference` (group
         name or None), `differs` (fields that differ from the reference), `notes` (runs whose AUCC
         is held or incomplete, and why), `stats` (`group_stats`)
         and `vs_reference` (`paired_speedups`, None for a reference group).
@@ -354,3 +368,48 @@ def summarize_groups(
         ```
     """
     return [describe_group(g, levels, confidence) for g in group_runs(runs, summaries)]
+
+
+def mean_over_conditions(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Means over conditions of the groups that run one experiment on several conditions.
+
+    mAUCC (x0-supervision, Sangare et al., CVPR 2026) is the mean over conditions of the AUCC; here,
+    of each condition's mean over seeds. The mean paired speed-up to the event and AUCC ratio are
+    averaged the same way, over the conditions where they are defined.
+
+    Args:
+        groups (`list[dict]`): `summarize_groups` output.
+
+    Returns:
+        `list[dict]`: per experiment on two or more conditions: `name`, `groups`, `conditions`,
+        `maucc`, `event_speedup`, `aucc_ratio` (None where no condition has the value).
+    """
+
+    def mean(values: list[float | None]) -> float | None:
+        vals = [v for v in values if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    families: dict[str, list[dict[str, Any]]] = {}
+    for g in groups:
+        families.setdefault(g["family"], []).append(g)
+    out = []
+    for members in families.values():
+        if len({g["condition"] for g in members}) < 2:
+            continue
+        stems = {
+            re.sub(rf"(^|[-_. ]){re.escape(g['condition'])}([-_. ]|$)", r"\1", g["name"]).strip("-_. ")
+            for g in members
+        }
+        out.append(
+            {
+                "name": stems.pop() if len(stems) == 1 and "" not in stems else members[0]["label"],
+                "groups": [g["name"] for g in members],
+                "conditions": [g["condition"] for g in members],
+                "maucc": mean([g["stats"]["aucc"]["mean"] for g in members]),
+                "event_speedup": mean(
+                    [(g["vs_reference"] or {}).get("event", {}).get("mean") for g in members]
+                ),
+                "aucc_ratio": mean([(g["vs_reference"] or {}).get("aucc", {}).get("mean") for g in members]),
+            }
+        )
+    return out

@@ -8,7 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .group_tables import GROUPS_INTRO, PAIRED_INTRO, differs_text, group_table, paired_table, per_seed_table
+from .group_tables import (
+    GROUPS_INTRO,
+    MAUCC_INTRO,
+    PAIRED_INTRO,
+    conditions_table,
+    differs_text,
+    group_table,
+    paired_table,
+    per_seed_table,
+)
+from .groups import mean_over_conditions
 from .runs import Run
 
 CSS = """
@@ -262,9 +272,11 @@ def render_markdown(
         out += [f"  - caveat: {c}" for c in s["caveats"]]
     if groups:
         out += ["", "## Groups of seeds", "", GROUPS_INTRO, "", _md_table(*group_table(groups)), ""]
-        out += [f"- AUCC of {n}" for g in groups for n in g["notes"]] + (
-            [""] if any(g["notes"] for g in groups) else []
-        )
+        notes = [f"- AUCC of {n}" for g in groups for n in g["notes"]]
+        out += [*notes, ""] if notes else []
+        header, rows = conditions_table(mean_over_conditions(groups))
+        if rows:
+            out += [MAUCC_INTRO, "", _md_table(header, rows), ""]
         header, rows = paired_table(groups)
         if rows:
             out += [
@@ -348,6 +360,10 @@ def render_html(
         notes = [n for g in groups for n in g["notes"]]
         if notes:
             parts.append("<ul>" + "".join(f"<li>AUCC of {e(n)}</li>" for n in notes) + "</ul>")
+        header, rows = conditions_table(mean_over_conditions(groups))
+        if rows:
+            parts += [f"<p>{e(MAUCC_INTRO)}</p>"]
+            parts.append(_html_table(header, rows, left=2))
         header, rows = paired_table(groups)
         if rows:
             parts += ["<h2>Paired speed-ups against the reference</h2>", f"<p>{e(PAIRED_INTRO)}</p>"]
