@@ -137,7 +137,7 @@ def _strip_seed(name: str, seed: Any) -> str:
     """ "depth-vanilla-s3" with seed 3 -> "depth-vanilla"; unchanged when the seed is not at the end."""
     if seed is None:
         return name
-    return re.sub(rf"[-_. ]*(?:seed|s)?[-_]?0*{re.escape(str(seed))}$", "", name) or name
+    return re.sub(rf"(?:^|[-_. ]+)(?:seed|s)?[-_]?0*{re.escape(str(seed))}$", "", name) or name
 
 
 def _group_name(runs: list[Run]) -> str:
