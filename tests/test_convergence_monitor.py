@@ -150,6 +150,7 @@ def test_records_have_the_documented_fields_and_samples_are_written(models, firs
         "d",
         "d_per_sample",
         "p",
+        "aucc",
         "d0",
         "d_floor",
         "eval_seconds",
@@ -176,6 +177,10 @@ def test_records_have_the_documented_fields_and_samples_are_written(models, firs
     hook.remove()
     assert rec5["d"] != pytest.approx(rec["d"], abs=1e-4)
     assert rec5["p"] == pytest.approx((rec["d0"] - rec5["d"]) / (rec["d0"] - rec["d_floor"]), abs=1e-9)
+    # AUCC so far over steps 0..5: the trapezoid from clip(p(0)) to clip(p(5)), over 5 steps
+    clip = lambda x: min(1.0, max(0.0, x))  # noqa: E731
+    assert rec["aucc"] == clip(rec["p"])
+    assert rec5["aucc"] == pytest.approx(0.5 * (clip(rec["p"]) + clip(rec5["p"])), abs=1e-12)
     assert not calls, "no second reference (the VAE round trip of the real images runs once)"
     with safe_open(str(run_dir / rec5["samples"]), "pt") as f:
         meta = f.metadata()

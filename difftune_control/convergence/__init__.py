@@ -13,8 +13,11 @@ observable:
   samples K held-out prompt + hint pairs with fixed seeds and the models already in memory,
   re-extracts the condition in one batch, scores it, updates the detector, writes the samples to
   the run folder and returns the `metrics.jsonl` records (docs/internals.md).
+- `area_under_progress` is the AUCC (x0-supervision, Sangare et al., CVPR 2026): the area under
+  p(step), clipped to [0, 1], normalised over a fixed step budget.
 """
 
+from .aucc import area_under_progress
 from .detector import (
     DEFAULT_MILESTONES,
     DEFAULT_PATIENCE,
@@ -30,5 +33,6 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "ConvergenceMonitor",
     "SuddenConvergenceDetector",
+    "area_under_progress",
     "progress",
 ]

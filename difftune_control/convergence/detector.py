@@ -7,6 +7,8 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from .aucc import area_under_progress
+
 DEFAULT_THRESHOLD = 0.3
 DEFAULT_PATIENCE = 2
 DEFAULT_MILESTONES = (0.25, 0.5, 0.75)
@@ -147,6 +149,24 @@ class SuddenConvergenceDetector:
     def converged(self) -> bool:
         """Whether sudden convergence has been declared."""
         return self.converged_step is not None
+
+    def aucc_so_far(self) -> float | None:
+        """AUCC of the evaluations so far, over a budget of the latest evaluation's step.
+
+        The mean of clip(p, 0, 1) from step 0 to the latest evaluation (trapezoid rule, see
+        `area_under_progress`): at a run's last evaluation at its `max_train_steps`, this is the run's
+        AUCC. At step 0 it is clip(p(0), 0, 1), the limit of the mean over an empty budget.
+
+        Returns:
+            `float` or `None`: None before the first evaluation with a defined p.
+        """
+        pts = [(int(h["step"]), h["p"]) for h in self.history if h["p"] is not None]
+        if not pts:
+            return None
+        steps, ps = zip(*pts)
+        if self.last_step == 0:
+            return min(1.0, max(0.0, float(ps[0])))
+        return area_under_progress(steps, ps, budget=self.last_step)
 
     def update(self, step: int, d: float) -> list[dict[str, Any]]:
         """Add one evaluation and return the events it triggers.

@@ -296,6 +296,7 @@ class ConvergenceMonitor:
             "d": _finite_or_none(d_mean),
             "d_per_sample": [_finite_or_none(float(x)) for x in d],
             "p": p,
+            "aucc": self.detector.aucc_so_far(),
             "d0": self.detector.d0,
             "d_floor": self.detector.d_floor,
             "eval_seconds": seconds,

@@ -8,6 +8,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .group_tables import (
+    GROUPS_INTRO,
+    MAUCC_INTRO,
+    PAIRED_INTRO,
+    conditions_table,
+    differs_text,
+    group_table,
+    paired_table,
+    per_seed_table,
+)
+from .groups import mean_over_conditions
 from .runs import Run
 
 CSS = """
@@ -50,7 +61,15 @@ EXPLAIN = [
         "sudden convergence",
         "the first evaluation where p ≥ threshold and stays so for `patience` consecutive evaluations.",
     ),
+    (
+        "AUCC",
+        "area under the curve of p (clipped to [0, 1]) from step 0 to a fixed step budget, divided by the "
+        "budget: the mean progress over the budget (x0-supervision's measure of convergence speed; mAUCC is "
+        "its mean over conditions). 'held': the run stopped before the budget and its last p is held to it; "
+        "'≥': the run has not covered the budget, the area so far is a lower bound.",
+    ),
     ("speed-up", "vanilla steps / run steps to the same event (same condition); > 1 means sooner."),
+    ("AUCC ratio", "run AUCC / vanilla AUCC over the same budget; > 1 means more area under p."),
     ("eval cost", "share of the run's wall time spent in the detector's evaluations."),
 ]
 
@@ -61,6 +80,23 @@ def _steps(x: Any) -> str:
 
 def _p(x: Any) -> str:
     return "—" if x is None else f"{x:.2f}"
+
+
+def aucc_text(s: dict[str, Any]) -> str:
+    """ "0.42", "0.42 (held)", "≥ 0.21 (incomplete)" or "—" for a run summary."""
+    status = s.get("aucc_status")
+    if s.get("aucc") is not None:
+        return f"{s['aucc']:.3f}" + (" (held)" if status == "held" else "")
+    if status == "incomplete" and s.get("aucc_lower_bound") is not None:
+        return f"≥ {s['aucc_lower_bound']:.3f} (incomplete)"
+    return "—"
+
+
+def ratio_text(entry: dict[str, Any] | None) -> str:
+    """ "1.35×" for an AUCC ratio entry, else "—"."""
+    if not entry or entry.get("ratio") is None:
+        return "—"
+    return f"{entry['ratio']:.2f}×" + (f" ({entry['note']})" if entry.get("note") else "")
 
 
 def speedup_text(entry: dict[str, Any] | None) -> str:
@@ -80,7 +116,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> tuple[list[str], list[list
     """Header and rows of the steps-to-convergence table."""
     levels = list(summaries[0]["milestones"]) if summaries else []
     header = ["run", "method", "condition", "steps", "sudden convergence", *[f"p ≥ {lv}" for lv in levels]]
-    header += ["final p", "speed-up vs vanilla", "eval cost"]
+    header += ["final p", "AUCC", "speed-up vs vanilla", "eval cost"]
     rows = []
     for s in summaries:
         conv = _steps(s["convergence_step"]) if s["converged"] else f"not by {_steps(s['final_step'])}"
@@ -96,6 +132,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> tuple[list[str], list[list
                 conv,
                 *[_steps(s["milestones"].get(lv)) for lv in levels],
                 _p(s["final_p"]),
+                aucc_text(s),
                 speed,
                 "—" if share is None else f"{100 * share:.1f}%",
             ]
@@ -105,7 +142,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> tuple[list[str], list[list
 
 def speedup_table(summaries: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Per compared run and measure: vanilla steps, run steps, speed-up."""
-    header = ["run", "vs vanilla run", "measure", "vanilla steps", "run steps", "speed-up"]
+    header = ["run", "vs vanilla run", "measure", "vanilla", "run", "speed-up"]
     rows = []
     for s in summaries:
         vs = s.get("vs_vanilla")
@@ -124,7 +161,16 @@ def speedup_table(summaries: list[dict[str, Any]]) -> tuple[list[str], list[list
                     speedup_text(e),
                 ]
             )
+        a = vs.get("aucc")
+        if a is not None:
+            rows.append(
+                [s["name"], vs["reference"], "AUCC", _p3(a["vanilla_aucc"]), _p3(a["aucc"]), ratio_text(a)]
+            )
     return header, rows
+
+
+def _p3(x: Any) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
@@ -171,6 +217,11 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
             f"p = {_p(summary['final_p'])} ({summary['evaluations']} evaluations)",
         ),
         (
+            "AUCC",
+            f"{aucc_text(summary)} over a budget of {_steps(summary.get('aucc_budget'))} steps"
+            + (f"; {summary['aucc_note']}" if summary.get("aucc_note") else ""),
+        ),
+        (
             "time",
             f"{summary['wall_seconds']:.0f} s wall, {summary['eval_seconds']:.1f} s in evaluations"
             + ("" if summary["eval_cost_share"] is None else f" ({100 * summary['eval_cost_share']:.1f}%)"),
@@ -211,15 +262,40 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def render_markdown(runs: list[Run], summaries: list[dict], figures: dict[str, Path | None]) -> str:
+def render_markdown(
+    runs: list[Run], summaries: list[dict], figures: dict[str, Path | None], groups: list[dict] | None = None
+) -> str:
     """The text of report.md (figures linked by file name, next to it)."""
     out = [f"# {title_of(runs)}", ""]
     for s in summaries:
         out.append(f"- **{s['name']}** ({s['label']}, {s['condition']}): {s['status']}")
         out += [f"  - caveat: {c}" for c in s["caveats"]]
+    if groups:
+        out += ["", "## Groups of seeds", "", GROUPS_INTRO, "", _md_table(*group_table(groups)), ""]
+        notes = [f"- AUCC of {n}" for g in groups for n in g["notes"]]
+        out += [*notes, ""] if notes else []
+        header, rows = conditions_table(mean_over_conditions(groups))
+        if rows:
+            out += [MAUCC_INTRO, "", _md_table(header, rows), ""]
+        header, rows = paired_table(groups)
+        if rows:
+            out += [
+                "## Paired speed-ups against the reference",
+                "",
+                PAIRED_INTRO,
+                "",
+                _md_table(header, rows),
+            ]
+            out += ["", "Per seed:", "", _md_table(*per_seed_table(groups)), ""]
+            out += ["What each group changes against its reference (config.json fields):", ""]
+            out += [
+                f"- **{g['name']}** vs {g['reference']}: {differs_text(g)}" for g in groups if g["reference"]
+            ]
+            out.append("")
+        out += [f"![groups of seeds]({figures['groups'].name})", ""]
     out += ["", "## Steps to sudden convergence", "", _md_table(*summary_table(summaries)), ""]
     header, rows = speedup_table(summaries)
-    if rows:
+    if rows and not groups:  # grouped: the paired per-seed tables above hold these
         out += ["## Speed-up against vanilla", "", _md_table(header, rows), ""]
     out += ["## Curves", "", f"![convergence curves]({figures['convergence'].name})", ""]
     if figures.get("samples") is not None:
@@ -240,12 +316,12 @@ def render_markdown(runs: list[Run], summaries: list[dict], figures: dict[str, P
 
 
 # -- html -------------------------------------------------------------------------------------------
-def _html_table(header: list[str], rows: list[list[str]]) -> str:
+def _html_table(header: list[str], rows: list[list[str]], left: int = 3) -> str:
     e = html.escape
     head = "".join(f"<th>{e(h)}</th>" for h in header)
     body = "".join(
         "<tr>"
-        + "".join(f'<td class="l">{e(c)}</td>' if i < 3 else f"<td>{e(c)}</td>" for i, c in enumerate(r))
+        + "".join(f'<td class="l">{e(c)}</td>' if i < left else f"<td>{e(c)}</td>" for i, c in enumerate(r))
         + "</tr>"
         for r in rows
     )
@@ -257,7 +333,9 @@ def _img(path: Path, alt: str) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
-def render_html(runs: list[Run], summaries: list[dict], figures: dict[str, Path | None]) -> str:
+def render_html(
+    runs: list[Run], summaries: list[dict], figures: dict[str, Path | None], groups: list[dict] | None = None
+) -> str:
     """A self-contained HTML page: inline CSS, figures embedded as base64 PNGs, no external resource."""
     e = html.escape
     parts = [
@@ -277,9 +355,34 @@ def render_html(runs: list[Run], summaries: list[dict], figures: dict[str, Path 
             + "".join(f"<br><small>caveat: {e(c)}</small>" for c in s["caveats"])
             + "</div>"
         )
+    if groups:
+        parts += ["<h2>Groups of seeds</h2>", f"<p>{e(GROUPS_INTRO)}</p>", _html_table(*group_table(groups))]
+        notes = [n for g in groups for n in g["notes"]]
+        if notes:
+            parts.append("<ul>" + "".join(f"<li>AUCC of {e(n)}</li>" for n in notes) + "</ul>")
+        header, rows = conditions_table(mean_over_conditions(groups))
+        if rows:
+            parts += [f"<p>{e(MAUCC_INTRO)}</p>"]
+            parts.append(_html_table(header, rows, left=2))
+        header, rows = paired_table(groups)
+        if rows:
+            parts += ["<h2>Paired speed-ups against the reference</h2>", f"<p>{e(PAIRED_INTRO)}</p>"]
+            parts += [
+                _html_table(header, rows, left=2),
+                "<p>Per seed:</p>",
+                _html_table(*per_seed_table(groups), left=1),
+            ]
+            parts.append("<p>What each group changes against its reference (config.json fields):</p><dl>")
+            parts += [
+                f"<dt>{e(g['name'])} vs {e(g['reference'])}</dt><dd>{e(differs_text(g))}</dd>"
+                for g in groups
+                if g["reference"]
+            ]
+            parts.append("</dl>")
+        parts.append(_img(figures["groups"], "progress over steps per group of seeds, and AUCC per seed"))
     parts += ["<h2>Steps to sudden convergence</h2>", _html_table(*summary_table(summaries))]
     header, rows = speedup_table(summaries)
-    if rows:
+    if rows and not groups:  # grouped: the paired per-seed tables above hold these
         parts += ["<h2>Speed-up against vanilla</h2>", _html_table(header, rows)]
     parts += ["<h2>Curves</h2>", _img(figures["convergence"], "convergence curves")]
     if figures.get("samples") is not None:

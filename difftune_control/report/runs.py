@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difftune_control.convergence import DEFAULT_MILESTONES, DEFAULT_PATIENCE, DEFAULT_THRESHOLD
+from difftune_control.convergence import (
+    DEFAULT_MILESTONES,
+    DEFAULT_PATIENCE,
+    DEFAULT_THRESHOLD,
+    area_under_progress,
+)
+
+from .compare import compare, pick_reference  # noqa: F401  (re-exported: they lived here before)
 
 _STEP_ORDERED = ("train", "convergence_eval")  # one record per step; a repeat means the run was resumed
 
@@ -60,6 +67,12 @@ class Run:
     @property
     def seed(self) -> int | None:
         return (self.config.get("train") or {}).get("seed")
+
+    @property
+    def max_train_steps(self) -> int | None:
+        """The step budget the run was configured for (`train.max_train_steps`)."""
+        value = (self.config.get("train") or {}).get("max_train_steps")
+        return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
     @property
     def steps_trained(self) -> int:
@@ -260,8 +273,78 @@ def caveats(run: Run) -> list[str]:
     return notes
 
 
-def summarize_run(run: Run) -> dict[str, Any]:
-    """The per-run entry of `summary.json`, computed from the run's records only."""
+def run_aucc(run: Run, budget: int | None = None) -> dict[str, Any]:
+    """The run's AUCC over a fixed step budget, and how far its curve covers that budget.
+
+    The area is `area_under_progress` over the run's evaluations (p clipped to [0, 1]). When the
+    last evaluation comes before the budget, the last p is held to the budget only if the run
+    trained to the budget (the evaluation interval did not land on it) or stopped on purpose after
+    converging (`--stop_after_convergence`); otherwise (in progress, interrupted, or trained fewer
+    steps than the budget) the AUCC is not given, only its lower bound (the area so far).
+
+    Args:
+        run (`Run`): the loaded run.
+        budget (`int`, *optional*): the step budget. Default: the run's `max_train_steps`.
+
+    Returns:
+        `dict`: `aucc` (float or None), `aucc_budget`, `aucc_status` ("complete", "held",
+        "incomplete" or "undefined"), `aucc_lower_bound` (the area so far over the budget, a lower
+        bound; equal to `aucc` when complete), `aucc_note` (a sentence for the reader, or None).
+    """
+    budget = run.max_train_steps if budget is None else int(budget)
+    out: dict[str, Any] = {
+        "aucc": None,
+        "aucc_budget": budget,
+        "aucc_status": "undefined",
+        "aucc_lower_bound": None,
+        "aucc_note": None,
+    }
+    pts = [(int(r["step"]), _num(r.get("p"))) for r in run.evals]
+    pts = [(st, p) for st, p in pts if p is not None]
+    if budget is None or budget <= 0:
+        out["aucc_note"] = "no step budget: config.json has no train.max_train_steps (pass --aucc_budget)"
+        return out
+    if not pts:
+        out["aucc_note"] = "no evaluation with a defined progress p"
+        return out
+    steps, ps = [st for st, _ in pts], [p for _, p in pts]
+    last_step, last_p = steps[-1], ps[-1]
+    out["aucc_lower_bound"] = area_under_progress(steps, ps, budget)
+    reason = (run.end or {}).get("reason")
+    if last_step >= budget:
+        out["aucc"], out["aucc_status"] = out["aucc_lower_bound"], "complete"
+        return out
+    held = f"p = {last_p:.2f} of the last evaluation (step {last_step}) held to step {budget}"
+    if reason == "stop_after_convergence":
+        out["aucc_status"] = "held"
+        out["aucc_note"] = f"stopped early by --stop_after_convergence at step {run.steps_trained}; {held}"
+    elif run.end is not None and run.steps_trained >= budget:
+        out["aucc_status"] = "held"
+        out["aucc_note"] = f"trained to the budget, last evaluation before it: {held}"
+    else:
+        why = (
+            "still in progress or killed"
+            if run.end is None
+            else f"ended by {reason} at step {run.steps_trained}"
+        )
+        out["aucc_status"] = "incomplete"
+        out["aucc_note"] = (
+            f"incomplete: last evaluation at step {last_step} of the {budget}-step budget ({why}); "
+            f"AUCC >= {out['aucc_lower_bound']:.3f}"
+        )
+        return out
+    out["aucc"] = area_under_progress(steps, ps, budget, hold_last=True)
+    return out
+
+
+def summarize_run(run: Run, budget: int | None = None) -> dict[str, Any]:
+    """The per-run entry of `summary.json`, computed from the run's records only.
+
+    Args:
+        run (`Run`): the loaded run.
+        budget (`int`, *optional*): step budget of the AUCC (`run_aucc`). Default: the run's
+            `max_train_steps`.
+    """
     last = run.evals[-1] if run.evals else {}
     eval_seconds = sum(_num(r.get("eval_seconds")) or 0.0 for r in run.evals)
     wall = max((_num(r.get("time")) or 0.0 for r in run.records), default=0.0)
@@ -291,6 +374,7 @@ def summarize_run(run: Run) -> dict[str, Any]:
         },
         "final_step": last.get("step"),
         "final_p": _num(last.get("p")),
+        **run_aucc(run, budget),
         "final_d": _num(last.get("d")),
         "d0": _num(last.get("d0")),
         "d_floor": _num(last.get("d_floor")),
@@ -305,53 +389,3 @@ def summarize_run(run: Run) -> dict[str, Any]:
         ),
         "caveats": caveats(run),
     }
-
-
-def _speedup(run_steps: int | None, ref_steps: int | None, run: dict, ref: dict) -> dict[str, Any]:
-    """Speed-up of one measure (convergence or a milestone) against the reference run."""
-    out: dict[str, Any] = {
-        "steps": run_steps,
-        "vanilla_steps": ref_steps,
-        "speedup": None,
-        "percent_sooner": None,
-    }
-    if run_steps is not None and ref_steps is not None and run_steps > 0:
-        out["speedup"] = ref_steps / run_steps
-        out["percent_sooner"] = 100.0 * (1.0 - run_steps / ref_steps) if ref_steps > 0 else None
-    elif run_steps is not None and run_steps > 0 and ref_steps is None:
-        # the vanilla run had not got there by its last evaluation: a lower bound
-        out["speedup_at_least"] = (ref["final_step"] or 0) / run_steps
-        out["note"] = f"vanilla not there by step {ref['final_step']}"
-    elif run_steps is None and ref_steps is not None:
-        out["note"] = f"not there by step {run['final_step']} (vanilla: step {ref_steps})"
-    return out
-
-
-def pick_reference(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The vanilla run a run is compared with: same condition, same seed when there is one, else the first."""
-    if summary["method"] == "vanilla":
-        return None
-    candidates = [s for s in summaries if s["method"] == "vanilla" and s["condition"] == summary["condition"]]
-    same_seed = [s for s in candidates if s["seed"] == summary["seed"]]
-    return (same_seed or candidates or [None])[0]
-
-
-def compare(summaries: list[dict[str, Any]]) -> None:
-    """Add `vs_vanilla` to every non-vanilla summary that has a vanilla run of its condition beside it.
-
-    speed-up = vanilla steps / run steps (to sudden convergence, and to each milestone);
-    percent sooner = 100 * (1 - run steps / vanilla steps).
-    """
-    for s in summaries:
-        ref = pick_reference(s, summaries)
-        if ref is None:
-            s["vs_vanilla"] = None
-            continue
-        s["vs_vanilla"] = {
-            "reference": ref["name"],
-            "convergence": _speedup(s["convergence_step"], ref["convergence_step"], s, ref),
-            "milestones": {
-                key: _speedup(step, ref["milestones"].get(key), s, ref)
-                for key, step in s["milestones"].items()
-            },
-        }
