@@ -39,6 +39,14 @@ def test_model_kind_is_read_from_the_folder(tiny_pipeline_dir, tiny_sdxl_pipelin
     with pytest.raises(FileNotFoundError, match="--pretrained_model_name_or_path"):
         detect_model_kind(str(tmp_path / "missing"))
 
+    from difftune_control.loop import _resolve
+
+    cfg = tiny_config(tiny_sdxl_pipeline_dir, tmp_path, tmp_path)
+    cfg.data.resolution = None
+    assert _resolve(cfg)[0].data.resolution == 1024  # SDXL's default, as diffusers' SDXL example
+    cfg.model.pretrained_model_name_or_path = str(tiny_pipeline_dir)
+    assert _resolve(cfg)[0].data.resolution == 512
+
 
 def test_sdxl_folder_loads_both_text_encoders(sdxl_base, tiny_sdxl_pipeline_dir, tmp_path):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
@@ -58,6 +66,26 @@ def test_sdxl_folder_loads_both_text_encoders(sdxl_base, tiny_sdxl_pipeline_dir,
         load_base_model(
             ModelConfig(pretrained_model_name_or_path=str(broken)), torch.device("cpu"), torch.float32
         )
+
+
+def test_sdxl_vae_stays_float32_under_fp16_unless_a_separate_vae_is_given(tiny_sdxl_pipeline_dir, tmp_path):
+    from difftune_control.config import ConfigError, RunConfig
+
+    cfg = ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_pipeline_dir))
+    base = load_base_model(cfg, torch.device("cpu"), torch.float16)
+    assert base.unet.dtype == torch.float16 and base.text_encoder_2.dtype == torch.float16
+    assert base.vae.dtype == torch.float32  # SDXL's VAE overflows in fp16
+    cfg.pretrained_vae_model_name_or_path = str(tiny_sdxl_pipeline_dir / "vae")  # "an fp16-safe VAE"
+    assert load_base_model(cfg, torch.device("cpu"), torch.float16).vae.dtype == torch.float16
+    assert load_base_model(cfg, torch.device("cpu"), torch.bfloat16).vae.dtype == torch.bfloat16
+    cfg.pretrained_vae_model_name_or_path = str(tmp_path / "no-vae")
+    with pytest.raises(FileNotFoundError, match="--pretrained_vae_model_name_or_path"):
+        load_base_model(cfg, torch.device("cpu"), torch.float16)
+
+    run = RunConfig()
+    run.data.crops_coords_top_left_h, run.data.crops_coords_top_left_w = -1, -2
+    with pytest.raises(ConfigError, match=r"(?s)crops_coords_top_left_h must be >= 0.*_w must be >= 0"):
+        run.validate()
 
 
 def test_prompt_encoding_and_time_ids_match_the_diffusers_sdxl_pipeline(sdxl_base, tiny_sdxl_pipeline_dir):
