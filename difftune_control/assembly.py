@@ -7,7 +7,7 @@ first optimizer step, so bad input fails early with a clear message.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +27,9 @@ class ValidationSet:
     hints: torch.Tensor  # [K,3,R,R] in [0,1]
     images: torch.Tensor  # [K,3,R,R] in [0,1]
     seeds: list[int]
+    added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # SDXL: text_embeds, time_ids [K,...]
+    negative_prompt_embeds: torch.Tensor | None = None  # [1,L,D]: CFG's unconditional input
+    negative_added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # [1,...]
 
 
 def load_condition(cfg: RunConfig, toy: bool, device: torch.device):
@@ -95,23 +98,23 @@ def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device
         return dataset
     from difftune_control.utils import cache_root
 
+    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
     with rank_zero_first():
         return build_latent_cache(
             dataset,
             vae=base.vae,
-            text_encoder=base.text_encoder,
-            tokenizer=base.tokenizer,
+            text_encoder=base.prompt_encoder(cfg.data.resolution, crop),
             cache_dir=cache_root(cfg.data.cache_dir) / "latents",
             model_id=base.model_id,
             device=device,
             dtype=base.unet.dtype,
+            vae_dtype=base.vae.dtype,
         )
 
 
 def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> ValidationSet:
     """K held-out triples: the toy world's validation split, ``--validation_data_dir``, or the train set's tail."""
     from difftune_control.data import load_target_dataset
-    from difftune_control.validation import encode_prompts
 
     tail = False  # take the last k rows (the validation source is the training set itself)
     if cfg.data.validation_data_dir:
@@ -131,10 +134,15 @@ def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> Valid
     idx = list(range(len(ds) - k, len(ds))) if tail else list(range(k))
     items = [ds[i] for i in idx]
     prompts = [it["caption"] for it in items]
-    embeds = encode_prompts(base.text_encoder, base.tokenizer, prompts).float().cpu()
+    encoder = base.prompt_encoder(cfg.data.resolution)  # sampling: SDXL time ids (R, R, 0, 0, R, R)
+    embeds, added = encoder(prompts)
+    negative, negative_added = encoder.negative()
     return ValidationSet(
+        added_cond={k: v.float().cpu() for k, v in added.items()},
+        negative_prompt_embeds=negative.float().cpu(),
+        negative_added_cond={k: v.float().cpu() for k, v in negative_added.items()},
         prompts=prompts,
-        prompt_embeds=embeds,
+        prompt_embeds=embeds.float().cpu(),
         hints=torch.stack([it["conditioning_pixel_values"] for it in items]).float(),
         images=torch.stack([(it["pixel_values"] + 1) / 2 for it in items]).float().clamp(0, 1),
         seeds=[10_000 + i for i in range(k)],
@@ -168,8 +176,7 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
         prompts=teacher.prompts if teacher is not None else bank_prompts(cfg, target),
         unet=base.unet,
         vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
+        text_encoder=base.prompt_encoder(cfg.data.resolution),  # SDXL: the pipeline's micro-conditioning
         scheduler_config=base.scheduler_config,
         extractor=extractor,
         extractor_id=extractor_identity(recipe, extractor),

@@ -10,7 +10,8 @@ Folder layout::
 
     <bank_dir>/
       shard-00000.safetensors   "latents" f32 [n,C,h,w], "encoder_hidden_states" f16 [n,L,D],
-      shard-00001.safetensors   "hints" u8 [n,3,R,R], "indices"/"seeds" i64 [n];
+      shard-00001.safetensors   "hints" u8 [n,3,R,R], "indices"/"seeds" i64 [n]; SDXL also its added
+                                conditioning, "text_embeds" f16 [n,P] and "time_ids" f32 [n,6];
       ...                       metadata: "prompts" (JSON list), "bank_key" (manifest hash);
                                 with --retention trajectory|snr also "trajectory_*" (distill_bank.py)
       progress.json             while building: the manifest (so a partial bank is recognised)
@@ -103,6 +104,7 @@ def bank_manifest(
     variant: str | None = None,
     shard_size: int = SHARD_SIZE,
     distillation: dict | None = None,
+    text: dict | None = None,
 ) -> dict:
     """The bank's cache key: everything that decides its contents.
 
@@ -120,6 +122,9 @@ def bank_manifest(
         distillation (`dict`, *optional*): recorded trajectory states and/or teacher identity
             (:meth:`difftune_control.distill_bank.BankDistillation.manifest_entry`); in the key only
             when non-empty, so banks without distillation keep their key.
+        text (`dict`, *optional*): what the prompt embeddings depend on beyond the model id
+            (``PromptEncoder.bank_key()``: SDXL's encoders, micro-conditioning and negative); in the key
+            only when non-empty, so SD banks keep their key.
 
     Returns:
         `dict`: a JSON-compatible dict (tuples become lists, so it compares equal after a round trip).
@@ -153,6 +158,8 @@ def bank_manifest(
     }
     if distillation:
         key["distillation"] = distillation
+    if text:
+        key["text"] = text
     try:
         return json.loads(json.dumps(key, sort_keys=True))
     except TypeError as err:
@@ -233,7 +240,7 @@ class _Build:
     bank_dir: Path
     key: dict
     config: BankConfig
-    models: dict[str, Any]  # unet, vae, text_encoder, tokenizer, scheduler_config
+    models: dict[str, Any]  # unet, vae, encoder (a PromptEncoder), scheduler_config
     extractor: Callable[[torch.Tensor], torch.Tensor] | None
     prompts: list[str]  # before the seeded shuffle
     distill: Any = None  # difftune_control.distill_bank.BankDistillation, when active
@@ -285,8 +292,6 @@ class _Build:
         """Generate this process's missing shards (shard ``s`` belongs to process ``s % world``)."""
         from tqdm.auto import tqdm
 
-        from difftune_control.validation import encode_prompts
-
         todo = [s for s in range(len(self.ranges)) if s % world == rank and not self.shard_ok(s)]
         total = sum(len(self.ranges[s]) for s in todo)
         if not todo:
@@ -298,7 +303,7 @@ class _Build:
         prompts = bank_sample_prompts(self.prompts, self.key["size"], self.key["seed"])
         negative = None
         if self.key["guidance_scale"] > 1.0:
-            negative = encode_prompts(self.models["text_encoder"], self.models["tokenizer"], [""])
+            negative = self.models["encoder"].negative()  # (hidden states [1,L,D], added [1,...])
         start = time.perf_counter()
         desc = f"memory bank (process {rank} of {world})"
         with tqdm(total=total, desc=desc, unit="img", disable=not show_progress) as bar:
@@ -308,33 +313,39 @@ class _Build:
         logger.info("memory bank: %d images in %.1f s (%.2f images/s)", total, seconds, total / seconds)
 
     def generate_shard(
-        self, s: int, prompts: list[str], negative: torch.Tensor | None, on_batch: Callable[[int], None]
+        self,
+        s: int,
+        prompts: list[str],
+        negative: tuple[torch.Tensor, dict] | None,
+        on_batch: Callable[[int], None],
     ) -> None:
         """Generate shard ``s`` and write it atomically; batches never cross shards (reproducible)."""
-        from difftune_control.validation import encode_images, encode_prompts, sample_images
+        from difftune_control.validation import encode_images, sample_images
 
         m, key = self.models, self.key
         indices = self.ranges[s]
         seeds = [sample_seed(key["seed"], i) for i in indices]
         shard_prompts = [prompts[i] for i in indices]
-        latents, embeds, hints, extras = [], [], [], []
+        latents, embeds, hints, extras, added_parts = [], [], [], [], []
         step = int(self.config.bank_batch_size)
         if self.distill is not None:
             order = bank_sample_indices(len(self.prompts), key["size"], key["seed"])
             steps = ((key.get("distillation") or {}).get("trajectory") or {}).get("step_indices", [])
         for b in range(0, len(seeds), step):
-            emb = encode_prompts(m["text_encoder"], m["tokenizer"], shard_prompts[b : b + step])
+            emb, added = m["encoder"](shard_prompts[b : b + step])
             extra = None
             if self.distill is not None:
                 which = [order[i] for i in indices[b : b + step]]
-                extra = self.distill.batch(m["unet"], emb, which, key, steps)
+                extra = self.distill.batch(m["unet"], emb, which, key, steps, added_cond=added)
                 extras.append(extra)
             images = sample_images(
                 unet=m["unet"],
                 vae=m["vae"],
                 scheduler_config=m["scheduler_config"],
                 prompt_embeds=emb,
-                negative_prompt_embeds=negative,
+                negative_prompt_embeds=None if negative is None else negative[0],
+                added_cond=added,
+                negative_added_cond=None if negative is None else negative[1],
                 seeds=seeds[b : b + step],
                 resolution=key["resolution"],
                 num_inference_steps=key["num_inference_steps"],
@@ -346,6 +357,7 @@ class _Build:
             # On-manifold latents: re-encode the decoded images (DESIGN.md section 1).
             latents.append(encode_images(m["vae"], images).float().cpu())
             embeds.append(emb.cpu())
+            added_parts.append({k: v.cpu() for k, v in added.items()})
             hints.append(
                 extra.hints if extra is not None and extra.hints is not None else self._hints(images)
             )
@@ -359,6 +371,10 @@ class _Build:
             "indices": torch.tensor(list(indices), dtype=torch.int64),
             "seeds": torch.tensor(seeds, dtype=torch.int64),
         }
+        for name in added_parts[0]:  # SDXL: pooled text embeddings (fp16, as the hidden states) and time ids
+            value = torch.cat([p[name] for p in added_parts]).float()
+            half = value.to(torch.float16)
+            tensors[name] = half if name != "time_ids" and torch.isfinite(half).all() else value
         if extras:
             from difftune_control.distill_bank import merge_trajectories
 
@@ -395,6 +411,7 @@ class _Build:
             "latent_shape": list(first["latents"].shape[1:]),
             "encoder_hidden_states_shape": list(first["encoder_hidden_states"].shape[1:]),
             "hint_shape": list(first["hints"].shape[1:]),
+            "added_conditioning": list(self.models["encoder"].added_keys),
             "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         if "trajectory_latents" in first:
@@ -418,7 +435,7 @@ def ensure_bank(
     unet,
     vae,
     text_encoder,
-    tokenizer,
+    tokenizer=None,
     scheduler_config: Any,
     extractor: Callable[[torch.Tensor], torch.Tensor] | None,
     extractor_id: dict | None,
@@ -438,7 +455,9 @@ def ensure_bank(
         config (`BankConfig`): bank settings; ``bank_size`` and ``bank_batch_size`` must be resolved.
         prompts (`list[str]`): prompt list (target captions or :func:`read_prompts_file`); sample
             ``i`` uses ``bank_sample_prompts(prompts, size, bank_seed)[i]``.
-        unet, vae, text_encoder, tokenizer: the frozen base model, already on its device.
+        unet, vae, text_encoder, tokenizer: the frozen base model, already on its device. ``text_encoder``
+            may be a `PromptEncoder` (then ``tokenizer`` is unused): SDXL's two encoders with the bank's
+            micro-conditioning (``BaseModel.prompt_encoder(resolution)``).
         scheduler_config: the base model's scheduler config.
         extractor (`Callable`): float [B,3,H,W] in [0,1] -> [B,3,H,W] in [0,1]; unused when
             ``bank_hint == "zero"``.
@@ -473,6 +492,9 @@ def ensure_bank(
         )
     if problems:
         raise ValueError("cannot build the memory bank:\n  - " + "\n  - ".join(problems))
+    from difftune_control.conditioning import as_prompt_encoder
+
+    encoder = as_prompt_encoder(text_encoder, tokenizer)
     key = bank_manifest(
         config=config,
         prompts=prompts,
@@ -490,12 +512,11 @@ def ensure_bank(
             if distillation is not None
             else None
         ),
+        text=encoder.bank_key(),
     )
     explicit = config.bank_dir is not None
     bank_dir = Path(config.bank_dir) if explicit else default_bank_dir(key, cache_dir)
-    models = dict(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler_config=scheduler_config
-    )
+    models = dict(unet=unet, vae=vae, encoder=encoder, scheduler_config=scheduler_config)
     hint_fn = extractor if config.bank_hint == "extracted" else None
     distill = distillation if distillation is not None and distillation.active else None
     build = _Build(bank_dir, key, config, models, hint_fn, list(prompts), distill)
@@ -571,7 +592,8 @@ class BankDataset(torch.utils.data.Dataset):
 
     Items have the keys of the target-data cache, so the trainer treats both alike:
     ``latents`` float32 [C,h,w], ``encoder_hidden_states`` float32 [L,D],
-    ``conditioning_pixel_values`` float32 [3,R,R] in [0,1], ``caption`` str, ``index`` int.
+    ``conditioning_pixel_values`` float32 [3,R,R] in [0,1], ``caption`` str, ``index`` int, and the
+    added conditioning the bank was generated with (SDXL: ``text_embeds`` [P], ``time_ids`` [6]).
 
     Attributes:
         bank_dir (`Path`), manifest (`dict`, the key), contents (`dict`), latents (`Tensor` f32),
@@ -616,6 +638,8 @@ class BankDataset(torch.utils.data.Dataset):
         if len({e.dtype for e in embeds}) > 1:  # a shard kept fp32 because fp16 overflowed
             embeds = [e.float() for e in embeds]
         self.encoder_hidden_states = torch.cat(embeds)
+        self.added_keys: tuple[str, ...] = tuple(self.contents.get("added_conditioning", ()))
+        self.added = {k: torch.cat([s[k].float() for s in shards]) for k in self.added_keys}
         self.hints = torch.cat([s["hints"] for s in shards])
         self.indices = torch.cat([s["indices"] for s in shards])
         self.seeds = torch.cat([s["seeds"] for s in shards])
@@ -636,6 +660,7 @@ class BankDataset(torch.utils.data.Dataset):
         return {
             "latents": self.latents[i].float(),
             "encoder_hidden_states": self.encoder_hidden_states[i].float(),
+            **{k: v[i] for k, v in self.added.items()},
             "conditioning_pixel_values": self.hints[i].float() / 255.0,
             "caption": self.prompts[i],
             "index": int(self.indices[i]),
@@ -651,6 +676,7 @@ class BankDataset(torch.utils.data.Dataset):
         return {
             "latents": to_device(self.latents[indices], device).float(),
             "encoder_hidden_states": to_device(self.encoder_hidden_states[indices], device).float(),
+            **{k: to_device(v[indices], device) for k, v in self.added.items()},
             "conditioning_pixel_values": to_device(self.hints[indices], device).float() / 255.0,
         }
 

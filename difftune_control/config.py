@@ -41,6 +41,12 @@ class ModelConfig:
     pretrained_model_name_or_path: str | None = _f(
         None, "Base Stable Diffusion (diffusers folder or hub id). Default: the shipped toy world."
     )
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None,
+        "A VAE folder or hub id replacing the base model's (SDXL: an fp16-safe VAE such as "
+        "madebyollin/sdxl-vae-fp16-fix; without one the SDXL VAE runs in fp32 under fp16).",
+        metavar="PATH",
+    )
     revision: str | None = _f(None, "Revision of the base model on the hub.")
     variant: str | None = _f(None, "Weights variant of the base model, e.g. fp16.")
     controlnet_model_name_or_path: str | None = _f(
@@ -88,6 +94,12 @@ class DataConfig:
     )
     hint_interpolation: Literal["bilinear", "nearest"] = _f(
         "bilinear", "Resampling of given hints (nearest keeps segmentation colours exact)."
+    )
+    crops_coords_top_left_h: int = _f(
+        0, "SDXL micro-conditioning: crop top (px) in the training rows' time ids.", metavar="PX"
+    )
+    crops_coords_top_left_w: int = _f(
+        0, "SDXL micro-conditioning: crop left (px) in the training rows' time ids.", metavar="PX"
     )
     dataset_split: str = _f("train", "Split of a HF / saved / parquet dataset.")
     max_train_samples: int | None = _f(None, "Use only the first N samples.")
@@ -390,6 +402,9 @@ class RunConfig:
             problems.append(
                 f"--proportion_empty_prompts must be in [0, 1], got {data.proportion_empty_prompts}"
             )
+        for flag in ("crops_coords_top_left_h", "crops_coords_top_left_w"):
+            if isinstance(getattr(data, flag), int) and getattr(data, flag) < 0:
+                problems.append(f"--{flag} must be >= 0, got {getattr(data, flag)}")
         if data.train_data_dir and data.dataset_name:
             problems.append("give either --train_data_dir or --dataset_name, not both")
         for flag, value in [
@@ -555,16 +570,21 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_defaults(cfg: RunConfig, *, toy: bool, recipe: Any | None = None) -> RunConfig:
+def resolve_defaults(
+    cfg: RunConfig, *, toy: bool, recipe: Any | None = None, kind: str | None = None
+) -> RunConfig:
     """Fill model-dependent defaults (fields left at None) for the toy world or an SD checkpoint.
 
     Args:
         cfg: the configuration; a resolved copy is returned, the input is not changed.
         toy: True when the base model is the shipped toy world.
         recipe: the condition recipe (its detector defaults fill the detector fields).
+        kind: the base model's family (``sd1``, ``sd2``, ``sdxl``); SDXL trains at 1024 px by default.
     """
     cfg = RunConfig.from_dict(cfg.to_dict())
     sd = not toy
+    if kind == "sdxl" and cfg.data.resolution is None:
+        cfg.data.resolution = 1024
 
     def fill(obj: Any, name: str, toy_value: Any, sd_value: Any) -> None:
         if getattr(obj, name) is None:
@@ -630,6 +650,8 @@ def add_config_arguments(
                 kw["type"] = typing.get_args(tp)[0]
             else:
                 kw["type"] = f.metadata.get("parse", tp)
+            if "metavar" in f.metadata:
+                kw["metavar"] = f.metadata["metavar"]
             group.add_argument(f"--{f.name}", dest=f"{name}.{f.name}" if overlay else f.name, **kw)
 
 

@@ -191,7 +191,6 @@ def trajectory_storage(
 
 
 # -- model calls -------------------------------------------------------------------------------------
-@torch.no_grad()
 def denoiser_prediction(
     unet,
     x_t: torch.Tensor,
@@ -200,29 +199,18 @@ def denoiser_prediction(
     controlnet=None,
     hints: torch.Tensor | None = None,
     conditioning_scale: float = 1.0,
+    added_cond: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """One conditional forward of the frozen UNet (+ a ControlNet and its hints): float32 [B,C,h,w]."""
-    dtype = unet.dtype
-    down, mid = None, None
-    if controlnet is not None:
-        cdt = controlnet.dtype
-        down, mid = controlnet(
-            x_t.to(cdt),
-            timesteps,
-            encoder_hidden_states=encoder_hidden_states.to(cdt),
-            controlnet_cond=hints.to(x_t.device, cdt),
-            conditioning_scale=conditioning_scale,
-            return_dict=False,
-        )
-        down, mid = [d.to(dtype) for d in down], mid.to(dtype)
-    out = unet(
-        x_t.to(dtype),
-        timesteps,
-        encoder_hidden_states=encoder_hidden_states.to(dtype),
-        down_block_additional_residuals=down,
-        mid_block_additional_residual=mid,
-        return_dict=False,
-    )[0]
+    """One conditional forward of the frozen UNet (+ a ControlNet and its hints): float32 [B,C,h,w].
+
+    See :func:`difftune_control.validation.controlled_prediction`; ``added_cond`` is SDXL's
+    ``text_embeds`` / ``time_ids`` (empty or None for SD1.x/2.x).
+    """
+    from difftune_control.validation import controlled_prediction
+
+    out = controlled_prediction(
+        unet, x_t, timesteps, encoder_hidden_states, controlnet, hints, conditioning_scale, added_cond
+    )
     return out.float()
 
 
@@ -240,6 +228,7 @@ class TrajectoryRecorder:
         prompt_embeds (`torch.Tensor`): [n,L,D], the same tensor given to ``sample_images``.
         guidance_scale (`float`): the sampler's CFG scale.
         controlnet, hints, conditioning_scale: the ControlNet the sampler runs, if any, with its hints [n,3,R,R].
+        added_cond: the prompts' added conditioning (SDXL), [n,...] per name, as given to ``sample_images``.
     """
 
     def __init__(
@@ -251,8 +240,10 @@ class TrajectoryRecorder:
         controlnet=None,
         hints: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ):
         self.slot = {int(i): k for k, i in enumerate(step_indices)}
+        self.added_cond = added_cond or {}
         self.unet, self.prompt_embeds, self.guidance_scale = unet, prompt_embeds, guidance_scale
         self.controlnet, self.hints, self.conditioning_scale = controlnet, hints, conditioning_scale
         self.n, self.num_states = prompt_embeds.shape[0], len(self.slot)
@@ -271,7 +262,10 @@ class TrajectoryRecorder:
         if self.guidance_scale > 1.0:
             ehs = self.prompt_embeds[chunk].to(x.device)
             hints = None if self.hints is None else self.hints[chunk]
-            pred = denoiser_prediction(self.unet, x, t, ehs, self.controlnet, hints, self.conditioning_scale)
+            added = {k: v[chunk] for k, v in self.added_cond.items()}
+            pred = denoiser_prediction(
+                self.unet, x, t, ehs, self.controlnet, hints, self.conditioning_scale, added
+            )
         else:
             pred = model_output.float()
         if self.latents is None:

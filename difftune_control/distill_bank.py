@@ -98,9 +98,18 @@ class BankDistillation:
         return entry
 
     def batch(
-        self, unet, prompt_embeds: torch.Tensor, prompt_indices: list[int], key: dict, steps: list[int]
+        self,
+        unet,
+        prompt_embeds: torch.Tensor,
+        prompt_indices: list[int],
+        key: dict,
+        steps: list[int],
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> DistillBatch:
-        """Extras of one generation batch whose samples use prompts ``prompt_indices`` of the list."""
+        """Extras of one generation batch whose samples use prompts ``prompt_indices`` of the list.
+
+        ``added_cond`` is the batch's added conditioning (SDXL), as given to the sampler.
+        """
         out = DistillBatch()
         if self.teacher is not None:
             hints_u8 = self.teacher.hints[prompt_indices]
@@ -119,6 +128,7 @@ class BankDistillation:
                 controlnet=out.sampling.get("controlnet"),
                 hints=out.sampling.get("hints"),
                 conditioning_scale=self.conditioning_scale,
+                added_cond=added_cond,
             )
         return out
 

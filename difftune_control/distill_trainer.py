@@ -120,6 +120,7 @@ class DistillationTrainer(DiffTuningTrainer):
                 t[sel],
                 out["encoder_hidden_states"][slots][sel],
                 out["conditioning_pixel_values"][slots][sel],
+                {k: out[k][slots][sel] for k in self.prompts.added_keys},
             )
         changed = recorded.to(self.device) | (self.teacher is not None)
         mask = torch.zeros(plan.is_bank.numel(), dtype=torch.bool, device=self.device)
@@ -134,12 +135,19 @@ class DistillationTrainer(DiffTuningTrainer):
         return out
 
     def teacher_prediction(
-        self, x_t: torch.Tensor, t: torch.Tensor, encoder_hidden_states: torch.Tensor, hints: torch.Tensor
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        hints: torch.Tensor,
+        added_cond: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The frozen teacher's (base UNet + teacher ControlNet) prediction in the trained prediction type."""
         # no autocast: the frozen models run in their own dtype, as when the bank recorded its targets
         with torch.no_grad():
-            pred = denoiser_prediction(self.base.unet, x_t, t, encoder_hidden_states, self.teacher, hints)
+            pred = denoiser_prediction(
+                self.base.unet, x_t, t, encoder_hidden_states, self.teacher, hints, added_cond=added_cond
+            )
         return convert_prediction(
             pred.float(), x_t, self.alphas_cumprod[t], self.base_prediction_type, self.prediction_type
         )

@@ -63,9 +63,19 @@ def _resolve(cfg: RunConfig):
 
     toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
     recipe = load_recipe(cfg.data.condition)
-    cfg = resolve_defaults(cfg, toy=toy, recipe=recipe)
+    cfg = resolve_defaults(cfg, toy=toy, recipe=recipe, kind=None if toy else _model_kind(cfg))
     cfg.validate()
     return cfg, toy, recipe
+
+
+def _model_kind(cfg: RunConfig) -> str | None:
+    """The base model's family for its defaults; None when unreadable (loading it then says why)."""
+    from difftune_control.sdxl import detect_model_kind
+
+    try:
+        return detect_model_kind(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+    except FileNotFoundError:
+        return None
 
 
 def _run_dir(cfg: RunConfig, accelerator) -> Path:
@@ -169,7 +179,6 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
 def run_training(cfg: RunConfig) -> Path:
     """Set up everything from ``cfg`` and train; returns the run folder."""
     from difftune_control import assembly
-    from difftune_control.validation import encode_prompts
 
     cfg, toy, _ = _resolve(cfg)
     accelerator = _accelerator(cfg)
@@ -186,7 +195,8 @@ def run_training(cfg: RunConfig) -> Path:
     base = load_base_model(cfg.model, device, _weight_dtype(accelerator))
     recipe, extractor = assembly.load_condition(cfg, toy, device)
     target = assembly.load_target(cfg, base, extractor, device, accelerator.main_process_first)
-    empty = encode_prompts(base.text_encoder, base.tokenizer, [""]).float()
+    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
+    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()  # caption dropout
     k = max(cfg.detector.convergence_samples, cfg.train.num_validation_images)
     val = assembly.load_validation(cfg, base, extractor, k)
     bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
@@ -194,11 +204,7 @@ def run_training(cfg: RunConfig) -> Path:
     torch.manual_seed(cfg.train.seed)
     controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
-    monitor = (
-        _make_monitor(cfg, recipe, extractor, val, empty, run_dir)
-        if cfg.detector.detect_convergence
-        else None
-    )
+    monitor = _make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
 
     state: dict[str, Any] = {"global_step": 0, "consumed_batches": 0, "elapsed": 0.0, "stop_at": None}
     if resume is not None:
@@ -218,7 +224,7 @@ def run_training(cfg: RunConfig) -> Path:
     if accelerator.is_main_process:
         extra = {
             "condition": _recipe_dict(recipe),
-            "base_model": {"id": base.model_id, "is_toy": base.is_toy},
+            "base_model": {"id": base.model_id, "is_toy": base.is_toy, "kind": base.kind},
             "bank_dir": str(bank_dir) if bank_dir else None,
             "version": __version__,
             "world_size": accelerator.num_processes,
@@ -262,7 +268,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def _make_monitor(cfg: RunConfig, recipe, extractor, val, empty, run_dir: Path):
+def _make_monitor(cfg: RunConfig, recipe, extractor, val, run_dir: Path):
     from difftune_control.convergence import ConvergenceMonitor
 
     k = cfg.detector.convergence_samples
@@ -274,7 +280,9 @@ def _make_monitor(cfg: RunConfig, recipe, extractor, val, empty, run_dir: Path):
         val.images[:k],
         prompts=val.prompts[:k],
         seeds=val.seeds[:k],
-        negative_prompt_embeds=empty,
+        negative_prompt_embeds=val.negative_prompt_embeds,
+        added_cond={name: v[:k] for name, v in val.added_cond.items()},
+        negative_added_cond=val.negative_added_cond,
         run_dir=run_dir,
         milestones=tuple((getattr(recipe, "detector", None) or {}).get("milestones", (0.25, 0.5, 0.75))),
     )
@@ -455,7 +463,9 @@ class _Loop:
                 vae=base.vae,
                 scheduler_config=base.scheduler_config,
                 prompt_embeds=self.val.prompt_embeds[:n],
-                negative_prompt_embeds=self.trainer.empty,
+                negative_prompt_embeds=self.val.negative_prompt_embeds,
+                added_cond={k: v[:n] for k, v in self.val.added_cond.items()},
+                negative_added_cond=self.val.negative_added_cond,
                 seeds=self.val.seeds[:n],
                 resolution=self.cfg.data.resolution,
                 controlnet=net,

@@ -31,10 +31,38 @@ class BaseModel:
     noise_scheduler: Any
     model_id: str
     is_toy: bool
+    kind: str = "sd1"  # sd1 | sd2 | sdxl (difftune_control.sdxl.ModelKind)
+    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection
+    tokenizer_2: Any = None
+    force_zeros_negative: bool = False  # SDXL: CFG's unconditional input is zeros
 
     @property
     def scheduler_config(self) -> dict:
         return dict(self.noise_scheduler.config)
+
+    def prompt_encoder(self, size: int | None = None, crop: tuple[int, int] = (0, 0)):
+        """The text side of the model as a :class:`~difftune_control.conditioning.PromptEncoder`.
+
+        ``size`` and ``crop`` are the micro-conditioning of the images the embeddings go with (SDXL's
+        ``time_ids``; unused by SD1.x/2.x).
+        """
+        if self.kind != "sdxl":
+            from difftune_control.conditioning import PromptEncoder
+
+            return PromptEncoder(self.text_encoder, self.tokenizer)
+        from difftune_control.sdxl import SDXLPromptEncoder
+
+        if size is None:
+            raise ValueError("SDXL prompt embeddings need the image size (micro-conditioning)")
+        return SDXLPromptEncoder(
+            self.text_encoder,
+            self.tokenizer,
+            self.text_encoder_2,
+            self.tokenizer_2,
+            size=size,
+            crop=crop,
+            force_zeros_negative=self.force_zeros_negative,
+        )
 
 
 def is_toy_model(path: str | None) -> bool:
@@ -57,13 +85,18 @@ def resolve_model_path(cfg: ModelConfig) -> str:
 
 
 def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.dtype) -> BaseModel:
-    """Load UNet, VAE, text encoder, tokenizer and noise scheduler through ``from_pretrained``.
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and noise scheduler through ``from_pretrained``.
 
-    Works for a local diffusers folder or a hub id (hub ids need network or a filled HF cache).
-    All parts are frozen, in eval mode, on ``device`` in ``weight_dtype``.
+    Works for a local diffusers folder or a hub id (hub ids need network or a filled HF cache), of
+    SD1.x, SD2.x or SDXL (detected from ``unet/config.json``; SDXL adds its second text encoder).
+    ``--pretrained_vae_model_name_or_path`` replaces the pipeline's VAE. All parts are frozen, in eval
+    mode, on ``device`` in ``weight_dtype``, except an SDXL VAE under fp16 without a separate VAE,
+    which stays in float32 (it overflows in fp16).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
+
+    from difftune_control import sdxl
 
     path = resolve_model_path(cfg)
     local = Path(path)
@@ -74,19 +107,33 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
             f"--pretrained_model_name_or_path: {path} is not a diffusers pipeline folder (no unet/ inside); "
             "convert a single-file checkpoint with diffusers' StableDiffusionPipeline.from_single_file(...).save_pretrained(DIR)"
         )
+    kind = sdxl.detect_model_kind(path, cfg.revision)
+    if kind == "sdxl" and local.is_dir() and sdxl.missing_subfolders(local):
+        raise FileNotFoundError(
+            f"--pretrained_model_name_or_path: {path} is an SDXL pipeline (its UNet takes text_time "
+            f"conditioning) but lacks {sdxl.missing_subfolders(local)}; an SDXL folder needs "
+            f"{list(sdxl.SDXL_SUBFOLDERS)} (the refiner, with one text encoder, is not supported)"
+        )
     kw = {"revision": cfg.revision, "variant": cfg.variant, "torch_dtype": weight_dtype}
+    text_encoder_2 = tokenizer_2 = None
+    force_zeros = False
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=cfg.revision)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        if kind == "sdxl":
+            text_encoder_2, tokenizer_2, force_zeros = sdxl.load_sdxl_text_encoders(path, **kw)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler")
     except OSError as err:
         raise FileNotFoundError(
             f"--pretrained_model_name_or_path {path!r}: could not load the base model ({err}). "
-            "Offline, pass a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+            "Offline, pass a local diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; "
+            "SDXL also text_encoder_2/, tokenizer_2/)."
         ) from err
-    for m in (unet, vae, text_encoder):
+    vae = load_vae(cfg, path, kind, weight_dtype)
+    for m in (unet, vae, text_encoder, text_encoder_2):
+        if m is None:
+            continue
         m.requires_grad_(False)
         m.eval()
         m.to(device=device)
@@ -98,7 +145,32 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
         noise_scheduler,
         path,
         is_toy_model(cfg.pretrained_model_name_or_path),
+        kind=kind,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        force_zeros_negative=force_zeros,
     )
+
+
+def load_vae(cfg: ModelConfig, path: str, kind: str, weight_dtype: torch.dtype) -> Any:
+    """The pipeline's VAE, or ``--pretrained_vae_model_name_or_path`` (a VAE folder or hub id)."""
+    from diffusers import AutoencoderKL
+
+    separate = cfg.pretrained_vae_model_name_or_path
+    dtype = weight_dtype
+    if kind == "sdxl":
+        from difftune_control.sdxl import vae_dtype
+
+        dtype = vae_dtype(weight_dtype, separate is not None)
+    try:
+        if separate is None:
+            return AutoencoderKL.from_pretrained(
+                path, subfolder="vae", revision=cfg.revision, variant=cfg.variant, torch_dtype=dtype
+            )
+        return AutoencoderKL.from_pretrained(separate, torch_dtype=dtype)
+    except OSError as err:
+        flag = "--pretrained_vae_model_name_or_path" if separate else "--pretrained_model_name_or_path"
+        raise FileNotFoundError(f"{flag} {separate or path!r}: could not load the VAE ({err})") from err
 
 
 def make_controlnet(cfg: ModelConfig, unet) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from difftune_control.conditioning import added_kwargs, move_added
 from difftune_control.config import RunConfig
 from difftune_control.forgetting import BatchPlan, loss_weights, plan_batch, reweight, vanilla_plan
 from difftune_control.utils import to_device
@@ -58,6 +59,11 @@ class ControlNetTrainer:
         # One CPU generator drives plans, noise, caption dropout and bank draws: saved in checkpoints.
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
         self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        # the target rows' text conditioning; SDXL adds text_embeds and time_ids (difftune_control.sdxl)
+        crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
+        self.prompts = base.prompt_encoder(cfg.data.resolution, crop)
+        self.batch_keys = BATCH_KEYS + self.prompts.added_keys
+        self.empty_added = self.prompts([""], self.device)[1] if self.prompts.added_keys else {}
         self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
 
     # -- the batch plan -----------------------------------------------------------------------
@@ -88,11 +94,12 @@ class ControlNetTrainer:
             {k: v[:n_target] if hasattr(v, "__getitem__") else v for k, v in target_batch.items()}
         )
         out = {
-            k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device) for k in BATCH_KEYS
+            k: torch.empty((n, *tb[k].shape[1:]), dtype=tb[k].dtype, device=self.device)
+            for k in self.batch_keys
         }
         # slot indices on the device, computed once per batch (the loss parts and subclasses reuse them)
         out["target_slots"] = self._slots(~plan.is_bank)
-        for k in BATCH_KEYS:
+        for k in self.batch_keys:
             out[k].index_copy_(0, out["target_slots"], tb[k])
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
@@ -100,7 +107,7 @@ class ControlNetTrainer:
             if self.cfg.method.bank_prompt == "drop":  # the null text condition, as for caption dropout
                 rows["encoder_hidden_states"] = self.empty.expand(plan.num_bank, -1, -1)
             out["bank_slots"] = self._slots(plan.is_bank)
-            for k in BATCH_KEYS:
+            for k in self.batch_keys:
                 out[k].index_copy_(0, out["bank_slots"], rows[k].to(out[k].dtype))
             out["bank_index"] = idx  # bank rows of the bank slots, in slot order
         out["timesteps"] = to_device(plan.timesteps, self.device)
@@ -117,20 +124,25 @@ class ControlNetTrainer:
         drop = torch.rand(n, generator=self.generator) < self.cfg.data.proportion_empty_prompts
         if "latents" in batch:
             ehs = to_device(batch["encoder_hidden_states"], self.device)
+            added = {k: to_device(batch[k], self.device) for k in self.prompts.added_keys}
             if drop.any():
                 ehs = ehs.clone()
                 ehs[self._slots(drop)] = self.empty.to(ehs.dtype)
+                for k, v in added.items():  # the empty prompt's pooled embedding too (SDXL)
+                    added[k] = v.clone()
+                    added[k][self._slots(drop)] = self.empty_added[k].to(v.dtype)
             latents = to_device(batch["latents"], self.device)
         else:
-            from difftune_control.validation import encode_images, encode_prompts
+            from difftune_control.validation import encode_images
 
             captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            ehs = encode_prompts(self.base.text_encoder, self.base.tokenizer, captions, self.device)
+            ehs, added = self.prompts(captions, self.device)
             images = (to_device(batch["pixel_values"], self.device) + 1) / 2
             latents = encode_images(self.base.vae, images)
         return {
             "latents": latents.float(),
             "encoder_hidden_states": ehs.float(),
+            **{k: v.float() for k, v in added.items()},
             "conditioning_pixel_values": to_device(batch["conditioning_pixel_values"], self.device).float(),
         }
 
@@ -143,6 +155,7 @@ class ControlNetTrainer:
             noisy = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_input"], noisy)
         dtype = self.base.unet.dtype
         ehs = batch["encoder_hidden_states"].to(dtype)
+        added = {k: batch[k] for k in self.prompts.added_keys}  # SDXL: text_embeds, time_ids
         hint = batch["conditioning_pixel_values"]
         if self.cfg.train.channels_last:
             noisy, hint = (x.contiguous(memory_format=torch.channels_last) for x in (noisy, hint))
@@ -151,6 +164,7 @@ class ControlNetTrainer:
             t,
             encoder_hidden_states=ehs,
             controlnet_cond=hint,
+            added_cond_kwargs=added_kwargs(added),
             return_dict=False,
         )
         # The frozen UNet runs in its own precision outside autocast, as diffusers runs it: on CUDA,
@@ -162,6 +176,7 @@ class ControlNetTrainer:
                 encoder_hidden_states=ehs,
                 down_block_additional_residuals=[d.to(dtype) for d in down],
                 mid_block_additional_residual=mid.to(dtype),
+                added_cond_kwargs=added_kwargs(move_added(added, dtype=dtype)),
                 return_dict=False,
             )[0]
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents

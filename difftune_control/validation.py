@@ -13,6 +13,17 @@ from typing import Any, Literal
 
 import torch
 
+from difftune_control.conditioning import (
+    Added,
+    added_kwargs,
+    cfg_added,
+    encode_prompts,
+    move_added,
+    select_added,
+)
+
+__all__ = ["encode_prompts", "controlled_prediction", "sample_images"]
+
 Sampler = Literal["ddim", "unipc", "euler"]
 
 
@@ -60,6 +71,57 @@ def encode_images(vae, images: torch.Tensor, sample_posterior: bool = False, gen
 
 
 @torch.no_grad()
+def controlled_prediction(
+    unet,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    controlnet=None,
+    hints: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+    added_cond: Added | None = None,
+) -> torch.Tensor:
+    """One forward of the frozen UNet (+ a ControlNet and its hints), each in its own dtype, no gradients.
+
+    The inference form of the ControlNet -> UNet forward (the trainer's ``compute_loss`` is the
+    training form): the sampler, the trajectory recorder and the distillation teacher all call this.
+
+    Args:
+        unet: the frozen base UNet (its device and dtype are used as they are).
+        x_t: noisy latents [B,C,h,w]; timesteps: [B] or a scalar.
+        encoder_hidden_states: [B,L,D].
+        controlnet, hints, conditioning_scale: an optional ControlNet, its hints [B,3,H,W] in [0,1].
+        added_cond: the added conditioning (SDXL: ``text_embeds`` [B,P], ``time_ids`` [B,6]).
+
+    Returns:
+        The UNet's output [B,C,h,w] in the UNet's dtype.
+    """
+    dtype = unet.dtype
+    down, mid = None, None
+    if controlnet is not None:
+        cdt = controlnet.dtype
+        down, mid = controlnet(
+            x_t.to(cdt),
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states.to(cdt),
+            controlnet_cond=hints.to(x_t.device, cdt),
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs=added_kwargs(move_added(added_cond or {}, x_t.device, cdt)),
+            return_dict=False,
+        )
+        down, mid = [d.to(dtype) for d in down], mid.to(dtype)
+    return unet(
+        x_t.to(dtype),
+        timesteps,
+        encoder_hidden_states=encoder_hidden_states.to(dtype),
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        added_cond_kwargs=added_kwargs(move_added(added_cond or {}, x_t.device, dtype)),
+        return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
 def sample_images(
     *,
     unet,
@@ -78,6 +140,8 @@ def sample_images(
     batch_size: int | None = None,
     return_latents: bool = False,
     on_step: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, slice], None] | None = None,
+    added_cond: Added | None = None,
+    negative_added_cond: Added | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample images with the given (in-memory) models.
 
@@ -94,6 +158,10 @@ def sample_images(
         return_latents: also return the final (scaled) latents.
         on_step: called as ``on_step(i, t, latents_in, model_output, chunk)`` at every step, for
             trajectory recording; ``chunk`` is the slice of samples in this call.
+        added_cond: the prompts' added conditioning, [B,...] per name (SDXL: ``text_embeds``,
+            ``time_ids``; see :class:`~difftune_control.conditioning.PromptEncoder`).
+        negative_added_cond: the same for the negative prompt ([B,...] or [1,...]); needed with
+            ``added_cond`` when guidance_scale > 1.
 
     Returns:
         images [B,3,H,W] float32 in [0,1] on the models' device (and the latents if asked).
@@ -106,6 +174,11 @@ def sample_images(
     use_cfg = guidance_scale > 1.0
     if use_cfg and negative_prompt_embeds is None:
         raise ValueError("guidance_scale > 1 needs negative_prompt_embeds (the empty prompt's embedding)")
+    added_cond = added_cond or {}
+    if use_cfg and added_cond and set(negative_added_cond or {}) != set(added_cond):
+        raise ValueError(
+            f"guidance_scale > 1 needs negative_added_cond with the keys of added_cond {sorted(added_cond)}"
+        )
     device, dtype = unet.device, unet.dtype
     shape = latent_shape(unet, vae, resolution)
     step = batch_size or n
@@ -115,11 +188,15 @@ def sample_images(
         scheduler = make_scheduler(scheduler_config, sampler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         cond = prompt_embeds[chunk].to(device, dtype)
+        added = move_added(select_added(added_cond, chunk), device, dtype)
         b = cond.shape[0]
         if use_cfg:
             neg = negative_prompt_embeds.to(device, dtype)
             neg = neg.expand(b, -1, -1) if neg.shape[0] == 1 else neg[chunk]
             cond = torch.cat([neg, cond])
+            if added:
+                negative = {k: v if v.shape[0] == 1 else v[chunk] for k, v in negative_added_cond.items()}
+                added = cfg_added(added, negative, b)
         hint = None
         if controlnet is not None:
             hint = hints[chunk].to(device, controlnet.dtype)
@@ -128,26 +205,9 @@ def sample_images(
         for i, t in enumerate(scheduler.timesteps):
             x = torch.cat([latents, latents]) if use_cfg else latents
             x = scheduler.scale_model_input(x, t).to(dtype)
-            down, mid = None, None
-            if controlnet is not None:
-                down, mid = controlnet(
-                    x.to(controlnet.dtype),
-                    t,
-                    encoder_hidden_states=cond.to(controlnet.dtype),
-                    controlnet_cond=hint,
-                    conditioning_scale=conditioning_scale,
-                    return_dict=False,
-                )
-                down = [d.to(dtype) for d in down]
-                mid = mid.to(dtype)
-            out = unet(
-                x,
-                t,
-                encoder_hidden_states=cond,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                return_dict=False,
-            )[0].float()
+            out = controlled_prediction(
+                unet, x, t, cond, controlnet, hint, conditioning_scale, added_cond=added
+            ).float()
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)
@@ -158,22 +218,3 @@ def sample_images(
         all_latents.append(latents)
     out_images = torch.cat(images)
     return (out_images, torch.cat(all_latents)) if return_latents else out_images
-
-
-@torch.no_grad()
-def encode_prompts(
-    text_encoder, tokenizer, prompts: Sequence[str], device=None, batch_size: int = 64
-) -> torch.Tensor:
-    """Text-encoder last hidden states [N,L,D] for ``prompts`` (padded to the tokenizer's max length)."""
-    device = device or text_encoder.device
-    outs = []
-    for start in range(0, len(prompts), batch_size):
-        ids = tokenizer(
-            list(prompts[start : start + batch_size]),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        outs.append(text_encoder(ids)[0])
-    return torch.cat(outs)

@@ -52,13 +52,14 @@ def main() -> int:
     from difftune_control.diagnostics import bank_pull, per_timestep_pull
     from difftune_control.extractors import load_recipe
     from difftune_control.runtime import is_toy_model, load_base_model, make_controlnet
+    from difftune_control.sdxl import detect_model_kind
     from difftune_control.trainer import DiffTuningTrainer
-    from difftune_control.validation import encode_prompts
 
     flags = ["--method", "difftuning", "--device", "cpu", "--max_train_samples", str(max(128, args.samples))]
     cfg = config_from_args(build_parser().parse_args(["train", *flags, *args.train_args]))
     toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
-    cfg = resolve_defaults(cfg, toy=toy, recipe=load_recipe(cfg.data.condition))
+    kind = None if toy else detect_model_kind(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+    cfg = resolve_defaults(cfg, toy=toy, recipe=load_recipe(cfg.data.condition), kind=kind)
     cfg.validate()
     cfg.data.proportion_empty_prompts = 0.0  # every row with its caption: the measurement, not the recipe
     acc = Accelerator(cpu=cfg.train.device == "cpu")
@@ -67,7 +68,8 @@ def main() -> int:
     recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
     target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
     bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
-    empty = encode_prompts(base.text_encoder, base.tokenizer, [""]).float()
+    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
+    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()
     controlnet = make_controlnet(cfg.model, base.unet).to(acc.device)
     trainer = DiffTuningTrainer(cfg, acc, base, controlnet, target, empty, bank)
 

@@ -86,14 +86,11 @@ def tiny_vae(sample_size: int = 16):
     ).eval()
 
 
-def build_tiny_pipeline(folder: Path) -> Path:
-    """Save a tiny SD-architecture pipeline (real diffusers/transformers classes) to ``folder``."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+def tiny_tokenizer(tok_dir: Path):
+    """A word-level CLIPTokenizer over TINY_WORDS (letters for anything else), saved in ``tok_dir``."""
     from transformers import CLIPTokenizer
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tok_dir = folder / "tokenizer"
-    tok_dir.mkdir(exist_ok=True)
+    tok_dir.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for w in TINY_WORDS:
         vocab[w + "</w>"] = len(vocab)
@@ -104,8 +101,17 @@ def build_tiny_pipeline(folder: Path) -> Path:
     (tok_dir / "merges.txt").write_text("#version: 0.2\n")
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=8)
     tokenizer.save_pretrained(tok_dir)
+    return tokenizer
+
+
+def build_tiny_pipeline(folder: Path) -> Path:
+    """Save a tiny SD-architecture pipeline (real diffusers/transformers classes) to ``folder``."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
     torch.manual_seed(0)
-    text_encoder = tiny_text_encoder(len(vocab), max_positions=8)
+    text_encoder = tiny_text_encoder(len(tokenizer), max_positions=8)
     unet = tiny_unet()
     vae = tiny_vae()
     scheduler = DDPMScheduler(
@@ -120,6 +126,81 @@ def build_tiny_pipeline(folder: Path) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return folder
+
+
+SDXL_TEXT_WIDTHS = (16, 24)  # hidden sizes of the two text encoders: the context is 40 wide
+SDXL_POOLED = 12  # projection_dim of the second encoder: text_embeds [N,12]
+SDXL_TIME_EMBED = 8  # addition_time_embed_dim: 6 time ids x 8
+
+
+def build_tiny_sdxl_pipeline(folder: Path) -> Path:
+    """Save a tiny SDXL-architecture pipeline (real diffusers/transformers classes) to ``folder``.
+
+    As SDXL: a CLIPTextModel and a CLIPTextModelWithProjection (penultimate states concatenated as the
+    context, the second one's projected pooled output as ``text_embeds``), a UNet with
+    ``addition_embed_type="text_time"`` whose ``projection_class_embeddings_input_dim`` is
+    6 x ``addition_time_embed_dim`` + the pooled width, no attention in the first level, linear
+    projections, deeper transformers further down, and an Euler scheduler.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
+    tokenizer_2 = tiny_tokenizer(folder / "tokenizer_2")
+    torch.manual_seed(0)
+    text_encoder = tiny_text_encoder(len(tokenizer), max_positions=8, layers=2)
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer_2),
+            hidden_size=SDXL_TEXT_WIDTHS[1],
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            projection_dim=SDXL_POOLED,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        cross_attention_dim=sum(SDXL_TEXT_WIDTHS),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + SDXL_POOLED,
+        norm_num_groups=4,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    StableDiffusionXLPipeline(
+        vae=tiny_vae(),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     ).save_pretrained(folder)
     return folder
 
@@ -192,7 +273,6 @@ def build_trainer(cfg: RunConfig, mixed_precision: str = "no"):
     from difftune_control.loop import _resolve, prepare_trainable
     from difftune_control.runtime import load_base_model
     from difftune_control.trainer import trainer_class
-    from difftune_control.validation import encode_prompts
 
     cfg, toy, _ = _resolve(cfg)
     from accelerate.state import AcceleratorState
@@ -203,7 +283,8 @@ def build_trainer(cfg: RunConfig, mixed_precision: str = "no"):
     base = load_base_model(cfg.model, acc.device, dtype)
     recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
     target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
-    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
+    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
+    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0]  # as run_training: caption dropout
     bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
     torch.manual_seed(0)
     controlnet, opt, _ = prepare_trainable(cfg, acc, base)
@@ -223,3 +304,8 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     return build_tiny_dataset(tmp_path_factory.mktemp("tiny-data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))

@@ -56,6 +56,8 @@ class ConvergenceMonitor:
         seeds (`Sequence[int]`, *optional*): one seed per sample (default: 0..K-1).
         negative_prompt_embeds (`torch.Tensor`, *optional*): the empty prompt's embedding [1,L,D];
             needed when `convergence_guidance_scale` > 1.
+        added_cond (`dict`, *optional*): the prompts' added conditioning [N,...] per name (SDXL:
+            ``text_embeds``, ``time_ids``); negative_added_cond: the same for the negative prompt.
         run_dir (`str` or `Path`, *optional*): where `samples/eval-step{N:07d}.safetensors` go (None:
             nothing written).
         sampler (`str`, defaults to "ddim"): the detector's sampler.
@@ -77,6 +79,8 @@ class ConvergenceMonitor:
         prompts: Sequence[str] | None = None,
         seeds: Sequence[int] | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        added_cond: dict[str, torch.Tensor] | None = None,
+        negative_added_cond: dict[str, torch.Tensor] | None = None,
         run_dir: str | Path | None = None,
         sampler: str = "ddim",
         batch_size: int | None = None,
@@ -130,6 +134,8 @@ class ConvergenceMonitor:
         self.negative_prompt_embeds = (
             None if negative_prompt_embeds is None else negative_prompt_embeds.detach()
         )
+        self.added_cond = {name: v[:k].detach() for name, v in (added_cond or {}).items()}
+        self.negative_added_cond = {name: v.detach() for name, v in (negative_added_cond or {}).items()}
         self.hints = hints[:k].detach().float().cpu()
         self.images = images[:k].detach().float().cpu()
         self.prompts = [str(p) for p in prompts][:k] if prompts is not None else [""] * k
@@ -172,6 +178,8 @@ class ConvergenceMonitor:
             scheduler_config=scheduler_config,
             prompt_embeds=self.prompt_embeds,
             negative_prompt_embeds=self.negative_prompt_embeds,
+            added_cond=self.added_cond,
+            negative_added_cond=self.negative_added_cond,
             seeds=self.seeds,
             resolution=self.resolution,
             controlnet=controlnet,

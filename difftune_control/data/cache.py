@@ -4,8 +4,9 @@ Layout of one cache, ``cache_dir / cache_slot(dataset, model_id)``::
 
     manifest.json                 key (model, resolution, dataset fingerprint, crop, dtype, ...), shard list
     shard-00000.safetensors       rows [0, shard_size): latent_mean, latent_std, encoder_hidden_states,
-    shard-00001.safetensors       crop_top_left, flip (and hints, uint8, when hints are extracted)
-    empty_prompt.safetensors      the text embedding of "" (for caption dropout)
+    shard-00001.safetensors       crop_top_left, flip (and hints, uint8, when hints are extracted; and
+                                  the added conditioning, e.g. SDXL's text_embeds and time_ids)
+    empty_prompt.safetensors      the text embedding of "" (for caption dropout), with its added conditioning
 
 Latents: the VAE posterior's mean and standard deviation are both stored, scaled as the UNet
 sees them (``(mean - shift_factor) * scaling_factor`` and ``std * scaling_factor``), so
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from difftune_control.conditioning import PromptEncoder, as_prompt_encoder
 from difftune_control.data.cached import (
     EMPTY_PROMPT,
     LATENTS_NOTE,
@@ -111,8 +113,17 @@ def cache_key(
     shard_size: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Everything the cached tensors depend on; a cache is reused only when this matches exactly."""
+    """Everything the cached tensors depend on; a cache is reused only when this matches exactly.
+
+    ``tokenizer`` is the text side: a tokenizer, or a `PromptEncoder` (whose ``key()`` names every
+    text encoder and, for SDXL, the micro-conditioning).
+    """
     spec = dataset.spec
+    text = (
+        tokenizer.key()
+        if isinstance(tokenizer, PromptEncoder)
+        else {"tokenizer_max_length": int(tokenizer.model_max_length)}
+    )
     return {
         "format": CACHE_FORMAT,
         "model_id": model_id,
@@ -126,7 +137,7 @@ def cache_key(
         "encoder_dtype": str(dtype).removeprefix("torch."),
         "vae_scaling_factor": float(vae.config.scaling_factor),
         "vae_shift_factor": getattr(vae.config, "shift_factor", None),
-        "tokenizer_max_length": int(tokenizer.model_max_length),
+        **text,
         "shard_size": shard_size,
     }
 
@@ -186,21 +197,21 @@ class _EncodeRows(Dataset):
 
 @torch.no_grad()
 def _encode_shard(
-    rows: _EncodeRows, *, vae: Any, text_encoder: Any, tokenizer: Any, batch_size: int, device: Any,
+    rows: _EncodeRows, *, vae: Any, encoder: PromptEncoder, batch_size: int, device: Any,
     dtype: torch.dtype, num_workers: int, progress: Any,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    from difftune_control.validation import encode_prompts
-
     scale = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     parts: dict[str, list[torch.Tensor]] = {}
     loader = DataLoader(rows, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     for batch in loader:
-        dist = vae.encode(batch["pixel_values"].to(device=device, dtype=dtype)).latent_dist
+        dist = vae.encode(batch["pixel_values"].to(device=device, dtype=vae.dtype)).latent_dist
+        ehs, added = encoder(batch["caption"], device=device)
         out = {
-            "latent_mean": (dist.mean - shift) * scale,  # [B,4,r,r]
-            "latent_std": dist.std * scale,
-            "encoder_hidden_states": encode_prompts(text_encoder, tokenizer, batch["caption"], device=device),
+            "latent_mean": (dist.mean.to(dtype) - shift) * scale,  # [B,4,r,r]
+            "latent_std": dist.std.to(dtype) * scale,
+            "encoder_hidden_states": ehs,
+            **added,  # e.g. SDXL's text_embeds [B,P] and time_ids [B,6]
             "crop_top_left": batch["crop_top_left"],
             "flip": batch["flip"],
         }
@@ -217,7 +228,7 @@ def build_latent_cache(
     *,
     vae: Any,
     text_encoder: Any,
-    tokenizer: Any,
+    tokenizer: Any = None,
     cache_dir: str | Path,
     model_id: str,
     batch_size: int = 32,
@@ -228,6 +239,7 @@ def build_latent_cache(
     seed: int = 0,
     num_workers: int = 0,
     sample_latents: bool = True,
+    vae_dtype: torch.dtype | None = None,
 ) -> CachedTargetDataset:
     """Precompute (or reuse) VAE latents and text embeddings for every row of ``dataset``.
 
@@ -235,8 +247,11 @@ def build_latent_cache(
         dataset (`TargetDataset`): the target data; its spec fixes resolution and crop mode. With
             random crops, each row's crop (and flip) is drawn once, from ``seed`` and the row index.
         vae (`AutoencoderKL`): encodes the target images; moved to ``device`` and ``dtype`` in place.
-        text_encoder (`CLIPTextModel`): encodes captions (last hidden state); moved likewise.
-        tokenizer (`CLIPTokenizer`): pads to its ``model_max_length``.
+        text_encoder (`CLIPTextModel` or `PromptEncoder`): encodes captions (last hidden state); moved
+            likewise. A `PromptEncoder` (e.g. SDXL's two encoders, ``BaseModel.prompt_encoder``) also
+            gives the added conditioning, cached under its names.
+        tokenizer (`CLIPTokenizer`, *optional*): pads to its ``model_max_length`` (unused with a
+            `PromptEncoder`).
         cache_dir (`str` or `Path`): root of latent caches; this one lives in ``cache_dir / cache_slot(dataset,
             model_id)`` (`CachedTargetDataset.cache_dir`), one folder per dataset source, split, model
             and resolution.
@@ -249,6 +264,8 @@ def build_latent_cache(
         seed (`int`, defaults to 0): seeds random crops and flips.
         num_workers (`int`, defaults to 0): DataLoader workers that decode and transform images.
         sample_latents (`bool`, defaults to `True`): passed to `CachedTargetDataset`.
+        vae_dtype (`torch.dtype`, *optional*): the VAE's own dtype when it differs from ``dtype``
+            (SDXL's VAE in float32 under fp16); latents are stored in ``dtype`` either way.
 
     Returns:
         `CachedTargetDataset`, whose ``build_stats`` says how many shards were reused or computed.
@@ -264,20 +281,21 @@ def build_latent_cache(
         raise ValueError(f"model_id must name the base model (path or hub id), got {model_id!r}")
     from filelock import FileLock
 
+    encoder = as_prompt_encoder(text_encoder, tokenizer)
     folder = Path(cache_dir) / cache_slot(dataset, model_id)
     folder.mkdir(parents=True, exist_ok=True)
     # several runs sharing a cache (processes, parallel runs) wait for one build, then reuse it
     with FileLock(str(folder / ".lock")):
         return _build_locked(
-            dataset, folder, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, model_id=model_id,
-            batch_size=batch_size, device=device, dtype=dtype, show_progress=show_progress,
-            shard_size=shard_size, seed=seed, num_workers=num_workers, sample_latents=sample_latents,
+            dataset, folder, vae=vae, encoder=encoder, model_id=model_id, batch_size=batch_size,
+            device=device, dtype=dtype, show_progress=show_progress, shard_size=shard_size, seed=seed,
+            num_workers=num_workers, sample_latents=sample_latents, vae_dtype=vae_dtype or dtype,
         )  # fmt: skip
 
 
 def _build_locked(
-    dataset, folder: Path, *, vae, text_encoder, tokenizer, model_id, batch_size, device, dtype,
-    show_progress, shard_size, seed, num_workers, sample_latents,
+    dataset, folder: Path, *, vae, encoder: PromptEncoder, model_id, batch_size, device, dtype,
+    show_progress, shard_size, seed, num_workers, sample_latents, vae_dtype,
 ) -> CachedTargetDataset:  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -286,7 +304,7 @@ def _build_locked(
         dataset,
         model_id=model_id,
         vae=vae,
-        tokenizer=tokenizer,
+        tokenizer=encoder,
         dtype=dtype,
         shard_size=shard_size,
         seed=seed,
@@ -309,12 +327,14 @@ def _build_locked(
         "shards": shards,
         "complete": False,
         "latents": LATENTS_NOTE,
+        "added_conditioning": list(encoder.added_keys),
     }
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     todo = [s for s in shards if not _shard_is_valid(folder / s["file"], key_hash, s["start"], s["stop"])]
     if todo:
-        _place(vae, device, dtype)
-        _place(text_encoder, device, dtype)
+        _place(vae, device, vae_dtype)
+        for module in encoder.modules():
+            _place(module, device, dtype)
         logger.info(
             "latent cache %s: encoding %d of %d shards (%d rows)",
             folder, len(todo), len(shards), sum(s["stop"] - s["start"] for s in todo),
@@ -326,19 +346,21 @@ def _build_locked(
         for shard in todo:
             rows = _EncodeRows(dataset, range(shard["start"], shard["stop"]), seed, dataset.extracts_hints)
             tensors = _encode_shard(
-                rows, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, batch_size=batch_size,
-                device=device, dtype=dtype, num_workers=num_workers, progress=bar,
+                rows, vae=vae, encoder=encoder, batch_size=batch_size, device=device, dtype=dtype,
+                num_workers=num_workers, progress=bar,
             )  # fmt: skip
             shard_meta = {**meta, "start": str(shard["start"]), "stop": str(shard["stop"])}
             atomic_save_safetensors(tensors, folder / shard["file"], metadata=shard_meta)
     if not _shard_is_valid(folder / EMPTY_PROMPT, key_hash, 0, 1):
-        from difftune_control.validation import encode_prompts
-
-        _place(text_encoder, device, dtype)
+        for module in encoder.modules():
+            _place(module, device, dtype)
         with torch.no_grad():
-            empty = encode_prompts(text_encoder, tokenizer, [""], device=device).detach().cpu()  # [1,L,D]
+            empty, added = encoder([""], device=device)  # [1,L,D] and e.g. SDXL's [1,P], [1,6]
+        tensors = {"embedding": empty, **added}
         atomic_save_safetensors(
-            {"embedding": empty}, folder / EMPTY_PROMPT, metadata={**meta, "start": "0", "stop": "1"}
+            {k: v.detach().cpu() for k, v in tensors.items()},
+            folder / EMPTY_PROMPT,
+            metadata={**meta, "start": "0", "stop": "1"},
         )
     stats = {
         "reused_shards": len(shards) - len(todo),

@@ -39,7 +39,8 @@ class CachedTargetDataset(Dataset):
     """A `TargetDataset` served from a complete latent cache.
 
     Items are ``{"latents": [4,r,r], "encoder_hidden_states": [L,D], "conditioning_pixel_values":
-    [3,R,R] in [0,1], "caption": str, "index": int}`` (float32). Latents are a fresh draw from the
+    [3,R,R] in [0,1], "caption": str, "index": int}`` (float32), plus the added conditioning the cache
+    was built with (SDXL: ``text_embeds`` [P], ``time_ids`` [6]). Latents are a fresh draw from the
     stored posterior per access, or its mean with ``sample_latents=False``. Hints come from the
     cache when they were extracted, else from the hint files with the crop stored per row.
 
@@ -68,8 +69,12 @@ class CachedTargetDataset(Dataset):
         self.build_stats: dict[str, Any] = manifest.get("build_stats", {})
         from safetensors.torch import load_file
 
-        empty = load_file(str(self.cache_dir / EMPTY_PROMPT))["embedding"]
-        self.empty_prompt_embedding: torch.Tensor = empty[0].float()  # [L,D], the embedding of ""
+        self.added_keys: tuple[str, ...] = tuple(manifest.get("added_conditioning", ()))
+        empty = load_file(str(self.cache_dir / EMPTY_PROMPT))
+        self.empty_prompt_embedding: torch.Tensor = empty["embedding"][
+            0
+        ].float()  # [L,D], the embedding of ""
+        self.empty_prompt_added: dict[str, torch.Tensor] = {k: empty[k][0].float() for k in self.added_keys}
         self._handles: dict[int, Any] = {}
 
     def __len__(self) -> int:
@@ -107,6 +112,7 @@ class CachedTargetDataset(Dataset):
         return {
             "latents": latents,
             "encoder_hidden_states": shard.get_slice("encoder_hidden_states")[j : j + 1][0].float(),
+            **{k: shard.get_slice(k)[j : j + 1][0].float() for k in self.added_keys},
             "conditioning_pixel_values": hint,
             "caption": self.dataset.captions[index],
             "index": index,

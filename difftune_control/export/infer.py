@@ -1,9 +1,11 @@
-"""Rebuild a ControlNet config from LDM-keyed tensors (SD1.5 / SD2.1) or from a UNet.
+"""Rebuild a ControlNet config from LDM-keyed tensors (SD1.5 / SD2.1 / SDXL) or from a UNet.
 
 A single WebUI file carries no ``config.json``. Layer widths, depths and the hint encoder can be
 read off the tensor shapes; the number of attention heads cannot (it only changes how the
-projections are split). SD1.5 uses 8 heads everywhere and SD2.x 64-channel heads, so for those two
-the shapes determine the config; any other architecture needs ``config=`` or the base ``unet``.
+projections are split). SD1.5 uses 8 heads everywhere, SD2.x and SDXL 64-channel heads, so for those
+the shapes determine the config (SDXL's time-id embedding width, 256, is its architecture's; the
+shapes give only its sum with the pooled text width); any other architecture needs ``config=`` or
+the base ``unet``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from difftune_control.export.keymap import sd_version_tag
 
 _SD_CHANNELS = [320, 640, 1280, 1280]
+_SDXL_CHANNELS = [320, 640, 1280]
+_SDXL_TIME_EMBED_DIM = 256
 
 
 def _shape(state_dict: Mapping[str, Any], key: str) -> tuple[int, ...]:
@@ -94,7 +98,7 @@ def shape_config(ldm: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def infer_sd_config(ldm: Mapping[str, Any]) -> dict[str, Any]:
-    """A full ``ControlNetModel`` config for an SD1.5 or SD2.x ControlNet given as LDM tensors.
+    """A full ``ControlNetModel`` config for an SD1.5, SD2.x or SDXL ControlNet given as LDM tensors.
 
     Args:
         ldm (`Mapping[str, Any]`): LDM-keyed tensors without the ``control_model.`` prefix.
@@ -103,18 +107,32 @@ def infer_sd_config(ldm: Mapping[str, Any]) -> dict[str, Any]:
         `dict[str, Any]`: Config for ``ControlNetModel.from_config``.
 
     Raises:
-        ValueError: The tensors are not an SD1.5 / SD2.x ControlNet (heads cannot be inferred).
+        ValueError: The tensors are not an SD1.5 / SD2.x / SDXL ControlNet (heads cannot be inferred).
     """
     config = shape_config(ldm)
     tag = sd_version_tag(config) if config["block_out_channels"] == _SD_CHANNELS else "toy"
-    if tag not in ("sd15", "sd21") or config["layers_per_block"] != 2:
+    if (
+        config.get("addition_embed_type") == "text_time"
+        and config["block_out_channels"] == _SDXL_CHANNELS
+        and config["cross_attention_dim"] == 2048
+    ):
+        tag = "xl"
+    if tag not in ("sd15", "sd21", "xl") or config["layers_per_block"] != 2:
         raise ValueError(
-            "the file is not an SD1.5 or SD2.x ControlNet (found block_out_channels "
+            "the file is not an SD1.5, SD2.x or SDXL ControlNet (found block_out_channels "
             f"{config['block_out_channels']}, cross_attention_dim {config['cross_attention_dim']}, "
             f"layers_per_block {config['layers_per_block']}); the number of attention heads cannot be read "
             "from the tensors: pass config= (a folder with config.json, or a config.json) or unet="
         )
-    if tag == "sd15":
+    if tag == "xl":
+        # SDXL: 64-channel heads; label_emb takes 6 time ids x 256 + the pooled text embedding
+        config.update(
+            attention_head_dim=[c // 64 for c in _SDXL_CHANNELS],
+            addition_time_embed_dim=_SDXL_TIME_EMBED_DIM,
+            projection_class_embeddings_input_dim=_shape(ldm, "label_emb.0.0.weight")[1],
+            upcast_attention=False,
+        )
+    elif tag == "sd15":
         config.update(attention_head_dim=8, upcast_attention=False)
     else:
         # SD2.x: 64-channel heads; upcast as the SD2.1 UNet does, so fp16 attention cannot overflow.
