@@ -288,33 +288,52 @@ def summarize(args) -> dict:
         if not (run_dir / "metrics.jsonl").exists():
             continue
         s = summarize_run(load_run(run_dir))
-        s["aucc"] = area_under_p(run_dir / "metrics.jsonl", args.max_train_steps)
+        s["budget"] = budget_view(run_dir / "metrics.jsonl", args.max_train_steps)
+        s["aucc"] = s["budget"]["aucc"]
         ret = args.out / "retention" / f"{run_dir.name}.json"
         s["retention"] = json.loads(ret.read_text()) if ret.exists() else None
         rows[run_dir.name] = s
     return rows
 
 
-def area_under_p(metrics: Path, budget: int) -> float | None:
-    """AUCC: the area under p(step), p clipped to [0, 1], over steps 0..budget, divided by budget.
+def budget_view(metrics: Path, budget: int, threshold: float = 0.3, patience: int = 2) -> dict:
+    """The run's curve cut at ``budget`` steps: first steps with p >= 0.25 / 0.5, the detector's event
+    (p >= threshold at ``patience`` evaluations in a row), AUCC and p at the budget.
 
-    None when the run's evaluations do not reach the budget (an unfinished run).
+    Recomputed from the ``convergence_eval`` records, so runs longer than the budget compare with
+    runs of exactly the budget. ``complete`` is False when the evaluations stop before the budget.
     """
+    from difftune_control.convergence.aucc import area_under_progress
     from difftune_control.utils import read_jsonl
 
-    pts = sorted(
-        {
-            r["step"]: r["p"]
-            for r in read_jsonl(metrics)
-            if r["type"] == "convergence_eval" and r.get("p") is not None
-        }.items()
+    curve = {
+        r["step"]: r["p"]
+        for r in read_jsonl(metrics)
+        if r["type"] == "convergence_eval" and r.get("p") is not None and r["step"] <= budget
+    }
+    steps = sorted(curve)
+    ps = [curve[x] for x in steps]
+    complete = bool(steps) and steps[-1] == budget
+
+    def first(level: float) -> int | None:
+        return next((x for x, y in zip(steps, ps) if y >= level), None)
+
+    event = next(
+        (
+            steps[i]
+            for i in range(len(steps) - patience + 1)
+            if all(y >= threshold for y in ps[i : i + patience])
+        ),
+        None,
     )
-    if not pts or pts[-1][0] < budget:
-        return None
-    xs = [x for x, _ in pts if x <= budget]
-    ys = [min(1.0, max(0.0, y)) for x, y in pts if x <= budget]
-    area = sum((xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(xs) - 1))
-    return area / budget
+    return {
+        "0.25": first(0.25),
+        "event": event,
+        "0.5": first(0.5),
+        "aucc": area_under_progress(steps, ps, budget) if complete else None,
+        "p_end": ps[-1] if complete else None,
+        "complete": complete,
+    }
 
 
 def _steps(s: dict, level: str):
@@ -412,6 +431,73 @@ def tables(rows: dict) -> tuple[str, dict]:
             + " |"
         )
     return "\n".join(lines), agg
+
+
+def search_tables(rows: dict, budget: int) -> str:
+    """Per condition and candidate, over seeds: steps to p >= 0.25 / event / p >= 0.5, AUCC and p at the
+    budget (mean and 95% t-interval), retention; then paired per-seed speed-ups against vanilla."""
+    from difftune_control.report.groups import mean_interval
+
+    def ci(values: list, digits: int = 0) -> str:
+        iv = mean_interval(values)
+        if iv.mean is None:
+            return f"not reached ({iv.missing})"
+        text = f"{iv.mean:.{digits}f}"
+        if iv.low is not None:
+            text += f" [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
+        return text + (f" ({iv.missing} not reached)" if iv.missing else "")
+
+    groups: dict[str, dict[int, dict]] = {}
+    for name, s in rows.items():
+        g, seed = name.rsplit("-s", 1)
+        groups.setdefault(g, {})[int(seed)] = s
+    measures = ["0.25", "event", "0.5"]
+    lines = [
+        f"Measured on each run's curve up to step {budget}; mean [95% t-interval] over seeds.",
+        "",
+        "| condition | candidate | seeds | p>=0.25 | event | p>=0.5 | AUCC | p at budget | text-following single / two L-R | Frechet |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in sorted(groups):
+        cond, cand = g.split("-", 1)
+        runs = groups[g]
+        views = [r["budget"] for r in runs.values()]
+        rets = [r["retention"] for r in runs.values() if r.get("retention")]
+        tf = (
+            f"{statistics.mean(r['single_correct'] for r in rets):.2f} / "
+            f"{statistics.mean(r['two_left_right'] for r in rets):.2f} (n={len(rets)})"
+            if rets
+            else "-"
+        )
+        fr = f"{statistics.mean(r['frechet'] for r in rets):.2f}" if rets else "-"
+        lines.append(
+            f"| {cond} | {cand} | {len(runs)} | "
+            + " | ".join(ci([v[m] for v in views]) for m in measures)
+            + f" | {ci([v['aucc'] for v in views], 3)} | {ci([v['p_end'] for v in views], 2)} | {tf} | {fr} |"
+        )
+    lines += [
+        "",
+        "Paired per-seed speed-ups against vanilla of the same condition (vanilla steps / candidate steps; "
+        "AUCC: candidate / vanilla); mean [95% t-interval] over the seeds both reached:",
+        "",
+        "| condition | candidate | p>=0.25 | event | p>=0.5 | AUCC ratio |",
+        "|---|---|---|---|---|---|",
+    ]
+    for g in sorted(groups):
+        cond, cand = g.split("-", 1)
+        ref = groups.get(f"{cond}-vanilla")
+        if cand == "vanilla" or ref is None:
+            continue
+        cells = []
+        for m in [*measures, "aucc"]:
+            ratios = []
+            for seed, r in groups[g].items():
+                a = ref.get(seed, {}).get("budget", {}).get(m)
+                b = r["budget"].get(m)
+                ratios.append((b / a if m == "aucc" else a / b) if a and b else None)
+            cells.append(ci(ratios, 2))
+        lines.append(f"| {cond} | {cand} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def curves(args, rows: dict, path: Path) -> None:
@@ -518,6 +604,8 @@ def main() -> int:
         score_retention(args, device)
     rows = summarize(args)
     md, agg = tables(rows)
+    if args.candidates:
+        md = search_tables(rows, args.max_train_steps) + "\n\n" + md
     base_ret = args.out / "retention" / "_base.json"
     if base_ret.exists():
         b = json.loads(base_ret.read_text())
