@@ -511,9 +511,12 @@ def curves(args, rows: dict, path: Path) -> None:
     groups = sorted({group_key(n) for n in rows})
     panels = sorted({g.split("-")[0] for g in groups}) if not args.ablations else ["depth"]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 6.5), 3.8), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # one colour per method across the panels (tab20: distinct for up to 20 candidates)
+    methods = sorted({g.split("-", 1)[1] for g in groups})
+    cmap = plt.get_cmap("tab20")
+    colour = {m: cmap(i % 20) for i, m in enumerate(methods)}
     for ax, panel in zip(axes[0], panels):
-        for i, g in enumerate(x for x in groups if x.startswith(panel + "-")):
+        for g in (x for x in groups if x.startswith(panel + "-")):
             for name in (n for n in rows if group_key(n) == g):
                 ev = [
                     r
@@ -525,7 +528,7 @@ def curves(args, rows: dict, path: Path) -> None:
                 ax.plot(
                     xs,
                     ys,
-                    color=colors[i % len(colors)],
+                    color=colour[g.split("-", 1)[1]],
                     alpha=0.7,
                     lw=1.2,
                     label=g.split("-", 1)[1] if name.endswith("-s" + str(args.seeds[0])) else None,
