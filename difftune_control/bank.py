@@ -131,6 +131,10 @@ def bank_manifest(
     """
     if config.bank_size is None:
         raise ValueError("--bank_size is not set; fill model-dependent defaults with resolve_defaults()")
+    if config.bank_hint is None:
+        raise ValueError(
+            "bank_hint is not resolved: pass 'zero' or 'extracted' (resolve_defaults fills it from the method)"
+        )
     if config.bank_hint not in ("extracted", "zero"):
         raise ValueError(f"--bank_hint: got {config.bank_hint!r}; choose one of ['extracted', 'zero']")
     if not prompts:

@@ -135,8 +135,9 @@ class MethodConfig:
     )
     bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
     bank_weight: float | Literal["auto"] = _f(
-        0.1,
-        "fixed split: weight lambda of the bank loss; auto = set lambda so the weighted bank rows pull "
+        "auto",
+        "fixed split: weight lambda of the bank loss (the published value: 0.1); auto = set lambda so the "
+        "weighted bank rows pull "
         "--bank_pull times as hard as the target rows (measured on the ControlNet's gradient, every "
         "--bank_pull_every steps, logged as bank_weight records).",
         parse=lambda s: "auto" if s == "auto" else float(s),
@@ -150,10 +151,11 @@ class MethodConfig:
         "Bank rows' text condition: keep their prompts, or drop them (empty prompt, as the authors' null "
         "class drops the condition being fine-tuned).",
     )
-    loss_weighting: Literal["none", "inverse_snr", "min_snr"] = _f(
-        "none",
+    loss_weighting: Literal["none", "inverse_snr", "min_snr"] | None = _f(
+        None,
         "Per-sample weight of the target rows' loss over t: none; inverse_snr (x0-supervision: "
-        "sigma_t^2/alpha_t^2 for epsilon); min_snr (Min-SNR-gamma).",
+        "sigma_t^2/alpha_t^2 for epsilon); min_snr (Min-SNR-gamma). Default: inverse_snr for difftuning, "
+        "none for vanilla (the plain ControlNet baseline).",
     )
     snr_gamma: float = _f(5.0, "min_snr loss weighting: gamma.")
     loss_weight_max: float | None = _f(
@@ -211,8 +213,11 @@ class BankConfig:
     bank_dir: str | None = _f(
         None, "Where the bank lives. Default: a folder in the cache keyed by the manifest."
     )
-    bank_hint: Literal["extracted", "zero"] = _f(
-        "extracted", "Bank hints: extracted from the images, or zero (ablation)."
+    bank_hint: Literal["extracted", "zero"] | None = _f(
+        None,
+        "Bank hints: zero (the null condition, as the authors' null class: the bank teaches what to do "
+        "without a hint) or extracted from the images (as published). Default: zero; extracted with "
+        "--teacher_controlnet.",
     )
     bank_on_mismatch: Literal["rebuild", "error"] = _f(
         "rebuild", "When bank_dir holds a bank with another manifest."
@@ -389,8 +394,6 @@ class RunConfig:
             problems.append(f"--bank_pull must be > 0, got {m.bank_pull}")
         if m.bank_pull_every < 0:
             problems.append(f"--bank_pull_every must be >= 0 (0 = at step 0 only), got {m.bank_pull_every}")
-        if m.bank_weight == "auto" and m.split != "fixed":
-            problems.append(f"--bank_weight auto sets lambda of the fixed split; got --split {m.split}")
         if not m.snr_gamma > 0:
             problems.append(f"--snr_gamma must be > 0, got {m.snr_gamma}")
         if m.loss_weight_max is not None and not m.loss_weight_max > 0:
@@ -518,7 +521,7 @@ def _distill_problems(cfg: RunConfig) -> list[str]:
         if given:
             problems.append(f"--{given[0]} is used only with --teacher_controlnet PATH")
     else:
-        if b.bank_hint != "extracted":
+        if b.bank_hint == "zero":
             problems.append(
                 "--teacher_controlnet stores the teacher's hints in the bank; --bank_hint zero does not apply"
             )
@@ -607,6 +610,10 @@ def resolve_defaults(
         cfg.detector.convergence_threshold = float(det.get("threshold", 0.3))
     if cfg.detector.convergence_patience is None:
         cfg.detector.convergence_patience = int(det.get("patience", 2))
+    if cfg.method.loss_weighting is None:
+        cfg.method.loss_weighting = "inverse_snr" if cfg.method.method == "difftuning" else "none"
+    if cfg.bank.bank_hint is None:
+        cfg.bank.bank_hint = "extracted" if cfg.method.teacher_controlnet is not None else "zero"
     if cfg.data.conditioning_image_column is None:
         toy_col = getattr(recipe, "toy_hint_column", None)
         cfg.data.conditioning_image_column = (

@@ -247,7 +247,7 @@ def _bank_check(cfg: RunConfig, trainer, target, accelerator) -> dict | None:
 
     n = min(cfg.train.train_batch_size, len(target))
     batch = torch.utils.data.default_collate([target[i] for i in range(n)])
-    if cfg.method.bank_weight == "auto":  # lambda measured first, so the check shows the pull it sets
+    if trainer.auto_weight:  # lambda measured first, so the check shows the pull it sets
         trainer.calibrate_bank_weight(batch)
     check = bank_pull(trainer, batch)
     if accelerator.is_main_process:

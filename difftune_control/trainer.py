@@ -65,6 +65,7 @@ class ControlNetTrainer:
         self.batch_keys = BATCH_KEYS + self.prompts.added_keys
         self.empty_added = self.prompts([""], self.device)[1] if self.prompts.added_keys else {}
         self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
+        self.auto_weight = False  # --bank_weight auto measures lambda (DiffTuningTrainer, fixed split)
 
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:
@@ -74,7 +75,7 @@ class ControlNetTrainer:
     def weigh(self, plan: BatchPlan) -> BatchPlan:
         """Apply ``--loss_weighting`` (x0-supervision's inverse SNR, Min-SNR-gamma) to the target slots."""
         m = self.cfg.method
-        if m.loss_weighting == "none":
+        if m.loss_weighting in (None, "none"):
             return plan
         w = loss_weights(
             m.loss_weighting,
@@ -253,6 +254,10 @@ class ControlNetTrainer:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 
+FALLBACK_BANK_WEIGHT = 0.1
+"""lambda of ``--bank_weight auto`` while the bank rows pull nothing (the published value)."""
+
+
 class DiffTuningTrainer(ControlNetTrainer):
     """Diff-Tuning: the chain of forgetting changes batch composition and t-sampling only.
 
@@ -267,6 +272,7 @@ class DiffTuningTrainer(ControlNetTrainer):
         if m.split != "psi-only" and self.bank is None:
             raise ValueError(f"--split {m.split} needs a memory bank; none was built")
         self.bank_lambda: float | None = None  # --bank_weight auto: the measured lambda
+        self.auto_weight = m.bank_weight == "auto" and m.split == "fixed"  # only the fixed split has a lambda
         self.micro_batches = 0  # micro-batches trained (re-measurement schedule of --bank_weight auto)
 
     def plan(self, batch_size: int) -> BatchPlan:
@@ -286,7 +292,7 @@ class DiffTuningTrainer(ControlNetTrainer):
     def before_step(self, target_batch: dict) -> None:
         m, accum = self.cfg.method, self.cfg.train.gradient_accumulation_steps
         micro, self.micro_batches = self.micro_batches, self.micro_batches + 1
-        if m.bank_weight != "auto" or micro % accum:  # only where no gradient is being accumulated
+        if not self.auto_weight or micro % accum:  # only where no gradient is being accumulated
             return
         step = micro // accum
         if self.bank_lambda is None or (m.bank_pull_every and step % m.bank_pull_every == 0 and step > 0):
@@ -305,6 +311,12 @@ class DiffTuningTrainer(ControlNetTrainer):
             check = bank_pull(self, target_batch)
         finally:
             self.bank_lambda = previous
+        if not (check["bank_grad"] > 0 and check["target_grad"] > 0):
+            # e.g. distillation targets the base already meets (a fresh ControlNet): nothing to balance yet
+            lam = previous if previous is not None else FALLBACK_BANK_WEIGHT
+            logger.info("--bank_weight auto: no pull to balance (%s); lambda stays %.4g", check, lam)
+            self.bank_lambda = lam
+            return {**check, "bank_weight": lam}
         lam = weight_for_pull(check["bank_grad"], check["target_grad"], self.cfg.method.bank_pull)
         if self.accelerator.num_processes > 1:
             lam = float(self.accelerator.reduce(torch.tensor(lam, device=self.device), reduction="mean"))

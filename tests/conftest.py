@@ -236,6 +236,10 @@ def build_tiny_dataset(folder: Path, n: int = 24, size: int = 20, seed: int = 0)
 
 
 # -- a tiny run, configured and set up in-process -------------------------------------------------
+PUBLISHED = {"method__bank_weight": 0.1, "method__loss_weighting": "none", "bank__bank_hint": "extracted"}
+"""tiny_config overrides for Diff-Tuning as published (fixed lambda, no loss weighting, extracted hints)."""
+
+
 def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig:
     cfg = RunConfig()
     cfg.model.pretrained_model_name_or_path = str(pipeline)

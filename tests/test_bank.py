@@ -94,6 +94,7 @@ def make_config(bank_dir: Path | None = None, **kw) -> BankConfig:
         bank_seed=7,
         bank_batch_size=2,
         bank_dir=None if bank_dir is None else str(bank_dir),
+        bank_hint="extracted",
     )
     base.update(kw)
     return BankConfig(**base)

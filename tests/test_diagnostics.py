@@ -6,13 +6,13 @@ import logging
 
 import pytest
 import torch
-from conftest import build_trainer, target_batch, tiny_config
+from conftest import PUBLISHED, build_trainer, target_batch, tiny_config
 
 from difftune_control.diagnostics import bank_pull, per_timestep_pull, warn_if_bank_dominates
 
 
 def test_bank_pull_is_linear_in_lambda_and_leaves_no_trace(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
+    trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, **PUBLISHED))
     batch = target_batch(trainer, 8)
     before = trainer.generator.get_state().clone()
     check = bank_pull(trainer, batch)
@@ -32,7 +32,7 @@ def test_bank_pull_is_linear_in_lambda_and_leaves_no_trace(tiny_pipeline_dir, ti
 
 def test_teacher_targets_pull_nothing_at_step_zero(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """With the base's own predictions as bank targets a zero ControlNet is already optimal on the bank."""
-    renoise, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a"))
+    renoise, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", **PUBLISHED))
     trajectory, _ = build_trainer(
         tiny_config(
             tiny_pipeline_dir,
@@ -40,6 +40,7 @@ def test_teacher_targets_pull_nothing_at_step_zero(tiny_pipeline_dir, tiny_datas
             tmp_path / "b",
             method__retention="trajectory",
             bank__trajectory_states=2,
+            **PUBLISHED,
         )
     )
     a = bank_pull(renoise, target_batch(renoise, 8))

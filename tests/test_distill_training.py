@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_trainer, target_batch
+from conftest import PUBLISHED, build_trainer, target_batch
 from conftest import tiny_config as shared_tiny_config
 
 from difftune_control.bank import bank_manifest, bank_sample_indices, ensure_bank, load_bank, sample_seed
@@ -42,6 +42,7 @@ def build_bank(base, bank_dir: Path, distillation=None, **kw) -> Path:
         bank_guidance_scale=3.0,
         bank_seed=7,
         bank_batch_size=2,
+        bank_hint="extracted",
         bank_dir=str(bank_dir),
         **kw,
     )
@@ -110,7 +111,7 @@ def test_recorded_states_are_the_samplers_bounded_and_deterministic(base, tmp_pa
 
 
 def test_inactive_distillation_keeps_the_bank_key():
-    config = BankConfig(bank_size=5, bank_batch_size=2)
+    config = BankConfig(bank_size=5, bank_batch_size=2, bank_hint="extracted")
     kw = dict(
         config=config, prompts=PROMPTS, model_id="m", resolution=RES, extractor_id={}, scaling_factor=1.0
     )
@@ -128,6 +129,7 @@ def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig
         "train__checkpointing_steps": 500,
         "bank__bank_num_inference_steps": 4,
         "bank__trajectory_states": 2,
+        **PUBLISHED,  # the mechanics of distillation on Diff-Tuning as published
         **overrides,
     }
     return shared_tiny_config(pipeline, data, out, **settings)
