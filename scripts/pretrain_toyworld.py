@@ -25,7 +25,8 @@ import time
 import typing
 from pathlib import Path
 
-from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_base, train_vae
+from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_vae
+from difftune_control.toyworld.pretrain_base import train_base
 from difftune_control.toyworld.weights import WEIGHTS_DIR
 
 STAGES = ("vae", "base", "depth", "normal", "segmentation", "annotators", "all", "install")
