@@ -75,13 +75,24 @@ def _loss_table(pipe, latents, embeds, seed: int) -> dict:
 def latent_fidelity(pipe, n: int, seed: int, steps: int, guidance: float, device: str) -> dict:
     """The base's samples (prompted with the captions of n renders) against those renders.
 
-    Per-channel latent mean / std of the renders, the sampler's raw final latents and the
-    re-encoded samples (encode(decode(z)), what a memory bank stores), and the denoising loss per
-    timestep band on real latents, re-encoded samples and raw samples (same noise and timesteps).
+    Latents come in two encodings, compared like with like: the VAE posterior's mean (what the
+    memory bank stores for re-encoded samples, ``encode(decode(z))``) and a draw from the posterior
+    (``mean + std * N(0, I)``: what the base was trained on and what the target cache feeds the
+    trainer). Per-channel mean / std of: the renders (both encodings), the sampler's raw final
+    latents, and the re-encoded samples; and the base's denoising loss per timestep band on each
+    (same noise and timesteps for all).
     """
     from difftune_control.validation import encode_images, sample_images
 
     out, real = _render_latents(pipe, n, seed, device)
+    gen = torch.Generator(pipe.vae.device).manual_seed(seed)
+    with torch.no_grad():
+        real_sampled = torch.cat(
+            [
+                encode_images(pipe.vae, x, sample_posterior=True, generator=gen).float()
+                for x in out["rgb"].split(128)
+            ]
+        )
     embeds = _embed(pipe, out["captions"])
     images, raw = sample_images(unet=pipe.unet, vae=pipe.vae, scheduler_config=pipe.scheduler.config,
                                 prompt_embeds=embeds, negative_prompt_embeds=_embed(pipe, [""]),
@@ -89,22 +100,30 @@ def latent_fidelity(pipe, n: int, seed: int, steps: int, guidance: float, device
                                 guidance_scale=guidance, batch_size=128, return_latents=True)  # fmt: skip
     with torch.no_grad():
         reencoded = torch.cat([encode_images(pipe.vae, x).float() for x in images.split(128)])
-    stats = {
-        "renders": channel_stats(real),
-        "samples": channel_stats(raw),
-        "reencoded": channel_stats(reencoded),
+    sets = {
+        "renders_mean": real,
+        "renders_sampled": real_sampled,
+        "samples_raw": raw,
+        "reencoded_mean": reencoded,
     }
+    stats = {k: channel_stats(v) for k, v in sets.items()}
     result = {"n": n, "steps": steps, "guidance_scale": guidance, "channel_stats": stats}
-    result["samples_vs_renders"] = compare_channel_stats(stats["samples"], stats["renders"])
-    result["reencoded_vs_renders"] = compare_channel_stats(stats["reencoded"], stats["renders"])
-    losses = {
-        k: _loss_table(pipe, z, embeds, seed)
-        for k, z in (("renders", real), ("reencoded", reencoded), ("samples", raw))
-    }
+    # like with like: the images (posterior means), and the latent distribution the base learnt
+    result["reencoded_mean_vs_renders_mean"] = compare_channel_stats(
+        stats["reencoded_mean"], stats["renders_mean"]
+    )
+    result["samples_raw_vs_renders_sampled"] = compare_channel_stats(
+        stats["samples_raw"], stats["renders_sampled"]
+    )
+    # a bank row (posterior mean of a sample) against a target row (posterior draw of a render)
+    result["reencoded_mean_vs_renders_sampled"] = compare_channel_stats(
+        stats["reencoded_mean"], stats["renders_sampled"]
+    )
+    losses = {k: _loss_table(pipe, z, embeds, seed) for k, z in sets.items()}
     result["denoising_loss"] = losses
-    result["loss_ratio_reencoded_vs_renders"] = {
-        band: losses["reencoded"][band]["loss"] / losses["renders"][band]["loss"]
-        for band in losses["renders"]
+    result["loss_ratio_reencoded_mean_vs_renders_mean"] = {
+        band: losses["reencoded_mean"][band]["loss"] / losses["renders_mean"][band]["loss"]
+        for band in losses["renders_mean"]
     }
     return result
 

@@ -127,7 +127,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
     a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s1, s2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     covmean = linalg.sqrtm(s1 @ s2)
     covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real  # scipy < 1.10 returns a tuple
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
