@@ -191,7 +191,7 @@ def test_base_pretraining_resumes_exactly_and_portably(tmp_path):
     """Two chunks with an exact resume give the weights, EMA and optimizer state of one straight run;
     the compact state (EMA + step) continues a run elsewhere and fits the device tool's 16 MiB."""
     from difftune_control.toyworld.pretrain import PretrainConfig
-    from difftune_control.toyworld.pretrain_base import PORTABLE_STATE, train_base
+    from difftune_control.toyworld.pretrain_base import PORTABLE_STATE, install_portable_state, train_base
 
     def cfg(out, **kw):
         base = dict(device="cpu", init_from=str(default_base_model_path()), base_steps=4, base_pool=6,
@@ -224,6 +224,17 @@ def test_base_pretraining_resumes_exactly_and_portably(tmp_path):
     log = (tmp_path / "elsewhere" / "logs" / "base.jsonl").read_text()
     assert '"event": "resume_from"' in log and '"step": 2,' in log and '"step": 3,' in log
     assert state("elsewhere")["step"] == 4
+    # the compact state installs as a pipeline: the same EMA weights as the run's own pipeline folder
+    from diffusers import UNet2DConditionModel
+
+    install_portable_state(
+        tmp_path / "elsewhere" / PORTABLE_STATE, default_base_model_path(), tmp_path / "installed"
+    )
+    got, want = (
+        UNet2DConditionModel.from_pretrained(tmp_path / d, subfolder="unet")
+        for d in ("installed", "elsewhere/pipeline")
+    )
+    assert all(torch.equal(x, y) for x, y in zip(got.state_dict().values(), want.state_dict().values()))
     with pytest.raises(ValueError, match="not a toy base state"):
         train_base(
             cfg(

@@ -256,3 +256,27 @@ def train_base(cfg: PretrainConfig) -> Path:
     if (not saved and done > start) or not (out_dir / "pipeline").exists():
         save(done)
     return out_dir / "pipeline"
+
+
+def install_portable_state(
+    state_file: str | os.PathLike, pipeline_dir: str | os.PathLike, out_dir: str | os.PathLike
+) -> Path:
+    """Write the EMA weights of a ``base_ema.safetensors`` as a pipeline folder.
+
+    The VAE, tokenizer and scheduler come from ``pipeline_dir`` (the pipeline the run started from);
+    ``out_dir`` may be ``pipeline_dir`` itself (install in place).
+
+    Returns:
+        `pathlib.Path`: ``out_dir``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    from .tokenizer import build_tokenizer
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, torch_dtype=torch.float32)
+    named = _named({"text_encoder": pipe.text_encoder, "unet": pipe.unet})
+    tensors, _ = load_portable_state(state_file, [n for n, _ in named])
+    with torch.no_grad():
+        for (_, p), v in zip(named, tensors):
+            p.copy_(v)
+    return save_pipeline(Path(out_dir), pipe.vae, pipe.text_encoder, build_tokenizer(), pipe.unet)
