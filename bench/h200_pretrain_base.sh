@@ -21,7 +21,7 @@
 #   EVAL_ARGS="--steps 2 --single_repeats 1 --two 2 --latent_n 4 --domain_n 8" bash bench/h200_pretrain_base.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
-TOTAL=${TOTAL:-40000}
+TOTAL=${TOTAL:-16000}
 BATCH=${BATCH:-1024}
 LR=${LR:-4e-4}
 WARMUP=${WARMUP:-200}

@@ -154,6 +154,19 @@ def domain_gap(pipe, models: dict, domains: list[str], n: int, seed: int, device
     return result
 
 
+def save_domain_grid(path: str, domains: list[str], seed: int, per_row: int = 8, scale: int = 2) -> None:
+    """One row per domain: the same validation scenes (indices 0..per_row-1) in each domain."""
+    from PIL import Image
+
+    rows = [
+        torch.cat(list(render_scenes(per_row, split_seed(seed, "validation"), domain=d)["rgb"]), dim=2)
+        for d in domains
+    ]
+    grid = (torch.cat(rows, dim=1).permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
+    img = Image.fromarray(grid)
+    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
         help=f"target domains to measure ({', '.join(domain_names())})",
     )
     parser.add_argument("--domain_n", type=int, default=512, help="renders per domain for the domain gap")
+    parser.add_argument("--domain_grid", default=None, help="write a PNG of 8 renders per domain here")
     args = parser.parse_args(argv)
     unknown = [d for d in args.domains if d not in domain_names()]
     if unknown:
@@ -248,6 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.domains:
         metrics["domains"] = domain_gap(pipe, models, args.domains, args.domain_n, args.seed, args.device)
         print(json.dumps({"domains": metrics["domains"]}), flush=True)
+    if args.domain_grid:
+        save_domain_grid(
+            args.domain_grid, ["default", *[d for d in args.domains if d != "default"]], args.seed
+        )
     if args.grid:
         save_sample_grid(pipe, args.grid, seed=args.seed, steps=args.steps, guidance_scale=args.guidance[0])
     metrics["seconds"] = round(time.time() - t0, 1)
