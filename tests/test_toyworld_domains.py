@@ -179,3 +179,19 @@ def test_toy_domain_reaches_the_target_and_held_out_sets(monkeypatch):
     expect = render_scenes(5, split_seed(0, "validation"), domain="crowded")
     assert held_out.prompts == expect["captions"]
     assert (held_out.images - expect["rgb"]).abs().max() <= 0.5 / 255 + 1e-6  # PNG rounding
+
+
+def test_eval_script_rejects_an_unknown_domain_with_the_choices():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]  # this checkout's package, whatever is installed
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    script = root / "scripts" / "eval_toyworld.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--domains", "dusk", "mars"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 2
+    assert "--domains: unknown ['mars']; choose from default, crowded, dusk, swapped" in out.stderr
