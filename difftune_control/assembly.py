@@ -84,7 +84,7 @@ def train_source(cfg: RunConfig, toy: bool) -> str:
         )
     from difftune_control.toyworld import default_dataset_dir
 
-    return str(default_dataset_dir(split="train", resolution=cfg.data.resolution))
+    return str(default_dataset_dir(split="train", resolution=cfg.data.resolution, domain=cfg.data.toy_domain))
 
 
 def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device, rank_zero_first):
@@ -122,7 +122,11 @@ def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> Valid
     elif base.is_toy and not (cfg.data.train_data_dir or cfg.data.dataset_name):
         from difftune_control.toyworld import default_dataset_dir
 
-        source = str(default_dataset_dir(split="validation", resolution=cfg.data.resolution))
+        source = str(
+            default_dataset_dir(
+                split="validation", resolution=cfg.data.resolution, domain=cfg.data.toy_domain
+            )
+        )
     else:
         source, tail = train_source(cfg, base.is_toy), True
         logger.warning("no --validation_data_dir: the detector uses the last %d training samples", k)

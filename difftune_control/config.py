@@ -76,6 +76,12 @@ class DataConfig:
     train_data_dir: str | None = _f(
         None, "Folder with metadata.jsonl (or prompt.json). Default: the toy world's rendered target set."
     )
+    toy_domain: str = _f(
+        "default",
+        "Toy-world domain of the target and held-out sets: default (the base's own world) or a shifted "
+        "one (crowded, dusk, swapped; see docs/toyworld/MODEL_CARD.md).",
+        metavar="NAME",
+    )
     dataset_name: str | None = _f(None, "A HF datasets name or local saved/parquet dataset folder.")
     dataset_config_name: str | None = _f(None, "Config name of the HF dataset.")
     image_column: str = _f("image", "Column with the target images.")
@@ -410,6 +416,7 @@ class RunConfig:
                 problems.append(f"--{flag} must be >= 0, got {getattr(data, flag)}")
         if data.train_data_dir and data.dataset_name:
             problems.append("give either --train_data_dir or --dataset_name, not both")
+        problems += _toy_domain_problems(data)
         for flag, value in [
             ("--train_batch_size", t.train_batch_size),
             ("--max_train_steps", t.max_train_steps),
@@ -491,6 +498,24 @@ def apply_preset(cfg: RunConfig, name: str | None) -> RunConfig:
         for key, value in values.items():
             setattr(getattr(cfg, section), key, value)
     return cfg
+
+
+def _toy_domain_problems(data: DataConfig) -> list[str]:
+    """--toy_domain names a registered toy-world domain and selects the toy world's own datasets."""
+    if data.toy_domain == "default":
+        return []
+    from difftune_control.toyworld.domains import domain_names
+
+    problems = []
+    if data.toy_domain not in domain_names():
+        problems.append(
+            f"--toy_domain: unknown domain {data.toy_domain!r}; choose from {', '.join(domain_names())}"
+        )
+    if data.train_data_dir or data.dataset_name:
+        problems.append(
+            f"--toy_domain {data.toy_domain} selects a toy-world dataset; drop it with --train_data_dir/--dataset_name"
+        )
+    return problems
 
 
 def _distill_problems(cfg: RunConfig) -> list[str]:
@@ -648,6 +673,8 @@ def add_config_arguments(
                 "default": None if overlay else default,
                 "help": f"{f.metadata.get('help', '')} (default: {default})",
             }
+            if "metavar" in f.metadata:
+                kw["metavar"] = f.metadata["metavar"]
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
             elif typing.get_origin(tp) is Literal:

@@ -102,7 +102,8 @@ def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:
             )
         from difftune_control.toyworld import default_dataset_dir
 
-        source = str(default_dataset_dir(split="train", resolution=cfg.data.resolution))
+        domain = data.get("toy_domain", "default")  # the teacher's own toy-world domain
+        source = str(default_dataset_dir(split="train", resolution=cfg.data.resolution, domain=domain))
     column = data.get("conditioning_image_column") or (
         getattr(recipe, "toy_hint_column", None) if toy else None
     )

@@ -242,27 +242,17 @@ def _annotator(kind: str, device: str):
 
 
 def features(images, device: str):
-    """Per-image features from the toy annotators: 4x4-pooled class probabilities and depth, plus colour means."""
-    import torch
-    import torch.nn.functional as F
+    """Per-image toy-annotator features (``toyworld.fidelity.annotator_features``)."""
+    from difftune_control.toyworld.fidelity import annotator_features
 
-    with torch.no_grad():
-        probs = _annotator("segmentation", device)(images).softmax(1)
-        depth = _annotator("depth", device)(images)
-    pooled = [F.adaptive_avg_pool2d(x, 4).flatten(1) for x in (probs, depth, images)]
-    return torch.cat(pooled, 1).double().cpu()
+    return annotator_features(images, _annotator("segmentation", device), _annotator("depth", device))
 
 
 def frechet(a, b) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (as FID, on toy-annotator features)."""
-    import numpy as np
-    from scipy import linalg
+    """Frechet distance between two feature sets (``toyworld.fidelity.frechet_distance``)."""
+    from difftune_control.toyworld.fidelity import frechet_distance
 
-    mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
-    s1, s2 = np.cov(a.numpy(), rowvar=False), np.cov(b.numpy(), rowvar=False)
-    covmean = linalg.sqrtm(s1 @ s2)
-    covmean = (covmean[0] if isinstance(covmean, tuple) else covmean).real  # scipy < 1.10 returns a tuple
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+    return frechet_distance(a, b)
 
 
 def score_retention(args, device: str) -> None:

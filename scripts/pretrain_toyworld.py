@@ -8,7 +8,12 @@ One command reproduces the shipped weights on a GPU machine:
 ``all`` trains the VAE, then the base model, while the three annotators train in side
 processes on the same GPU (tiny models leave it mostly idle). ``install`` copies the results into
 ``difftune_control/toyworld/weights``. Every ``PretrainConfig`` field is a flag (``--base_steps``,
-``--time_budget`` ...); try the whole recipe on a CPU with tiny step counts first:
+``--time_budget`` ...). ``install_ema`` writes the EMA weights of a ``base_ema.safetensors`` (the
+compact state a base run saves, e.g. fetched from a GPU machine) into the shipped base:
+
+    python scripts/pretrain_toyworld.py --stage install_ema --resume_from .toybase/base_ema.safetensors
+
+Try the whole recipe on a CPU with tiny step counts first:
 
     python scripts/pretrain_toyworld.py --stage all --device cpu --vae_steps 2 --base_steps 2 \
         --annotator_steps 2 --vae_pool 64 --base_pool 64 --annotator_pool 64 --annotator_pool_128 8
@@ -25,10 +30,11 @@ import time
 import typing
 from pathlib import Path
 
-from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_base, train_vae
+from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_vae
+from difftune_control.toyworld.pretrain_base import install_portable_state, train_base
 from difftune_control.toyworld.weights import WEIGHTS_DIR
 
-STAGES = ("vae", "base", "depth", "normal", "segmentation", "annotators", "all", "install")
+STAGES = ("vae", "base", "depth", "normal", "segmentation", "annotators", "all", "install", "install_ema")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,6 +107,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"annotator training failed for: {', '.join(failed)}")
     elif args.stage == "install":
         install(cfg)
+    elif args.stage == "install_ema":
+        if not cfg.resume_from:
+            raise SystemExit("--stage install_ema needs --resume_from PATH/base_ema.safetensors")
+        install_portable_state(cfg.resume_from, WEIGHTS_DIR / "base", WEIGHTS_DIR / "base")
+        print(f"installed the EMA weights of {cfg.resume_from} into {WEIGHTS_DIR / 'base'}")
     print(f"stage {args.stage} done in {time.time() - t0:.1f} s", flush=True)
 
 

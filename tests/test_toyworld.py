@@ -262,3 +262,25 @@ def test_default_dataset_dir_renders_into_the_cache(tmp_path, monkeypatch):
     assert len((path / "metadata.jsonl").read_text().splitlines()) == 3
     with pytest.raises(ValueError, match="no default size"):
         default_dataset_dir("test")
+
+
+def test_toyworld_imports_nothing_from_the_packages_above_it():
+    """The toy world sits below the extractors and the trainer in the data flow: no arrow runs back up."""
+    import ast
+    from pathlib import Path
+
+    import difftune_control.toyworld as tw
+
+    allowed = {"difftune_control.toyworld", "difftune_control.utils"}
+    found = []
+    for path in Path(tw.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level == 1 or (
+                    node.level == 0 and not (node.module or "").startswith("difftune_control")
+                ):
+                    continue
+                target = "difftune_control." + (node.module or "") if node.level == 2 else node.module
+                if not any(target == a or target.startswith(a + ".") for a in allowed):
+                    found.append(f"{path.name}: {target}")
+    assert found == []

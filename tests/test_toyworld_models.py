@@ -168,7 +168,8 @@ def test_text_following_prompts_are_balanced():
 def test_pretrain_recipe_runs_end_to_end_on_cpu(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_base, train_vae
+    from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator, train_vae
+    from difftune_control.toyworld.pretrain_base import train_base
 
     cfg = PretrainConfig(out_dir=str(tmp_path), device="cpu", vae_steps=2, base_steps=2, annotator_steps=2,
                          vae_pool=16, base_pool=16, annotator_pool=16, annotator_pool_128=4, vae_batch=4,
@@ -183,3 +184,61 @@ def test_pretrain_recipe_runs_end_to_end_on_cpu(tmp_path):
     train_base(resumed)
     log = (tmp_path / "logs" / "base.jsonl").read_text()
     assert '"event": "resume", "step": 2' in log
+
+
+@pytest.mark.slow
+def test_base_pretraining_resumes_exactly_and_portably(tmp_path):
+    """Two chunks with an exact resume give the weights, EMA and optimizer state of one straight run;
+    the compact state (EMA + step) continues a run elsewhere and fits the device tool's 16 MiB."""
+    from difftune_control.toyworld.pretrain import PretrainConfig
+    from difftune_control.toyworld.pretrain_base import PORTABLE_STATE, install_portable_state, train_base
+
+    def cfg(out, **kw):
+        base = dict(device="cpu", init_from=str(default_base_model_path()), base_steps=4, base_pool=6,
+                    base_batch=2, base_warmup=2, save_every=100, log_every=1)  # fmt: skip
+        return PretrainConfig(out_dir=str(tmp_path / out), **{**base, **kw})
+
+    def state(out):
+        return torch.load(tmp_path / out / "checkpoints" / "base.pt", weights_only=False)
+
+    train_base(cfg("straight"))
+    train_base(cfg("chunks", base_stop_at=2))
+    half = state("chunks")
+    assert half["step"] == 2
+    portable = tmp_path / "chunks" / PORTABLE_STATE
+    assert portable.stat().st_size < 16 * 2**20
+    (tmp_path / "carried.safetensors").write_bytes(portable.read_bytes())
+    train_base(cfg("chunks"))
+    a, b = state("straight"), state("chunks")
+    assert a["step"] == b["step"] == 4
+    for key in ("unet", "text_encoder"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key  # same machine: bit-exact
+    assert all(torch.equal(x, y) for x, y in zip(a["ema"], b["ema"]))
+    assert all(
+        torch.equal(a["opt"]["state"][i]["exp_avg_sq"], b["opt"]["state"][i]["exp_avg_sq"])
+        for i in a["opt"]["state"]
+    )
+    assert not torch.equal(a["unet"]["conv_in.weight"], half["unet"]["conv_in.weight"])  # it trained
+
+    train_base(cfg("elsewhere", resume_from=str(tmp_path / "carried.safetensors")))
+    log = (tmp_path / "elsewhere" / "logs" / "base.jsonl").read_text()
+    assert '"event": "resume_from"' in log and '"step": 2,' in log and '"step": 3,' in log
+    assert state("elsewhere")["step"] == 4
+    # the compact state installs as a pipeline: the same EMA weights as the run's own pipeline folder
+    from diffusers import UNet2DConditionModel
+
+    install_portable_state(
+        tmp_path / "elsewhere" / PORTABLE_STATE, default_base_model_path(), tmp_path / "installed"
+    )
+    got, want = (
+        UNet2DConditionModel.from_pretrained(tmp_path / d, subfolder="unet")
+        for d in ("installed", "elsewhere/pipeline")
+    )
+    assert all(torch.equal(x, y) for x, y in zip(got.state_dict().values(), want.state_dict().values()))
+    with pytest.raises(ValueError, match="not a toy base state"):
+        train_base(
+            cfg(
+                "bad",
+                resume_from=str(default_base_model_path() / "unet" / "diffusion_pytorch_model.safetensors"),
+            )
+        )

@@ -7,7 +7,7 @@ Layout written by :func:`build_dataset` (paths in ``metadata.jsonl`` are relativ
     normal/000000.png        normals in the ControlNet 1.1 colours (blue = facing the camera)
     segmentation/000000.png  classes in ADE20K colours
     metadata.jsonl           {"image", "text", "depth", "normal", "segmentation"} per line
-    dataset_info.json        what was rendered (n, seed, split, resolution, renderer version)
+    dataset_info.json        what was rendered (n, seed, split, domain, resolution, renderer version)
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..utils import atomic_dir, cache_root
+from .domains import get_domain
 from .labels import classes_to_ade_rgb
 from .scene import split_seed
 from .world import normal_to_rgb, render_scenes
@@ -38,8 +39,15 @@ def _to_uint8(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def _info(n: int, seed: int, resolution: int, split: str) -> dict:
-    return {"n": n, "seed": seed, "resolution": resolution, "split": split, "render_version": RENDER_VERSION}
+def _info(n: int, seed: int, resolution: int, split: str, domain: str) -> dict:
+    return {
+        "n": n,
+        "seed": seed,
+        "resolution": resolution,
+        "split": split,
+        "domain": domain,
+        "render_version": RENDER_VERSION,
+    }
 
 
 def _is_complete(folder: Path, info: dict) -> bool:
@@ -53,6 +61,7 @@ def _is_complete(folder: Path, info: dict) -> bool:
             )
         return False
     found = json.loads(info_file.read_text())
+    found.setdefault("domain", "default")  # written before domains existed
     if found != info:
         if found.get("render_version") != RENDER_VERSION:
             return False  # an older renderer's cache: rebuild it in place
@@ -67,7 +76,12 @@ def _is_complete(folder: Path, info: dict) -> bool:
 
 
 def build_dataset(
-    out_dir: str | os.PathLike, n: int, seed: int, resolution: int = 64, split: str = "train"
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int,
+    resolution: int = 64,
+    split: str = "train",
+    domain: str = "default",
 ) -> Path:
     """Render ``n`` toy-world scenes and write them as a ``metadata.jsonl`` image folder.
 
@@ -81,12 +95,13 @@ def build_dataset(
         seed (`int`): scene stream.
         resolution (`int`, defaults to 64): image size.
         split (`str`, defaults to `"train"`): which seed stream, e.g. ``"train"`` or ``"validation"``.
+        domain (`str`, defaults to `"default"`): the toy-world domain (:func:`~.domains.domain_names`).
 
     Returns:
         `pathlib.Path`: ``out_dir``.
 
     Raises:
-        ValueError: for a bad ``n``, ``resolution`` or ``split``.
+        ValueError: for a bad ``n``, ``resolution``, ``split`` or ``domain``.
         FileExistsError: if ``out_dir`` holds something else (another dataset or other files).
     """
     from PIL import Image
@@ -98,10 +113,14 @@ def build_dataset(
         problems.append(f"resolution must be a positive multiple of 8 (e.g. 64 or 128), got {resolution!r}")
     if not isinstance(split, str) or not split.isidentifier():
         problems.append(f"split must be a name such as 'train' or 'validation', got {split!r}")
+    try:
+        get_domain(domain)
+    except ValueError as err:
+        problems.append(str(err))
     if problems:
         raise ValueError("build_dataset: " + "; ".join(problems))
     folder = Path(out_dir)
-    info = _info(n, int(seed), resolution, split)
+    info = _info(n, int(seed), resolution, split, domain)
     if _is_complete(folder, info):
         return folder
     stream = split_seed(int(seed), split)
@@ -113,9 +132,12 @@ def build_dataset(
         device = "cuda" if torch.cuda.is_available() else None  # one renderer: same scenes on either device
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=n, desc=f"rendering toy-world {split} set", unit="scene")
+        what = f"{split} set" if domain == "default" else f"{domain} {split} set"
+        bar = tqdm(total=n, desc=f"rendering toy-world {what}", unit="scene")
         for lo in range(0, n, chunk):
-            out = render_scenes(min(chunk, n - lo), stream, resolution, start=lo, device=device)
+            out = render_scenes(
+                min(chunk, n - lo), stream, resolution, start=lo, device=device, domain=domain
+            )
             arrays = {
                 "images": _to_uint8(out["rgb"]),
                 "depth": _to_uint8(out["inv_depth"].expand(-1, 3, -1, -1)),
@@ -136,7 +158,9 @@ def build_dataset(
     return folder
 
 
-def default_dataset_dir(split: str = "train", n: int | None = None, resolution: int = 64) -> Path:
+def default_dataset_dir(
+    split: str = "train", n: int | None = None, resolution: int = 64, domain: str = "default"
+) -> Path:
     """The default target dataset: rendered into the user cache on first use, then reused.
 
     Lives in ``$DIFFTUNE_CACHE/toyworld/`` (else ``~/.cache/difftune_control/toyworld/``), seed 0.
@@ -146,6 +170,8 @@ def default_dataset_dir(split: str = "train", n: int | None = None, resolution: 
             ``"validation"`` (256 by default, held out: another seed stream).
         n (`int`, *optional*): number of scenes instead of the default.
         resolution (`int`, defaults to 64): image size.
+        domain (`str`, defaults to `"default"`): the toy-world domain (:func:`~.domains.domain_names`);
+            each domain has its own folder.
 
     Returns:
         `pathlib.Path`: the dataset folder (see :func:`build_dataset`).
@@ -156,5 +182,10 @@ def default_dataset_dir(split: str = "train", n: int | None = None, resolution: 
                 f"no default size for split {split!r}; pass n or use one of {sorted(DEFAULT_SIZES)}"
             )
         n = DEFAULT_SIZES[split]
+    get_domain(domain)  # an unknown name fails here, before a folder is named after it
     name = f"{split}-n{n}-{resolution}px-seed0-v{RENDER_VERSION}"
-    return build_dataset(cache_root() / "toyworld" / name, n=n, seed=0, resolution=resolution, split=split)
+    if domain != "default":  # the default domain keeps the folder it had before domains existed
+        name = f"{domain}-{name}"
+    return build_dataset(
+        cache_root() / "toyworld" / name, n=n, seed=0, resolution=resolution, split=split, domain=domain
+    )

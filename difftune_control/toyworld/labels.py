@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .palette import class_ids_to_colors
 from .world import TOY_CLASS_NAMES, normal_to_rgb
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ def classes_to_ade_rgb(classes: torch.Tensor) -> torch.Tensor:
     Returns:
         `torch.Tensor`: float32 ``[N, 3, H, W]`` in [0, 1].
     """
-    from ..extractors.palette import class_ids_to_colors
-
     if classes.ndim != 3:
         raise ValueError(f"classes must be [N, H, W], got shape {tuple(classes.shape)}")
     if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= len(TOY_CLASS_NAMES)):

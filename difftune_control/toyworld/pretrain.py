@@ -9,8 +9,9 @@ training seed stream), trains with bf16 autocast on CUDA, logs JSON lines to
   and word-level tokenizer, UNet, DDIM scheduler with SD 1.5's betas), EMA weights;
 - ``depth`` / ``normal`` / ``segmentation``: ``<out_dir>/annotators/<kind>.safetensors``.
 
-The base stage checkpoints its full state (``<out_dir>/checkpoints/base.pt``) and resumes from
-it; ``init_from`` continues from the weights of an earlier pipeline folder instead.
+The base stage (:mod:`.pretrain_base`) checkpoints its full state (``<out_dir>/checkpoints/base.pt``)
+and resumes from it; ``resume_from`` continues from the compact state of a run on another machine,
+``init_from`` from the weights of an earlier pipeline folder.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ from .models import (
     ANNOTATOR_KINDS,
     AnnotatorConfig,
     ToyAnnotator,
-    make_scheduler,
-    make_text_encoder,
-    make_unet,
 )
 from .models import make_vae as _make_vae
 from .scene import split_seed
@@ -61,6 +59,9 @@ class PretrainConfig:
     base_lr: float = 5e-4
     base_pool: int = 250_000
     base_warmup: int = 200
+    base_stop_at: int | None = None
+    """Stop the base stage (and save) once this optimizer step is reached; the learning-rate schedule
+    still spans ``base_steps``, so a run can be done in chunks (None: run to ``base_steps``)."""
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     """Share of empty prompts, for classifier-free guidance."""
@@ -68,7 +69,12 @@ class PretrainConfig:
     """Min-SNR loss weighting (Hang et al. 2023); None for the plain epsilon MSE."""
     save_every: int = 1000
     init_from: str | None = None
-    """Pipeline folder whose text encoder and UNet the base stage continues from."""
+    """Pipeline folder whose text encoder and UNet the base stage starts from (and whose VAE it uses
+    when ``<out_dir>/vae`` does not exist)."""
+    resume_from: str | None = None
+    """A ``base_ema.safetensors`` written by an earlier base run (e.g. on another machine): continue at
+    its step from its EMA weights with a fresh optimizer. ``<out_dir>/checkpoints/base.pt``, when it
+    exists, takes precedence (an exact resume)."""
     annotator_steps: int = 4000
     annotator_batch: int = 128
     annotator_lr: float = 1e-3
@@ -186,162 +192,6 @@ def train_vae(cfg: PretrainConfig) -> Path:
     vae.to(torch.float16).save_pretrained(out, safe_serialization=True)
     log(event="saved", path=str(out), scaling_factor=round(scaling, 5))
     return out
-
-
-def _ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], decay: float) -> None:
-    torch._foreach_lerp_(ema, params, 1.0 - decay)
-
-
-def save_pipeline(folder: Path, vae, text_encoder, tokenizer, unet) -> Path:
-    """Save a ``StableDiffusionPipeline`` folder (fp16 safetensors, no safety checker)."""
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-
-    from .tokenizer import tokenizer_files
-
-    pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(vae).to("cpu", torch.float16),
-        text_encoder=copy.deepcopy(text_encoder).to("cpu", torch.float16),
-        tokenizer=tokenizer,
-        unet=copy.deepcopy(unet).to("cpu", torch.float16),
-        scheduler=make_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    # transformers 5 writes only tokenizer.json; keep CLIP's classic vocab.json + merges.txt beside it
-    # so that every loader (slow or fast, old or new) finds the word-level vocabulary.
-    # The weights are stored in fp16, but like diffusers' models (which load in float32 unless told
-    # otherwise) the text encoder should load in float32 by default, so that
-    # StableDiffusionPipeline.from_pretrained(path) without torch_dtype gets one dtype throughout.
-    te_config = Path(folder) / "text_encoder" / "config.json"
-    config = json.loads(te_config.read_text())
-    config["dtype"] = "float32"
-    te_config.write_text(json.dumps(config, indent=2) + "\n")
-    for part in ("vae", "unet"):  # drop the training machine's paths recorded by from_pretrained
-        cfg_file = Path(folder) / part / "config.json"
-        config = json.loads(cfg_file.read_text())
-        config.pop("_name_or_path", None)
-        cfg_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    vocab, merges = tokenizer_files()
-    (Path(folder) / "tokenizer" / "vocab.json").write_text(
-        json.dumps(vocab, indent=0, ensure_ascii=False) + "\n"
-    )
-    (Path(folder) / "tokenizer" / "merges.txt").write_text("\n".join(merges) + "\n")
-    return folder
-
-
-def train_base(cfg: PretrainConfig) -> Path:
-    """Train the CLIP text encoder and the UNet jointly on the VAE's latents (epsilon prediction)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline
-
-    from .tokenizer import build_tokenizer
-
-    _setup(cfg)
-    log = _Log(cfg, "base")
-    out_dir = Path(cfg.out_dir)
-    dev = cfg.device
-    tokenizer = build_tokenizer()
-    vae = AutoencoderKL.from_pretrained(out_dir / "vae", torch_dtype=torch.float32).to(dev).eval()
-    if cfg.init_from:
-        init = StableDiffusionPipeline.from_pretrained(cfg.init_from, torch_dtype=torch.float32)
-        text_encoder, unet = init.text_encoder, init.unet
-        log(event="init_from", path=cfg.init_from)
-    else:
-        text_encoder = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-        unet = make_unet(cfg.resolution // 4, text_encoder.config.hidden_size)
-    text_encoder.to(dev).train()
-    unet.to(dev, memory_format=torch.channels_last).train()
-    sched = DDPMScheduler.from_config(make_scheduler().config)
-
-    # Data: a pool of scenes -> posterior mean / std of the latents and token ids of the captions.
-    pool = _render_pool(cfg.base_pool, cfg, cfg.resolution)
-    ids = tokenizer(pool["captions"], padding="max_length", max_length=tokenizer.model_max_length,
-                    truncation=True, return_tensors="pt").input_ids.to(dev)  # fmt: skip
-    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-    empty_ids = empty.input_ids.to(dev)
-    means, stds = [], []
-    with torch.no_grad(), _autocast(dev):
-        for batch in pool["rgb"].split(2048):
-            dist = vae.encode(batch.float() / 127.5 - 1.0).latent_dist
-            means.append(dist.mean.half())
-            stds.append(dist.std.half())
-    lat_mean, lat_std = torch.cat(means), torch.cat(stds)
-    del pool["rgb"], means, stds
-    sf = vae.config.scaling_factor
-    log(event="pool", scenes=len(lat_mean), scaling_factor=sf)
-
-    params = [p for m in (text_encoder, unet) for p in m.parameters()]
-    ema = [p.detach().clone() for p in params]
-    opt = torch.optim.AdamW(params, lr=cfg.base_lr, weight_decay=1e-2, fused=dev.startswith("cuda"))
-    gen = torch.Generator(dev).manual_seed(cfg.seed + 1)
-    ckpt = out_dir / "checkpoints" / "base.pt"
-    start = 0
-    if ckpt.exists():
-        state = torch.load(ckpt, map_location=dev, weights_only=False)
-        text_encoder.load_state_dict(state["text_encoder"])
-        unet.load_state_dict(state["unet"])
-        opt.load_state_dict(state["opt"])
-        for e, v in zip(ema, state["ema"]):
-            e.copy_(v)
-        gen.set_state(state["gen"].cpu() if dev == "cpu" else state["gen"])
-        start = state["step"]
-        log(event="resume", step=start)
-    alphas = sched.alphas_cumprod.to(dev)
-    snr = alphas / (1 - alphas)
-
-    def save(step: int) -> None:
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"text_encoder": text_encoder.state_dict(), "unet": unet.state_dict(), "opt": opt.state_dict(),
-                    "ema": ema, "gen": gen.get_state(), "step": step}, ckpt)  # fmt: skip
-        with torch.no_grad():
-            live = [p.detach().clone() for p in params]
-            torch._foreach_copy_(params, ema)  # write the EMA weights into the models for saving
-            save_pipeline(out_dir / "pipeline", vae, text_encoder, tokenizer, unet)
-            torch._foreach_copy_(params, live)
-        log(event="saved", step=step, path=str(out_dir / "pipeline"))
-
-    t0, step, saved = time.time(), start, False
-    for step in range(start, cfg.base_steps):
-        lr = _cosine_lr(step, cfg.base_steps, cfg.base_lr, cfg.base_warmup)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        b = cfg.base_batch
-        idx = torch.randint(len(lat_mean), (b,), device=dev, generator=gen)
-        eps_lat = torch.randn(lat_mean[idx].shape, device=dev, generator=gen)
-        latents = (lat_mean[idx].float() + lat_std[idx].float() * eps_lat) * sf
-        drop = torch.rand(b, device=dev, generator=gen) < cfg.caption_dropout
-        tokens = torch.where(drop[:, None], empty_ids, ids[idx])
-        noise = torch.randn(latents.shape, device=dev, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
-        noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
-        with _autocast(dev):
-            hidden = text_encoder(tokens)[0]
-            pred = unet(noisy, t, hidden).sample.float()
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:
-            per_sample = per_sample * snr[t].clamp(max=cfg.min_snr_gamma) / snr[t]
-        loss = per_sample.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        _ema_update(ema, params, min(cfg.ema_decay, (1 + step) / (10 + step)))
-        if step % cfg.log_every == 0:
-            rate = (step + 1 - start) / max(time.time() - t0, 1e-6)
-            log(step=step, loss=round(loss.item(), 5), lr=lr, steps_per_s=round(rate, 2))
-        saved = (step + 1) % cfg.save_every == 0
-        if saved:
-            save(step + 1)
-        if cfg.time_budget and time.time() - t0 > cfg.time_budget:
-            log(event="time_budget", step=step + 1)
-            saved = False
-            break
-    if not saved:
-        save(step + 1)
-    return out_dir / "pipeline"
 
 
 def _annotator_loss(kind: str, pred: torch.Tensor, batch: dict) -> torch.Tensor:

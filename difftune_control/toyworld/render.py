@@ -2,9 +2,10 @@
 
 Each pixel casts analytic rays against the floor and the scene's objects (spheres, cylinders and
 cones as bounded quadrics, boxes as slabs), keeps the nearest hit, and shades it with a
-directional light, hard shadows (a second ray towards the light), ambient light, a specular
-highlight, distance haze on the floor and a sky gradient. RGB is supersampled on an S x S grid
-inside each pixel; depth, normals and classes are exact values at the pixel centre.
+directional light (of the scene's colour), hard shadows (a second ray towards the light), coloured
+ambient light, a specular highlight, distance haze on the floor and a sky gradient. RGB is
+supersampled on an S x S grid inside each pixel; depth, normals and classes are exact values at
+the pixel centre.
 
 Camera space is OpenGL's: x right, y up, z towards the viewer (the camera looks along -z).
 """
@@ -252,7 +253,7 @@ def _shade(scenes: SceneBatch, dirs, kind, slot, p, n) -> tuple[torch.Tensor, to
     is_obj = kind == 2
     spec = torch.where(is_obj, 0.35 * n_dot_h.pow(24.0) * visible, 0.0)
     ambient = scenes.ambient[:, None]
-    light_amount = ambient + (1.0 - ambient) * n_dot_l  # [N, P]
+    direct = (1.0 - ambient) * n_dot_l  # [N, P]
     out = []
     dist = (p[0] - scenes.cam_pos[:, 0:1]) ** 2 + (p[2] - scenes.cam_pos[:, 2:3]) ** 2
     haze = 1.0 - torch.exp(-dist.sqrt() / 30.0)
@@ -261,7 +262,9 @@ def _shade(scenes: SceneBatch, dirs, kind, slot, p, n) -> tuple[torch.Tensor, to
         obj_albedo = _gather_slot(scenes.albedo[..., i], slot)
         floor_c = scenes.floor_albedo[:, i : i + 1]
         horizon, zenith = scenes.sky_horizon[:, i : i + 1], scenes.sky_zenith[:, i : i + 1]
-        surface = torch.where(is_obj, obj_albedo, floor_c) * light_amount + spec
+        light_c, ambient_c = scenes.light_colour[:, i : i + 1], scenes.ambient_colour[:, i : i + 1]
+        light_amount = ambient * ambient_c + direct * light_c  # [N, P]; white light: ambient + direct
+        surface = torch.where(is_obj, obj_albedo, floor_c) * light_amount + spec * light_c
         surface = torch.where(is_obj, surface, surface + (horizon - surface) * haze)
         sky = horizon + (zenith - horizon) * sky_t
         out.append(torch.where(lit, surface, sky))

@@ -11,7 +11,7 @@ camera looks at them from the +z side.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -39,13 +39,73 @@ FLOOR_COLOURS: dict[str, tuple[float, float, float]] = {
     "black": (0.13, 0.13, 0.14),
 }
 
-# Probability of 1, 2, 3, 4 objects: one- and two-object scenes dominate, since those are the
-# prompts whose text following is measured.
-_N_OBJECT_PROBS = (0.30, 0.35, 0.20, 0.15)
 _ROW_WIDTH = 3.2  # objects are spread over x in [-1.6, 1.6] (world units), one bin each
-_DEPTH_SPREAD = 2.4  # and over z in [-1.2, 1.2]
 _MASK32 = 0xFFFFFFFF
 _N_SLOTS = 64  # random numbers per scene; append new parameters at the end to keep old scenes
+
+
+RGB = tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A parameterisation of the scene sampler and the renderer's lights: one toy-world domain.
+
+    The defaults are the world the shipped base model was trained on (``"default"``); a shifted
+    domain (:mod:`.domains`) changes some of them. Every field enters the same code path, so a
+    domain changes what is drawn, never how a scene is drawn, and the default domain's scenes are
+    the same as before domains existed. Ranges are ``(low, span)``: the value is
+    ``low + span * u`` with ``u`` uniform in [0, 1).
+    """
+
+    name: str = "default"
+    """Registry name (lowercase)."""
+    description: str = "the world the shipped base model was trained on"
+    """One line for listings and docs."""
+    n_object_probs: tuple[float, ...] = (0.30, 0.35, 0.20, 0.15)
+    """Probability of 1, 2, 3, 4 objects (one- and two-object scenes dominate by default, since
+    those are the prompts whose text following is measured)."""
+    depth_spread: float = 2.4
+    """Objects stand at z in [-depth_spread / 2, depth_spread / 2] (world units)."""
+    colours: dict[str, RGB] = field(default_factory=lambda: dict(COLOURS))
+    """Object colours (name -> albedo); names are what captions say."""
+    floor_colours: dict[str, RGB] = field(default_factory=lambda: dict(FLOOR_COLOURS))
+    """Floor colours (name -> albedo)."""
+    camera_distance: tuple[float, float] = (4.3, 1.3)
+    """Distance of the camera from its target, ``(low, span)``."""
+    light_elevation: tuple[float, float] = (35.0, 35.0)
+    """Elevation of the directional light in degrees, ``(low, span)``; low light casts long shadows."""
+    light_colour: RGB = (1.0, 1.0, 1.0)
+    """Colour (and intensity) of the directional light, multiplied into its diffuse and specular terms."""
+    ambient: tuple[float, float] = (0.22, 0.16)
+    """Share of ambient light, ``(low, span)``."""
+    ambient_colour: RGB = (1.0, 1.0, 1.0)
+    """Colour of the ambient light."""
+    sky_horizon: tuple[RGB, RGB] = ((0.80, 0.80, 0.80), (0.12, 0.12, 0.12))
+    """Sky colour at the horizon (also the haze colour), per channel ``(low, span)``."""
+    sky_zenith: tuple[RGB, RGB] = ((0.30, 0.50, 0.85), (0.20, 0.15, 0.10))
+    """Sky colour overhead, per channel ``(low, span)``."""
+
+    def problems(self) -> list[str]:
+        """Every inconsistency of the parameters (empty when the domain is valid)."""
+        out = []
+        if not self.name or self.name != self.name.lower() or not self.name.replace("_", "a").isalnum():
+            out.append(f"name must be lowercase letters, digits and '_', got {self.name!r}")
+        probs = self.n_object_probs
+        if len(probs) != MAX_OBJECTS or min(probs) < 0 or abs(sum(probs) - 1.0) > 1e-6:
+            out.append(f"n_object_probs must be {MAX_OBJECTS} probabilities summing to 1, got {probs}")
+        if not self.colours or not self.floor_colours:
+            out.append("colours and floor_colours must name at least one colour each")
+        for what, table in (("colours", self.colours), ("floor_colours", self.floor_colours)):
+            for cname, rgb in table.items():
+                if len(rgb) != 3 or not all(0.0 <= c <= 1.0 for c in rgb):
+                    out.append(f"{what}[{cname!r}] must be 3 values in [0, 1], got {rgb}")
+        lo, span = self.light_elevation
+        if not (0.0 < lo and span >= 0.0 and lo + span <= 90.0):
+            out.append(f"light_elevation must stay within (0, 90] degrees, got {self.light_elevation}")
+        if self.depth_spread < 0 or self.camera_distance[0] <= 2.0:
+            out.append("depth_spread must be >= 0 and camera_distance's low end > 2 world units")
+        return out
 
 
 def vocabulary() -> list[str]:
@@ -120,7 +180,7 @@ class SceneBatch:
     index: torch.Tensor  # [N] int64 scene indices
     active: torch.Tensor  # [N, K] bool: slot holds an object
     shape: torch.Tensor  # [N, K] int64 index into SHAPES
-    colour: torch.Tensor  # [N, K] int64 index into COLOURS
+    colour: torch.Tensor  # [N, K] int64 index into the domain's object colours
     albedo: torch.Tensor  # [N, K, 3]
     centre: torch.Tensor  # [N, K, 3] foot point on the floor (y = 0)
     yaw: torch.Tensor  # [N, K] rotation about the vertical axis, radians
@@ -130,7 +190,9 @@ class SceneBatch:
     tan_half_fov: torch.Tensor  # [N]
     light_dir: torch.Tensor  # [N, 3] unit vector towards the light
     ambient: torch.Tensor  # [N]
-    floor_colour: torch.Tensor  # [N] int64 index into FLOOR_COLOURS
+    light_colour: torch.Tensor  # [N, 3] colour of the directional light
+    ambient_colour: torch.Tensor  # [N, 3] colour of the ambient light
+    floor_colour: torch.Tensor  # [N] int64 index into the domain's floor colours
     floor_albedo: torch.Tensor  # [N, 3]
     sky_horizon: torch.Tensor  # [N, 3]
     sky_zenith: torch.Tensor  # [N, 3]
@@ -140,16 +202,20 @@ class SceneBatch:
         return int(self.index.shape[0])
 
 
-def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
+def sample_scenes(seed: int, index: torch.Tensor, domain: Domain | None = None) -> SceneBatch:
     """Draw the scene graphs of the scenes ``index`` of stream ``seed``.
 
     Args:
         seed (`int`): the stream.
         index (`torch.Tensor`): int64 ``[N]`` scene indices (on the device to draw on).
+        domain ([`Domain`], *optional*): the sampler's parameters; the default world when omitted.
+            Every domain draws the same random numbers in the same order, so scene ``i`` of a
+            shifted domain is scene ``i`` of the default world with the domain's changes.
 
     Returns:
         [`SceneBatch`]: the scenes' objects, camera, light, floor and sky.
     """
+    dom = domain if domain is not None else Domain()
     k = MAX_OBJECTS
     dev = index.device
     table = hash_uniform(seed, index[:, None], torch.arange(_N_SLOTS, device=dev)[None, :])  # [N, S]
@@ -162,13 +228,13 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
         used += count
         return draws.reshape(index.shape[0], *shape)
 
-    cum = torch.tensor(_N_OBJECT_PROBS, device=dev).cumsum(0)
+    cum = torch.tensor(dom.n_object_probs, device=dev).cumsum(0)
     n_obj = 1 + (u()[:, None] > cum[None, :-1]).sum(dim=1)  # [N] in 1..4
     slots = torch.arange(k, device=dev)
     active = slots[None, :] < n_obj[:, None]  # [N, K]
     shape = (u(k) * len(SHAPES)).long().clamp_max(len(SHAPES) - 1)
-    colour = (u(k) * len(COLOURS)).long().clamp_max(len(COLOURS) - 1)
-    palette = torch.tensor(list(COLOURS.values()), device=dev)
+    colour = (u(k) * len(dom.colours)).long().clamp_max(len(dom.colours) - 1)
+    palette = torch.tensor(list(dom.colours.values()), device=dev)
     albedo = palette[colour]
 
     # One x-bin per object, in random order, so objects never interpenetrate.
@@ -178,7 +244,7 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
     footprint = torch.minimum(0.32 + 0.30 * u(k), 0.46 * bin_w)
     bin_centre = -_ROW_WIDTH / 2 + (rank + 0.5) * bin_w
     x = bin_centre + (u(k) - 0.5) * 1.6 * (bin_w / 2 - footprint).clamp_min(0.0)
-    z = (u(k) - 0.5) * _DEPTH_SPREAD
+    z = (u(k) - 0.5) * dom.depth_spread
     centre = torch.stack([x, torch.zeros_like(x), z], dim=-1)
     yaw = u(k) * (math.pi / 2)
     hfac = u(k)
@@ -196,7 +262,7 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
 
     azim = (u() - 0.5) * math.radians(50.0)
     elev = math.radians(12.0) + u() * math.radians(20.0)
-    dist = 4.3 + 1.3 * u()
+    dist = dom.camera_distance[0] + dom.camera_distance[1] * u()
     target = torch.stack([(u() - 0.5) * 0.6, 0.35 + 0.25 * u(), (u() - 0.5) * 0.6], dim=-1)
     offset = torch.stack(
         [torch.sin(azim) * torch.cos(elev), torch.sin(elev), torch.cos(azim) * torch.cos(elev)], -1
@@ -205,18 +271,18 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
     tan_half_fov = torch.tan(torch.deg2rad(18.0 + 4.0 * u()))
 
     l_azim = u() * 2 * math.pi
-    l_elev = math.radians(35.0) + u() * math.radians(35.0)
+    l_elev = math.radians(dom.light_elevation[0]) + u() * math.radians(dom.light_elevation[1])
     light_dir = torch.stack(
         [torch.cos(l_elev) * torch.sin(l_azim), torch.sin(l_elev), torch.cos(l_elev) * torch.cos(l_azim)], -1
     )
-    ambient = 0.22 + 0.16 * u()
-    floor_colour = (u() * len(FLOOR_COLOURS)).long().clamp_max(len(FLOOR_COLOURS) - 1)
-    floor_albedo = torch.tensor(list(FLOOR_COLOURS.values()), device=dev)[floor_colour]
+    ambient = dom.ambient[0] + dom.ambient[1] * u()
+    floors = dom.floor_colours
+    floor_colour = (u() * len(floors)).long().clamp_max(len(floors) - 1)
+    floor_albedo = torch.tensor(list(floors.values()), device=dev)[floor_colour]
     tint = u(3)
-    sky_horizon = 0.80 + 0.12 * tint
-    sky_zenith = torch.stack(
-        [0.30 + 0.20 * tint[:, 0], 0.50 + 0.15 * tint[:, 1], 0.85 + 0.10 * tint[:, 2]], -1
-    )
+    (h_lo, h_span), (z_lo, z_span) = dom.sky_horizon, dom.sky_zenith
+    sky_horizon = torch.stack([h_lo[c] + h_span[c] * tint[:, c] for c in range(3)], -1)
+    sky_zenith = torch.stack([z_lo[c] + z_span[c] * tint[:, c] for c in range(3)], -1)
     return SceneBatch(
         index=index,
         active=active,
@@ -231,6 +297,8 @@ def sample_scenes(seed: int, index: torch.Tensor) -> SceneBatch:
         tan_half_fov=tan_half_fov,
         light_dir=light_dir,
         ambient=ambient,
+        light_colour=torch.tensor(dom.light_colour, device=dev).expand(len(index), 3),
+        ambient_colour=torch.tensor(dom.ambient_colour, device=dev).expand(len(index), 3),
         floor_colour=floor_colour,
         floor_albedo=floor_albedo,
         sky_horizon=sky_horizon,

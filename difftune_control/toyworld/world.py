@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .domains import get_domain
 from .render import BACKGROUND_DEPTH, render_batch
-from .scene import COLOURS, FLOOR_COLOURS, MAX_OBJECTS, SHAPES, make_caption, sample_scenes
+from .scene import MAX_OBJECTS, SHAPES, Domain, make_caption, sample_scenes
 
 TOY_CLASS_NAMES: tuple[str, ...] = ("background", "floor", *SHAPES)
 """Names of the class ids in ``classes`` maps: 0 background (sky), 1 floor, 2.. one per shape."""
@@ -60,7 +61,7 @@ def rgb_to_normal(rgb: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize((rgb * 2.0 - 1.0) * sign, dim=1)
 
 
-def _visible_objects(out: dict, scenes, res: int) -> list[list[dict]]:
+def _visible_objects(out: dict, scenes, res: int, colours: list[str]) -> list[list[dict]]:
     """Per scene: the objects that cover at least ``VISIBLE_FRACTION`` of the image."""
     n, k = len(scenes), MAX_OBJECTS
     slot = out["slot"].reshape(n, -1)  # [N, P], -1 where no object
@@ -75,7 +76,7 @@ def _visible_objects(out: dict, scenes, res: int) -> list[list[dict]]:
     sum_d = zeros.scatter_add(1, idx, depth * hit)
     stats = torch.stack([count, sum_x, sum_d], -1).cpu()
     shape, colour = scenes.shape.cpu(), scenes.colour.cpu()
-    colours, shapes = list(COLOURS), list(SHAPES)
+    shapes = list(SHAPES)
     result = []
     for i in range(n):
         objs = []
@@ -104,6 +105,7 @@ def render_scenes(
     start: int = 0,
     supersample: int = 2,
     chunk: int | None = None,
+    domain: str | Domain = "default",
 ) -> dict:
     """Render ``n`` toy-world scenes with exact depth, normals, classes and captions.
 
@@ -119,6 +121,8 @@ def render_scenes(
         supersample (`int`, defaults to 2): RGB samples per pixel along each axis (antialiasing).
         chunk (`int`, *optional*): scenes per ray-casting pass (memory vs speed); when omitted,
             32 (CPU) or 8192 (GPU) at 64 px, fewer at higher resolutions.
+        domain (`str` or [`Domain`], defaults to `"default"`): which world to draw from
+            (:func:`~.domains.domain_names`); ``"default"`` is the base model's own world.
 
     Returns:
         `dict` with
@@ -144,6 +148,10 @@ def render_scenes(
         problems.append(f"supersample must be an int >= 1, got {supersample!r}")
     if not isinstance(start, int) or start < 0:
         problems.append(f"start must be a non-negative int, got {start!r}")
+    try:
+        dom = get_domain(domain)
+    except ValueError as err:
+        problems.append(str(err))
     if problems:
         raise ValueError("render_scenes: " + "; ".join(problems))
     dev = _resolve_device(device)
@@ -151,11 +159,11 @@ def render_scenes(
     index = torch.arange(start, start + n, dtype=torch.int64, device=dev)
     parts: dict[str, list] = {k: [] for k in ("rgb", "depth", "normal", "classes", "objects")}
     captions, floors = [], []
-    floor_names = list(FLOOR_COLOURS)
+    floor_names, colour_names = list(dom.floor_colours), list(dom.colours)
     for lo in range(0, n, chunk):
-        scenes = sample_scenes(seed, index[lo : lo + chunk])
+        scenes = sample_scenes(seed, index[lo : lo + chunk], dom)
         out = render_batch(scenes, resolution, supersample)
-        objects = _visible_objects(out, scenes, resolution)
+        objects = _visible_objects(out, scenes, resolution, colour_names)
         phrasing = scenes.phrasing.tolist()
         for i, floor in enumerate(scenes.floor_colour.tolist()):
             floors.append(floor_names[floor])
