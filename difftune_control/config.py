@@ -684,8 +684,6 @@ def add_config_arguments(
                 kw["type"] = typing.get_args(tp)[0]
             else:
                 kw["type"] = f.metadata.get("parse", tp)
-            if "metavar" in f.metadata:
-                kw["metavar"] = f.metadata["metavar"]
             group.add_argument(f"--{f.name}", dest=f"{name}.{f.name}" if overlay else f.name, **kw)
 
 

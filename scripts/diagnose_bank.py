@@ -28,6 +28,19 @@ from pathlib import Path
 import torch
 
 
+@torch.no_grad()
+def posterior_draw(vae, latents: torch.Tensor, seed: int, batch: int = 64) -> torch.Tensor:
+    """A draw from the VAE posterior of each bank sample: decode the stored mean, re-encode, sample."""
+    from difftune_control.validation import decode_latents, encode_images
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, len(latents), batch):
+        images = decode_latents(vae, latents[i : i + batch].to(vae.device, vae.dtype))
+        out.append(encode_images(vae, images, sample_posterior=True, generator=g).to(latents.dtype).cpu())
+    return torch.cat(out)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=64, help="target rows per measurement (and bank rows)")
@@ -39,6 +52,13 @@ def main() -> int:
         help="timestep of the probe: bank rows against target latents with the bank's prompts and hints "
         "(does the pull come from the bank's latents?). Hints cannot matter at step 0: the hint "
         "encoder's last convolution starts at zero too",
+    )
+    p.add_argument(
+        "--bank_posterior",
+        choices=["mean", "sample"],
+        default="mean",
+        help="bank latents as stored (the VAE posterior mean of each re-encoded sample) or, like the target "
+        "rows, a draw from that posterior (mean + std * noise, the std from re-encoding the decoded sample)",
     )
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     p.add_argument("train_args", nargs="*", help="difftune train flags (after --)")
@@ -70,6 +90,8 @@ def main() -> int:
     bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
     crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
     empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()
+    if args.bank_posterior == "sample":
+        bank.latents = posterior_draw(base.vae, bank.latents, cfg.train.seed)
     controlnet = make_controlnet(cfg.model, base.unet).to(acc.device)
     trainer = DiffTuningTrainer(cfg, acc, base, controlnet, target, empty, bank)
 
@@ -129,6 +151,7 @@ def main() -> int:
             "per_t": rows,
             "plan": whole,
             "probe_t": args.probe_t,
+            "bank_posterior": args.bank_posterior,
             "probe": probe,
             **spread,
         }
