@@ -107,8 +107,9 @@ def warn_if_bank_dominates(check: dict, retention: str) -> bool:
         "first teach the ControlNet to correct the base instead of following the hint; on the toy world "
         "this delayed or prevented sudden convergence (BENCHMARKS.md section 2)."
         + (
-            " Consider --retention trajectory (the base's own predictions as bank targets) or "
-            "--split psi-only (no bank)."
+            " Use --bank_weight auto (the default: lambda set so the bank pulls --bank_pull times as hard as "
+            "the data) with --bank_hint zero (null-condition bank rows), or --retention trajectory (the "
+            "base's own predictions as bank targets); BENCHMARKS.md section 0 compares them."
             if retention == "renoise"
             else ""
         )

@@ -65,6 +65,7 @@ def test_warning_names_the_remedy(caplog):
         assert not warn_if_bank_dominates({**check, "ratio": 0.4}, "renoise")
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "1.20x" in warning[0].getMessage()
+    assert "--bank_weight auto" in warning[0].getMessage()
     assert "--retention trajectory" in warning[0].getMessage()
 
 
