@@ -9,7 +9,9 @@ run's extractor computes from the image (``bank_hint="extracted"``) or zeros (``
 Folder layout::
 
     <bank_dir>/
-      shard-00000.safetensors   "latents" f32 [n,C,h,w], "encoder_hidden_states" f16 [n,L,D],
+      shard-00000.safetensors   "latents" f32 [n,C,h,w] (posterior mean), "latent_std" f16 [n,C,h,w]
+                                (posterior std: training draws mean + std * noise, as for target rows
+                                with --bank_latents sample), "encoder_hidden_states" f16 [n,L,D],
       shard-00001.safetensors   "hints" u8 [n,3,R,R], "indices"/"seeds" i64 [n]; SDXL also its added
                                 conditioning, "text_embeds" f16 [n,P] and "time_ids" f32 [n,6];
       ...                       metadata: "prompts" (JSON list), "bank_key" (manifest hash);
@@ -49,7 +51,7 @@ from difftune_control.utils import atomic_save_safetensors, atomic_write_text, c
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards also hold the posterior std ("latent_std")
 SHARD_SIZE = 256
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 MANIFEST, PROGRESS, PREVIEW, LOCK = "manifest.json", "progress.json", "preview.png", ".lock"
@@ -324,13 +326,13 @@ class _Build:
         on_batch: Callable[[int], None],
     ) -> None:
         """Generate shard ``s`` and write it atomically; batches never cross shards (reproducible)."""
-        from difftune_control.validation import encode_images, sample_images
+        from difftune_control.validation import encode_posterior, sample_images
 
         m, key = self.models, self.key
         indices = self.ranges[s]
         seeds = [sample_seed(key["seed"], i) for i in indices]
         shard_prompts = [prompts[i] for i in indices]
-        latents, embeds, hints, extras, added_parts = [], [], [], [], []
+        latents, stds, embeds, hints, extras, added_parts = [], [], [], [], [], []
         step = int(self.config.bank_batch_size)
         if self.distill is not None:
             order = bank_sample_indices(len(self.prompts), key["size"], key["seed"])
@@ -359,7 +361,9 @@ class _Build:
                 on_step=extra.recorder if extra is not None else None,
             )
             # On-manifold latents: re-encode the decoded images (DESIGN.md section 1).
-            latents.append(encode_images(m["vae"], images).float().cpu())
+            mean, std = encode_posterior(m["vae"], images)
+            latents.append(mean.float().cpu())
+            stds.append(std.to(torch.float16).cpu())
             embeds.append(emb.cpu())
             added_parts.append({k: v.cpu() for k, v in added.items()})
             hints.append(
@@ -370,6 +374,7 @@ class _Build:
         emb16 = emb_all.to(torch.float16)
         tensors = {
             "latents": torch.cat(latents),
+            "latent_std": torch.cat(stds),
             "encoder_hidden_states": emb16 if torch.isfinite(emb16).all() else emb_all.float(),
             "hints": torch.cat(hints),
             "indices": torch.tensor(list(indices), dtype=torch.int64),
@@ -638,6 +643,7 @@ class BankDataset(torch.utils.data.Dataset):
                 "run `difftune bank` with the same settings to regenerate them"
             )
         self.latents = torch.cat([s["latents"] for s in shards])
+        self.latent_std = torch.cat([s["latent_std"] for s in shards])  # fp16: the posterior's spread
         embeds = [s["encoder_hidden_states"] for s in shards]
         if len({e.dtype for e in embeds}) > 1:  # a shard kept fp32 because fp16 overflowed
             embeds = [e.float() for e in embeds]
@@ -671,14 +677,23 @@ class BankDataset(torch.utils.data.Dataset):
         }
 
     def batch(
-        self, indices: torch.Tensor, device: torch.device | str | None = None
+        self,
+        indices: torch.Tensor,
+        device: torch.device | str | None = None,
+        posterior_generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """The rows ``indices`` stacked, on ``device``: the same values as ``__getitem__``, without a Python loop.
 
-        Hints travel as uint8 and become float on the device (a quarter of the transfer).
+        With ``posterior_generator`` the latents are a draw from each sample's VAE posterior (mean + std *
+        noise, the noise from that CPU generator), as target rows are; else the posterior mean. Hints
+        travel as uint8 and become float on the device (a quarter of the transfer).
         """
+        latents = self.latents[indices].float()
+        if posterior_generator is not None:
+            noise = torch.randn(latents.shape, generator=posterior_generator)
+            latents = latents + self.latent_std[indices].float() * noise
         return {
-            "latents": to_device(self.latents[indices], device).float(),
+            "latents": to_device(latents, device).float(),
             "encoder_hidden_states": to_device(self.encoder_hidden_states[indices], device).float(),
             **{k: to_device(v[indices], device) for k, v in self.added.items()},
             "conditioning_pixel_values": to_device(self.hints[indices], device).float() / 255.0,

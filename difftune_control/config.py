@@ -152,6 +152,11 @@ class MethodConfig:
     bank_pull_every: int = _f(
         200, "--bank_weight auto: re-measure the pulls every N optimizer steps (0 = at step 0 only)."
     )
+    bank_latents: Literal["mean", "sample"] = _f(
+        "mean",
+        "Bank rows' latents: the VAE posterior mean of each generated image, or a fresh draw from its "
+        "posterior at every use (as target rows and the authors' code get; see BENCHMARKS.md section 0).",
+    )
     bank_prompt: Literal["keep", "drop"] = _f(
         "keep",
         "Bank rows' text condition: keep their prompts, or drop them (empty prompt, as the authors' null "
@@ -481,6 +486,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "bank_prompt": "keep",
             "retention": "renoise",
             "loss_weighting": "none",
+            "bank_latents": "sample",  # the authors encode every image, bank or target, by a posterior draw
         },
         "bank": {"bank_hint": "extracted"},
     },

@@ -104,7 +104,8 @@ class ControlNetTrainer:
             out[k].index_copy_(0, out["target_slots"], tb[k])
         if plan.num_bank:
             idx = torch.randint(len(self.bank), (plan.num_bank,), generator=self.generator)
-            rows = self.bank.batch(idx, self.device)
+            sample = self.cfg.method.bank_latents == "sample"  # a posterior draw, as target rows get
+            rows = self.bank.batch(idx, self.device, posterior_generator=self.generator if sample else None)
             if self.cfg.method.bank_prompt == "drop":  # the null text condition, as for caption dropout
                 rows["encoder_hidden_states"] = self.empty.expand(plan.num_bank, -1, -1)
             out["bank_slots"] = self._slots(plan.is_bank)

@@ -63,6 +63,12 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE-encode images [B,3,H,W] in [0,1]: the scaled posterior mean and standard deviation."""
+    dist = vae.encode((images * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist
+    return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
+
+
 def encode_images(vae, images: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
     """VAE-encode images [B,3,H,W] in [0,1] to scaled latents (the posterior mean by default)."""
     dist = vae.encode((images * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist

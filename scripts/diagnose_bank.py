@@ -28,19 +28,6 @@ from pathlib import Path
 import torch
 
 
-@torch.no_grad()
-def posterior_draw(vae, latents: torch.Tensor, seed: int, batch: int = 64) -> torch.Tensor:
-    """A draw from the VAE posterior of each bank sample: decode the stored mean, re-encode, sample."""
-    from difftune_control.validation import decode_latents, encode_images
-
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(0, len(latents), batch):
-        images = decode_latents(vae, latents[i : i + batch].to(vae.device, vae.dtype))
-        out.append(encode_images(vae, images, sample_posterior=True, generator=g).to(latents.dtype).cpu())
-    return torch.cat(out)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, default=64, help="target rows per measurement (and bank rows)")
@@ -53,13 +40,6 @@ def main() -> int:
         "(does the pull come from the bank's latents?). Hints cannot matter at step 0: the hint "
         "encoder's last convolution starts at zero too",
     )
-    p.add_argument(
-        "--bank_posterior",
-        choices=["mean", "sample"],
-        default="mean",
-        help="bank latents as stored (the VAE posterior mean of each re-encoded sample) or, like the target "
-        "rows, a draw from that posterior (mean + std * noise, the std from re-encoding the decoded sample)",
-    )
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON")
     p.add_argument("train_args", nargs="*", help="difftune train flags (after --)")
     args = p.parse_args()
@@ -68,7 +48,7 @@ def main() -> int:
 
     from difftune_control import assembly
     from difftune_control.cli import build_parser
-    from difftune_control.config import config_from_args, resolve_defaults
+    from difftune_control.config import RunConfig, apply_preset, config_from_args, resolve_defaults
     from difftune_control.diagnostics import bank_pull, per_timestep_pull
     from difftune_control.extractors import load_recipe
     from difftune_control.runtime import is_toy_model, load_base_model, make_controlnet
@@ -76,7 +56,8 @@ def main() -> int:
     from difftune_control.trainer import DiffTuningTrainer
 
     flags = ["--method", "difftuning", "--device", "cpu", "--max_train_samples", str(max(128, args.samples))]
-    cfg = config_from_args(build_parser().parse_args(["train", *flags, *args.train_args]))
+    parsed = build_parser().parse_args(["train", *flags, *args.train_args])
+    cfg = config_from_args(parsed, apply_preset(RunConfig(), parsed.preset))
     toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
     kind = None if toy else detect_model_kind(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
     cfg = resolve_defaults(cfg, toy=toy, recipe=load_recipe(cfg.data.condition), kind=kind)
@@ -90,8 +71,6 @@ def main() -> int:
     bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
     crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
     empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()
-    if args.bank_posterior == "sample":
-        bank.latents = posterior_draw(base.vae, bank.latents, cfg.train.seed)
     controlnet = make_controlnet(cfg.model, base.unet).to(acc.device)
     trainer = DiffTuningTrainer(cfg, acc, base, controlnet, target, empty, bank)
 
@@ -119,7 +98,8 @@ def main() -> int:
         bank.batch = lambda idx, device=None, swap=swap: swap(own(idx, device))
         probe[name] = per_timestep_pull(trainer, batch, [args.probe_t])[0]["bank_grad"]
     bank.batch = own
-    bl = bank.latents.float()
+    draw = torch.Generator().manual_seed(0) if cfg.method.bank_latents == "sample" else None
+    bl = bank.batch(torch.arange(len(bank)), posterior_generator=draw)["latents"]  # as training sees them
     spread = {"target_latent_std": tl.std((0, 2, 3)).tolist(), "bank_latent_std": bl.std((0, 2, 3)).tolist()}
 
     print(f"condition {cfg.data.condition}, model {base.model_id}, bank {bank_dir}")
@@ -151,7 +131,7 @@ def main() -> int:
             "per_t": rows,
             "plan": whole,
             "probe_t": args.probe_t,
-            "bank_posterior": args.bank_posterior,
+            "bank_latents": cfg.method.bank_latents,
             "probe": probe,
             **spread,
         }

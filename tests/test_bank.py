@@ -26,7 +26,13 @@ from difftune_control.bank import (
     sample_seed,
 )
 from difftune_control.config import BankConfig
-from difftune_control.validation import decode_latents, encode_images, encode_prompts, sample_images
+from difftune_control.validation import (
+    decode_latents,
+    encode_images,
+    encode_posterior,
+    encode_prompts,
+    sample_images,
+)
 
 RES = 16  # pixels; the tiny VAE downsamples x2 -> latents 4x8x8
 PROMPTS = ["a red ball", "a blue box", "a green cone"]
@@ -198,6 +204,9 @@ def test_latents_are_reencoded_images_and_hints_extracted(models, clean_bank):
     )
     reencoded = encode_images(models["vae"], decode_latents(models["vae"], raw))
     torch.testing.assert_close(ds.latents[:2], reencoded, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # the posterior spread of the same images (tolerance: stored in fp16)
+        _, std = encode_posterior(models["vae"], decode_latents(models["vae"], raw))
+    torch.testing.assert_close(ds.latent_std[:2].float(), std.float(), rtol=2e-3, atol=1e-5)
     assert (ds.latents[:2] - raw).abs().max() > 0.1  # not the sampler's raw latents
     expected_hints = (edges(images) * 255).round().to(torch.uint8)
     assert (ds.hints[:2].int() - expected_hints.int()).abs().max() <= 1
@@ -471,3 +480,15 @@ def test_batch_equals_stacked_items(models, clean_bank):
     batch = ds.batch(idx)
     for key in ("latents", "encoder_hidden_states", "conditioning_pixel_values"):
         assert torch.equal(batch[key], torch.stack([ds[int(i)][key] for i in idx])), key
+
+
+def test_posterior_draws_are_mean_plus_std_noise(models, clean_bank):
+    ds = load_bank(clean_bank)
+    assert ds.latent_std.shape == ds.latents.shape and bool((ds.latent_std > 0).all())
+    idx = torch.tensor([1, 3])
+    a = ds.batch(idx, posterior_generator=torch.Generator().manual_seed(5))["latents"]
+    b = ds.batch(idx, posterior_generator=torch.Generator().manual_seed(5))["latents"]
+    noise = torch.randn(a.shape, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)  # seeded: exact resume draws the same latents
+    torch.testing.assert_close(a, ds.latents[idx] + ds.latent_std[idx].float() * noise)
+    assert not torch.equal(a, ds.batch(idx)["latents"])  # without a generator: the mean

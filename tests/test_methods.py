@@ -165,3 +165,21 @@ def test_preset_published_sits_under_the_flags():
     assert cfg.method.loss_weighting == "none" and cfg.method.retention == "renoise"
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--preset", "nope"])
+
+
+def test_bank_rows_draw_from_the_posterior_when_asked(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    rows = {}
+    for mode in ("mean", "sample"):
+        cfg = tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path / mode,
+            method__bank_share=0.5,
+            method__bank_latents=mode,
+        )
+        trainer, _ = build_trainer(cfg)
+        trainer.generator.manual_seed(0)
+        batch = trainer.assemble(target_batch(trainer), trainer.plan(4))
+        rows[mode] = (batch["latents"][batch["bank_slots"]], trainer.bank.latents[batch["bank_index"]])
+    assert torch.equal(rows["mean"][0], rows["mean"][1].float())
+    assert not torch.equal(rows["sample"][0], rows["sample"][1].float())
