@@ -311,8 +311,8 @@ class TrainConfig:
     device: str | None = _f(None, "Force a device (cpu/cuda). Default: accelerate's choice.")
     # Several processes (accelerate launch): DistributedDataParallel through accelerate's
     # DistributedDataParallelKwargs. One process ignores them.
-    ddp_bucket_cap_mb: int = _f(
-        25,
+    ddp_bucket_cap_mb: float = _f(
+        25.0,
         "Several processes: gradient all-reduce bucket size in MB (DDP's bucket_cap_mb; 25 is its default).",
         metavar="MB",
     )
@@ -454,10 +454,11 @@ class RunConfig:
             ("--convergence_num_inference_steps", d.convergence_num_inference_steps),
             ("--convergence_patience", d.convergence_patience),
             ("--validation_steps", t.validation_steps),
-            ("--ddp_bucket_cap_mb", t.ddp_bucket_cap_mb),
         ]:
             if value is not None and not isinstance(value, bool) and isinstance(value, int) and value < 1:
                 problems.append(f"{flag} must be >= 1, got {value}")
+        if isinstance(t.ddp_bucket_cap_mb, (int, float)) and not t.ddp_bucket_cap_mb > 0:
+            problems.append(f"--ddp_bucket_cap_mb must be > 0, got {t.ddp_bucket_cap_mb}")
         if t.learning_rate is not None and t.learning_rate <= 0:
             problems.append(f"--learning_rate must be > 0, got {t.learning_rate}")
         if data.resolution is not None and data.resolution % 8 != 0:
