@@ -58,7 +58,8 @@ class HostValue:
     def __init__(self, value: torch.Tensor):
         self.event = None
         if value.device.type == "cuda":
-            self.value = value.detach().to("cpu", non_blocking=True)  # pinned: an asynchronous copy
+            self.value = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.value.copy_(value.detach(), non_blocking=True)  # pinned host memory: an asynchronous copy
             self.event = torch.cuda.Event()
             self.event.record()
         else:
