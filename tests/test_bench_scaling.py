@@ -82,7 +82,9 @@ def test_profile_summary_of_a_two_step_gpu_trace():
 
 
 @pytest.mark.slow
-def test_bench_scaling_variants_per_gpu_batch_and_profile_on_cpu(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+def test_bench_scaling_variants_per_gpu_batch_and_profile_on_cpu(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
     """--per_gpu_batch, a --variant of DDP flags and --profile: the modes of the two-GPU device script."""
     out = tmp_path / "scaling"
     env = dict(
@@ -107,6 +109,8 @@ def test_bench_scaling_variants_per_gpu_batch_and_profile_on_cpu(tiny_pipeline_d
     assert saved["ddp"]["comm_hooks"] == ["bf16_compress_hook"]
     (prof,) = results["profile"]
     assert prof["variant"] == "knobs" and set(prof["summary"]) == {"rank0", "rank1"}
-    assert all(s["steps"] == 1 and s["collective_calls"] > 2 for s in prof["summary"].values())  # buckets + vote
+    assert all(
+        s["steps"] == 1 and s["collective_calls"] > 2 for s in prof["summary"].values()
+    )  # buckets + vote
     assert (out / "profile-knobs" / "trace-rank1.json").stat().st_size > 0
     assert "profile, 2 processes, variant knobs" in (out / "results.md").read_text()
