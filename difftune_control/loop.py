@@ -433,7 +433,8 @@ class _Loop:
             "images_per_s": images / max(seconds, 1e-9),
             "time": round(self.now(), 3),
         }
-        means = WindowMeans(window, ("loss", "loss_target", "loss_bank", "bank_share", "bank_weight"))
+        keys = ("loss", "loss_target", "loss_bank", "bank_share", "bank_weight")
+        means = WindowMeans(window if self.main else [], keys)  # only the main process writes it
         self._pending_log = (record, means)
         if self.acc.device.type != "cuda":  # values at hand: write at once
             self._flush_log()
