@@ -13,6 +13,7 @@ import torch
 
 from difftune_control import __version__
 from difftune_control.config import RunConfig, resolve_defaults
+from difftune_control.distributed import StopVote, WindowMeans, ddp_kwargs, ddp_settings
 from difftune_control.runtime import (
     IndexStream,
     StreamBatchSampler,
@@ -36,6 +37,7 @@ def _accelerator(cfg: RunConfig):
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         mixed_precision=cfg.train.mixed_precision,
         cpu=cfg.train.device == "cpu",
+        kwargs_handlers=[ddp_kwargs(cfg.train)],  # the --ddp_* flags, applied when DDP wraps the ControlNet
     )
     advice = precision_advice(accelerator.device.type, accelerator.mixed_precision)
     if advice and accelerator.is_main_process:
@@ -228,9 +230,14 @@ def run_training(cfg: RunConfig) -> Path:
             "bank_dir": str(bank_dir) if bank_dir else None,
             "version": __version__,
             "world_size": accelerator.num_processes,
+            "ddp": ddp_settings(controlnet),  # what DDP was built with (None on one process)
         }
         cfg.save(run_dir / "config.json", extra)
         logger.info("run folder: %s\nresolved config:\n%s", run_dir, json.dumps(cfg.to_dict(), indent=1))
+        if extra["ddp"] is not None:
+            logger.info(
+                "DistributedDataParallel over %d processes: %s", accelerator.num_processes, extra["ddp"]
+            )
     check = _bank_check(cfg, trainer, target, accelerator) if resume is None else None
     loop = _Loop(cfg, accelerator, trainer, optimizer, lr_scheduler, monitor, val, run_dir, state)
     if check is not None and loop.log is not None:
@@ -299,6 +306,10 @@ class _Loop:
         self.run_dir, self.state = run_dir, state
         self.main = accelerator.is_main_process
         self.log = JsonlLogger(run_dir / "metrics.jsonl") if self.main else None
+        self._pending_log: tuple[dict, WindowMeans] | None = None  # a train record read one step later
+        # several processes agree on a signal at logging steps, without a wait at each step
+        reduce = accelerator.reduce if accelerator.num_processes > 1 else None
+        self.vote = StopVote(cfg.train.logging_steps, reduce, accelerator.device)
         self._postfix: dict[str, str] = {}
         self.tb = None
         if self.main and cfg.train.report_to == "tensorboard":
@@ -375,6 +386,7 @@ class _Loop:
                 st["global_step"] += 1
                 step = st["global_step"]
                 self.bar.update(1)
+                self._flush_log()  # the previous step's record: finished on the GPU by now
                 if step % t.logging_steps == 0 or step == t.max_train_steps:
                     self._log_train(step, window, time.time() - t_log)
                     window, t_log = [], time.time()
@@ -393,41 +405,51 @@ class _Loop:
         self._finish(reason)
 
     def _should_stop(self, stop: StopSignal) -> str | None:
-        flags = [stop.received is not None]
+        """Every process returns the same answer at the same step (:class:`StopVote`; ``stop_at`` is shared)."""
         st = self.state
-        flags.append(st["stop_at"] is not None and st["global_step"] >= st["stop_at"])
-        t = torch.tensor([int(f) for f in flags])
-        if self.acc.num_processes > 1:  # every process stops at the same step
-            t = self.acc.reduce(t.to(self.acc.device), reduction="sum")
-        if t[0] > 0:
-            return "signal"
-        if t[1] > 0:
-            return "stop_after_convergence"
-        return None
+        reason = None
+        if self.vote(st["global_step"], stop.received is not None):
+            reason = "signal"
+        elif st["stop_at"] is not None and st["global_step"] >= st["stop_at"]:
+            reason = "stop_after_convergence"
+        if reason and self.acc.num_processes > 1:
+            logger.info(
+                "process %d stops at optimizer step %d (%s)",
+                self.acc.process_index,
+                st["global_step"],
+                reason,
+            )
+        return reason
 
     def _log_train(self, step: int, window: list[dict], seconds: float) -> None:
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
-
-        def mean(key):
-            vals = [float(p[key]) for p in window if p.get(key) is not None]
-            return sum(vals) / len(vals) if vals else None
-
+        """Queue the train record of ``step``; it is written one step later (or at the next checkpoint,
+        evaluation or the end), when the GPU has its losses: logging never waits for the GPU or other ranks."""
+        self._flush_log()
         images = sum(p["images"] for p in window) * self.acc.num_processes
-        self.emit(
-            {
-                "type": "train",
-                "step": step,
-                "loss": mean("loss"),
-                "loss_target": mean("loss_target"),
-                "loss_bank": mean("loss_bank"),
-                "bank_share": mean("bank_share"),
-                "bank_weight": mean("bank_weight"),
-                "lr": self.lr_scheduler.get_last_lr()[0],
-                "images_per_s": images / max(seconds, 1e-9),
-            }
-        )
+        record = {
+            "type": "train",
+            "step": step,
+            "lr": self.lr_scheduler.get_last_lr()[0],
+            "images_per_s": images / max(seconds, 1e-9),
+            "time": round(self.now(), 3),
+        }
+        keys = ("loss", "loss_target", "loss_bank", "bank_share", "bank_weight")
+        means = WindowMeans(window if self.main else [], keys)  # only the main process writes it
+        self._pending_log = (record, means)
+        if self.acc.device.type != "cuda":  # values at hand: write at once
+            self._flush_log()
+
+    def _flush_log(self) -> None:
+        if self._pending_log is None:
+            return
+        record, means = self._pending_log
+        self._pending_log = None
+        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        head = {"type": record.pop("type"), "step": record.pop("step")}
+        self.emit({**head, **means.get(), **record})
 
     def _evaluate(self) -> None:
+        self._flush_log()
         self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             base = self.trainer.base
@@ -447,9 +469,14 @@ class _Loop:
                         record["step"],
                         self.state["stop_at"],
                     )
+        if self.acc.num_processes > 1:  # every process knows the stop step, so each stops there alone
+            from accelerate.utils import broadcast_object_list
+
+            self.state["stop_at"] = broadcast_object_list([self.state["stop_at"]])[0]
         self.acc.wait_for_everyone()
 
     def _validation_grid(self, step: int) -> None:
+        self._flush_log()
         self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             from difftune_control.validation import sample_images
@@ -480,6 +507,7 @@ class _Loop:
         self.acc.wait_for_everyone()
 
     def _checkpoint(self, step: int) -> None:
+        self._flush_log()
         self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         st = dict(self.state)
         st["elapsed"] = self.now()
@@ -492,6 +520,7 @@ class _Loop:
         self.emit({"type": "checkpoint", "step": step, "path": path.name})
 
     def _finish(self, reason: str) -> None:
+        self._flush_log()
         self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             net = self.acc.unwrap_model(self.trainer.controlnet)

@@ -9,15 +9,22 @@
 
 For each process count N (``--processes``, default 1 2):
 - training: ``accelerate launch --num_processes N scripts/train_controlnet.py`` with the same
-  *global* batch (``--global_batch``; each process takes global / N rows), ``--steps`` optimizer
-  steps, detector off; throughput = median of the logged images/s (all processes) after the first
-  fifth of the steps;
+  *global* batch (``--global_batch``; each process takes global / N rows) or the same batch per
+  process (``--per_gpu_batch``), ``--steps`` optimizer steps, detector off; throughput = median of
+  the logged images/s (all processes) after the first fifth of the steps. ``--variant NAME=FLAGS``
+  (repeatable) runs every N > 1 once per set of extra flags, e.g. the DDP knobs
+  (``--variant ddp-defaults=--no-ddp_gradient_as_bucket_view --variant bf16="--ddp_comm_hook bf16"``);
+  one process runs once (it has no DDP);
 - bank generation: ``accelerate launch --num_processes N -m difftune_control.cli bank`` of
   ``--bank_size`` images into a fresh cache, timed as a whole command and by the bank's own log.
-Then the loss curve of each N-process run against the 1-process run of the same global batch
-(means over windows of ``--window`` steps; the logged loss is rank 0's rows, so a two-process
-curve is noisier by about sqrt(2), not different in mean). Writes ``results.json``,
-``results.md`` and ``loss.png``. CPU smoke test (two gloo processes)::
+- profile (``--profile K``): one more run per variant at the largest N through
+  ``scripts/profile_training.py``: torch.profiler records K optimizer steps after a warm-up; its
+  summary (compute, NCCL kernels and their overlap with compute, GPU idle time, host waits,
+  collective calls) goes to ``profile-<variant>/`` and into ``results.md``.
+Then the loss curve of each N-process run against the 1-process run (means over windows of
+``--window`` steps; the logged loss is rank 0's rows, so a two-process curve is noisier by about
+sqrt(2), not different in mean; with ``--per_gpu_batch`` the global batches differ too). Writes
+``results.json``, ``results.md`` and ``loss.png``. CPU smoke test (two gloo processes)::
 
     python scripts/bench_scaling.py --out /tmp/sc --steps 4 --global_batch 4 --bank_size 8 --window 2 \\
         --cpu -- --pretrained_model_name_or_path PIPE --train_data_dir DATA --resolution 16 \\
@@ -30,6 +37,8 @@ import argparse
 import json
 import os
 import re
+import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -57,19 +66,26 @@ def launch(args, n: int) -> list[str]:
     return cmd
 
 
-def train_run(args, n: int) -> dict:
-    name = f"train-n{n}"
-    cmd = launch(args, n) + [
-        str(ROOT / "scripts" / "train_controlnet.py"),
+def batch_of(args, n: int) -> int:
+    """The per-process batch of an ``n``-process run."""
+    return args.per_gpu_batch or args.global_batch // n
+
+
+def run_name(n: int, variant: str) -> str:
+    return f"train-n{n}" if n == 1 or variant == "default" else f"train-n{n}-{variant}"
+
+
+def train_flags(args, n: int, steps: int, name: str) -> list[str]:
+    return [
         "--condition", args.condition,
         "--method", args.method,
-        "--train_batch_size", str(args.global_batch // n),
-        "--max_train_steps", str(args.steps),
+        "--train_batch_size", str(batch_of(args, n)),
+        "--max_train_steps", str(steps),
         "--no-detect_convergence",
         "--no-bank_check",
         "--logging_steps", "1",
-        "--checkpointing_steps", str(args.steps),
-        "--validation_steps", str(args.steps),
+        "--checkpointing_steps", str(steps),
+        "--validation_steps", str(steps),
         "--output_dir", str(args.out / "runs"),
         "--run_name", name,
         "--report_to", "none",
@@ -77,6 +93,13 @@ def train_run(args, n: int) -> dict:
         *(["--device", "cpu"] if args.cpu else []),
         *args.train_args,
     ]  # fmt: skip
+
+
+def train_run(args, n: int, variant: str = "default") -> dict:
+    name = run_name(n, variant)
+    extra = [] if n == 1 else args.variants[variant]
+    cmd = launch(args, n) + [str(ROOT / "scripts" / "train_controlnet.py")]
+    cmd += train_flags(args, n, args.steps, name) + extra
     from difftune_control.utils import read_jsonl
 
     wall = None  # a reused run's wall time is not known
@@ -91,11 +114,35 @@ def train_run(args, n: int) -> dict:
     steady = [r["images_per_s"] for r in train if r["step"] > args.steps // 5] or [train[-1]["images_per_s"]]
     return {
         "processes": n,
-        "per_process_batch": args.global_batch // n,
+        "variant": "-" if n == 1 else variant,
+        "flags": " ".join(extra),
+        "per_process_batch": batch_of(args, n),
         "images_per_s": statistics.median(steady),
         "wall_s": wall,
         "loss": [(r["step"], r["loss"]) for r in train],
     }
+
+
+def profile_run(args, n: int, variant: str) -> dict:
+    """One ``n``-process run of ``scripts/profile_training.py``: ``--profile`` recorded steps after a warm-up."""
+    out = args.out / f"profile-{variant}"
+    skip = args.profile_skip
+    cmd = launch(args, n) + [
+        str(ROOT / "scripts" / "profile_training.py"),
+        "--profile_out", str(out),
+        "--profile_skip", str(skip),
+        "--profile_steps", str(args.profile),
+        "--",
+        *train_flags(args, n, skip + args.profile + 2, f"profile-n{n}-{variant}"),
+        *args.variants[variant],
+    ]  # fmt: skip
+    log = args.out / "logs" / f"profile-{variant}.log"
+    shutil.rmtree(args.out / "runs" / f"profile-n{n}-{variant}", ignore_errors=True)  # a fresh run each call
+    if run_cmd(cmd, log) != 0:
+        raise SystemExit(f"profile {variant} failed; see {log}")
+    from profile_training import write_summary
+
+    return {"processes": n, "variant": variant, "summary": write_summary(out)}
 
 
 def finished_run(args, name: str) -> bool:
@@ -150,7 +197,7 @@ def compare(ref: dict, other: dict, width: int) -> dict:
     }
 
 
-def plot(results: list[dict], width: int, path: Path) -> None:
+def plot(results: list[dict], width: int, path: Path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,11 +209,12 @@ def plot(results: list[dict], width: int, path: Path) -> None:
         ax.plot(
             [(k + 1) * width for k in sorted(w)],
             [w[k] for k in sorted(w)],
-            label=f"{r['processes']} process(es)",
+            label=f"{r['processes']} x {r['per_process_batch']}"
+            + ("" if r["variant"] in ("-", "default") else f" {r['variant']}"),
         )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"training loss (mean of {width} steps)")
-    ax.set_title("same global batch, 1 vs N processes", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -178,7 +226,19 @@ def main() -> int:
     p.add_argument("--processes", nargs="+", type=int, default=[1, 2])
     p.add_argument("--condition", default="depth")
     p.add_argument("--method", default="difftuning", choices=["vanilla", "difftuning"])
-    p.add_argument("--global_batch", type=int, default=64)
+    p.add_argument("--global_batch", type=int, default=64, help="batch over all processes")
+    p.add_argument(
+        "--per_gpu_batch", type=int, default=None, help="batch per process instead (overrides --global_batch)"
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        metavar="NAME=FLAGS",
+        help="extra train flags of the N > 1 runs, one run per variant (repeatable; default: none)",
+    )
+    p.add_argument("--profile", type=int, default=0, metavar="K", help="profile K steps per variant (0: off)")
+    p.add_argument("--profile_skip", type=int, default=6, help="steps before the profile's warm-up step")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--bank_size", type=int, default=2048)
     p.add_argument("--window", type=int, default=25)
@@ -198,11 +258,20 @@ def main() -> int:
     )
     p.add_argument("train_args", nargs="*", help="extra difftune train/bank flags (after --)")
     args = p.parse_args()
+    problems = []
     if 1 not in args.processes:
-        raise SystemExit("--processes must include 1 (the reference)")
+        problems.append("--processes must include 1 (the reference)")
     for n in args.processes:
-        if args.global_batch % n:
-            raise SystemExit(f"--global_batch {args.global_batch} does not split over {n} processes")
+        if not args.per_gpu_batch and args.global_batch % n:
+            problems.append(f"--global_batch {args.global_batch} does not split over {n} processes")
+    args.variants = {}
+    for v in args.variant or ["default="]:
+        name, sep, flags = v.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in args.variants:
+            problems.append(f"--variant {v!r}: expected NAME=FLAGS with a new name of letters, digits, . _ -")
+        args.variants[name] = shlex.split(flags)
+    if problems:
+        raise SystemExit("bench_scaling: " + "; ".join(problems))
     from difftune_control.bank import SHARD_SIZE
 
     need = SHARD_SIZE * max(args.processes)
@@ -230,7 +299,8 @@ def main() -> int:
     # one shared preparation (dataset, latent cache, bank) so the timed training runs do not build them
     prep = [sys.executable, "-m", "difftune_control.cli", "bank", "--condition", args.condition]
     prep += ["--mixed_precision", args.mixed_precision] + (["--device", "cpu"] if args.cpu else [])
-    reused = args.reuse and all(finished_run(args, f"train-n{n}") for n in args.processes)
+    names = {run_name(n, v) for n in args.processes for v in args.variants}
+    reused = args.reuse and all(finished_run(args, name) for name in names)
     if args.skip_train or reused:
         prep = None
     if (
@@ -239,12 +309,14 @@ def main() -> int:
         and run_cmd(prep + args.train_args, args.out / "logs" / "prepare.log")
     ):
         raise SystemExit(f"preparation failed; see {args.out / 'logs' / 'prepare.log'}")
-    train = [] if args.skip_train else [train_run(args, n) for n in sorted(args.processes)]
+    runs = [(n, v) for n in sorted(args.processes) for v in (["default"] if n == 1 else args.variants)]
+    train = [] if args.skip_train else [train_run(args, n, v) for n, v in runs]
+    profile = [profile_run(args, max(args.processes), v) for v in args.variants] if args.profile else []
     bank = [] if args.skip_bank else [bank_run(args, n) for n in sorted(args.processes)]
     ref_t = train[0] if train else None
     lines = [
-        "| processes | per-process batch | training images/s | speed-up | loss vs 1 process (mean / max rel. diff.) |",
-        "|---|---|---|---|---|",
+        "| processes | variant | per-process batch | training images/s | speed-up | loss vs 1 process (mean / max rel. diff.) |",
+        "|---|---|---|---|---|---|",
     ] if train else []  # fmt: skip
     for r in train:
         r["speedup"] = r["images_per_s"] / ref_t["images_per_s"]
@@ -256,8 +328,22 @@ def main() -> int:
             else f"{c['mean_relative_difference']:.3f} / {c['max_relative_difference']:.3f}"
         )
         lines.append(
-            f"| {r['processes']} | {r['per_process_batch']} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {diff} |"
+            f"| {r['processes']} | {r['variant']} | {r['per_process_batch']} | {r['images_per_s']:.1f} "
+            f"| {r['speedup']:.2f}x | {diff} |"
         )
+    flags = {v: " ".join(f) for v, f in args.variants.items() if f}
+    if flags and train:
+        lines += ["", "variants: " + "; ".join(f"{v}: `{f}`" for v, f in flags.items())]
+    if profile:
+        from profile_training import table
+
+        for r in profile:
+            lines += [
+                "",
+                f"profile, {r['processes']} processes, variant {r['variant']} (per recorded step):",
+                "",
+            ]
+            lines.append(table(r["summary"]).rstrip())
     if bank:
         lines += [
             "",
@@ -271,9 +357,12 @@ def main() -> int:
             lines.append(f"| {r['processes']} | {ips or float('nan'):.1f} | {up} | {r['wall_s']:.0f} |")
     md = "\n".join(lines) + "\n"
     (args.out / "results.md").write_text(md)
-    (args.out / "results.json").write_text(json.dumps({"train": train, "bank": bank}, indent=1))
+    (args.out / "results.json").write_text(
+        json.dumps({"train": train, "bank": bank, "profile": profile}, indent=1)
+    )
     if train:
-        plot(train, args.window, args.out / "loss.png")
+        same = "same batch per process" if args.per_gpu_batch else "same global batch"
+        plot(train, args.window, args.out / "loss.png", f"{same}, 1 vs N processes (processes x batch)")
     print(md)
     return 0
 
