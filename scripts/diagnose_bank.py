@@ -95,7 +95,7 @@ def main() -> int:
     }
     probe = {}
     for name, swap in swaps.items():
-        bank.batch = lambda idx, device=None, swap=swap: swap(own(idx, device))
+        bank.batch = lambda idx, device=None, swap=swap, **kw: swap(own(idx, device, **kw))
         probe[name] = per_timestep_pull(trainer, batch, [args.probe_t])[0]["bank_grad"]
     bank.batch = own
     draw = torch.Generator().manual_seed(0) if cfg.method.bank_latents == "sample" else None
