@@ -24,7 +24,7 @@ from difftune_control.runtime import (
     save_checkpoint,
 )
 from difftune_control.trainer import StopSignal, lr_lambda, trainer_class
-from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, read_jsonl
+from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, derive_seed, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -351,6 +351,7 @@ class _Loop:
         )
         with StopSignal() as stop:
             while st["global_step"] < t.max_train_steps:
+                self._seed_step(st["consumed_batches"])
                 with acc.accumulate(self.trainer.controlnet):
                     parts = self.trainer.training_step(next(batches))
                     st["consumed_batches"] += 1
@@ -381,6 +382,19 @@ class _Loop:
                     break
         self.bar.close()
         self._finish(reason)
+
+    def _seed_step(self, micro_step: int) -> None:
+        """Seed every random draw of micro-batch ``micro_step`` from (seed, process, micro_step) alone.
+
+        The trainer's generator (batch plan, timesteps, noise, caption dropout, bank rows) and torch's
+        global generator (anything else a model might draw) restart from seeds derived from the step, so
+        the step's numbers never depend on what ran before it: a resume, a detector evaluation, or a model
+        loaded with a random initialisation in between (exact resume, same numbers with or without a
+        prebuilt bank). The data items are seeded per (seed, epoch, index) by the sampler.
+        """
+        seed, rank = self.cfg.train.seed, self.acc.process_index
+        self.trainer.generator.manual_seed(derive_seed(seed, "step", rank, micro_step))
+        torch.manual_seed(derive_seed(seed, "global", rank, micro_step))
 
     def _should_stop(self, stop: StopSignal) -> str | None:
         flags = [stop.received is not None]

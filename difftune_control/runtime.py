@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from difftune_control.config import ModelConfig
+from difftune_control.utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +149,19 @@ class IndexStream:
             self._epoch, self._perm = epoch, perm[self.rank :: self.world]
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
 
+    def keys(self, k: int) -> list[tuple[int, int]]:
+        """Batch ``k`` as dataset keys ``(index, draw seed)``: the seed derives from (seed, epoch, index).
+
+        A dataset draws everything random about an item (posterior sample, random crop, flip) from a
+        generator seeded with it, so an item's values depend on where it sits in the stream, never on
+        what ran before (a resume, a model initialised at random in between, a DataLoader worker).
+        """
+        epoch = k // self.batches_per_epoch
+        return [(i, derive_seed(self.seed, "sample", epoch, i)) for i in self.batch(k)]
+
 
 class StreamBatchSampler(torch.utils.data.Sampler):
-    """Batches ``start, start+1, ...`` of an :class:`IndexStream`, forever (for a DataLoader)."""
+    """Batches ``start, start+1, ...`` of an :class:`IndexStream` as dataset keys, forever (for a DataLoader)."""
 
     def __init__(self, stream: IndexStream, start: int = 0):
         self.stream, self.start = stream, start
@@ -158,7 +169,7 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         k = self.start
         while True:
-            yield self.stream.batch(k)
+            yield self.stream.keys(k)
             k += 1
 
 

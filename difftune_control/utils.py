@@ -1,9 +1,10 @@
-"""Small shared helpers: atomic writes, cache locations, JSON-lines logs, host-to-device copies."""
+"""Small shared helpers: atomic writes, cache locations, JSON-lines logs, host-to-device copies, derived seeds."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -135,6 +136,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON: {err}") from err
     return records
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. run seed, epoch, sample index), never on history.
+
+    Hashing keeps nearby tuples apart (``(0, 1, 0)`` and ``(0, 0, 1)`` give unrelated seeds), so every
+    random draw can have its own generator: a resumed run, a process that loaded a model with random
+    initialisation first, or a DataLoader worker all draw the same numbers for the same ``parts``.
+    """
+    digest = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def derived_generator(*parts: int | str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 def to_device(

@@ -34,6 +34,7 @@ from difftune_control.data.transforms import (
     same_aspect,
     transform_pair,
 )
+from difftune_control.utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,19 @@ HintFn = Callable[[Any], "torch.Tensor"]
 """Any callable RGB PIL image -> float tensor [3,H,W] in [0,1] (e.g. a `ConditionExtractor`)."""
 
 _SHOWN_REASONS = 5
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """``(index, draw seed)`` of a dataset key.
+
+    The training loop's sampler gives ``(index, seed)`` with the seed derived from (run seed, epoch,
+    index) (`difftune_control.runtime.IndexStream.keys`); a plain index draws from a seed derived from
+    the index alone. Either way an item never touches torch's global random generator.
+    """
+    if isinstance(key, (tuple, list)):
+        index, seed = key
+        return int(index), int(seed)
+    return int(key), derive_seed("item", int(key))
 
 
 @dataclass
@@ -309,8 +323,9 @@ class TargetDataset(Dataset):
             conditioning_pixel_values=conditioning,
         )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.load_sample(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = split_key(key)
+        sample = self.load_sample(index, generator=torch.Generator().manual_seed(seed))
         return {
             "pixel_values": sample.pixel_values,
             "conditioning_pixel_values": sample.conditioning_pixel_values,
