@@ -290,6 +290,7 @@ class _Loop:
         self.main = accelerator.is_main_process
         self.log = JsonlLogger(run_dir / "metrics.jsonl") if self.main else None
         self._postfix: dict[str, str] = {}
+        self._weight_flags: list[tuple[int, torch.Tensor, Any]] = []  # (step, non-finite flag, CUDA event)
         self.tb = None
         if self.main and cfg.train.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -352,6 +353,7 @@ class _Loop:
         with StopSignal() as stop:
             while st["global_step"] < t.max_train_steps:
                 self._seed_step(st["consumed_batches"])
+                self._check_weights(keep=1)  # the update before last: finished on the GPU by now
                 with acc.accumulate(self.trainer.controlnet):
                     parts = self.trainer.training_step(next(batches))
                     st["consumed_batches"] += 1
@@ -365,6 +367,7 @@ class _Loop:
                 self.lr_scheduler.step()
                 st["global_step"] += 1
                 step = st["global_step"]
+                self._watch_weights(step)
                 self.bar.update(1)
                 if step % t.logging_steps == 0 or step == t.max_train_steps:
                     self._log_train(step, window, time.time() - t_log)
@@ -382,6 +385,59 @@ class _Loop:
                     break
         self.bar.close()
         self._finish(reason)
+
+    def _check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a loss or an update since the last check was not finite."""
+        self._check_weights()
+        self.trainer.check_finite()
+
+    def _watch_weights(self, step: int) -> None:
+        """Note whether optimizer step ``step`` left every ControlNet weight finite, without waiting for the GPU.
+
+        One fused norm over all parameters (NaN and inf propagate into it); on CUDA its flag is copied to
+        pinned memory behind an event and read one step later, or before anything is logged or saved
+        (:meth:`_check_finite`), so no checkpoint ever holds a diverged update. Elsewhere it is read at once.
+        """
+        with torch.no_grad():
+            params = [p.detach() for p in self.trainer.controlnet.parameters()]
+            norms = (
+                torch._foreach_norm(params) if hasattr(torch, "_foreach_norm") else [p.norm() for p in params]
+            )
+            bad = ~torch.stack(list(norms)).isfinite().all()
+        if bad.device.type != "cuda":
+            self._weight_flags.append((step, bad, None))
+            return self._check_weights()
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._weight_flags.append((step, flag, event))
+
+    def _check_weights(self, keep: int = 0) -> None:
+        """Read the weight flags of :meth:`_watch_weights`, all but the newest ``keep``; raise at a bad one."""
+        while len(self._weight_flags) > keep:
+            step, flag, event = self._weight_flags.pop(0)
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                self._weight_flags.clear()
+                raise FloatingPointError(self._diverged(step))
+
+    def _diverged(self, step: int) -> str:
+        from difftune_control.runtime import last_finite_checkpoint
+
+        good = last_finite_checkpoint(self.run_dir)
+        where = (
+            f"the last checkpoint whose weights are all finite is {good.name}: resume with "
+            f"--resume_from_checkpoint {good} (or latest)"
+            if good is not None
+            else "no checkpoint was written before it"
+        )
+        return (
+            f"optimizer step {step} made ControlNet weights non-finite (NaN or inf): the update diverged and "
+            f"nothing of it was saved. Lower --learning_rate (now {self.cfg.train.learning_rate:g}), use bf16 "
+            f"rather than fp16, and check the data for broken images; {where}"
+        )
 
     def _seed_step(self, micro_step: int) -> None:
         """Seed every random draw of micro-batch ``micro_step`` from (seed, process, micro_step) alone.
@@ -410,7 +466,7 @@ class _Loop:
         return None
 
     def _log_train(self, step: int, window: list[dict], seconds: float) -> None:
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
 
         def mean(key):
             vals = [float(p[key]) for p in window if p[key] is not None]
@@ -431,7 +487,7 @@ class _Loop:
         )
 
     def _evaluate(self) -> None:
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             base = self.trainer.base
             net = self.acc.unwrap_model(self.trainer.controlnet)
@@ -453,7 +509,7 @@ class _Loop:
         self.acc.wait_for_everyone()
 
     def _validation_grid(self, step: int) -> None:
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             from difftune_control.validation import sample_images
 
@@ -481,7 +537,7 @@ class _Loop:
         self.acc.wait_for_everyone()
 
     def _checkpoint(self, step: int) -> None:
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         st = dict(self.state)
         st["elapsed"] = self.now()
         st["trainer"] = self.trainer.state_dict()
@@ -493,7 +549,7 @@ class _Loop:
         self.emit({"type": "checkpoint", "step": step, "path": path.name})
 
     def _finish(self, reason: str) -> None:
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             net = self.acc.unwrap_model(self.trainer.controlnet)
             with atomic_dir(self.run_dir / "controlnet") as tmp:

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from difftune_control.config import ModelConfig
-from difftune_control.utils import derive_seed
+from difftune_control.utils import atomic_write_text, derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -184,25 +184,173 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``latest`` (None if the run has none yet) or an explicit folder."""
+    """The checkpoint to resume from, its files verified first (:func:`verify_checkpoint`).
+
+    ``latest``: the newest intact checkpoint of ``run_dir`` (None if the run has none yet); a damaged
+    newer one is skipped with a warning that names the file. An explicit folder must be intact, else
+    the error names the damaged file and the intact checkpoints there are.
+    """
     if resume is None:
         return None
     if resume == "latest":
-        ckpts = list_checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
+        damaged = []
+        checkpoints = list_checkpoints(run_dir)
+        for path in reversed(checkpoints):
+            problems = verify_checkpoint(path)
+            if not problems:
+                if damaged:
+                    logger.warning(
+                        "resuming from %s, the newest intact checkpoint; skipped:\n  - %s",
+                        path.name, "\n  - ".join(damaged),
+                    )  # fmt: skip
+                return path
+            damaged.append(f"{path.name}: {'; '.join(problems)}")
+        if checkpoints:
+            raise ValueError(
+                f"--resume_from_checkpoint latest: no intact checkpoint in {run_dir}:\n  - "
+                + "\n  - ".join(damaged)
+            )
+        return None
     path = Path(resume)
     if not (path / "trainer_state.json").is_file():
         raise FileNotFoundError(
             f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no trainer_state.json); "
             f"available: {[p.name for p in list_checkpoints(path.parent)] or 'none'}"
         )
+    problems = verify_checkpoint(path)
+    if problems:
+        intact = [p.name for p in list_checkpoints(path.parent) if p != path and not verify_checkpoint(p)]
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: the checkpoint is damaged: {'; '.join(problems)}; "
+            f"intact checkpoints in {path.parent}: {intact or 'none'} (--resume_from_checkpoint latest "
+            "takes the newest intact one)"
+        )
     return path
+
+
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    """Size of every file under a checkpoint folder, by relative path (what verification compares)."""
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != "trainer_state.json"
+    }
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Problems with a checkpoint's files, each naming the file (empty when intact).
+
+    Cheap checks that catch truncated and damaged files without loading the optimizer: the sizes
+    recorded in ``trainer_state.json`` when it was written (checkpoints of older versions have none),
+    every ``.safetensors`` header against its file size, the weights' finiteness, the zip directory
+    of every ``torch.save`` file (optimizer, RNG states), and the JSON files.
+    """
+    problems: list[str] = []
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not {"global_step", "trainer", "lr_scheduler"} <= set(state):
+            raise ValueError("keys global_step, trainer, lr_scheduler missing")
+    except (OSError, ValueError) as err:
+        return [f"trainer_state.json is unreadable ({err})"]
+    recorded = state.get("files")
+    if isinstance(recorded, dict):
+        for name, size in recorded.items():
+            f = path / name
+            if not f.is_file():
+                problems.append(f"{name} is missing")
+            elif f.stat().st_size != size:
+                problems.append(
+                    f"{name} is {f.stat().st_size} bytes, {size} when written (truncated or damaged)"
+                )
+    weights = sorted(path.glob("model*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        problems.append("no model weights (model.safetensors)")
+    if not sorted(path.glob("optimizer*.bin")):
+        problems.append("no optimizer state (optimizer.bin)")
+    if not sorted(path.glob("random_states_*.pkl")):
+        problems.append("no random states (random_states_0.pkl)")
+    for f in sorted(path.rglob("*")):
+        name = str(f.relative_to(path))
+        if any(p.startswith(name + " ") for p in problems) or not f.is_file():
+            continue
+        problem = _file_problem(f)
+        if problem:
+            problems.append(f"{name} {problem}")
+    return problems
+
+
+def _file_problem(f: Path) -> str | None:
+    """Why one checkpoint file is unusable, or None."""
+    import zipfile
+
+    try:
+        if f.suffix == ".safetensors":
+            return safetensors_problem(f, check_finite=f.parent.name != "controlnet")
+        if f.suffix in (".bin", ".pkl", ".pt") and zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+        elif f.suffix in (".bin", ".pkl", ".pt"):
+            with open(f, "rb") as fh:
+                if not fh.read(2):
+                    return "is empty"
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        return f"is unreadable ({err})"
+    return None
+
+
+def safetensors_problem(path: Path, check_finite: bool = False) -> str | None:
+    """Why a ``.safetensors`` file is unusable (truncated, bad header, non-finite weights), or None."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"is truncated (header of {n} bytes, file of {size})"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as err:
+            return f"has a damaged header ({err})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        return f"is truncated or damaged ({size} bytes, its header describes {8 + n + max(ends, default=0)})"
+    if check_finite:
+        from safetensors import safe_open
+
+        bad = []
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(t.isfinite().all()):
+                    bad.append(key)
+        if bad:
+            return f"holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})"
+    return None
+
+
+def last_finite_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` whose ControlNet weights are all finite (None if there is none)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        weights = sorted(path.glob("model*.safetensors"))
+        if weights and all(safetensors_problem(w, check_finite=True) is None for w in weights):
+            return path
+    return None
 
 
 def save_checkpoint(
     accelerator, run_dir: Path, step: int, controlnet, trainer_state: dict, limit: int | None
 ) -> Path:
-    """Write ``checkpoint-<step>`` atomically (a temp folder renamed at the end), then prune old ones."""
+    """Write ``checkpoint-<step>`` atomically (a temp folder renamed at the end), then prune old ones.
+
+    ``trainer_state.json`` is written last and records every other file's size, so a resume can tell
+    a damaged checkpoint (:func:`verify_checkpoint`). A kill at any moment leaves every complete
+    checkpoint intact: a checkpoint being replaced or pruned is first renamed out of the way.
+    """
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -211,13 +359,22 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         accelerator.unwrap_model(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+        state = {**trainer_state, "files": _checkpoint_files(tmp)}
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         os.replace(tmp, final)
         if limit is not None:
             for old in list_checkpoints(run_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
                 logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", old.name, limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill half-way never leaves a damaged ``checkpoint-N``."""
+    trash = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
