@@ -24,6 +24,27 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "difftune_control"
 
 
+def unwritable_dir(path: str | os.PathLike) -> str | None:
+    """Why a folder cannot be created or written (None when it can), checked without creating anything.
+
+    An existing path must be a writable folder; a new one needs its nearest existing parent to be a
+    writable folder.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        if not target.is_dir():
+            return "exists and is not a folder"
+        return None if os.access(target, os.W_OK | os.X_OK) else "is not writable (permission denied)"
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable (permission denied)"
+    return None
+
+
 def _explain_os_error(path: Path, err: OSError) -> OSError:
     if err.errno == errno.ENOSPC:
         return OSError(
