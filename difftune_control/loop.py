@@ -17,6 +17,7 @@ from difftune_control.runtime import (
     IndexStream,
     StreamBatchSampler,
     is_toy_model,
+    latest_run,
     list_checkpoints,
     load_base_model,
     make_controlnet,
@@ -78,8 +79,9 @@ def _run_dir(cfg: RunConfig, accelerator) -> Path:
     if name is None:
         m = cfg.method
         tag = m.method if m.method == "vanilla" else f"difftuning-{m.split}"
-        stem = Path(cfg.data.condition).stem
-        name = [f"{stem}-{tag}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        prefix = f"{Path(cfg.data.condition).stem}-{tag}-"
+        found = latest_run(Path(cfg.train.output_dir), prefix) if rc == "latest" else None
+        name = [found.name if found else f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
         broadcast_object_list(name)
         name = name[0]
     return Path(cfg.train.output_dir) / name

@@ -183,6 +183,38 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
 
 
+def latest_run(output_dir: Path, prefix: str) -> Path | None:
+    """The run that ``--resume_from_checkpoint latest`` continues when no ``--run_name`` is given.
+
+    The newest (by the timestamp in its name) of the runs named ``<prefix><YYYYmmdd-HHMMSS>`` (the default
+    name of a run of this condition and method) that have a checkpoint; logged. None when ``output_dir``
+    holds no run with a checkpoint (a new run starts). Runs with checkpoints but other names are
+    ambiguous: a ValueError lists them.
+    """
+    runs = (
+        sorted(d for d in output_dir.iterdir() if d.is_dir() and list_checkpoints(d))
+        if output_dir.is_dir()
+        else []
+    )
+    pattern = re.compile(re.escape(prefix) + r"\d{8}-\d{6}")
+    mine = [d for d in runs if pattern.fullmatch(d.name)]
+    if mine:
+        logger.warning(
+            "--resume_from_checkpoint latest without --run_name: resuming %s, the newest of %d run(s) named "
+            "%s* in %s (pass --run_name to choose another)", mine[-1], len(mine), prefix, output_dir,
+        )  # fmt: skip
+        return mine[-1]
+    if runs:
+        raise ValueError(
+            f"--resume_from_checkpoint latest without --run_name: {output_dir} has no run named {prefix}<time>, "
+            f"but these runs have checkpoints: {', '.join(d.name for d in runs)}; pass --run_name NAME"
+        )
+    logger.info(
+        "--resume_from_checkpoint latest: no run with a checkpoint in %s, starting a new one", output_dir
+    )
+    return None
+
+
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     """The checkpoint to resume from, its files verified first (:func:`verify_checkpoint`).
 

@@ -137,3 +137,39 @@ def test_last_finite_checkpoint_and_verification_see_poisoned_weights(
     assert last_finite_checkpoint(run) == run / "checkpoint-2"
     assert any(p.startswith("model.safetensors ") for p in verify_checkpoint(run / "checkpoint-4"))
     assert "non-finite" in safetensors_problem(run / "checkpoint-4" / "model.safetensors", check_finite=True)
+
+
+def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, caplog
+):
+    from difftune_control.trainer import train
+
+    first = train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 2, train__run_name=None))
+    assert first.name.startswith("canny-vanilla-")
+    with caplog.at_level(logging.WARNING):
+        again = train(
+            _cfg(
+                tiny_pipeline_dir,
+                tiny_dataset_dir,
+                tmp_path,
+                4,
+                train__run_name=None,
+                train__resume_from_checkpoint="latest",
+            )
+        )
+    assert again == first and (first / "checkpoint-4").is_dir()
+    assert f"resuming {first}, the newest of 1 run(s) named canny-vanilla-*" in caplog.text
+    # only runs of other names: which one is meant is ambiguous
+    first.rename(tmp_path / "mine")
+    cfg = _cfg(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        6,
+        train__run_name=None,
+        train__resume_from_checkpoint="latest",
+    )
+    with pytest.raises(
+        ValueError, match=r"no run named canny-vanilla-<time>, but these runs have checkpoints: mine"
+    ):
+        train(cfg)
