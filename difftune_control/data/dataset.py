@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,7 @@ class TargetDataset(Dataset):
         hint_cells = self._cells(cols.hint) if cols.hint is not None else None
         self._stats: list[str] = []
         self._empty_hints: list[int] = []
+        self._inside: str | None = None  # the dataset folder, symlinks resolved
         problems: list[BadRowError] = []
         limit = spec.max_samples or len(src)
         for row in range(len(src)):
@@ -222,12 +224,14 @@ class TargetDataset(Dataset):
         base = self.source.base_dir
         path = cell_path(value, base)
         if path is not None and base is not None and not self.spec.allow_external_paths:
-            inside = base.resolve()
-            if not path.resolve().is_relative_to(inside):
+            if self._inside is None:
+                self._inside = os.path.realpath(base)
+            real = os.path.realpath(path)  # symlinks followed
+            if not real.startswith(self._inside.rstrip(os.sep) + os.sep):
                 raise BadRowError(
-                    f"column '{column}': {_short_value(value)!r} resolves to {path.resolve()}, outside the dataset "
-                    f"folder {inside}; move the file into it, or pass {FLAGS['allow_external_paths']} to read "
-                    "images from anywhere"
+                    f"column '{column}': {_short_value(value)!r} resolves to {real}, outside the dataset "
+                    f"folder {self._inside}; move the file into it, or pass {FLAGS['allow_external_paths']} to "
+                    "read images from anywhere"
                 )
         self._stat(path, column)
         try:

@@ -90,6 +90,8 @@ def image_size(value: Any, base_dir: Path | None, where: str) -> tuple[int, int]
 def oriented_size(image: Image.Image) -> tuple[int, int]:
     """(width, height) after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
     width, height = image.size
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height  # PIL's getexif would decode a PNG to look for an eXIf chunk after the pixels
     try:
         orientation = image.getexif().get(0x0112)
     except Exception:  # a damaged EXIF block: decoding decides, as exif_transpose would ignore it
@@ -107,6 +109,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
     """
     from PIL import Image, ImageOps
 
+    fmt = image.format  # the transposed copy below has none
     image = ImageOps.exif_transpose(image) or image
     mode = image.mode
     if mode.startswith("I") or mode == "F":
@@ -114,7 +117,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> 
         top = float(array.max()) if array.size else 0.0
         if mode == "F":
             scale = 255.0 if top <= 1.0 else 1.0
-        elif mode.startswith("I;16") or image.format == "PNG" or top > 255:
+        elif mode.startswith("I;16") or fmt == "PNG" or top > 255:
             scale = 255.0 / 65535.0
         else:
             scale = 1.0
