@@ -116,6 +116,14 @@ def test_non_utf8_metadata_is_refused_naming_the_line(tmp_path):
     assert len(load_target_dataset(DatasetSpec(str(tmp_path), resolution=R))) == 2
 
 
+def test_a_non_utf8_bank_prompts_file_names_the_line(tmp_path):
+    from difftune_control.bank import read_prompts_file
+
+    (tmp_path / "prompts.txt").write_bytes(b"a red sphere\nun caf\xe9\n")
+    with pytest.raises(ValueError, match=r"prompts.txt: not UTF-8 text: line 2 \(byte 0xe9 at column 8\)"):
+        read_prompts_file(tmp_path / "prompts.txt")
+
+
 def test_a_prompt_json_row_without_its_hint_is_named(tmp_path, caplog):
     rows = [
         {"source": _rgb(tmp_path, f"s{i}.png"), "target": _rgb(tmp_path, f"t{i}.png"), "prompt": "a"}
