@@ -120,7 +120,7 @@ def test_a_non_utf8_bank_prompts_file_names_the_line(tmp_path):
     from difftune_control.bank import read_prompts_file
 
     (tmp_path / "prompts.txt").write_bytes(b"a red sphere\nun caf\xe9\n")
-    with pytest.raises(ValueError, match=r"prompts.txt: not UTF-8 text: line 2 \(byte 0xe9 at column 8\)"):
+    with pytest.raises(ValueError, match=r"prompts.txt: not UTF-8 text: line 2 \(byte 0xe9 at column 7\)"):
         read_prompts_file(tmp_path / "prompts.txt")
 
 
