@@ -16,9 +16,6 @@ class BadRowError(ValueError):
         super().__init__(message)
         self.missing_file = missing_file
 
-    def to_exception(self) -> Exception:
-        return FileNotFoundError(str(self)) if self.missing_file else ValueError(str(self))
-
 
 @dataclass
 class Columns:

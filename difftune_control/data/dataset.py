@@ -76,10 +76,11 @@ class TargetDataset(Dataset):
     [3,R,R] in [0,1], "caption": str, "index": int}``, where ``index`` is the position in this
     dataset and ``row_ids[index]`` the source row.
 
-    Construction checks cheaply what it can (columns exist, rows are not empty, files exist,
-    captions are strings, not every caption is empty) and raises on the first bad row naming the
-    row and column; with ``spec.skip_bad_rows`` it also opens every image header (size, aspect
-    ratio of image vs. hint) and skips bad rows, logging a count and the first reasons.
+    Construction checks every row in one pass, without decoding an image: columns exist, rows are
+    not empty, captions are strings and not all empty, files exist inside the dataset folder, every
+    image and hint header is readable and of a safe size, image and hint have the same aspect ratio.
+    It raises one error listing every bad row (row, file line, column); with ``spec.skip_bad_rows``
+    it skips them instead, logging a count and the first reasons.
 
     Args:
         spec (`DatasetSpec`): where the data lives and how samples are prepared.
