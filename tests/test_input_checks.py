@@ -247,11 +247,14 @@ def test_nan_and_inf_numbers_and_an_unusable_output_dir_are_refused_together(
         train(cfg)
 
 
-def test_cli_rejects_nan_learning_rate_before_loading_anything(capsys):
+def test_cli_rejects_nan_learning_rate_before_loading_anything(tmp_path, capsys):
     from difftune_control.cli import main
 
-    assert main(["train", "--learning_rate", "nan", "--resolution", "64"]) == 2
-    assert "--learning_rate: expected a finite number, got nan" in capsys.readouterr().err
+    # a missing data folder too, so that no version of this check can start a real run
+    argv = ["train", "--learning_rate", "nan", "--train_data_dir", str(tmp_path / "nope")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--learning_rate: expected a finite number, got nan" in err and "--train_data_dir" in err
 
 
 # -- default conditioning column -------------------------------------------------------------------
