@@ -23,15 +23,18 @@ def _mode(path: Path) -> int:
 
 
 def test_atomic_writes_follow_the_umask(tmp_path, umask):
-    from difftune_control.utils import atomic_dir, atomic_save_safetensors, atomic_write_text, current_umask
+    from difftune_control.utils import atomic_dir, atomic_save_safetensors, atomic_write_text
 
-    assert current_umask() == umask
     atomic_write_text(tmp_path / "config.json", "{}")
     atomic_save_safetensors({"x": torch.zeros(2)}, tmp_path / "w.safetensors")
     with atomic_dir(tmp_path / "folder") as tmp:
         (tmp / "a.txt").write_text("a")
     assert _mode(tmp_path / "config.json") == _mode(tmp_path / "w.safetensors") == 0o666 & ~umask
     assert _mode(tmp_path / "folder") == 0o777 & ~umask
+
+    from difftune_control.utils import current_umask
+
+    assert current_umask() == umask  # read without changing it
 
 
 def test_exports_are_0644_under_umask_022(tmp_path):
