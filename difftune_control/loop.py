@@ -12,17 +12,20 @@ from typing import Any
 import torch
 
 from difftune_control import __version__
+from difftune_control.checkpoints import (
+    WeightWatch,
+    latest_run,
+    list_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.runtime import (
     IndexStream,
     StreamBatchSampler,
     is_toy_model,
-    latest_run,
-    list_checkpoints,
     load_base_model,
     make_controlnet,
-    resolve_resume,
-    save_checkpoint,
 )
 from difftune_control.trainer import StopSignal, lr_lambda, trainer_class
 from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, derive_seed, read_jsonl
@@ -292,7 +295,7 @@ class _Loop:
         self.main = accelerator.is_main_process
         self.log = JsonlLogger(run_dir / "metrics.jsonl") if self.main else None
         self._postfix: dict[str, str] = {}
-        self._weight_flags: list[tuple[int, torch.Tensor, Any]] = []  # (step, non-finite flag, CUDA event)
+        self.weights = WeightWatch(trainer.controlnet.parameters, run_dir, cfg.train.learning_rate)
         self.tb = None
         if self.main and cfg.train.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -355,7 +358,7 @@ class _Loop:
         with StopSignal() as stop:
             while st["global_step"] < t.max_train_steps:
                 self._seed_step(st["consumed_batches"])
-                self._check_weights(keep=1)  # the update before last: finished on the GPU by now
+                self.weights.check(keep=1)  # the update before last: finished on the GPU by now
                 with acc.accumulate(self.trainer.controlnet):
                     parts = self.trainer.training_step(next(batches))
                     st["consumed_batches"] += 1
@@ -369,7 +372,7 @@ class _Loop:
                 self.lr_scheduler.step()
                 st["global_step"] += 1
                 step = st["global_step"]
-                self._watch_weights(step)
+                self.weights.watch(step)
                 self.bar.update(1)
                 if step % t.logging_steps == 0 or step == t.max_train_steps:
                     self._log_train(step, window, time.time() - t_log)
@@ -390,56 +393,8 @@ class _Loop:
 
     def _check_finite(self) -> None:
         """Raise ``FloatingPointError`` if a loss or an update since the last check was not finite."""
-        self._check_weights()
+        self.weights.check()
         self.trainer.check_finite()
-
-    def _watch_weights(self, step: int) -> None:
-        """Note whether optimizer step ``step`` left every ControlNet weight finite, without waiting for the GPU.
-
-        One fused norm over all parameters (NaN and inf propagate into it); on CUDA its flag is copied to
-        pinned memory behind an event and read one step later, or before anything is logged or saved
-        (:meth:`_check_finite`), so no checkpoint ever holds a diverged update. Elsewhere it is read at once.
-        """
-        with torch.no_grad():
-            params = [p.detach() for p in self.trainer.controlnet.parameters()]
-            norms = (
-                torch._foreach_norm(params) if hasattr(torch, "_foreach_norm") else [p.norm() for p in params]
-            )
-            bad = ~torch.stack(list(norms)).isfinite().all()
-        if bad.device.type != "cuda":
-            self._weight_flags.append((step, bad, None))
-            return self._check_weights()
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._weight_flags.append((step, flag, event))
-
-    def _check_weights(self, keep: int = 0) -> None:
-        """Read the weight flags of :meth:`_watch_weights`, all but the newest ``keep``; raise at a bad one."""
-        while len(self._weight_flags) > keep:
-            step, flag, event = self._weight_flags.pop(0)
-            if event is not None:
-                event.synchronize()
-            if bool(flag):
-                self._weight_flags.clear()
-                raise FloatingPointError(self._diverged(step))
-
-    def _diverged(self, step: int) -> str:
-        from difftune_control.runtime import last_finite_checkpoint
-
-        good = last_finite_checkpoint(self.run_dir)
-        where = (
-            f"the last checkpoint whose weights are all finite is {good.name}: resume with "
-            f"--resume_from_checkpoint {good} (or latest)"
-            if good is not None
-            else "no checkpoint was written before it"
-        )
-        return (
-            f"optimizer step {step} made ControlNet weights non-finite (NaN or inf): the update diverged and "
-            f"nothing of it was saved. Lower --learning_rate (now {self.cfg.train.learning_rate:g}), use bf16 "
-            f"rather than fp16, and check the data for broken images; {where}"
-        )
 
     def _seed_step(self, micro_step: int) -> None:
         """Seed every random draw of micro-batch ``micro_step`` from (seed, process, micro_step) alone.

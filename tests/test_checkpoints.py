@@ -126,7 +126,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_with_the_file_and_the_intact_
 def test_last_finite_checkpoint_and_verification_see_poisoned_weights(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.runtime import last_finite_checkpoint, safetensors_problem, verify_checkpoint
+    from difftune_control.checkpoints import last_finite_checkpoint, safetensors_problem, verify_checkpoint
     from difftune_control.trainer import train
 
     run = train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
