@@ -173,3 +173,17 @@ def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
         ValueError, match=r"no run named canny-vanilla-<time>, but these runs have checkpoints: mine"
     ):
         train(cfg)
+
+
+@pytest.mark.gpu
+def test_weight_watch_on_cuda_defers_the_read_to_the_next_check(tmp_path):
+    from difftune_control.checkpoints import WeightWatch
+
+    weights = [torch.ones(3, device="cuda"), torch.ones(2, device="cuda")]
+    watch = WeightWatch(lambda: iter(weights), tmp_path, 1e-4)
+    watch.watch(1)
+    weights[1][0] = float("nan")
+    watch.watch(2)  # queued behind an event: nothing raised, no host sync
+    watch.check(keep=1)  # step 1 read: finite
+    with pytest.raises(FloatingPointError, match="optimizer step 2 made ControlNet weights non-finite"):
+        watch.check()
