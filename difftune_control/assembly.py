@@ -68,6 +68,7 @@ def dataset_spec(cfg: RunConfig, source: str, max_samples: int | None = None):
         split=d.dataset_split,
         max_samples=max_samples,
         skip_bad_rows=d.skip_bad_rows,
+        allow_external_paths=d.allow_external_paths,
         dataset_config_name=d.dataset_config_name,
     )
 
@@ -94,6 +95,7 @@ def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device
     source = train_source(cfg, base.is_toy)
     dataset = load_target_dataset(dataset_spec(cfg, source, cfg.data.max_train_samples), hint_fn=extractor)
     logger.info("target dataset: %d samples from %s", len(dataset), source)
+    warn_long_captions(dataset, base.tokenizer)
     if not cfg.data.cache_latents:
         return dataset
     from difftune_control.utils import cache_root
@@ -110,6 +112,19 @@ def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device
             dtype=base.unet.dtype,
             vae_dtype=base.vae.dtype,
         )
+
+
+def warn_long_captions(dataset, tokenizer) -> None:
+    """One warning when captions exceed what the text encoder reads (they are cut), with their count."""
+    from difftune_control.data.columns import long_captions
+
+    long = long_captions(dataset.captions, tokenizer)
+    if long:
+        first = ", ".join(f"{dataset.row_label(i)} ({n} tokens)" for i, n in long[:3])
+        logger.warning(
+            "%d of %d captions are longer than the text encoder's %d tokens and are cut to that length "
+            "(first: %s)", len(long), len(dataset), tokenizer.model_max_length, first,
+        )  # fmt: skip
 
 
 def load_validation(cfg: RunConfig, base: BaseModel, extractor, k: int) -> ValidationSet:

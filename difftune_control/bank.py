@@ -88,7 +88,9 @@ def read_prompts_file(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--bank_prompts: file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from difftune_control.data.formats import decode_utf8
+
+    prompts = [line.strip() for line in decode_utf8(path.read_bytes(), path).splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"--bank_prompts: {path} holds no prompts (expected one prompt per line)")
     return prompts

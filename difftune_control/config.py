@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -110,6 +111,9 @@ class DataConfig:
     dataset_split: str = _f("train", "Split of a HF / saved / parquet dataset.")
     max_train_samples: int | None = _f(None, "Use only the first N samples.")
     skip_bad_rows: bool = _f(False, "Skip unreadable/missing rows (counted in the log) instead of failing.")
+    allow_external_paths: bool = _f(
+        False, "Accept image/hint paths outside the dataset folder (absolute, ../, symlinks out)."
+    )
     proportion_empty_prompts: float = _f(
         0.5, "Caption dropout for target samples (original ControlNet: 0.5)."
     )
@@ -486,6 +490,11 @@ class RunConfig:
         ]:
             if p is not None and not Path(p).exists():
                 problems.append(f"{flag}: no such file or folder: {p}")
+        from difftune_control.utils import unwritable_dir
+
+        output_problem = unwritable_dir(t.output_dir)
+        if output_problem:
+            problems.append(f"--output_dir {t.output_dir}: {output_problem}")
         rc = t.resume_from_checkpoint
         if rc is not None and rc != "latest" and not Path(rc).is_dir():
             problems.append(
@@ -619,6 +628,8 @@ def _check_types(section: Any) -> list[str]:
                 problems.append(f"--{f.name}: got {value!r}; choose one of {list(choices)}")
         elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
             problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
+        elif tp is float and not math.isfinite(value):
+            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
     return problems
 
 
@@ -670,10 +681,11 @@ def resolve_defaults(
     if cfg.bank.bank_hint is None:
         cfg.bank.bank_hint = "extracted" if cfg.method.teacher_controlnet is not None else "zero"
     if cfg.data.conditioning_image_column is None:
+        # the recipe's ground-truth column exists in the toy world's own datasets only; a user's dataset
+        # (on any base) uses diffusers' name, and a missing column means "extract the hints"
+        toy_data = toy and not (cfg.data.train_data_dir or cfg.data.dataset_name)
         toy_col = getattr(recipe, "toy_hint_column", None)
-        cfg.data.conditioning_image_column = (
-            (toy_col or "conditioning_image") if toy else "conditioning_image"
-        )
+        cfg.data.conditioning_image_column = (toy_col if toy_data else None) or "conditioning_image"
     return cfg
 
 

@@ -12,20 +12,24 @@ from typing import Any
 import torch
 
 from difftune_control import __version__
+from difftune_control.checkpoints import (
+    WeightWatch,
+    latest_run,
+    list_checkpoints,
+    resolve_resume,
+    save_checkpoint,
+)
 from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.distributed import StopVote, WindowMeans, ddp_kwargs, ddp_settings
 from difftune_control.runtime import (
     IndexStream,
     StreamBatchSampler,
     is_toy_model,
-    list_checkpoints,
     load_base_model,
     make_controlnet,
-    resolve_resume,
-    save_checkpoint,
 )
 from difftune_control.trainer import StopSignal, lr_lambda, trainer_class
-from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, read_jsonl
+from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, derive_seed, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +94,9 @@ def _run_dir(cfg: RunConfig, accelerator) -> Path:
     if name is None:
         m = cfg.method
         tag = m.method if m.method == "vanilla" else f"difftuning-{m.split}"
-        stem = Path(cfg.data.condition).stem
-        name = [f"{stem}-{tag}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
+        prefix = f"{Path(cfg.data.condition).stem}-{tag}-"
+        found = latest_run(Path(cfg.train.output_dir), prefix) if rc == "latest" else None
+        name = [found.name if found else f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
         broadcast_object_list(name)
         name = name[0]
     return Path(cfg.train.output_dir) / name
@@ -311,6 +316,7 @@ class _Loop:
         reduce = accelerator.reduce if accelerator.num_processes > 1 else None
         self.vote = StopVote(cfg.train.logging_steps, reduce, accelerator.device)
         self._postfix: dict[str, str] = {}
+        self.weights = WeightWatch(trainer.controlnet.parameters, run_dir, cfg.train.learning_rate)
         self.tb = None
         if self.main and cfg.train.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -372,6 +378,8 @@ class _Loop:
         )
         with StopSignal() as stop:
             while st["global_step"] < t.max_train_steps:
+                self._seed_step(st["consumed_batches"])
+                self.weights.check(keep=1)  # the update before last: finished on the GPU by now
                 with acc.accumulate(self.trainer.controlnet):
                     parts = self.trainer.training_step(next(batches))
                     st["consumed_batches"] += 1
@@ -385,6 +393,7 @@ class _Loop:
                 self.lr_scheduler.step()
                 st["global_step"] += 1
                 step = st["global_step"]
+                self.weights.watch(step)
                 self.bar.update(1)
                 self._flush_log()  # the previous step's record: finished on the GPU by now
                 if step % t.logging_steps == 0 or step == t.max_train_steps:
@@ -403,6 +412,24 @@ class _Loop:
                     break
         self.bar.close()
         self._finish(reason)
+
+    def _check_finite(self) -> None:
+        """Raise ``FloatingPointError`` if a loss or an update since the last check was not finite."""
+        self.weights.check()
+        self.trainer.check_finite()
+
+    def _seed_step(self, micro_step: int) -> None:
+        """Seed every random draw of micro-batch ``micro_step`` from (seed, process, micro_step) alone.
+
+        The trainer's generator (batch plan, timesteps, noise, caption dropout, bank rows) and torch's
+        global generator (anything else a model might draw) restart from seeds derived from the step, so
+        the step's numbers never depend on what ran before it: a resume, a detector evaluation, or a model
+        loaded with a random initialisation in between (exact resume, same numbers with or without a
+        prebuilt bank). The data items are seeded per (seed, epoch, index) by the sampler.
+        """
+        seed, rank = self.cfg.train.seed, self.acc.process_index
+        self.trainer.generator.manual_seed(derive_seed(seed, "step", rank, micro_step))
+        torch.manual_seed(derive_seed(seed, "global", rank, micro_step))
 
     def _should_stop(self, stop: StopSignal) -> str | None:
         """Every process returns the same answer at the same step (:class:`StopVote`; ``stop_at`` is shared)."""
@@ -444,13 +471,13 @@ class _Loop:
             return
         record, means = self._pending_log
         self._pending_log = None
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         head = {"type": record.pop("type"), "step": record.pop("step")}
         self.emit({**head, **means.get(), **record})
 
     def _evaluate(self) -> None:
         self._flush_log()
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             base = self.trainer.base
             net = self.acc.unwrap_model(self.trainer.controlnet)
@@ -477,7 +504,7 @@ class _Loop:
 
     def _validation_grid(self, step: int) -> None:
         self._flush_log()
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             from difftune_control.validation import sample_images
 
@@ -508,7 +535,7 @@ class _Loop:
 
     def _checkpoint(self, step: int) -> None:
         self._flush_log()
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         st = dict(self.state)
         st["elapsed"] = self.now()
         st["trainer"] = self.trainer.state_dict()
@@ -521,7 +548,7 @@ class _Loop:
 
     def _finish(self, reason: str) -> None:
         self._flush_log()
-        self.trainer.check_finite()  # nothing from a non-finite step is logged or saved
+        self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
             net = self.acc.unwrap_model(self.trainer.controlnet)
             with atomic_dir(self.run_dir / "controlnet") as tmp:

@@ -1,12 +1,11 @@
-"""What a training run stands on: base-model loading, the run folder, checkpoints, data order."""
+"""What a training run stands on: base-model loading, the trainable ControlNet, data order.
+
+Checkpoints live in :mod:`difftune_control.checkpoints`.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,9 @@ from typing import Any
 import torch
 
 from difftune_control.config import ModelConfig
+from difftune_control.utils import derive_seed
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 @dataclass
@@ -220,9 +218,19 @@ class IndexStream:
             self._epoch, self._perm = epoch, perm[self.rank :: self.world]
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size].tolist()
 
+    def keys(self, k: int) -> list[tuple[int, int]]:
+        """Batch ``k`` as dataset keys ``(index, draw seed)``: the seed derives from (seed, epoch, index).
+
+        A dataset draws everything random about an item (posterior sample, random crop, flip) from a
+        generator seeded with it, so an item's values depend on where it sits in the stream, never on
+        what ran before (a resume, a model initialised at random in between, a DataLoader worker).
+        """
+        epoch = k // self.batches_per_epoch
+        return [(i, derive_seed(self.seed, "sample", epoch, i)) for i in self.batch(k)]
+
 
 class StreamBatchSampler(torch.utils.data.Sampler):
-    """Batches ``start, start+1, ...`` of an :class:`IndexStream`, forever (for a DataLoader)."""
+    """Batches ``start, start+1, ...`` of an :class:`IndexStream` as dataset keys, forever (for a DataLoader)."""
 
     def __init__(self, stream: IndexStream, start: int = 0):
         self.stream, self.start = stream, start
@@ -230,55 +238,5 @@ class StreamBatchSampler(torch.utils.data.Sampler):
     def __iter__(self):
         k = self.start
         while True:
-            yield self.stream.batch(k)
+            yield self.stream.keys(k)
             k += 1
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete ``checkpoint-N`` folders of a run, oldest first."""
-    if not run_dir.is_dir():
-        return []
-    found = [
-        (int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
-    ]
-    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
-
-
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: ``latest`` (None if the run has none yet) or an explicit folder."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(run_dir)
-        return ckpts[-1] if ckpts else None
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no trainer_state.json); "
-            f"available: {[p.name for p in list_checkpoints(path.parent)] or 'none'}"
-        )
-    return path
-
-
-def save_checkpoint(
-    accelerator, run_dir: Path, step: int, controlnet, trainer_state: dict, limit: int | None
-) -> Path:
-    """Write ``checkpoint-<step>`` atomically (a temp folder renamed at the end), then prune old ones."""
-    final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if limit is not None:
-            for old in list_checkpoints(run_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-                logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", old.name, limit)
-    accelerator.wait_for_everyone()
-    return final

@@ -95,6 +95,7 @@ def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:
         )
     recipe = load_recipe(condition)
     source = m.teacher_train_data_dir or data.get("train_data_dir") or data.get("dataset_name")
+    toy_data = source is None  # the recipe's ground-truth hint column exists in the toy world's data only
     if source is None:
         if not toy:
             raise ValueError(
@@ -105,7 +106,7 @@ def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:
         domain = data.get("toy_domain", "default")  # the teacher's own toy-world domain
         source = str(default_dataset_dir(split="train", resolution=cfg.data.resolution, domain=domain))
     column = data.get("conditioning_image_column") or (
-        getattr(recipe, "toy_hint_column", None) if toy else None
+        getattr(recipe, "toy_hint_column", None) if toy and toy_data else None
     )
     d = cfg.data
     spec = DatasetSpec(
@@ -120,6 +121,7 @@ def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:
         split=data.get("dataset_split") or d.dataset_split,
         max_samples=cfg.bank.bank_size,
         dataset_config_name=data.get("dataset_config_name"),
+        allow_external_paths=d.allow_external_paths or bool(data.get("allow_external_paths")),
     )
     return recipe, source, spec
 

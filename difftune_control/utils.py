@@ -1,9 +1,10 @@
-"""Small shared helpers: atomic writes, cache locations, JSON-lines logs, host-to-device copies."""
+"""Small shared helpers: atomic writes, cache locations, JSON-lines logs, host-to-device copies, derived seeds."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,27 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "difftune_control"
 
 
+def unwritable_dir(path: str | os.PathLike) -> str | None:
+    """Why a folder cannot be created or written (None when it can), checked without creating anything.
+
+    An existing path must be a writable folder; a new one needs its nearest existing parent to be a
+    writable folder.
+    """
+    target = Path(path).expanduser().absolute()
+    if target.exists():
+        if not target.is_dir():
+            return "exists and is not a folder"
+        return None if os.access(target, os.W_OK | os.X_OK) else "is not writable (permission denied)"
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"cannot be created: {parent} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot be created: {parent} is not writable (permission denied)"
+    return None
+
+
 def _explain_os_error(path: Path, err: OSError) -> OSError:
     if err.errno == errno.ENOSPC:
         return OSError(
@@ -33,11 +55,26 @@ def _explain_os_error(path: Path, err: OSError) -> OSError:
     return err
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
 
-    A crash, a full disk or an exception leaves any previous ``path`` untouched.
+    A crash, a full disk or an exception leaves any previous ``path`` untouched. The file gets the
+    permissions any new file gets (0644 under the usual umask 022), so a WebUI or ComfyUI running as
+    another user can read exports, reports and configs.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +83,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp makes 0600 (and some writers recreate the file): follow the umask like open() does
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, path)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
@@ -77,6 +116,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: follow the umask like mkdir does
     try:
         yield tmp
         if path.exists():
@@ -135,6 +175,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}: line {i + 1} is not valid JSON: {err}") from err
     return records
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends only on ``parts`` (e.g. run seed, epoch, sample index), never on history.
+
+    Hashing keeps nearby tuples apart (``(0, 1, 0)`` and ``(0, 0, 1)`` give unrelated seeds), so every
+    random draw can have its own generator: a resumed run, a process that loaded a model with random
+    initialisation first, or a DataLoader worker all draw the same numbers for the same ``parts``.
+    """
+    digest = hashlib.blake2b(repr(tuple(parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def derived_generator(*parts: int | str) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``."""
+    return torch.Generator().manual_seed(derive_seed(*parts))
 
 
 def to_device(

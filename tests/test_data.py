@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,9 @@ def test_hf_dataset_with_path_strings_relative_to_its_folder(tmp_path):
     for r in rows:  # paths relative to the saved dataset's folder
         r["image"], r["conditioning_image"] = "../" + r["image"], "../" + r["conditioning_image"]
     Dataset.from_list(rows).save_to_disk(str(root / "saved"))
-    ds = load_target_dataset(DatasetSpec(str(root / "saved"), resolution=R))
+    with pytest.raises(ValueError, match=r"'\.\./images/0.png' resolves to .*outside the dataset folder"):
+        load_target_dataset(DatasetSpec(str(root / "saved"), resolution=R))  # files outside: opt in
+    ds = load_target_dataset(DatasetSpec(str(root / "saved"), resolution=R, allow_external_paths=True))
     reference = load_target_dataset(DatasetSpec(str(root), resolution=R))
     assert torch.equal(ds[0]["pixel_values"], reference[0]["pixel_values"])
 
@@ -162,25 +165,26 @@ def test_hf_rows_with_empty_hints_are_extracted_and_corrupt_bytes_are_skipped(tm
     rows[2]["image"] = {"bytes": b"not an image", "path": None}
     hf.from_list(rows, features=hf.features).save_to_disk(str(tmp_path / "saved"))
     spec = DatasetSpec(str(tmp_path / "saved"), resolution=R)
-    with pytest.raises(
-        ValueError, match=r"row 1 of saved dataset .*: no conditioning image .*no hint function"
-    ):
+    with pytest.raises(ValueError) as err:  # every bad row in one error, before any image is decoded
         load_target_dataset(spec)
+    assert re.search(r"row 1 of saved dataset .*: no conditioning image .*no hint function", str(err.value))
+    assert re.search(
+        r"row 2 of saved dataset .*column 'image': cannot read image embedded image bytes", str(err.value)
+    )
     extracted = []
 
     def hint_fn(image: Image.Image) -> torch.Tensor:
         extracted.append(image.size)
         return torch.zeros(3, *image.size)
 
-    ds = load_target_dataset(spec, hint_fn=hint_fn)
-    assert ds.extracted == [False, True, False, False]
-    assert ds[1]["conditioning_pixel_values"].sum() == 0 and extracted == [(R, R)]
     with pytest.raises(
         ValueError, match=r"row 2 of saved dataset .*column 'image': cannot read image embedded image bytes"
     ):
-        ds[2]
+        load_target_dataset(spec, hint_fn=hint_fn)
     skipping = load_target_dataset(DatasetSpec(str(tmp_path / "saved"), skip_bad_rows=True), hint_fn=hint_fn)
     assert skipping.row_ids == [0, 1, 3]
+    assert skipping.extracted == [False, True, False]
+    assert skipping[1]["conditioning_pixel_values"].sum() == 0 and len(extracted) == 1
 
 
 def test_unreachable_hub_name_says_it_is_neither_a_path_nor_a_dataset(monkeypatch):
@@ -345,25 +349,22 @@ def test_missing_image_file_names_row_line_column_and_path(tmp_path):
     assert "column 'conditioning_image'" in str(err.value) and "hints/missing.png" in str(err.value)
 
 
-def test_corrupt_image_fails_on_access_naming_row_and_file(tmp_path):
+def test_corrupt_image_fails_up_front_naming_row_and_file(tmp_path):
     root = write_imagefolder(tmp_path)
     (root / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    ds = load_target_dataset(DatasetSpec(str(root), resolution=R))
-    ds[0]
     with pytest.raises(
-        ValueError, match=r"row 1 \(metadata.jsonl line 2\), column 'image': cannot read image .*1.png"
+        ValueError, match=r"row 1 \(metadata.jsonl line 2\): column 'image': cannot read image .*1.png"
     ):
-        ds[1]
+        load_target_dataset(DatasetSpec(str(root), resolution=R))
 
 
-def test_hint_with_another_aspect_ratio_is_refused(tmp_path):
+def test_hint_with_another_aspect_ratio_is_refused_up_front(tmp_path):
     root = write_imagefolder(tmp_path)
     Image.new("RGB", (64, 64)).save(root / "hints" / "3.png")
-    ds = load_target_dataset(DatasetSpec(str(root), resolution=R))
     with pytest.raises(
         ValueError, match=r"row 3 .*96x64 but conditioning image is 64x64: different aspect ratios"
     ):
-        ds[3]
+        load_target_dataset(DatasetSpec(str(root), resolution=R))
 
 
 def test_captions_empty_in_every_row_missing_in_one_row_and_empty_in_one_row(tmp_path):

@@ -85,10 +85,11 @@ def test_cache_holds_posterior_latents_text_embeddings_and_the_empty_prompt(tmp_
     torch.testing.assert_close(cached.empty_prompt_embedding, text[1])
     assert item["encoder_hidden_states"].shape == (8, 16)
     torch.testing.assert_close(item["conditioning_pixel_values"], ds[5]["conditioning_pixel_values"])
-    # sample_latents draws mean + std * noise per access, around the stored mean
+    # sample_latents draws mean + std * noise around the stored mean, the noise seeded by the key
     cached.sample_latents = True
-    a, b = cached[5]["latents"], cached[5]["latents"]
+    a, b = cached[(5, 1)]["latents"], cached[(5, 2)]["latents"]
     assert not torch.equal(a, b) and (a - item["latents"]).abs().max() < 1.0
+    assert torch.equal(cached[(5, 1)]["latents"], a)
 
 
 def test_second_build_reuses_every_shard_without_encoding(tmp_path, models):

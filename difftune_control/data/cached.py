@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from difftune_control.data.dataset import TargetDataset
+from difftune_control.data.dataset import TargetDataset, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,9 @@ class CachedTargetDataset(Dataset):
 
     Items are ``{"latents": [4,r,r], "encoder_hidden_states": [L,D], "conditioning_pixel_values":
     [3,R,R] in [0,1], "caption": str, "index": int}`` (float32), plus the added conditioning the cache
-    was built with (SDXL: ``text_embeds`` [P], ``time_ids`` [6]). Latents are a fresh draw from the
-    stored posterior per access, or its mean with ``sample_latents=False``. Hints come from the
+    was built with (SDXL: ``text_embeds`` [P], ``time_ids`` [6]). Latents are a draw from the stored
+    posterior, or its mean with ``sample_latents=False``; the draw's noise comes from the key's seed
+    (``dataset[(index, seed)]``, see `split_key`), so one key always gives the same latents. Hints come from the
     cache when they were extracted, else from the hint files with the crop stored per row.
 
     Args:
@@ -94,14 +95,16 @@ class CachedTargetDataset(Dataset):
             )
         return self._handles[k]
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = split_key(key)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} rows")
         shard, j = self._shard(index // self.shard_size), index % self.shard_size
         mean = shard.get_slice("latent_mean")[j : j + 1][0].float()
         latents = mean
         if self.sample_latents:
-            latents = mean + shard.get_slice("latent_std")[j : j + 1][0].float() * torch.randn_like(mean)
+            eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))  # not the global RNG
+            latents = mean + shard.get_slice("latent_std")[j : j + 1][0].float() * eps
         if "hints" in shard.keys():
             hint = shard.get_slice("hints")[j : j + 1][0].float() / 255.0
         else:

@@ -16,9 +16,6 @@ class BadRowError(ValueError):
         super().__init__(message)
         self.missing_file = missing_file
 
-    def to_exception(self) -> Exception:
-        return FileNotFoundError(str(self)) if self.missing_file else ValueError(str(self))
-
 
 @dataclass
 class Columns:
@@ -77,3 +74,14 @@ def caption_of(value: Any, column: str) -> str:
             f"caption in column '{column}' must be a string, got {type(value).__name__} {value!r}"
         )
     return value
+
+
+def long_captions(captions: list[str], tokenizer: Any) -> list[tuple[int, int]]:
+    """``(position, token count)`` of every caption longer than the text encoder reads.
+
+    Counted with the run's tokenizer, special tokens included, against its ``model_max_length``
+    (77 for SD): the text encoder sees only the first tokens of a longer caption.
+    """
+    limit = int(tokenizer.model_max_length)
+    lengths = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]]
+    return [(i, n) for i, n in enumerate(lengths) if n > limit]

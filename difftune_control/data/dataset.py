@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from difftune_control.data.transforms import (
     same_aspect,
     transform_pair,
 )
+from difftune_control.utils import derive_seed
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,19 @@ HintFn = Callable[[Any], "torch.Tensor"]
 """Any callable RGB PIL image -> float tensor [3,H,W] in [0,1] (e.g. a `ConditionExtractor`)."""
 
 _SHOWN_REASONS = 5
+
+
+def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
+    """``(index, draw seed)`` of a dataset key.
+
+    The training loop's sampler gives ``(index, seed)`` with the seed derived from (run seed, epoch,
+    index) (`difftune_control.runtime.IndexStream.keys`); a plain index draws from a seed derived from
+    the index alone. Either way an item never touches torch's global random generator.
+    """
+    if isinstance(key, (tuple, list)):
+        index, seed = key
+        return int(index), int(seed)
+    return int(key), derive_seed("item", int(key))
 
 
 @dataclass
@@ -61,10 +76,11 @@ class TargetDataset(Dataset):
     [3,R,R] in [0,1], "caption": str, "index": int}``, where ``index`` is the position in this
     dataset and ``row_ids[index]`` the source row.
 
-    Construction checks cheaply what it can (columns exist, rows are not empty, files exist,
-    captions are strings, not every caption is empty) and raises on the first bad row naming the
-    row and column; with ``spec.skip_bad_rows`` it also opens every image header (size, aspect
-    ratio of image vs. hint) and skips bad rows, logging a count and the first reasons.
+    Construction checks every row in one pass, without decoding an image: columns exist, rows are
+    not empty, captions are strings and not all empty, files exist inside the dataset folder, every
+    image and hint header is readable and of a safe size, image and hint have the same aspect ratio.
+    It raises one error listing every bad row (row, file line, column); with ``spec.skip_bad_rows``
+    it skips them instead, logging a count and the first reasons.
 
     Args:
         spec (`DatasetSpec`): where the data lives and how samples are prepared.
@@ -102,11 +118,15 @@ class TargetDataset(Dataset):
 
     # -- construction -----------------------------------------------------------------------
     def _select_rows(self) -> None:
+        """One pass over the rows before any expensive work: every problem is found, then reported at once."""
         src, cols, spec = self.source, self.columns, self.spec
         captions = src.column_values(cols.caption)
         image_cells = self._cells(cols.image)
         hint_cells = self._cells(cols.hint) if cols.hint is not None else None
         self._stats: list[str] = []
+        self._empty_hints: list[int] = []
+        self._inside: str | None = None  # the dataset folder, symlinks resolved
+        problems: list[BadRowError] = []
         limit = spec.max_samples or len(src)
         for row in range(len(src)):
             if len(self.row_ids) >= limit:
@@ -117,15 +137,17 @@ class TargetDataset(Dataset):
                     row, image_cells[row], None if hint_cells is None else hint_cells[row]
                 )
             except BadRowError as err:
-                if not spec.skip_bad_rows:
-                    raise BadRowError(
-                        f"{src.row_label(row)}: {err}", err.missing_file
-                    ).to_exception() from None
-                self.skipped.append((row, f"{src.row_label(row)}: {err}"))
+                labelled = BadRowError(f"{src.row_label(row)}: {err}", err.missing_file)
+                if spec.skip_bad_rows:
+                    self.skipped.append((row, str(labelled)))
+                else:
+                    problems.append(labelled)
                 continue
             self.row_ids.append(row)
             self.captions.append(caption)
             self.extracted.append(extract)
+        if problems:
+            raise _all_problems(problems, src.description)
         checked = len(self.row_ids) + len(self.skipped)
         reasons = "".join(f"\n  - {reason}" for _, reason in self.skipped[:_SHOWN_REASONS])
         if not self.row_ids:
@@ -136,6 +158,13 @@ class TargetDataset(Dataset):
             logger.warning(
                 "skipped %d of %d rows of %s (%s); first reasons:%s",
                 len(self.skipped), checked, src.description, FLAGS["skip_bad_rows"], reasons,
+            )  # fmt: skip
+        if self._empty_hints and self.hint_fn is not None:
+            shown = ", ".join(src.row_label(r) for r in self._empty_hints[:_SHOWN_REASONS])
+            logger.warning(
+                "%d of %d rows of %s have an empty '%s': their hints are extracted by %s (first: %s)",
+                len(self._empty_hints), len(self.row_ids), src.description, cols.hint,
+                getattr(self.hint_fn, "name", None) or type(self.hint_fn).__name__, shown,
             )  # fmt: skip
         if not any(c.strip() for c in self.captions):
             raise ValueError(
@@ -163,30 +192,55 @@ class TargetDataset(Dataset):
         return cell is True if isinstance(cell, bool) else cell is MISSING or is_empty(cell)
 
     def _check_row(self, row: int, image: Any, hint: Any) -> bool:
-        """Check one row (cheaply, or opening headers with skip_bad_rows); return whether its hint is extracted."""
-        cols, base = self.columns, self.source.base_dir
+        """Check one row from its cells and file headers (no decoding); return whether its hint is extracted.
+
+        Image and hint must exist, stay inside the dataset folder (unless ``allow_external_paths``),
+        have readable headers of a safe size and the same aspect ratio. A row without the hint column
+        while others have it is an error; an empty hint cell means "extract" (counted in a warning).
+        """
+        cols = self.columns
         if self._is_empty_cell(image):
             raise BadRowError(f"no target image (column '{cols.image}' is empty)")
-        self._stat(cell_path(image, base), cols.image)
+        if cols.hint is not None and hint is MISSING:
+            raise BadRowError(
+                f"no conditioning image: the row has no '{cols.hint}' while other rows do; give its path, or an "
+                'empty value ("") to extract its hint with the condition\'s extractor'
+            )
         extract = cols.hint is None or self._is_empty_cell(hint)
-        if not extract:
-            self._stat(cell_path(hint, base), cols.hint)
         if extract and self._require_hints:
             raise BadRowError(
                 f"no conditioning image (column '{cols.hint}' is empty) and no hint function to extract one"
             )
-        if self.spec.skip_bad_rows:
-            cells = self.source.row(row)
-            try:
-                size = image_size(cells.get(cols.image), base, f"column '{cols.image}'")
-                if not extract:
-                    hint_size = image_size(cells.get(cols.hint), base, f"column '{cols.hint}'")
-                    self._check_aspect(size, hint_size)
-            except FileNotFoundError as err:
-                raise BadRowError(str(err), missing_file=True) from None
-            except ValueError as err:
-                raise BadRowError(str(err)) from None
+        text_cells = isinstance(image, str) and (extract or isinstance(hint, str))
+        cells = {cols.image: image, cols.hint: hint} if text_cells else self.source.row(row)
+        size = self._header(cells.get(cols.image), cols.image)
+        if not extract:
+            self._check_aspect(size, self._header(cells.get(cols.hint), cols.hint))
+        elif cols.hint is not None:
+            self._empty_hints.append(row)
         return extract
+
+    def _header(self, value: Any, column: str) -> tuple[int, int]:
+        """(width, height) of a cell's image from its header; the file must lie inside the dataset folder."""
+        base = self.source.base_dir
+        path = cell_path(value, base)
+        if path is not None and base is not None and not self.spec.allow_external_paths:
+            if self._inside is None:
+                self._inside = os.path.realpath(base)
+            real = os.path.realpath(path)  # symlinks followed
+            if not real.startswith(self._inside.rstrip(os.sep) + os.sep):
+                raise BadRowError(
+                    f"column '{column}': {_short_value(value)!r} resolves to {real}, outside the dataset "
+                    f"folder {self._inside}; move the file into it, or pass {FLAGS['allow_external_paths']} to "
+                    "read images from anywhere"
+                )
+        self._stat(path, column)
+        try:
+            return image_size(value, base, f"column '{column}'")
+        except FileNotFoundError as err:
+            raise BadRowError(str(err), missing_file=True) from None
+        except ValueError as err:
+            raise BadRowError(str(err)) from None
 
     def _stat(self, path: Any, column: str) -> None:
         if path is None:
@@ -202,7 +256,7 @@ class TargetDataset(Dataset):
             raise BadRowError(
                 f"target image is {size[0]}x{size[1]} but conditioning image is {hint_size[0]}x{hint_size[1]}: "
                 f"different aspect ratios ({size[0] / size[1]:.3f} vs {hint_size[0] / hint_size[1]:.3f}) would "
-                f"misalign image and hint after resizing; fix or drop this row ({FLAGS['skip_bad_rows']})"
+                f"misalign image and hint after resizing"
             )
 
     def _fingerprint(self) -> str:
@@ -265,7 +319,8 @@ class TargetDataset(Dataset):
         extract = self.extracted[index]
         need_image = with_image or (with_hint and extract)
         where = f"{label}, column '{cols.image}'"
-        image = open_image(cells.get(cols.image), base, where) if need_image else None
+        # transparent target pixels over white (as viewers show them), transparent hint pixels over black
+        image = open_image(cells.get(cols.image), base, where, (255, 255, 255)) if need_image else None
         size = image.size if image is not None else image_size(cells.get(cols.image), base, where)
         hint = None
         if with_hint and not extract:
@@ -309,14 +364,36 @@ class TargetDataset(Dataset):
             conditioning_pixel_values=conditioning,
         )
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        sample = self.load_sample(index)
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = split_key(key)
+        sample = self.load_sample(index, generator=torch.Generator().manual_seed(seed))
         return {
             "pixel_values": sample.pixel_values,
             "conditioning_pixel_values": sample.conditioning_pixel_values,
             "caption": sample.caption,
             "index": index,
         }
+
+
+_SHOWN_PROBLEMS = 20
+
+
+def _short_value(value: Any) -> str:
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _all_problems(problems: list[BadRowError], description: str) -> Exception:
+    """One error for every bad row: FileNotFoundError when all of them are missing files."""
+    shown = "".join(f"\n  - {p}" for p in problems[:_SHOWN_PROBLEMS])
+    more = f"\n  ... and {len(problems) - _SHOWN_PROBLEMS} more" if len(problems) > _SHOWN_PROBLEMS else ""
+    message = (
+        f"{len(problems)} bad row(s) in {description}:{shown}{more}\n"
+        f"fix them, or pass {FLAGS['skip_bad_rows']} to train without them"
+    )
+    if len(problems) == 1:
+        message = f"{problems[0]} (fix it, or pass {FLAGS['skip_bad_rows']} to train without it)"
+    return FileNotFoundError(message) if all(p.missing_file for p in problems) else ValueError(message)
 
 
 def load_target_dataset(spec: DatasetSpec, hint_fn: HintFn | None = None) -> TargetDataset:

@@ -66,13 +66,35 @@ class RowSource(ABC):
         return True
 
 
+def decode_utf8(raw: bytes, path: Path) -> str:
+    """A text file's bytes as UTF-8 (a leading BOM is dropped); lines that are not UTF-8 are named.
+
+    Decoding with replacement characters would silently turn captions (and file names) into other
+    strings, so any invalid byte is an error that lists every such line.
+    """
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        pass
+    bad = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            bad.append(f"line {number} (byte 0x{line[err.start]:02x} at column {err.start + 1})")
+    shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+    raise ValueError(
+        f"{path}: not UTF-8 text: {shown}; save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    )
+
+
 class JsonLinesSource(RowSource):
     """A JSON-lines file (``metadata.jsonl`` or ``prompt.json``); a JSON array of objects also works."""
 
     def __init__(self, path: Path) -> None:
         self.path = path.resolve()
         self.raw = self.path.read_bytes()
-        self.rows, self.lines = self._parse(self.raw.decode("utf-8", errors="replace"))
+        self.rows, self.lines = self._parse(decode_utf8(self.raw, self.path))
         columns: dict[str, None] = {}
         for row in self.rows:
             columns.update(dict.fromkeys(row))

@@ -26,6 +26,7 @@ FLAGS: dict[str, str] = {
     "dataset_config_name": "--dataset_config_name",
     "hint_interpolation": "--hint_interpolation",
     "random_flip": "--random_flip",
+    "allow_external_paths": "--allow_external_paths",
 }
 """Command-line flag of each `DatasetSpec` field, as named in error messages."""
 
@@ -58,8 +59,9 @@ class DatasetSpec:
         max_samples (`int`, *optional*):
             Keep only the first N usable rows (in file order, after bad rows are skipped).
         skip_bad_rows (`bool`, defaults to `False`):
-            Check every row up front (file headers, aspect ratios, captions), skip the bad ones and
-            log how many were skipped with the first reasons, instead of failing on the first one.
+            Every row is checked up front (files, file headers, aspect ratios, captions, paths); skip
+            the bad ones and log how many were skipped with the first reasons, instead of failing with
+            the list of every bad row.
         split (`str`, defaults to `"train"`):
             Split of a HF / saved / parquet dataset.
         dataset_config_name (`str`, *optional*):
@@ -70,6 +72,9 @@ class DatasetSpec:
         random_flip (`bool`, defaults to `False`):
             Flip image and hint together horizontally with probability 0.5. Off by default: hints
             such as surface normals change meaning under a flip.
+        allow_external_paths (`bool`, defaults to `False`):
+            Accept image and hint paths that resolve (symlinks followed) outside the dataset folder:
+            absolute paths, ``../`` and links out. Off by default, so a dataset reads only its own files.
     """
 
     source: str | None
@@ -84,6 +89,7 @@ class DatasetSpec:
     dataset_config_name: str | None = None
     hint_interpolation: HintInterpolation = "bilinear"
     random_flip: bool = False
+    allow_external_paths: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()

@@ -55,34 +55,87 @@ def cell_path(value: Any, base_dir: Path | None) -> Path | None:
     return None
 
 
-def open_image(value: Any, base_dir: Path | None, where: str) -> Image.Image:
-    """Open and decode the image a dataset cell refers to, as RGB.
+def open_image(
+    value: Any, base_dir: Path | None, where: str, background: tuple[int, int, int] = (0, 0, 0)
+) -> Image.Image:
+    """Open and decode the image a dataset cell refers to, as 8-bit RGB (see `to_rgb`).
 
     Args:
         value: a path (relative to ``base_dir``), raw bytes, a HF Image-feature dict
             (``{"bytes", "path"}``), a PIL image or a uint8 HWC array.
         base_dir: folder that relative paths start from.
         where: names the row and column in error messages, e.g. ``"row 3 (metadata.jsonl line 4), column 'image'"``.
+        background: what transparent pixels are composited over.
 
     Returns:
         `PIL.Image.Image` in RGB mode.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file or bytes are not a readable image.
+        ValueError: the file or bytes are not a readable image, or too large to decode safely.
     """
-    return _read(value, base_dir, where, header_only=False)
+    return _read(value, base_dir, where, header_only=False, background=background)
 
 
 def image_size(value: Any, base_dir: Path | None, where: str) -> tuple[int, int]:
-    """(width, height) of the image a cell refers to, from the file header only (no decoding).
+    """(width, height) of the image a cell refers to, as `open_image` returns it (EXIF orientation
+    applied), from the file header only (no decoding).
 
-    Raises the same errors as `open_image` for missing files and unidentifiable content.
+    Raises the same errors as `open_image` for missing files, unidentifiable content and images too
+    large to decode safely.
     """
     return _read(value, base_dir, where, header_only=True)
 
 
-def _read(value: Any, base_dir: Path | None, where: str, header_only: bool) -> Any:
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    width, height = image.size
+    if image.format == "PNG" and "exif" not in image.info:
+        return width, height  # PIL's getexif would decode a PNG to look for an eXIf chunk after the pixels
+    try:
+        orientation = image.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block: decoding decides, as exif_transpose would ignore it
+        orientation = None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Any PIL image as 8-bit RGB, upright: EXIF orientation applied, every mode and bit depth scaled right.
+
+    16-bit greyscale (``I;16*``, and ``I`` from a PNG or above 255) is scaled by 255/65535 instead of
+    clipped (PIL's ``convert`` would turn a 16-bit depth map almost binary); float images (``F``) in
+    [0, 1] are scaled to [0, 255]; alpha (RGBA, LA, PA, transparent palettes) is composited over
+    ``background``; palette, grey, CMYK and the rest go through ``convert("RGB")``.
+    """
+    from PIL import Image, ImageOps
+
+    fmt = image.format  # the transposed copy below has none
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        top = float(array.max()) if array.size else 0.0
+        if mode == "F":
+            scale = 255.0 if top <= 1.0 else 1.0
+        elif mode.startswith("I;16") or fmt == "PNG" or top > 255:
+            scale = 255.0 / 65535.0
+        else:
+            scale = 1.0
+        grey = np.clip(np.round(array * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _read(
+    value: Any,
+    base_dir: Path | None,
+    where: str,
+    header_only: bool,
+    background: tuple[int, int, int] = (0, 0, 0),
+) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(value, np.ndarray):
@@ -90,7 +143,7 @@ def _read(value: Any, base_dir: Path | None, where: str, header_only: bool) -> A
             raise ValueError(f"{where}: arrays must be uint8 HW or HWC, got {value.dtype} {value.shape}")
         value = Image.fromarray(value)
     if isinstance(value, Image.Image):
-        return value.size if header_only else value.convert("RGB")
+        return oriented_size(value) if header_only else to_rgb(value, background)
     path = cell_path(value, base_dir)
     if path is not None:
         if not path.is_file():
@@ -107,7 +160,12 @@ def _read(value: Any, base_dir: Path | None, where: str, header_only: bool) -> A
         )
     try:
         with Image.open(fp) as image:
-            return image.size if header_only else image.convert("RGB")
+            return oriented_size(image) if header_only else to_rgb(image, background)
+    except Image.DecompressionBombError as err:
+        raise ValueError(
+            f"{where}: {label} is too large to decode safely ({err}); downscale it (PIL's limit is "
+            f"PIL.Image.MAX_IMAGE_PIXELS, {Image.MAX_IMAGE_PIXELS} pixels, twice that is refused)"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"{where}: cannot read image {label}: {err}") from err
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from difftune_control.export.verify import VerifyResult, cast_, verify_reload
+from difftune_control.utils import current_umask
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -132,6 +133,7 @@ def write_diffusers_folder(
     folder = Path(folder)
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: follow the umask like mkdir does
     try:
         # A cast copy: casting the trained model in place and back would round its weights.
         cast_(copy.deepcopy(controlnet), torch_dtype).save_pretrained(tmp, safe_serialization=True)

@@ -27,6 +27,7 @@ from difftune_control.export.verify import (
     verify_reload,
     webui_layout_problems,
 )
+from difftune_control.utils import current_umask
 
 if TYPE_CHECKING:
     from diffusers import ControlNetModel
@@ -132,6 +133,7 @@ def write_webui_file(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
+        os.chmod(tmp, 0o666 & ~current_umask())  # 0644 under umask 022: a UI running as another user reads it
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)

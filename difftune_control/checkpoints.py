@@ -1,0 +1,322 @@
+"""Checkpoints of a run: atomic writes, verification on resume, fallback, and a guard against diverged updates.
+
+A checkpoint is written to ``.checkpoint-N.tmp`` and renamed when complete; ``trainer_state.json`` is
+written last and records every other file's size. Resume verifies a checkpoint's files before loading
+it (:func:`verify_checkpoint`) and ``latest`` falls back to the newest intact one. :class:`WeightWatch`
+knows after every optimizer step, without a per-step host sync on CUDA, whether the update left every
+weight finite, so no checkpoint ever holds a diverged update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from difftune_control.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete ``checkpoint-N`` folders of a run, oldest first."""
+    if not run_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in run_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
+    return [p for _, p in sorted(found) if (p / "trainer_state.json").is_file()]
+
+
+def latest_run(output_dir: Path, prefix: str) -> Path | None:
+    """The run that ``--resume_from_checkpoint latest`` continues when no ``--run_name`` is given.
+
+    The newest (by the timestamp in its name) of the runs named ``<prefix><YYYYmmdd-HHMMSS>`` (the default
+    name of a run of this condition and method) that have a checkpoint; logged. None when ``output_dir``
+    holds no run with a checkpoint (a new run starts). Runs with checkpoints but other names are
+    ambiguous: a ValueError lists them.
+    """
+    runs = (
+        sorted(d for d in output_dir.iterdir() if d.is_dir() and list_checkpoints(d))
+        if output_dir.is_dir()
+        else []
+    )
+    pattern = re.compile(re.escape(prefix) + r"\d{8}-\d{6}")
+    mine = [d for d in runs if pattern.fullmatch(d.name)]
+    if mine:
+        logger.warning(
+            "--resume_from_checkpoint latest without --run_name: resuming %s, the newest of %d run(s) named "
+            "%s* in %s (pass --run_name to choose another)", mine[-1], len(mine), prefix, output_dir,
+        )  # fmt: skip
+        return mine[-1]
+    if runs:
+        raise ValueError(
+            f"--resume_from_checkpoint latest without --run_name: {output_dir} has no run named {prefix}<time>, "
+            f"but these runs have checkpoints: {', '.join(d.name for d in runs)}; pass --run_name NAME"
+        )
+    logger.info(
+        "--resume_from_checkpoint latest: no run with a checkpoint in %s, starting a new one", output_dir
+    )
+    return None
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint to resume from, its files verified first (:func:`verify_checkpoint`).
+
+    ``latest``: the newest intact checkpoint of ``run_dir`` (None if the run has none yet); a damaged
+    newer one is skipped with a warning that names the file. An explicit folder must be intact, else
+    the error names the damaged file and the intact checkpoints there are.
+    """
+    if resume is None:
+        return None
+    if resume == "latest":
+        damaged = []
+        checkpoints = list_checkpoints(run_dir)
+        for path in reversed(checkpoints):
+            problems = verify_checkpoint(path)
+            if not problems:
+                if damaged:
+                    logger.warning(
+                        "resuming from %s, the newest intact checkpoint; skipped:\n  - %s",
+                        path.name, "\n  - ".join(damaged),
+                    )  # fmt: skip
+                return path
+            damaged.append(f"{path.name}: {'; '.join(problems)}")
+        if checkpoints:
+            raise ValueError(
+                f"--resume_from_checkpoint latest: no intact checkpoint in {run_dir}:\n  - "
+                + "\n  - ".join(damaged)
+            )
+        return None
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {resume}: not a complete checkpoint folder (no trainer_state.json); "
+            f"available: {[p.name for p in list_checkpoints(path.parent)] or 'none'}"
+        )
+    problems = verify_checkpoint(path)
+    if problems:
+        intact = [p.name for p in list_checkpoints(path.parent) if p != path and not verify_checkpoint(p)]
+        raise ValueError(
+            f"--resume_from_checkpoint {resume}: the checkpoint is damaged: {'; '.join(problems)}; "
+            f"intact checkpoints in {path.parent}: {intact or 'none'} (--resume_from_checkpoint latest "
+            "takes the newest intact one)"
+        )
+    return path
+
+
+def _checkpoint_files(folder: Path) -> dict[str, int]:
+    """Size of every file under a checkpoint folder, by relative path (what verification compares)."""
+    return {
+        str(f.relative_to(folder)): f.stat().st_size
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != "trainer_state.json"
+    }
+
+
+def verify_checkpoint(path: Path) -> list[str]:
+    """Problems with a checkpoint's files, each naming the file (empty when intact).
+
+    Cheap checks that catch truncated and damaged files without loading the optimizer: the sizes
+    recorded in ``trainer_state.json`` when it was written (checkpoints of older versions have none),
+    every ``.safetensors`` header against its file size, the weights' finiteness, the zip directory
+    of every ``torch.save`` file (optimizer, RNG states), and the JSON files.
+    """
+    problems: list[str] = []
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not {"global_step", "trainer", "lr_scheduler"} <= set(state):
+            raise ValueError("keys global_step, trainer, lr_scheduler missing")
+    except (OSError, ValueError) as err:
+        return [f"trainer_state.json is unreadable ({err})"]
+    recorded = state.get("files")
+    if isinstance(recorded, dict):
+        for name, size in recorded.items():
+            f = path / name
+            if not f.is_file():
+                problems.append(f"{name} is missing")
+            elif f.stat().st_size != size:
+                problems.append(
+                    f"{name} is {f.stat().st_size} bytes, {size} when written (truncated or damaged)"
+                )
+    weights = sorted(path.glob("model*.safetensors")) + sorted(path.glob("pytorch_model*.bin"))
+    if not weights:
+        problems.append("no model weights (model.safetensors)")
+    if not sorted(path.glob("optimizer*.bin")):
+        problems.append("no optimizer state (optimizer.bin)")
+    if not sorted(path.glob("random_states_*.pkl")):
+        problems.append("no random states (random_states_0.pkl)")
+    for f in sorted(path.rglob("*")):
+        name = str(f.relative_to(path))
+        if any(p.startswith(name + " ") for p in problems) or not f.is_file():
+            continue
+        problem = _file_problem(f)
+        if problem:
+            problems.append(f"{name} {problem}")
+    return problems
+
+
+def _file_problem(f: Path) -> str | None:
+    """Why one checkpoint file is unusable, or None."""
+    import zipfile
+
+    try:
+        if f.suffix == ".safetensors":
+            return safetensors_problem(f, check_finite=f.parent.name != "controlnet")
+        if f.suffix in (".bin", ".pkl", ".pt") and zipfile.is_zipfile(f):
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+        elif f.suffix in (".bin", ".pkl", ".pt"):
+            with open(f, "rb") as fh:
+                if not fh.read(2):
+                    return "is empty"
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        return f"is unreadable ({err})"
+    return None
+
+
+def safetensors_problem(path: Path, check_finite: bool = False) -> str | None:
+    """Why a ``.safetensors`` file is unusable (truncated, bad header, non-finite weights), or None."""
+    import struct
+
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return f"is truncated ({size} bytes)"
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            return f"is truncated (header of {n} bytes, file of {size})"
+        try:
+            header = json.loads(fh.read(n))
+        except ValueError as err:
+            return f"has a damaged header ({err})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if 8 + n + max(ends, default=0) != size:
+        return f"is truncated or damaged ({size} bytes, its header describes {8 + n + max(ends, default=0)})"
+    if check_finite:
+        from safetensors import safe_open
+
+        bad = []
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(t.isfinite().all()):
+                    bad.append(key)
+        if bad:
+            return f"holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})"
+    return None
+
+
+def last_finite_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint of ``run_dir`` whose ControlNet weights are all finite (None if there is none)."""
+    for path in reversed(list_checkpoints(run_dir)):
+        weights = sorted(path.glob("model*.safetensors"))
+        if weights and all(safetensors_problem(w, check_finite=True) is None for w in weights):
+            return path
+    return None
+
+
+def save_checkpoint(
+    accelerator, run_dir: Path, step: int, controlnet, trainer_state: dict, limit: int | None
+) -> Path:
+    """Write ``checkpoint-<step>`` atomically (a temp folder renamed at the end), then prune old ones.
+
+    ``trainer_state.json`` is written last and records every other file's size, so a resume can tell
+    a damaged checkpoint (:func:`verify_checkpoint`). A kill at any moment leaves every complete
+    checkpoint intact: a checkpoint being replaced or pruned is first renamed out of the way.
+    """
+    final = run_dir / f"checkpoint-{step}"
+    tmp = run_dir / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
+        state = {**trainer_state, "files": _checkpoint_files(tmp)}
+        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        if limit is not None:
+            for old in list_checkpoints(run_dir)[:-limit]:
+                _remove(old)
+                logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", old.name, limit)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _remove(folder: Path) -> None:
+    """Delete a checkpoint folder so that a kill half-way never leaves a damaged ``checkpoint-N``."""
+    trash = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+class WeightWatch:
+    """Whether every optimizer step left the trained weights finite, read without waiting for the GPU.
+
+    :meth:`watch` takes one fused norm over the parameters after a step (NaN and inf propagate into it;
+    a weight beyond float32's range overflows it too); on CUDA its flag is copied to pinned memory behind
+    an event, and :meth:`check` reads it later: one step later in the loop, by which time the GPU is
+    past it (no bubble), or at once before anything is logged, evaluated or saved. On other devices the
+    flag is read at once. A non-finite update raises ``FloatingPointError`` naming the step and the last
+    checkpoint of ``run_dir`` whose weights are all finite.
+    """
+
+    def __init__(self, parameters, run_dir: Path, learning_rate: float) -> None:
+        self.parameters, self.run_dir, self.learning_rate = parameters, run_dir, learning_rate
+        self._flags: list[tuple[int, torch.Tensor, Any]] = []  # (step, non-finite flag, CUDA event)
+
+    def watch(self, step: int) -> None:
+        """Note whether the weights after optimizer step ``step`` are all finite."""
+        with torch.no_grad():
+            params = [p.detach() for p in self.parameters()]
+            norms = (
+                torch._foreach_norm(params) if hasattr(torch, "_foreach_norm") else [p.norm() for p in params]
+            )
+            bad = ~torch.stack(list(norms)).isfinite().all()
+        if bad.device.type != "cuda":
+            self._flags.append((step, bad, None))
+            return self.check()
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._flags.append((step, flag, event))
+
+    def check(self, keep: int = 0) -> None:
+        """Read the flags, all but the newest ``keep``; raise ``FloatingPointError`` at a non-finite step."""
+        while len(self._flags) > keep:
+            step, flag, event = self._flags.pop(0)
+            if event is not None:
+                event.synchronize()
+            if bool(flag):
+                self._flags.clear()
+                raise FloatingPointError(self.message(step))
+
+    def message(self, step: int) -> str:
+        good = last_finite_checkpoint(self.run_dir)
+        where = (
+            f"the last checkpoint whose weights are all finite is {good.name}: resume with "
+            f"--resume_from_checkpoint {good} (or latest)"
+            if good is not None
+            else "no checkpoint was written before it"
+        )
+        return (
+            f"optimizer step {step} made ControlNet weights non-finite (NaN or inf): the update diverged and "
+            f"nothing of it was saved. Lower --learning_rate (now {self.learning_rate:g}), use bf16 rather "
+            f"than fp16, and check the data for broken images; {where}"
+        )
