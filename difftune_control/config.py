@@ -425,7 +425,9 @@ class RunConfig:
         m, t, b, d, data = self.method, self.train, self.bank, self.detector, self.data
         if not 0.0 < m.bank_share < 1.0:
             problems.append(f"--bank_share must be in (0, 1), got {m.bank_share}")
-        if m.bank_weight != "auto" and not (isinstance(m.bank_weight, (int, float)) and m.bank_weight >= 0):
+        if m.bank_weight != "auto" and not (
+            isinstance(m.bank_weight, (int, float)) and (m.bank_weight >= 0 or math.isnan(m.bank_weight))
+        ):  # (nan is reported as not finite above)
             problems.append(f"--bank_weight must be a number >= 0 or auto, got {m.bank_weight!r}")
         if not m.bank_pull > 0:
             problems.append(f"--bank_pull must be > 0, got {m.bank_pull}")
@@ -629,6 +631,8 @@ def _check_types(section: Any) -> list[str]:
         elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
             problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
         elif tp is float and not math.isfinite(value):
+            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):  # a number in a union (e.g. FLOAT|auto)
             problems.append(f"--{f.name}: expected a finite number, got {value!r}")
     return problems
 
