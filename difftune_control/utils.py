@@ -10,9 +10,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's early checks run without it
+    import torch
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -142,6 +143,8 @@ def to_device(
 ) -> torch.Tensor:
     """``x.to(device, dtype)`` that does not wait for the GPU: a CPU tensor bound for CUDA is staged in
     pinned memory and copied asynchronously, so the training step never drains the GPU's queue."""
+    import torch
+
     device = torch.device(device) if device is not None else x.device
     if device.type == "cuda" and x.device.type == "cpu":
         x = x if x.is_pinned() else x.pin_memory()

@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 
-from difftune_control.config import ExportConfig, add_config_arguments
+from difftune_control.config import ExportConfig
 from difftune_control.export.exporter import export_controlnet
 from difftune_control.export.verify import VerificationError
+from difftune_control.flags import add_config_arguments
 
 DESCRIPTION = (
     "Export a trained ControlNet. 'webui': one control_<name>_<sd>_<condition>_<dtype>.safetensors in the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 EXAMPLES = """examples:
@@ -77,10 +78,11 @@ def add_cli(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `difftune extract` with parsed arguments; returns the exit status."""
-    from .extract_dataset import extract_dataset
+    from .extract_dataset import extract_dataset, read_rows
     from .recipes import build_extractor, load_recipe
 
     recipe = load_recipe(args.condition)
+    read_rows(Path(args.input), args.image_column)  # a wrong --input answers before the extractor loads
     extractor = build_extractor(
         recipe,
         backend=args.backend,

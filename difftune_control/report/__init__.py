@@ -65,14 +65,15 @@ def build_report(run_dirs: Sequence[str | Path], out_dir: str | Path | None = No
         print(json.loads((out / "summary.json").read_text())["runs"][1]["vs_vanilla"])
         ```
     """
+    if not run_dirs:
+        raise ValueError("report: give at least one run folder")
+    runs = [load_run(p) for p in run_dirs]
+    # the plotting stack only now: a wrong path answers without its seconds of import
     from difftune_control.utils import atomic_write_text
 
     from .plots import convergence_figure, samples_figure
     from .render import render_html, render_markdown
 
-    if not run_dirs:
-        raise ValueError("report: give at least one run folder")
-    runs = [load_run(p) for p in run_dirs]
     _unique_names(runs)
     out = Path(out_dir) if out_dir is not None else default_out_dir([Path(p) for p in run_dirs])
     out.mkdir(parents=True, exist_ok=True)
