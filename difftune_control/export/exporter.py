@@ -17,6 +17,7 @@ from difftune_control.export.source import ExportSource, resolve_source
 from difftune_control.export.verify import VerificationError
 from difftune_control.export.webui import (
     DTYPES,
+    UI_SUPPORT,
     clean_name,
     verify_webui_file,
     webui_filename,
@@ -185,4 +186,6 @@ def export_controlnet(
         )
     else:
         logger.info("wrote %s without verification (--no-verify)", path)
+    if format == "webui":
+        logger.info("%s: %s", path.name, UI_SUPPORT[tag])
     return path
