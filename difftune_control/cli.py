@@ -10,12 +10,12 @@ import argparse
 import dataclasses
 import importlib
 import json
-import logging
 import sys
 from pathlib import Path
 
 from difftune_control import __version__
 from difftune_control.config import ConfigError, RunConfig, config_from_args
+from difftune_control.console import setup_logging
 from difftune_control.flags import BANK_FIELDS, SECTIONS, add_config_arguments
 
 _STAGE_CLIS = {
@@ -208,11 +208,7 @@ def _add_unavailable(sub, name: str, module: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, FloatingPointError) as err:
