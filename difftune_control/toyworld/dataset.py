@@ -136,6 +136,25 @@ def build_dataset(
     return folder
 
 
+def _cached_dataset(root: Path, split: str, n: int, resolution: int) -> Path | None:
+    """The smallest complete cached dataset of ``split`` with at least ``n`` scenes (None if there is none).
+
+    Scene i of a split is the same whatever the dataset's size (one seed stream, rendered by index), so the
+    first ``n`` rows of a larger set are the ``n``-scene set.
+    """
+    found = []
+    for folder in root.glob(f"{split}-n*-{resolution}px-seed0-v{RENDER_VERSION}"):
+        size = folder.name.split("-n", 1)[1].split("-", 1)[0]
+        if not size.isdigit() or int(size) < n:
+            continue
+        try:
+            if _is_complete(folder, _info(int(size), 0, resolution, split)):
+                found.append((int(size), folder))
+        except FileExistsError:
+            continue
+    return min(found)[1] if found else None
+
+
 def default_dataset_dir(split: str = "train", n: int | None = None, resolution: int = 64) -> Path:
     """The default target dataset: rendered into the user cache on first use, then reused.
 
@@ -144,17 +163,22 @@ def default_dataset_dir(split: str = "train", n: int | None = None, resolution: 
     Args:
         split (`str`, defaults to `"train"`): ``"train"`` (10,000 scenes by default) or
             ``"validation"`` (256 by default, held out: another seed stream).
-        n (`int`, *optional*): number of scenes instead of the default.
+        n (`int`, *optional*): at least this many scenes instead of the default size: a cached set of
+            ``n`` or more scenes is reused as it is (its first ``n`` scenes are the same), else exactly
+            ``n`` are rendered.
         resolution (`int`, defaults to 64): image size.
 
     Returns:
         `pathlib.Path`: the dataset folder (see :func:`build_dataset`).
     """
+    root = cache_root() / "toyworld"
     if n is None:
         if split not in DEFAULT_SIZES:
             raise ValueError(
                 f"no default size for split {split!r}; pass n or use one of {sorted(DEFAULT_SIZES)}"
             )
         n = DEFAULT_SIZES[split]
+    elif (cached := _cached_dataset(root, split, n, resolution)) is not None:
+        return cached
     name = f"{split}-n{n}-{resolution}px-seed0-v{RENDER_VERSION}"
-    return build_dataset(cache_root() / "toyworld" / name, n=n, seed=0, resolution=resolution, split=split)
+    return build_dataset(root / name, n=n, seed=0, resolution=resolution, split=split)
