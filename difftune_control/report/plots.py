@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .runs import Run, status_line
+from .runs import Run, _fmt, status_line
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 VANILLA_COLOR = "#4d4d4d"
@@ -388,7 +388,7 @@ def samples_figure(runs: list[Run], path: Path, max_samples: int = 3) -> Path | 
         p = row.record.get("p")
         lines = [row.run.name, row.run.label] if len(runs) > 1 else []
         lines += [row.role] if row.role else []
-        lines += [f"step {row.record['step']}", "p = n/a" if p is None else f"p = {p:.2f}"]
+        lines += [f"step {row.record['step']}", f"p = {_fmt(p)}"]
         label = "\n".join(lines)
         axes[ri, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9, labelpad=10)
     title = "Samples at milestone evaluations: the hint, the generated sample, the hint re-extracted from it"

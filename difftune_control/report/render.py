@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .runs import Run
+from .runs import _fmt as _fixed
 
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -60,7 +61,7 @@ def _steps(x: Any) -> str:
 
 
 def _p(x: Any) -> str:
-    return "—" if x is None else f"{x:.2f}"
+    return "—" if x is None else _fixed(x)
 
 
 def speedup_text(entry: dict[str, Any] | None) -> str:
