@@ -73,6 +73,7 @@ METAVARS: dict[str, str] = {
     "resume_from_checkpoint": "latest|DIR",
     "bank_prompts": "FILE",
     "device": "DEVICE",
+    "out": "DIR",
 }
 """Metavars that the type alone does not give (see :func:`metavar`)."""
 

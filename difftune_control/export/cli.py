@@ -14,7 +14,8 @@ from difftune_control.flags import add_config_arguments
 DESCRIPTION = (
     "Export a trained ControlNet. 'webui': one control_<name>_<sd>_<condition>_<dtype>.safetensors in the "
     "original LDM layout that AUTOMATIC1111's sd-webui-controlnet, Forge and ComfyUI load as they are "
-    "(put it in models/ControlNet or extensions/sd-webui-controlnet/models). 'diffusers': a "
+    "(put it in models/ControlNet or extensions/sd-webui-controlnet/models; SD2.x ControlNets compute "
+    "right only in ComfyUI and Forge; a toy-world ControlNet is for the demo and loads in no UI). 'diffusers': a "
     "ControlNetModel.save_pretrained folder with a model card. The export is reloaded and checked "
     "against the trained model unless --no-verify."
 )
