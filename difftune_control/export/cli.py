@@ -38,7 +38,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         subparsers (`argparse._SubParsersAction`): From ``parser.add_subparsers()`` of the main CLI.
     """
     parser = subparsers.add_parser(
-        "export", help="export for WebUI/ComfyUI or diffusers", description=DESCRIPTION
+        "export", help="Export a trained ControlNet for WebUI/ComfyUI or diffusers.", description=DESCRIPTION
     )
     add_arguments(parser)
     parser.set_defaults(func=run)

@@ -167,9 +167,14 @@ def convergence_figure(runs: list[Run], path: Path) -> Path:
                 if first and level == min(run.milestones)
                 else None,
             )
-            if single:
+        if single:  # one label per evaluation: levels first reached at the same step share it
+            by_step: dict[int, list[float]] = {}
+            for level, rec in sorted(run.milestones.items()):
+                by_step.setdefault(rec["step"], []).append(level)
+            for step, levels in by_step.items():
+                rec = run.milestones[levels[0]]
                 ax_p.annotate(
-                    f"p ≥ {level:g} @ {rec['step']}",
+                    f"p ≥ {', '.join(f'{lv:g}' for lv in levels)} @ {step}",
                     (rec["step"], rec["p"]),
                     xytext=(-8, 9),
                     textcoords="offset points",
