@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Train a ControlNet (vanilla or Diff-Tuning).",
         usage="%(prog)s [options]",
         description=(
-            "Train a ControlNet. With no model or data flags it trains on the shipped toy world. "
-            "Defaults that depend on the base model are given for both (toy world, SD); the resolved "
-            "values are saved in the run's config.json. "
+            "Train a ControlNet. With no model or data flags it trains on the shipped toy world.\n"
+            "Defaults that depend on the base model are given for both (toy world, SD); the resolved\n"
+            "values are saved in the run's config.json.\n"
             "For several GPUs or nodes: accelerate launch scripts/train_controlnet.py [options]"
         ),
         epilog=TRAIN_EPILOG,
@@ -175,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Build (or verify and reuse) the memory bank of a configuration.",
         usage="%(prog)s [options]",
         description=(
-            "Generate the Diff-Tuning memory bank with the frozen base model, or verify and reuse a cached "
-            "one. Lists the flags that change the bank; every other flag of `difftune train` is accepted "
-            "and ignored, so a training command line works as it is."
+            "Generate the Diff-Tuning memory bank with the frozen base model, or verify and reuse a\n"
+            "cached one. Lists the flags that change the bank; every other flag of `difftune train` is\n"
+            "accepted and ignored, so a training command line works as it is."
         ),
         epilog=BANK_EPILOG,
         formatter_class=_formatter,
