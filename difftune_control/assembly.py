@@ -85,7 +85,15 @@ def train_source(cfg: RunConfig, toy: bool) -> str:
         )
     from difftune_control.toyworld import default_dataset_dir
 
-    return str(default_dataset_dir(split="train", resolution=cfg.data.resolution, domain=cfg.data.toy_domain))
+    # only the scenes the run trains on: --max_train_samples N renders N (or reuses a larger cached set)
+    return str(
+        default_dataset_dir(
+            split="train",
+            n=cfg.data.max_train_samples,
+            resolution=cfg.data.resolution,
+            domain=cfg.data.toy_domain,
+        )
+    )
 
 
 def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device, rank_zero_first):

@@ -13,6 +13,7 @@ import torch
 
 from difftune_control import __version__
 from difftune_control.checkpoints import (
+    CHECKPOINT_RE,
     WeightWatch,
     latest_run,
     list_checkpoints,
@@ -197,6 +198,30 @@ def run_training(cfg: RunConfig) -> Path:
             f"run folder {run_dir} already has checkpoints; continue it with --resume_from_checkpoint latest, "
             "or pick another --run_name"
         )
+    resumed_step = _checkpoint_step(resume)
+    if (
+        resumed_step is not None
+        and resumed_step >= cfg.train.max_train_steps
+        and (run_dir / "controlnet").is_dir()
+    ):
+        from difftune_control.console import already_finished_message
+
+        if accelerator.is_main_process:
+            logger.info("%s", already_finished_message(run_dir, resumed_step, cfg.train.max_train_steps))
+        return run_dir
+    if accelerator.is_main_process:
+        from difftune_control.console import run_summary
+
+        summary = run_summary(
+            cfg,
+            run_dir=run_dir,
+            toy=toy,
+            device=accelerator.device.type,
+            precision=accelerator.mixed_precision,
+            world_size=accelerator.num_processes,
+            resumed_step=resumed_step,
+        )
+        logger.info("%s", summary)
     torch.manual_seed(cfg.train.seed)
     device = accelerator.device
     base = load_base_model(cfg.model, device, _weight_dtype(accelerator))
@@ -238,7 +263,6 @@ def run_training(cfg: RunConfig) -> Path:
             "ddp": ddp_settings(controlnet),  # what DDP was built with (None on one process)
         }
         cfg.save(run_dir / "config.json", extra)
-        logger.info("run folder: %s\nresolved config:\n%s", run_dir, json.dumps(cfg.to_dict(), indent=1))
         if extra["ddp"] is not None:
             logger.info(
                 "DistributedDataParallel over %d processes: %s", accelerator.num_processes, extra["ddp"]
@@ -249,6 +273,12 @@ def run_training(cfg: RunConfig) -> Path:
         loop.log.log({"type": "bank_check", "step": 0, **check})
     loop.fit()
     return run_dir
+
+
+def _checkpoint_step(checkpoint: Path | None) -> int | None:
+    """The optimizer step in a ``checkpoint-N`` folder name (None for no checkpoint or another name)."""
+    match = CHECKPOINT_RE.match(checkpoint.name) if checkpoint is not None else None
+    return int(match.group(1)) if match else None
 
 
 def _bank_check(cfg: RunConfig, trainer, target, accelerator) -> dict | None:

@@ -183,7 +183,7 @@ def make_controlnet(cfg: ModelConfig, unet) -> Any:
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels)
         )
-    controlnet.to(dtype=torch.float32)
+    torch.nn.Module.to(controlnet, dtype=torch.float32)  # ModelMixin.to would warn about no fp32 modules
     controlnet.train()
     controlnet.requires_grad_(True)
     return controlnet

@@ -76,7 +76,9 @@ def load_teacher_controlnet(path: str, unet, device: torch.device | str, dtype: 
     teacher = load_controlnet(path, unet=unet, torch_dtype=dtype)
     teacher.requires_grad_(False)
     teacher.eval()
-    return teacher.to(device=device, dtype=dtype)
+    return torch.nn.Module.to(
+        teacher, device=device, dtype=dtype
+    )  # ModelMixin.to warns about no fp32 modules
 
 
 def teacher_data_spec(cfg: RunConfig, toy: bool) -> tuple[Any, str, Any]:

@@ -1,4 +1,5 @@
-"""Small shared helpers: atomic writes, cache locations, JSON-lines logs, host-to-device copies, derived seeds."""
+"""Small shared helpers: atomic writes (and the cleanup of those a killed run left), cache locations,
+JSON-lines logs, host-to-device copies, derived seeds."""
 
 from __future__ import annotations
 
@@ -6,14 +7,19 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's early checks run without it
+    import torch
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -43,6 +49,91 @@ def unwritable_dir(path: str | os.PathLike) -> str | None:
     if not os.access(parent, os.W_OK | os.X_OK):
         return f"cannot be created: {parent} is not writable (permission denied)"
     return None
+
+
+_HOST = re.sub(r"[^A-Za-z0-9-]+", "-", socket.gethostname())[:40] or "host"
+_OWNED_TEMP = re.compile(r"^\..+\.pid(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\.[^.]+\.tmp$")
+_LEGACY_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # written before the owner was in the name
+LEGACY_TEMP_AGE_S = 24 * 3600
+"""A temporary entry without an owner in its name is stale once nothing in it changed for this long."""
+
+logger = logging.getLogger(__name__)
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.<name>.pid<PID>@<host>.``: the writing process is in the name of every temporary entry, so a later
+    run can tell the leftovers of a killed process from the work of a live one."""
+    return f".{path.name}.pid{os.getpid()}@{_HOST}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":
+        return True  # no safe liveness check: never remove
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """Latest modification of ``path`` and its direct children (a render writes into sub-folders)."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        with os.scandir(path) as entries:
+            for entry in entries:
+                newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    return newest
+
+
+def stale_temporaries(folder: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Temporary files and folders in ``folder`` left by killed writers of :func:`atomic_path` / :func:`atomic_dir`.
+
+    An entry is stale when the process named in it (``.<name>.pid<PID>@<host>.<random>.tmp``) runs on this
+    host and no longer exists; entries of other hosts are never touched. Entries from before owners were
+    named (``.<name>.<random>.tmp``) are stale once nothing in them changed for :data:`LEGACY_TEMP_AGE_S`.
+    """
+    folder = Path(folder)
+    now = time.time() if now is None else now
+    stale = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    for entry in entries:
+        if not (entry.name.startswith(".") and entry.name.endswith(".tmp")):
+            continue
+        path = Path(entry.path)
+        owned = _OWNED_TEMP.match(entry.name)
+        try:
+            if owned:
+                if owned["host"] == _HOST and not _pid_alive(int(owned["pid"])):
+                    stale.append(path)
+            elif _LEGACY_TEMP.match(entry.name) and now - _newest_mtime(path) > LEGACY_TEMP_AGE_S:
+                stale.append(path)
+        except OSError:
+            continue  # gone meanwhile
+    return sorted(stale)
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete :func:`stale_temporaries` of ``folder`` (logging what was freed) and return them."""
+    removed = []
+    for path in stale_temporaries(folder):
+        try:
+            size = (
+                sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+                if path.is_dir()
+                else path.stat().st_size
+            )
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        except OSError:
+            continue
+        removed.append(path)
+        logger.info("removed %s, left by a killed run (%.1f MB)", path, size / 1e6)
+    return removed
 
 
 def _explain_os_error(path: Path, err: OSError) -> OSError:
@@ -78,7 +169,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -115,7 +207,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it becomes ``path`` (an old one is replaced)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: follow the umask like mkdir does
     try:
         yield tmp
@@ -190,6 +283,8 @@ def derive_seed(*parts: int | str) -> int:
 
 def derived_generator(*parts: int | str) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with :func:`derive_seed` of ``parts``."""
+    import torch
+
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
@@ -198,6 +293,8 @@ def to_device(
 ) -> torch.Tensor:
     """``x.to(device, dtype)`` that does not wait for the GPU: a CPU tensor bound for CUDA is staged in
     pinned memory and copied asynchronously, so the training step never drains the GPU's queue."""
+    import torch
+
     device = torch.device(device) if device is not None else x.device
     if device.type == "cuda" and x.device.type == "cpu":
         x = x if x.is_pinned() else x.pin_memory()

@@ -1,7 +1,9 @@
 """The command line: every subcommand answers --help; bad flags get clear errors."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,112 @@ def test_train_script_entry_point_help():
         [sys.executable, "scripts/train_controlnet.py", "--help"], capture_output=True, text=True
     )
     assert out.returncode == 0 and "--pretrained_model_name_or_path" in out.stdout
+
+
+def _help(command: str) -> str:
+    return build_parser()._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_train_help_reads_in_groups_with_short_metavars_and_each_default_once():
+    text = _help("train")
+    for title in ("base model and ControlNet:", "data and hints:", "method:", "optimisation:", "examples:"):
+        assert title in text, title
+    assert "usage: difftune train [options]" in text
+    assert "MODEL." not in text and "TRAIN." not in text  # metavars are PATH, N, FLOAT, NAME...
+    assert "--train_batch_size N " in text and "--learning_rate FLOAT " in text
+    assert "--pretrained_model_name_or_path PATH" in text
+    assert "(default:" not in text and "Default: None" not in text
+    for action in build_parser()._subparsers._group_actions[0].choices["train"]._actions:
+        assert (action.help or "").count("Default:") <= 1, action.dest
+
+
+def test_model_dependent_defaults_in_help_are_the_resolved_ones():
+    import dataclasses
+
+    from difftune_control.config import SECTIONS, RunConfig, resolve_defaults
+    from difftune_control.flags import describe_default
+
+    helps = {f.name: f.metadata["help"] for cls in SECTIONS.values() for f in dataclasses.fields(cls)}
+    plain = RunConfig()
+    toy, sd = resolve_defaults(plain, toy=True), resolve_defaults(plain, toy=False)
+    checked = 0
+    for section in SECTIONS:
+        for name, value in vars(getattr(plain, section)).items():
+            toy_value, sd_value = getattr(getattr(toy, section), name), getattr(getattr(sd, section), name)
+            if value is not None or name in ("convergence_threshold", "convergence_patience"):
+                continue  # set by the user's default, or by the condition recipe
+            if toy_value is None or name == "conditioning_image_column":
+                continue
+            if toy_value == sd_value and "Default: toy world" not in helps[name]:
+                continue  # resolved from the method, not the base model (loss_weighting, bank_hint)
+            # "Default: toy world 64, SD 512." (the toy value may depend on the device: "256 on a GPU, 64 on the CPU")
+            toy_part, sd_part = helps[name].split("Default: toy world ", 1)[1].split(" SD ", 1)
+            assert f" {describe_default(toy_value)}" in f" {toy_part}", (name, toy_part)
+            assert sd_part.startswith(describe_default(sd_value)), (name, sd_part)
+            checked += 1
+    assert checked >= 10
+
+
+def test_bank_help_lists_only_what_the_bank_uses_and_accepts_train_flags():
+    text = _help("bank")
+    assert "--bank_size N" in text and "--condition NAME" in text and "--train_data_dir DIR" in text
+    for flag in (
+        "--learning_rate",
+        "--train_batch_size",
+        "--adam_beta1",
+        "--convergence_every",
+        "--run_name",
+    ):
+        assert flag not in text, flag
+    args = build_parser().parse_args(["bank", "--learning_rate", "1e-3", "--bank_size", "8"])
+    assert getattr(args, "train.learning_rate") == 1e-3 and getattr(args, "bank.bank_size") == 8
+
+
+WRONG_PATHS = [
+    ["export", "runs/nope"],
+    ["report", "runs/nope"],
+    ["extract", "--condition", "depth", "--input", "nope", "--output", "out"],
+    ["train", "--train_data_dir", "nope/"],
+    ["train", "--config", "nope.json"],
+    ["train", "--condition", "nope"],
+    ["train", "--pretrained_model_name_or_path", "./nope"],
+    ["train", "--controlnet_model_name_or_path", "./nope"],
+    ["train", "--resume_from_checkpoint", "nope/checkpoint-1"],
+    ["bank", "--bank_prompts", "nope.txt"],
+]
+
+
+def test_wrong_paths_are_answered_before_torch_is_imported(tmp_path):
+    # One fresh interpreter for all cases: each must exit 2 naming the path, with torch never imported.
+    script = (
+        "import sys\n"
+        "from difftune_control.cli import main\n"
+        f"for argv in {WRONG_PATHS!r}:\n"
+        "    assert main(argv) == 2, argv\n"
+        "    assert 'torch' not in sys.modules, argv\n"
+        "print('ok')\n"
+    )
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert out.stderr.count("nope") >= len(WRONG_PATHS)
+
+
+def test_early_checks_report_every_problem_at_once(capsys, tmp_path):
+    code = main(
+        [
+            "train",
+            "--condition",
+            "nope",
+            "--pretrained_model_name_or_path",
+            str(tmp_path),
+            "--bank_share",
+            "2",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "unknown condition 'nope'" in err and "no unet/ inside" in err and "--bank_share" in err

@@ -20,7 +20,13 @@ from difftune_control.export import (
     load_controlnet,
     resolve_source,
 )
-from difftune_control.export.verify import controlnet_outputs, fixed_inputs, verify_reload
+from difftune_control.export.verify import (
+    RELOAD_TOLERANCE,
+    controlnet_outputs,
+    fixed_inputs,
+    max_relative_error,
+    verify_reload,
+)
 from difftune_control.export.webui import verify_webui_file
 
 # Four hint-embedding widths: the SD hint encoder's shape, which diffusers' from_single_file reads.
@@ -57,6 +63,24 @@ def toy_like() -> ControlNetModel:
     return trained_like(TOY_LIKE, seed=1)
 
 
+def assert_same_model(reference: ControlNetModel, reloaded: ControlNetModel, inputs: dict) -> None:
+    """Weights bit-identical (guaranteed: float32 written and read back); outputs within RELOAD_TOLERANCE.
+
+    Identical weights need not give bit-identical outputs: the reloaded tensors are other allocations
+    (alignment, strides), on which the CPU kernels may take another vector path and sum in another
+    order, depending on the machine's instruction set and the torch build (seen: outputs 6.6e-7 apart
+    on one machine, identical on another). That noise is a few float32 ulps per layer; 1e-5 relative (the
+    exporter's own reload check) leaves room for it and is still ~90x below what one fp16 rounding
+    of the weights changes (see the half-precision test), so a wrong or missing tensor cannot pass.
+    """
+    ref, new = reference.state_dict(), reloaded.state_dict()
+    assert set(ref) == set(new)
+    assert all(torch.equal(ref[k], new[k].to(ref[k].dtype)) for k in ref)
+    expected, got = controlnet_outputs(reference, inputs), controlnet_outputs(reloaded, inputs)
+    assert all(float(t.abs().max()) > 0 for t in expected)  # the comparison is not vacuous
+    assert max_relative_error(expected, got) < RELOAD_TOLERANCE
+
+
 def make_run(root: Path, controlnet: ControlNetModel, name: str = "depth-run", final: bool = True) -> Path:
     """A run folder as the trainer writes it: config.json, metrics.jsonl, controlnet/, checkpoint-N/."""
     run = root / name
@@ -91,7 +115,7 @@ def test_webui_file_reloads_with_diffusers_to_identical_outputs(tiny, tmp_path, 
         path = export_controlnet(run, "webui", dtype="fp32")
 
     assert path == run / "export" / "control_depth-run_toy_depth_fp32.safetensors"
-    assert "from_single_file" in caplog.text
+    assert caplog.text.count("from_single_file") == 1
     with safe_open(str(path), framework="pt") as f:
         keys, meta = list(f.keys()), f.metadata()
     assert all(k.startswith("control_model.") for k in keys)
@@ -106,10 +130,7 @@ def test_webui_file_reloads_with_diffusers_to_identical_outputs(tiny, tmp_path, 
     reloaded = ControlNetModel.from_single_file(
         str(path), config=str(run / "controlnet"), local_files_only=True
     )
-    inputs = fixed_inputs(dict(tiny.config), seed=3)
-    expected, got = controlnet_outputs(tiny, inputs), controlnet_outputs(reloaded, inputs)
-    assert all(float(t.abs().max()) > 0 for t in expected)  # the comparison is not vacuous
-    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+    assert_same_model(tiny, reloaded, fixed_inputs(dict(tiny.config), seed=3))
 
 
 def test_toy_architecture_falls_back_to_own_loader(toy_like, tmp_path, caplog):
@@ -117,15 +138,12 @@ def test_toy_architecture_falls_back_to_own_loader(toy_like, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="difftune_control.export"):
         path = export_controlnet(run, "webui", dtype="fp32", name="toy")
 
-    assert "load_controlnet (diffusers from_single_file cannot" in caplog.text
+    assert caplog.text.count("load_controlnet (diffusers from_single_file cannot") == 1  # said once
+    assert "toy-world ControlNet, for the demo" in caplog.text and "loads in no UI" in caplog.text
     with safe_open(str(path), framework="pt") as f:
         assert "control_model.input_hint_block.10.weight" in f.keys()
     reloaded = load_controlnet(path)  # config from the file's metadata
-    inputs = fixed_inputs(dict(toy_like.config))
-    assert all(
-        torch.equal(a, b)
-        for a, b in zip(controlnet_outputs(toy_like, inputs), controlnet_outputs(reloaded, inputs))
-    )
+    assert_same_model(toy_like, reloaded, fixed_inputs(dict(toy_like.config)))
 
 
 @pytest.mark.parametrize(("dtype", "torch_dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
@@ -138,10 +156,11 @@ def test_half_precision_exports_hold_the_rounded_weights(tiny, tmp_path, dtype, 
     expected = diffusers_to_ldm(tiny.state_dict(), tiny.config, prefix="control_model.")
     assert {t.dtype for t in tensors.values()} == {torch_dtype}
     assert all(torch.equal(tensors[k], v.to(torch_dtype)) for k, v in expected.items())
-    # Outputs of the reloaded export stay within the dtype's rounding of the float32 model.
+    # Outputs of the reloaded export: the rounded weights' outputs up to kernel-order noise (see
+    # assert_same_model), and the rounding's cost against float32, far above that noise.
     result = verify_reload(tiny, load_controlnet(path), dtype, "test")
-    assert result.max_rel_error_vs_rounded == 0.0
-    assert 0.0 < result.max_rel_error_vs_fp32 < {"fp16": 1e-2, "bf16": 5e-2}[dtype]
+    assert result.max_rel_error_vs_rounded < RELOAD_TOLERANCE
+    assert 10 * RELOAD_TOLERANCE < result.max_rel_error_vs_fp32 < {"fp16": 1e-2, "bf16": 5e-2}[dtype]
 
 
 def test_diffusers_folder_with_model_card_and_report_figures(tiny, tmp_path):
@@ -300,7 +319,7 @@ def test_sd15_sized_controlnet_round_trip(tmp_path):
     save_file(load_file(str(path)), str(plain))
     imported = load_controlnet(plain)
     result = verify_reload(controlnet, imported, "fp16", "load_controlnet")
-    assert result.max_rel_error_vs_rounded == 0.0 and result.max_rel_error_vs_fp32 < 1e-2
+    assert result.max_rel_error_vs_rounded < RELOAD_TOLERANCE and result.max_rel_error_vs_fp32 < 1e-2
 
 
 def test_sdxl_style_controlnet_exports_with_label_emb_and_reloads(tmp_path):

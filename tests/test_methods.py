@@ -140,7 +140,8 @@ def test_auto_bank_weight_sets_the_pull_and_leaves_the_run_unchanged(
 def test_bank_weight_flag_takes_auto_and_numbers(tmp_path):
     import argparse
 
-    from difftune_control.config import add_config_arguments, config_from_args
+    from difftune_control.config import config_from_args
+    from difftune_control.flags import add_config_arguments
 
     p = argparse.ArgumentParser()
     add_config_arguments(p, ("method",))

@@ -342,3 +342,15 @@ def test_html_renders_in_headless_chromium(tmp_path):
     blue = (np.abs(rgb - np.array([31, 119, 180])).sum(-1) < 30).sum()  # the d and p curves
     red = (np.abs(rgb - np.array([214, 39, 40])).sum(-1) < 30).sum()  # the convergence line
     assert blue > 500 and red > 200, (blue, red)
+
+
+def test_progress_that_rounds_to_zero_reads_0_00_not_minus_0_00():
+    from difftune_control.report.runs import _fmt
+
+    assert [_fmt(-0.001), _fmt(-0.004), _fmt(-0.05), _fmt(0.304), _fmt(None)] == [
+        "0.00",
+        "0.00",
+        "-0.05",
+        "0.30",
+        "n/a",
+    ]

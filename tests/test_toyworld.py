@@ -25,6 +25,7 @@ from difftune_control.toyworld import (
     split_seed,
     vocabulary,
 )
+from difftune_control.toyworld.dataset import RENDER_VERSION
 from difftune_control.toyworld.scene import hash_uniform, sample_scenes
 from difftune_control.toyworld.tokenizer import build_tokenizer, train_bpe
 from difftune_control.toyworld.world import VISIBLE_FRACTION
@@ -284,3 +285,20 @@ def test_toyworld_imports_nothing_from_the_packages_above_it():
                 if not any(target == a or target.startswith(a + ".") for a in allowed):
                     found.append(f"{path.name}: {target}")
     assert found == []
+
+
+def test_default_dataset_renders_only_the_scenes_asked_for_and_reuses_a_larger_set(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path))
+    five = default_dataset_dir("validation", n=5)
+    assert five.name.startswith("validation-n5-")
+    assert default_dataset_dir("validation", n=3) == five  # the first 3 of 5 are the 3-scene set: no render
+    three = build_dataset(tmp_path / "three", n=3, seed=0, split="validation")
+    for i in range(3):
+        name = f"images/{i:06d}.png"
+        assert np.array_equal(np.asarray(Image.open(five / name)), np.asarray(Image.open(three / name)))
+    assert default_dataset_dir("validation", n=8).name.startswith("validation-n8-")  # larger: rendered
+    assert sorted(p.name for p in (tmp_path / "toyworld").iterdir()) == [
+        f"validation-n{n}-64px-seed0-v{RENDER_VERSION}" for n in (5, 8)
+    ]

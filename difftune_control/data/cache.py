@@ -341,7 +341,9 @@ def _build_locked(
         )  # fmt: skip
     meta = {"key_hash": key_hash}
     with tqdm(
-        total=sum(s["stop"] - s["start"] for s in todo), disable=not show_progress, desc="caching latents"
+        total=sum(s["stop"] - s["start"] for s in todo),
+        disable=not show_progress or not todo,  # no empty bar when every shard is reused
+        desc="caching latents",
     ) as bar:
         for shard in todo:
             rows = _EncodeRows(dataset, range(shard["start"], shard["stop"]), seed, dataset.extracts_hints)

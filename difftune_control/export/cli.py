@@ -6,14 +6,16 @@ import argparse
 import logging
 import sys
 
-from difftune_control.config import ExportConfig, add_config_arguments
+from difftune_control.config import ExportConfig
 from difftune_control.export.exporter import export_controlnet
 from difftune_control.export.verify import VerificationError
+from difftune_control.flags import add_config_arguments
 
 DESCRIPTION = (
     "Export a trained ControlNet. 'webui': one control_<name>_<sd>_<condition>_<dtype>.safetensors in the "
     "original LDM layout that AUTOMATIC1111's sd-webui-controlnet, Forge and ComfyUI load as they are "
-    "(put it in models/ControlNet or extensions/sd-webui-controlnet/models). 'diffusers': a "
+    "(put it in models/ControlNet or extensions/sd-webui-controlnet/models; SD2.x ControlNets compute "
+    "right only in ComfyUI and Forge; a toy-world ControlNet is for the demo and loads in no UI). 'diffusers': a "
     "ControlNetModel.save_pretrained folder with a model card. The export is reloaded and checked "
     "against the trained model unless --no-verify."
 )
@@ -36,7 +38,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
         subparsers (`argparse._SubParsersAction`): From ``parser.add_subparsers()`` of the main CLI.
     """
     parser = subparsers.add_parser(
-        "export", help="export for WebUI/ComfyUI or diffusers", description=DESCRIPTION
+        "export", help="Export a trained ControlNet for WebUI/ComfyUI or diffusers.", description=DESCRIPTION
     )
     add_arguments(parser)
     parser.set_defaults(func=run)

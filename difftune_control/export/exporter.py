@@ -17,6 +17,7 @@ from difftune_control.export.source import ExportSource, resolve_source
 from difftune_control.export.verify import VerificationError
 from difftune_control.export.webui import (
     DTYPES,
+    UI_SUPPORT,
     clean_name,
     verify_webui_file,
     webui_filename,
@@ -129,9 +130,6 @@ def export_controlnet(
         PermissionError, NotADirectoryError: The output folder cannot be written.
         VerificationError: The reloaded export does not reproduce the trained ControlNet.
     """
-    import torch
-    from diffusers import ControlNetModel
-
     _check_choices(format, dtype)
     src = resolve_source(source)
     condition = condition or src.condition
@@ -142,6 +140,9 @@ def export_controlnet(
         )
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(src)
     ensure_writable_dir(out)
+    # torch and diffusers only now: a wrong path or flag answers without their seconds of import.
+    import torch
+    from diffusers import ControlNetModel
 
     controlnet = ControlNetModel.from_pretrained(src.controlnet_dir, torch_dtype=torch.float32).eval()
     tag = sd_version_tag(controlnet.config)
@@ -185,4 +186,6 @@ def export_controlnet(
         )
     else:
         logger.info("wrote %s without verification (--no-verify)", path)
+    if format == "webui":
+        logger.info("%s: %s", path.name, UI_SUPPORT[tag])
     return path

@@ -140,6 +140,25 @@ def write_webui_file(
     return path
 
 
+UI_SUPPORT: dict[str, str] = {
+    "sd15": "loads in AUTOMATIC1111 (sd-webui-controlnet), Forge and ComfyUI: put it in the UI's ControlNet "
+    "models folder",
+    "sd21": "loads in ComfyUI and Forge (put it in their ControlNet models folder); AUTOMATIC1111's "
+    "sd-webui-controlnet builds every non-SDXL ControlNet with 8 attention heads, while SD2.x attention "
+    "has 64 channels per head, so this file runs there but computes wrong outputs",
+    "xl": "loads in ComfyUI, Forge and AUTOMATIC1111 (sd-webui-controlnet): put it in the UI's ControlNet "
+    "models folder",
+    "toy": "a toy-world ControlNet, for the demo: it goes with the toy world's 64 px base model and loads in "
+    "no UI (AUTOMATIC1111, Forge and ComfyUI build only SD1.x/2.x/XL-sized ControlNets); read it back with "
+    "difftune_control.export.load_controlnet, or train on a Stable Diffusion model for a file the UIs load",
+}
+"""Which UIs load a WebUI file of each SD family (``sd_version_tag``), as their loaders read it:
+sd-webui-controlnet (``scripts/controlnet_model_guess.py``) builds SD1.x/2.x files from a fixed config with
+``num_heads=8``, taking only the context width from the tensors; ComfyUI (``comfy/controlnet.py``) and Forge
+(``ldm_patched/modules/controlnet.py``, the same code) take the whole architecture, heads included, from the
+model detection of the base models they support, which a toy architecture matches none of."""
+
+
 def diffusers_single_file_limit(config: Mapping[str, Any]) -> str | None:
     """Why diffusers' ``from_single_file`` converter cannot read this architecture, or None if it can.
 
@@ -182,8 +201,9 @@ def reload_webui_file(path: Path, controlnet: ControlNetModel) -> tuple[ControlN
 
 def verify_webui_file(path: Path, controlnet: ControlNetModel, dtype: str) -> VerifyResult:
     """Reload ``path`` offline and check weights and outputs against ``controlnet`` (see `verify_reload`)."""
-    reloaded, loader = reload_webui_file(path, controlnet)
-    logger.info("verifying %s: reloaded with %s", path.name, loader)
+    reloaded, loader = reload_webui_file(
+        path, controlnet
+    )  # the loader is named once, in the exporter's result
     names = {k: k for k in controlnet.state_dict()}
     file_keys = diffusers_to_ldm(names, controlnet.config, prefix=LDM_PREFIX)  # file key -> diffusers key
     return verify_reload(controlnet, reloaded, dtype, loader, {d: f for f, d in file_keys.items()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 EXAMPLES = """examples:
@@ -34,7 +35,7 @@ def add_cli(subparsers: Any) -> None:
         help="Precompute condition hints for a dataset (writes metadata.jsonl with conditioning_image).",
         description=(
             "Compute one hint per image with a condition's extractor, write them as PNG files under "
-            "OUTPUT/conditioning_images/, and write OUTPUT/metadata.jsonl (input columns kept, "
+            "DIR/conditioning_images/, and write DIR/metadata.jsonl (input columns kept, "
             "conditioning_image added). Existing hints are skipped, so an interrupted run resumes."
         ),
         epilog=EXAMPLES,
@@ -43,23 +44,40 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument(
         "--condition",
         required=True,
+        metavar="NAME",
         help="Recipe name (canny, depth, normal, segmentation, sketch) or a .toml path.",
     )
-    p.add_argument("--backend", default=None, help="Extractor backend (default: the recipe's).")
     p.add_argument(
-        "--input", required=True, help="Image folder, folder with metadata.jsonl, or a metadata.jsonl file."
+        "--backend", default=None, metavar="NAME", help="Extractor backend (default: the recipe's)."
     )
-    p.add_argument("--output", required=True, help="Output folder (may be the input folder).")
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="PATH",
+        help="Image folder, folder with metadata.jsonl, or a metadata.jsonl file.",
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="Output folder (may be the input folder).")
     p.add_argument(
         "--resolution",
         type=int,
         default=None,
+        metavar="N",
         help="Hint size: shorter side resized + centre crop (default: image size).",
     )
-    p.add_argument("--device", default=None, help="Device of model backends (default: cuda when available).")
-    p.add_argument("--batch_size", type=int, default=16, help="Images per extractor call (default: 16).")
     p.add_argument(
-        "--image_column", default=None, help="Column with image paths (default: image, else file_name)."
+        "--device",
+        default=None,
+        metavar="DEVICE",
+        help="Device of model backends (default: cuda when available).",
+    )
+    p.add_argument(
+        "--batch_size", type=int, default=16, metavar="N", help="Images per extractor call (default: 16)."
+    )
+    p.add_argument(
+        "--image_column",
+        default=None,
+        metavar="COLUMN",
+        help="Column with image paths (default: image, else file_name).",
     )
     p.add_argument(
         "--extractor_param",
@@ -77,10 +95,11 @@ def add_cli(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `difftune extract` with parsed arguments; returns the exit status."""
-    from .extract_dataset import extract_dataset
+    from .extract_dataset import extract_dataset, read_rows
     from .recipes import build_extractor, load_recipe
 
     recipe = load_recipe(args.condition)
+    read_rows(Path(args.input), args.image_column)  # a wrong --input answers before the extractor loads
     extractor = build_extractor(
         recipe,
         backend=args.backend,

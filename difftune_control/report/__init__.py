@@ -73,6 +73,10 @@ def build_report(
         print(json.loads((out / "summary.json").read_text())["runs"][1]["vs_vanilla"])
         ```
     """
+    if not run_dirs:
+        raise ValueError("report: give at least one run folder")
+    runs = [load_run(p) for p in run_dirs]
+    # the plotting stack only now: a wrong path answers without its seconds of import
     from difftune_control.utils import atomic_write_text
 
     from .group_plots import grouped_convergence_figure, groups_figure
@@ -80,13 +84,10 @@ def build_report(
     from .plots import convergence_figure, samples_figure
     from .render import render_html, render_markdown
 
-    if not run_dirs:
-        raise ValueError("report: give at least one run folder")
     if aucc_budget is not None and (
         isinstance(aucc_budget, bool) or int(aucc_budget) != aucc_budget or aucc_budget < 1
     ):
         raise ValueError(f"--aucc_budget must be a number of optimizer steps >= 1, got {aucc_budget!r}")
-    runs = [load_run(p) for p in run_dirs]
     _unique_names(runs)
     out = Path(out_dir) if out_dir is not None else default_out_dir([Path(p) for p in run_dirs])
     out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from .runs import Run, status_line
+from .runs import Run, _fmt, status_line
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 VANILLA_COLOR = "#4d4d4d"
@@ -167,9 +167,14 @@ def convergence_figure(runs: list[Run], path: Path) -> Path:
                 if first and level == min(run.milestones)
                 else None,
             )
-            if single:
+        if single:  # one label per evaluation: levels first reached at the same step share it
+            by_step: dict[int, list[float]] = {}
+            for level, rec in sorted(run.milestones.items()):
+                by_step.setdefault(rec["step"], []).append(level)
+            for step, levels in by_step.items():
+                rec = run.milestones[levels[0]]
                 ax_p.annotate(
-                    f"p ≥ {level:g} @ {rec['step']}",
+                    f"p ≥ {', '.join(f'{lv:g}' for lv in levels)} @ {step}",
                     (rec["step"], rec["p"]),
                     xytext=(-8, 9),
                     textcoords="offset points",
@@ -388,7 +393,7 @@ def samples_figure(runs: list[Run], path: Path, max_samples: int = 3) -> Path | 
         p = row.record.get("p")
         lines = [row.run.name, row.run.label] if len(runs) > 1 else []
         lines += [row.role] if row.role else []
-        lines += [f"step {row.record['step']}", "p = n/a" if p is None else f"p = {p:.2f}"]
+        lines += [f"step {row.record['step']}", f"p = {_fmt(p)}"]
         label = "\n".join(lines)
         axes[ri, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=9, labelpad=10)
     title = "Samples at milestone evaluations: the hint, the generated sample, the hint re-extracted from it"

@@ -20,6 +20,7 @@ from .group_tables import (
 )
 from .groups import mean_over_conditions
 from .runs import Run
+from .runs import _fmt as _fixed
 
 CSS = """
 body { font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
@@ -79,7 +80,7 @@ def _steps(x: Any) -> str:
 
 
 def _p(x: Any) -> str:
-    return "—" if x is None else f"{x:.2f}"
+    return "—" if x is None else _fixed(x)
 
 
 def aucc_text(s: dict[str, Any]) -> str:

@@ -239,8 +239,9 @@ def status_line(run: Run) -> str:
 
 
 def _fmt(x: Any, digits: int = 2) -> str:
+    """``x`` with ``digits`` decimals, "n/a" for none; a value that rounds to zero reads 0.00, never -0.00."""
     v = _num(x)
-    return "n/a" if v is None else f"{v:.{digits}f}"
+    return "n/a" if v is None else f"{round(v, digits) + 0.0:.{digits}f}"
 
 
 def caveats(run: Run) -> list[str]:

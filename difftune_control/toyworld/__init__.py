@@ -11,14 +11,49 @@ depth = load_annotator("depth")(out["rgb"])  # [16, 1, 64, 64] normalised invers
 ```
 """
 
-from .dataset import build_dataset, default_dataset_dir
-from .domains import domain_names, get_domain, register_domain
-from .labels import TOY_TO_ADE20K, annotate_hint, classes_to_ade_rgb
-from .models import ANNOTATOR_KINDS, AnnotatorConfig, ToyAnnotator
-from .render import BACKGROUND_DEPTH
-from .scene import COLOURS, FLOOR_COLOURS, SHAPES, Domain, split_seed, vocabulary
-from .weights import WEIGHTS_DIR, annotator_path, default_base_model_path, load_annotator
-from .world import TOY_CLASS_NAMES, normal_to_rgb, normalised_inverse_depth, render_scenes, rgb_to_normal
+import importlib
+from typing import Any
+
+# Names load their module on first use (PEP 562), so importing one light module of the toy world (the
+# palette, the scene vocabulary) does not import torch and the renderer with it.
+_EXPORTS: dict[str, str] = {
+    "build_dataset": ".dataset",
+    "default_dataset_dir": ".dataset",
+    "domain_names": ".domains",
+    "get_domain": ".domains",
+    "register_domain": ".domains",
+    "TOY_TO_ADE20K": ".labels",
+    "annotate_hint": ".labels",
+    "classes_to_ade_rgb": ".labels",
+    "ANNOTATOR_KINDS": ".models",
+    "AnnotatorConfig": ".models",
+    "ToyAnnotator": ".models",
+    "BACKGROUND_DEPTH": ".render",
+    "COLOURS": ".scene",
+    "FLOOR_COLOURS": ".scene",
+    "SHAPES": ".scene",
+    "Domain": ".scene",
+    "split_seed": ".scene",
+    "vocabulary": ".scene",
+    "WEIGHTS_DIR": ".weights",
+    "annotator_path": ".weights",
+    "default_base_model_path": ".weights",
+    "load_annotator": ".weights",
+    "TOY_CLASS_NAMES": ".world",
+    "normal_to_rgb": ".world",
+    "normalised_inverse_depth": ".world",
+    "render_scenes": ".world",
+    "rgb_to_normal": ".world",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ANNOTATOR_KINDS",

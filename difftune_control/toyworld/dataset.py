@@ -158,6 +158,31 @@ def build_dataset(
     return folder
 
 
+def _folder_name(split: str, n: int, resolution: int, domain: str) -> str:
+    """The cache folder of a dataset; the default domain keeps the name it had before domains existed."""
+    name = f"{split}-n{n}-{resolution}px-seed0-v{RENDER_VERSION}"
+    return name if domain == "default" else f"{domain}-{name}"
+
+
+def _cached_dataset(root: Path, split: str, n: int, resolution: int, domain: str = "default") -> Path | None:
+    """The smallest complete cached dataset of ``split`` (and ``domain``) with at least ``n`` scenes, or None.
+
+    Scene i of a split is the same whatever the dataset's size (one seed stream, rendered by index), so the
+    first ``n`` rows of a larger set are the ``n``-scene set.
+    """
+    found = []
+    for folder in root.glob(_folder_name(split, 0, resolution, domain).replace("-n0-", "-n*-")):
+        size = folder.name.rsplit(f"{split}-n", 1)[1].split("-", 1)[0]
+        if not size.isdigit() or int(size) < n:
+            continue
+        try:
+            if _is_complete(folder, _info(int(size), 0, resolution, split, domain)):
+                found.append((int(size), folder))
+        except FileExistsError:
+            continue
+    return min(found)[1] if found else None
+
+
 def default_dataset_dir(
     split: str = "train", n: int | None = None, resolution: int = 64, domain: str = "default"
 ) -> Path:
@@ -168,7 +193,9 @@ def default_dataset_dir(
     Args:
         split (`str`, defaults to `"train"`): ``"train"`` (10,000 scenes by default) or
             ``"validation"`` (256 by default, held out: another seed stream).
-        n (`int`, *optional*): number of scenes instead of the default.
+        n (`int`, *optional*): at least this many scenes instead of the default size: a cached set of
+            ``n`` or more scenes is reused as it is (its first ``n`` scenes are the same), else exactly
+            ``n`` are rendered.
         resolution (`int`, defaults to 64): image size.
         domain (`str`, defaults to `"default"`): the toy-world domain (:func:`~.domains.domain_names`);
             each domain has its own folder.
@@ -176,16 +203,21 @@ def default_dataset_dir(
     Returns:
         `pathlib.Path`: the dataset folder (see :func:`build_dataset`).
     """
+    root = cache_root() / "toyworld"
     if n is None:
         if split not in DEFAULT_SIZES:
             raise ValueError(
                 f"no default size for split {split!r}; pass n or use one of {sorted(DEFAULT_SIZES)}"
             )
         n = DEFAULT_SIZES[split]
+    elif (cached := _cached_dataset(root, split, n, resolution, get_domain(domain).name)) is not None:
+        return cached
     get_domain(domain)  # an unknown name fails here, before a folder is named after it
-    name = f"{split}-n{n}-{resolution}px-seed0-v{RENDER_VERSION}"
-    if domain != "default":  # the default domain keeps the folder it had before domains existed
-        name = f"{domain}-{name}"
     return build_dataset(
-        cache_root() / "toyworld" / name, n=n, seed=0, resolution=resolution, split=split, domain=domain
+        root / _folder_name(split, n, resolution, domain),
+        n=n,
+        seed=0,
+        resolution=resolution,
+        split=split,
+        domain=domain,
     )

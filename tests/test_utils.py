@@ -1,0 +1,77 @@
+"""Atomic writes leave no debris: temporaries of killed writers are removed by the next write to their
+folder, and only those whose process is gone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from difftune_control.utils import _HOST, atomic_dir, atomic_write_text, stale_temporaries
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A writer killed in the middle of an atomic folder write (as a render killed with Ctrl-\ or by the OOM killer).
+KILLED_WRITER = """
+import sys, time
+from pathlib import Path
+from difftune_control.utils import atomic_dir
+with atomic_dir(Path(sys.argv[1]) / "train-n10000") as tmp:
+    (tmp / "images").mkdir()
+    (tmp / "images" / "000000.png").write_bytes(b"x" * 1000)
+    print(tmp.name, flush=True)
+    time.sleep(60)
+"""
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_folder_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    name = writer.stdout.readline().strip()
+    assert name.startswith(f".train-n10000.pid{writer.pid}@") and (tmp_path / name).is_dir()
+    assert stale_temporaries(tmp_path) == []  # its writer is alive: not stale
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert stale_temporaries(tmp_path) == [tmp_path / name]
+
+    with atomic_dir(tmp_path / "train-n2000") as tmp:  # the next run, another dataset in the same cache
+        (tmp / "done").write_text("ok")
+    assert not (tmp_path / name).exists() and (tmp_path / "train-n2000" / "done").is_file()
+
+
+def test_only_temporaries_no_live_process_owns_are_stale(tmp_path):
+    dead, now = _dead_pid(), time.time()
+    entries = {
+        f".a.pid{dead}@{_HOST}.k3j4h5g6.tmp": True,  # killed writer on this host
+        f".b.pid{os.getpid()}@{_HOST}.k3j4h5g6.tmp": False,  # a live writer (this process)
+        f".c.pid{dead}@some-other-host.k3j4h5g6.tmp": False,  # another host's: cannot tell, keep
+        ".d.k3j4h5g6.tmp": True,  # unnamed owner, untouched for two days
+        ".e.k3j4h5g6.tmp": False,  # unnamed owner, written an hour ago
+        ".notes.tmp": False,  # not ours
+        "results.k3j4h5g6.tmp": False,  # not hidden: not ours
+    }
+    for name in entries:
+        (tmp_path / name).mkdir()
+    (tmp_path / f".f.pid{dead}@{_HOST}.k3j4h5g6.tmp").write_text("a killed file write")
+    entries[f".f.pid{dead}@{_HOST}.k3j4h5g6.tmp"] = True
+    os.utime(tmp_path / ".d.k3j4h5g6.tmp", (now - 2 * 86400, now - 2 * 86400))
+    os.utime(tmp_path / ".e.k3j4h5g6.tmp", (now - 3600, now - 3600))
+
+    assert stale_temporaries(tmp_path, now=now) == sorted(
+        tmp_path / n for n, stale in entries.items() if stale
+    )
+    atomic_write_text(tmp_path / "manifest.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [n for n, stale in entries.items() if not stale] + ["manifest.json"]
+    )
