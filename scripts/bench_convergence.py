@@ -43,6 +43,7 @@ ABLATIONS = {  # name -> flags, all on depth, against difftuning (fixed) and van
 # spelled out, so a candidate means the same thing whatever the default method is.
 _VANILLA = ["--method", "vanilla", "--loss_weighting", "none"]
 _BANK = ["--method", "difftuning", "--split", "fixed", "--loss_weighting", "none", "--bank_prompt", "keep"]
+_BANK += ["--bank_latents", "mean"]  # as measured on 2026-12-01 (the posterior draw came later: *-sample)
 _NULL = [*_BANK, "--bank_hint", "zero"]
 CANDIDATES = {
     "vanilla": _VANILLA,
@@ -57,6 +58,11 @@ CANDIDATES = {
     "null-l05": [*_NULL, "--bank_weight", "0.05"],
     "null-auto": [*_NULL, "--bank_weight", "auto", "--bank_pull", "0.5"],
     "null-auto-isnr": [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"],
+    # bank rows drawn from the VAE posterior, as target rows are (and as the authors' code encodes images)
+    "published-sample": [*_BANK, "--bank_hint", "extracted", "--bank_weight", "0.1", "--bank_latents", "sample"],
+    "null-auto-isnr-sample": [
+        *_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto", "--bank_latents", "sample"
+    ],  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
     "psi-isnr": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "inverse_snr"],
 }
