@@ -47,13 +47,18 @@ from typing import Any, Literal
 import torch
 
 from difftune_control.config import BankConfig
-from difftune_control.utils import atomic_save_safetensors, atomic_write_text, cache_root, to_device
+from difftune_control.utils import (
+    atomic_save_safetensors,
+    atomic_write_text,
+    cache_root,
+    to_device,
+    weights_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: shards also hold the posterior std ("latent_std")
 SHARD_SIZE = 256
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 MANIFEST, PROGRESS, PREVIEW, LOCK = "manifest.json", "progress.json", "preview.png", ".lock"
 
 
@@ -172,30 +177,6 @@ def bank_manifest(
         return json.loads(json.dumps(key, sort_keys=True))
     except TypeError as err:
         raise ValueError(f"extractor_id must be JSON-serialisable, got {extractor_id!r}: {err}") from err
-
-
-def weights_fingerprint(model_id: str | Path) -> str | None:
-    """Content fingerprint of a local model's weights files, or None for a hub id.
-
-    Hashes each ``*.safetensors`` / ``*.bin`` / ``*.ckpt`` / ``*.pt`` file's relative path, size, and
-    first and last MiB: constant time even for multi-GB checkpoints, and any retraining changes it.
-    """
-    path = Path(model_id)
-    if path.is_file():
-        files, root = [path], path.parent
-    elif path.is_dir():
-        files, root = sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()), path
-    else:
-        return None
-    digest = hashlib.sha256()
-    for p in files:
-        size = p.stat().st_size
-        digest.update(f"{p.relative_to(root).as_posix()}:{size}".encode())
-        with open(p, "rb") as f:
-            digest.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            digest.update(f.read(1 << 20))
-    return digest.hexdigest()[:16]
 
 
 def manifest_hash(manifest: dict) -> str:

@@ -45,17 +45,17 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    run_dir = train(_config(args))
+    run_dir = run_training(_config(args))
     print(run_dir)
     return 0
 
 
 def _run_bank(args: argparse.Namespace) -> int:
-    from difftune_control.trainer import build_bank_only
+    from difftune_control.loop import run_bank_only
 
-    print(build_bank_only(_config(args)))
+    print(run_bank_only(_config(args)))
     return 0
 
 

@@ -30,7 +30,7 @@ from difftune_control.distill import (
     trajectory_slot_mask,
 )
 from difftune_control.forgetting import BatchPlan
-from difftune_control.trainer import DiffTuningTrainer
+from difftune_control.trainer import DiffTuningTrainer, register_retention
 
 
 class DistillationTrainer(DiffTuningTrainer):
@@ -151,3 +151,7 @@ class DistillationTrainer(DiffTuningTrainer):
         return convert_prediction(
             pred.float(), x_t, self.alphas_cumprod[t], self.base_prediction_type, self.prediction_type
         )
+
+
+for _source in ("trajectory", "snr", "teacher"):
+    register_retention(_source, DistillationTrainer)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+import difftune_control.distill_trainer  # noqa: F401  (registers the distilling retention sources)
 from difftune_control import __version__
 from difftune_control.checkpoints import (
     WeightWatch,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -362,11 +361,43 @@ register_method("vanilla", ControlNetTrainer)
 register_method("difftuning", DiffTuningTrainer)
 
 
-def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
-    if cfg.distills:  # trajectory/snr retention or a teacher ControlNet: generative distillation
-        from difftune_control.distill_trainer import DistillationTrainer
+_RETENTION_SOURCES: dict[str, type[ControlNetTrainer]] = {}
 
-        return DistillationTrainer
+
+def register_retention(name: str, cls: type[ControlNetTrainer]) -> None:
+    """Register a retention source: the trainer whose bank slots distil instead of re-noising.
+
+    ``name`` is a ``--retention`` value, or ``"teacher"`` for re-noised slots with a teacher ControlNet's
+    targets (``--teacher_controlnet``). Re-noising (``renoise``) is Diff-Tuning's own and not registered.
+    """
+    if name in _RETENTION_SOURCES:
+        raise ValueError(
+            f"retention source {name!r} is already registered ({_RETENTION_SOURCES[name].__name__})"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, DiffTuningTrainer)):
+        raise TypeError(f"retention source {name!r}: {cls!r} is not a DiffTuningTrainer subclass")
+    _RETENTION_SOURCES[name] = cls
+
+
+def retention_source(cfg: RunConfig) -> str | None:
+    """The retention source a configuration uses, or None when bank slots are re-noised (no distillation)."""
+    if cfg.method.retention != "renoise":
+        return cfg.method.retention
+    return "teacher" if cfg.method.teacher_controlnet is not None else None
+
+
+def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
+    """The trainer of a configuration: its retention source's when bank slots distil, else its method's.
+
+    Retention sources register on import of their module (:mod:`difftune_control.distill_trainer`).
+    """
+    source = retention_source(cfg)
+    if source is not None:
+        if source not in _RETENTION_SOURCES:
+            raise ValueError(
+                f"retention source {source!r} is not registered; registered: {sorted(_RETENTION_SOURCES)}"
+            )
+        return _RETENTION_SOURCES[source]
     if cfg.method.method not in _METHODS:
         raise ValueError(f"--method: got {cfg.method.method!r}; choose one of {available_methods()}")
     return _METHODS[cfg.method.method]
@@ -414,17 +445,3 @@ def lr_lambda(name: str, warmup: int, total: int):
         )
 
     return f
-
-
-def train(cfg: RunConfig) -> Path:
-    """Train a ControlNet as configured; returns the run folder. See :mod:`difftune_control.loop`."""
-    from difftune_control.loop import run_training
-
-    return run_training(cfg)
-
-
-def build_bank_only(cfg: RunConfig) -> Path:
-    """Build (or verify and reuse) the memory bank of a configuration; returns its folder."""
-    from difftune_control.loop import run_bank_only
-
-    return run_bank_only(cfg)

@@ -306,10 +306,10 @@ def test_distill_weight_replaces_lambda(tiny_pipeline_dir, tiny_dataset_dir, tmp
 def test_train_end_to_end_with_snr_retention(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     import json
 
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
     from difftune_control.utils import read_jsonl
 
-    run = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr"))
+    run = run_training(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr"))
     saved = json.loads((run / "config.json").read_text())
     assert saved["method"]["retention"] == "snr" and saved["bank"]["trajectory_states"] == 2
     bank = load_bank(saved["bank_dir"])
@@ -384,7 +384,7 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
     import json
     import math
 
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
     from difftune_control.utils import read_jsonl
 
     teacher_dir = make_teacher(base, tmp_path / "teacher")
@@ -400,7 +400,7 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
         train__mixed_precision="bf16",
         train__max_train_steps=3,
     )
-    run = train(cfg)
+    run = run_training(cfg)
     bank = load_bank(json.loads((run / "config.json").read_text())["bank_dir"])
     assert set(bank.manifest["distillation"]) == {"teacher", "trajectory"}
     assert bank.trajectory.latents.shape[:2] == (8, 2) and torch.isfinite(bank.trajectory.predictions).all()
