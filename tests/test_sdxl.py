@@ -285,7 +285,7 @@ def test_teacher_controlnet_distils_with_sdxl_conditioning(
 ):
     from diffusers import ControlNetModel
 
-    from difftune_control.forgetting import BatchPlan
+    from difftune_control.methods.forgetting import BatchPlan
 
     torch.manual_seed(1)
     teacher = ControlNetModel.from_unet(sdxl_base.unet, conditioning_embedding_out_channels=(8, 16))

@@ -10,7 +10,7 @@ import torch
 from conftest import build_trainer, target_batch, tiny_config
 
 from difftune_control.config import ConfigError
-from difftune_control.forgetting import vanilla_plan
+from difftune_control.methods.forgetting import vanilla_plan
 from difftune_control.utils import read_jsonl
 
 
@@ -447,7 +447,7 @@ def test_bank_command_builds_then_reuses(tiny_pipeline_dir, tiny_dataset_dir, tm
 
 
 def _bare_trainer():
-    from difftune_control.trainer import ControlNetTrainer
+    from difftune_control.methods.base import ControlNetTrainer
 
     trainer = ControlNetTrainer.__new__(ControlNetTrainer)
     trainer._pending = []
