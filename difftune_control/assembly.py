@@ -1,6 +1,6 @@
 """From a config to the ingredients of a run: recipe, extractor, datasets, validation triples, bank.
 
-Keeps :mod:`difftune_control.trainer` about optimisation only. Everything here runs before the
+Keeps :mod:`difftune_control.methods` about optimisation only. Everything here runs before the
 first optimizer step, so bad input fails early with a clear message.
 """
 
@@ -194,7 +194,7 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
     if not cfg.uses_bank:
         return None, None
     from difftune_control.bank import ensure_bank, load_bank
-    from difftune_control.distill_bank import bank_distillation
+    from difftune_control.distill.bank_extras import bank_distillation
 
     distillation = bank_distillation(cfg, base, accelerator.device)  # None unless the bank slots distil
     teacher = distillation.teacher if distillation is not None else None

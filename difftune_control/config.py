@@ -626,7 +626,7 @@ def _check_types(section: Any) -> list[str]:
                 problems.append(f"--{f.name}: got {value!r}; choose one of {list(choices)}")
         elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
             problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
-        elif tp is float and not math.isfinite(value):
+        elif isinstance(value, float) and not math.isfinite(value):  # float fields and float | Literal[...]
             problems.append(f"--{f.name}: expected a finite number, got {value!r}")
         elif isinstance(value, float) and not math.isfinite(value):  # a number in a union (e.g. FLOAT|auto)
             problems.append(f"--{f.name}: expected a finite number, got {value!r}")

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from difftune_control.forgetting import BatchPlan
+from difftune_control.methods.forgetting import BatchPlan
 
 logger = logging.getLogger(__name__)
 

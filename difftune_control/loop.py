@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+import difftune_control.distill  # noqa: F401  (registers the distilling retention sources)
 from difftune_control import __version__
 from difftune_control.checkpoints import (
     CHECKPOINT_RE,
@@ -22,14 +23,16 @@ from difftune_control.checkpoints import (
 )
 from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.distributed import StopVote, WindowMeans, ddp_kwargs, ddp_settings
+from difftune_control.methods.registry import trainer_class
 from difftune_control.runtime import (
     IndexStream,
+    StopSignal,
     StreamBatchSampler,
     is_toy_model,
     load_base_model,
+    lr_lambda,
     make_controlnet,
 )
-from difftune_control.trainer import StopSignal, lr_lambda, trainer_class
 from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, derive_seed, read_jsonl
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""What a training run stands on: base-model loading, the trainable ControlNet, data order.
+"""What a training run stands on: base-model loading, the trainable ControlNet, data order, the
+learning-rate schedule and the stop signal.
 
 Checkpoints live in :mod:`difftune_control.checkpoints`.
 """
@@ -6,6 +7,8 @@ Checkpoints live in :mod:`difftune_control.checkpoints`.
 from __future__ import annotations
 
 import logging
+import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -240,3 +243,47 @@ class StreamBatchSampler(torch.utils.data.Sampler):
         while True:
             yield self.stream.keys(k)
             k += 1
+
+
+class StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save a checkpoint before exiting."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def lr_lambda(name: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if name == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if name == "constant_with_warmup":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return (
+            max(0.0, 1.0 - progress)
+            if name == "linear"
+            else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        )
+
+    return f

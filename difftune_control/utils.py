@@ -1,5 +1,5 @@
 """Small shared helpers: atomic writes (and the cleanup of those a killed run left), cache locations,
-JSON-lines logs, host-to-device copies, derived seeds."""
+JSON-lines logs, host-to-device copies, derived seeds, weights fingerprints."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # torch is imported where it is used: the CLI's early checks run without it
     import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -300,3 +302,27 @@ def to_device(
         x = x if x.is_pinned() else x.pin_memory()
         return x.to(device, dtype, non_blocking=True)
     return x.to(device, dtype)
+
+
+def weights_fingerprint(model_id: str | Path) -> str | None:
+    """Content fingerprint of a local model's weights files, or None for a hub id.
+
+    Hashes each ``*.safetensors`` / ``*.bin`` / ``*.ckpt`` / ``*.pt`` file's relative path, size, and
+    first and last MiB: constant time even for multi-GB checkpoints, and any retraining changes it.
+    """
+    path = Path(model_id)
+    if path.is_file():
+        files, root = [path], path.parent
+    elif path.is_dir():
+        files, root = sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file()), path
+    else:
+        return None
+    digest = hashlib.sha256()
+    for p in files:
+        size = p.stat().st_size
+        digest.update(f"{p.relative_to(root).as_posix()}:{size}".encode())
+        with open(p, "rb") as f:
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return digest.hexdigest()[:16]

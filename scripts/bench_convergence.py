@@ -59,9 +59,24 @@ CANDIDATES = {
     "null-auto": [*_NULL, "--bank_weight", "auto", "--bank_pull", "0.5"],
     "null-auto-isnr": [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"],
     # bank rows drawn from the VAE posterior, as target rows are (and as the authors' code encodes images)
-    "published-sample": [*_BANK, "--bank_hint", "extracted", "--bank_weight", "0.1", "--bank_latents", "sample"],
+    "published-sample": [
+        *_BANK,
+        "--bank_hint",
+        "extracted",
+        "--bank_weight",
+        "0.1",
+        "--bank_latents",
+        "sample",
+    ],
     "null-auto-isnr-sample": [
-        *_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto", "--bank_latents", "sample"
+        *_NULL[:4],
+        "--loss_weighting",
+        "inverse_snr",
+        *_NULL[6:],
+        "--bank_weight",
+        "auto",
+        "--bank_latents",
+        "sample",
     ],  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
     "psi-isnr": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "inverse_snr"],

@@ -183,8 +183,8 @@ def bench_ours(
 
     from difftune_control.config import RunConfig, resolve_defaults
     from difftune_control.loop import prepare_trainable
+    from difftune_control.methods.registry import trainer_class
     from difftune_control.runtime import load_base_model
-    from difftune_control.trainer import trainer_class
 
     cfg = RunConfig()
     cfg.model.pretrained_model_name_or_path = str(model_dir)

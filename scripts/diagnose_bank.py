@@ -51,9 +51,9 @@ def main() -> int:
     from difftune_control.config import RunConfig, apply_preset, config_from_args, resolve_defaults
     from difftune_control.diagnostics import bank_pull, per_timestep_pull
     from difftune_control.extractors import load_recipe
+    from difftune_control.methods.difftuning import DiffTuningTrainer
     from difftune_control.runtime import is_toy_model, load_base_model, make_controlnet
     from difftune_control.sdxl import detect_model_kind
-    from difftune_control.trainer import DiffTuningTrainer
 
     flags = ["--method", "difftuning", "--device", "cpu", "--max_train_samples", str(max(128, args.samples))]
     parsed = build_parser().parse_args(["train", *flags, *args.train_args])

@@ -275,8 +275,8 @@ def build_trainer(cfg: RunConfig, mixed_precision: str = "no"):
 
     from difftune_control import assembly
     from difftune_control.loop import _resolve, prepare_trainable
+    from difftune_control.methods.registry import trainer_class
     from difftune_control.runtime import load_base_model
-    from difftune_control.trainer import trainer_class
 
     cfg, toy, _ = _resolve(cfg)
     from accelerate.state import AcceleratorState

@@ -38,7 +38,7 @@ def main(argv: list[str]) -> int:
     assert sep == "--", "usage: kill_driver.py POINT N -- FLAGS"
     torch.set_num_threads(1)  # as the in-process tests (conftest.py)
     if point == "step":
-        from difftune_control.trainer import ControlNetTrainer
+        from difftune_control.methods.base import ControlNetTrainer
 
         _kill_on_call(ControlNetTrainer, "training_step", int(nth), before=False)
     elif point == "save":

@@ -26,6 +26,7 @@ from difftune_control.bank import (
     sample_seed,
 )
 from difftune_control.config import BankConfig
+from difftune_control.utils import weights_fingerprint
 from difftune_control.validation import (
     decode_latents,
     encode_images,
@@ -424,7 +425,7 @@ def test_local_weights_fingerprint_is_part_of_the_key(tmp_path):
     assert key() == first
     weights.write_bytes(b"a" * 2_999_999 + b"b")  # retrained weights at the same path
     assert key()["model"]["fingerprint"] != first["model"]["fingerprint"]
-    assert bank_mod.weights_fingerprint("org/not-a-local-path") is None
+    assert weights_fingerprint("org/not-a-local-path") is None
 
 
 DISTRIBUTED_SCRIPT = """

@@ -31,7 +31,7 @@ def test_a_diverged_update_stops_the_run_before_it_reaches_a_checkpoint(
     optimizer hook (the issue's `--learning_rate inf` is now refused up front)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     steps = {"n": 0}
 
@@ -45,7 +45,7 @@ def test_a_diverged_update_stops_the_run_before_it_reaches_a_checkpoint(
         with pytest.raises(
             FloatingPointError, match="optimizer step 2 made ControlNet weights non-finite"
         ) as err:
-            train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4, train__checkpointing_steps=1))
+            run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4, train__checkpointing_steps=1))
     finally:
         handle.remove()
     run = tmp_path / "run"
@@ -67,9 +67,9 @@ def _poison(checkpoint: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory):
     """An uninterrupted 6-step run."""
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    return _losses(train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory.mktemp("ref"), 6)))
+    return _losses(run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory.mktemp("ref"), 6)))
 
 
 def _damage(path: Path, how: str) -> None:
@@ -90,12 +90,14 @@ def _damage(path: Path, how: str) -> None:
 def test_resume_latest_skips_a_damaged_checkpoint_naming_the_file(
     reference, tiny_pipeline_dir, tiny_dataset_dir, tmp_path, caplog, name, how
 ):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    run = train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))  # checkpoint-2, checkpoint-4
+    run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))  # checkpoint-2, checkpoint-4
     _poison(run / "checkpoint-4") if how == "poison" else _damage(run / "checkpoint-4" / name, how)
     with caplog.at_level(logging.INFO):
-        train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 6, train__resume_from_checkpoint="latest"))
+        run_training(
+            _cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 6, train__resume_from_checkpoint="latest")
+        )
     skipped = [r.getMessage() for r in caplog.records if "newest intact checkpoint" in r.getMessage()]
     assert skipped and f"checkpoint-4: {name}" in skipped[0], skipped
     assert any(
@@ -107,9 +109,9 @@ def test_resume_latest_skips_a_damaged_checkpoint_naming_the_file(
 def test_an_explicit_damaged_checkpoint_is_refused_with_the_file_and_the_intact_ones(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    run = train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
+    run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
     _damage(run / "checkpoint-4" / "optimizer.bin", "truncate")
     cfg = _cfg(
         tiny_pipeline_dir,
@@ -119,7 +121,7 @@ def test_an_explicit_damaged_checkpoint_is_refused_with_the_file_and_the_intact_
         train__resume_from_checkpoint=str(run / "checkpoint-4"),
     )
     with pytest.raises(ValueError, match="optimizer.bin") as err:
-        train(cfg)
+        run_training(cfg)
     assert "['checkpoint-2']" in str(err.value)
 
 
@@ -127,9 +129,9 @@ def test_last_finite_checkpoint_and_verification_see_poisoned_weights(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
     from difftune_control.checkpoints import last_finite_checkpoint, safetensors_problem, verify_checkpoint
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    run = train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
+    run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
     assert (
         last_finite_checkpoint(run) == run / "checkpoint-4" and verify_checkpoint(run / "checkpoint-4") == []
     )
@@ -142,12 +144,12 @@ def test_last_finite_checkpoint_and_verification_see_poisoned_weights(
 def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path, caplog
 ):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    first = train(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 2, train__run_name=None))
+    first = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 2, train__run_name=None))
     assert first.name.startswith("canny-vanilla-")
     with caplog.at_level(logging.WARNING):
-        again = train(
+        again = run_training(
             _cfg(
                 tiny_pipeline_dir,
                 tiny_dataset_dir,
@@ -172,7 +174,7 @@ def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
     with pytest.raises(
         ValueError, match=r"no run named canny-vanilla-<time>, but these runs have checkpoints: mine"
     ):
-        train(cfg)
+        run_training(cfg)
 
 
 @pytest.mark.gpu

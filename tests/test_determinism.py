@@ -70,7 +70,7 @@ def test_detector_loading_an_annotator_changes_no_training_number(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
     """The first evaluation loads the toy annotator (random init, then weights): the run must not notice."""
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     runs = {}
     for detect in (True, False):
@@ -78,21 +78,21 @@ def test_detector_loading_an_annotator_changes_no_training_number(
             tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(detect), method__method="vanilla",
             detector__detect_convergence=detect,
         )  # fmt: skip
-        runs[detect] = train(cfg)
+        runs[detect] = run_training(cfg)
     assert _losses(runs[True]) == _losses(runs[False])
     assert _same_weights(runs[True], runs[False])
 
 
 def test_building_the_bank_or_reusing_it_gives_the_same_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """The run that builds the bank loads the annotator for it; the run that reuses it loads it later."""
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     bank = tmp_path / "bank"
-    built = train(
+    built = run_training(
         _toy_annotator_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", bank__bank_dir=str(bank))
     )
     stamp = (bank / "manifest.json").stat().st_mtime_ns
-    reused = train(
+    reused = run_training(
         _toy_annotator_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", bank__bank_dir=str(bank))
     )
     assert (bank / "manifest.json").stat().st_mtime_ns == stamp  # really reused

@@ -70,16 +70,18 @@ def test_warning_names_the_remedy(caplog):
 
 
 def test_training_logs_the_check_and_the_report_shows_it(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    from difftune_control.loop import run_training
     from difftune_control.report.runs import load_run, summarize_run
-    from difftune_control.trainer import train
     from difftune_control.utils import read_jsonl
 
-    run = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "on"))
+    run = run_training(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "on"))
     checks = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "bank_check"]
     assert len(checks) == 1 and checks[0]["step"] == 0 and checks[0]["ratio"] > 0
     summary = summarize_run(load_run(run))
     assert summary["bank_check"]["ratio"] == pytest.approx(checks[0]["ratio"])
 
-    off = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "off", method__bank_check=False))
+    off = run_training(
+        tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "off", method__bank_check=False)
+    )
     assert not [r for r in read_jsonl(off / "metrics.jsonl") if r["type"] == "bank_check"]
     assert summarize_run(load_run(off))["bank_check"] is None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from difftune_control.distill import (
+from difftune_control.distill.trajectory import (
     TrajectoryRecorder,
     convert_prediction,
     nearest_state,

@@ -11,9 +11,9 @@ from conftest import tiny_config as shared_tiny_config
 
 from difftune_control.bank import bank_manifest, bank_sample_indices, ensure_bank, load_bank, sample_seed
 from difftune_control.config import BankConfig, ConfigError, ModelConfig, RunConfig
-from difftune_control.distill import trajectory_storage
-from difftune_control.distill_bank import BankDistillation
-from difftune_control.forgetting import BatchPlan
+from difftune_control.distill.bank_extras import BankDistillation
+from difftune_control.distill.trajectory import trajectory_storage
+from difftune_control.methods.forgetting import BatchPlan
 from difftune_control.validation import encode_images, encode_prompts, sample_images
 
 RES = 16  # tiny VAE: latents [4,8,8]
@@ -146,7 +146,7 @@ def bank_plan(timesteps: list[int], n_target: int = 1) -> BatchPlan:
 
 
 def test_renoise_default_is_plain_difftuning(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.trainer import DiffTuningTrainer
+    from difftune_control.methods.difftuning import DiffTuningTrainer
 
     trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
     assert type(trainer) is DiffTuningTrainer
@@ -158,9 +158,9 @@ def test_renoise_default_is_plain_difftuning(tiny_pipeline_dir, tiny_dataset_dir
 def test_snr_switch_in_the_batch_and_targets_are_the_recorded_predictions(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.distill import snr
-    from difftune_control.distill_trainer import DistillationTrainer
-    from difftune_control.trainer import DiffTuningTrainer
+    from difftune_control.distill.trainer import DistillationTrainer
+    from difftune_control.distill.trajectory import snr
+    from difftune_control.methods.difftuning import DiffTuningTrainer
 
     cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr")
     trainer, _ = build_trainer(cfg)
@@ -306,10 +306,10 @@ def test_distill_weight_replaces_lambda(tiny_pipeline_dir, tiny_dataset_dir, tmp
 def test_train_end_to_end_with_snr_retention(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     import json
 
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
     from difftune_control.utils import read_jsonl
 
-    run = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr"))
+    run = run_training(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr"))
     saved = json.loads((run / "config.json").read_text())
     assert saved["method"]["retention"] == "snr" and saved["bank"]["trajectory_states"] == 2
     bank = load_bank(saved["bank_dir"])
@@ -353,7 +353,7 @@ def test_config_rules(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
 def test_teacher_data_defaults_come_from_the_teacher_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, base):
     import json
 
-    from difftune_control.teacher import teacher_data_spec
+    from difftune_control.distill.teacher import teacher_data_spec
 
     run = tmp_path / "depth-run"
     make_teacher(base, run / "controlnet")
@@ -384,7 +384,7 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
     import json
     import math
 
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
     from difftune_control.utils import read_jsonl
 
     teacher_dir = make_teacher(base, tmp_path / "teacher")
@@ -400,7 +400,7 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
         train__mixed_precision="bf16",
         train__max_train_steps=3,
     )
-    run = train(cfg)
+    run = run_training(cfg)
     bank = load_bank(json.loads((run / "config.json").read_text())["bank_dir"])
     assert set(bank.manifest["distillation"]) == {"teacher", "trajectory"}
     assert bank.trajectory.latents.shape[:2] == (8, 2) and torch.isfinite(bank.trajectory.predictions).all()

@@ -125,7 +125,7 @@ def test_two_gloo_processes_with_the_ddp_knobs_train_like_one(tiny_pipeline_dir,
       model spread by about 5% around ~1.05, so the mean of 8 steps differs by ~3% (1 sd) between
       the runs; the bound is 12%, 4 sd.
     """
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     steps = ["--max_train_steps", "8", "--checkpointing_steps", "8"]
     runs = {}
@@ -156,7 +156,7 @@ def test_two_gloo_processes_with_the_ddp_knobs_train_like_one(tiny_pipeline_dir,
         tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method="vanilla", train__run_name="one",
         train__max_train_steps=8, train__checkpointing_steps=8, detector__detect_convergence=False,
     )  # fmt: skip
-    one = _losses(train(cfg))
+    one = _losses(run_training(cfg))
     mean_one, mean_two = sum(one) / len(one), sum(runs["fp16"]) / len(runs["fp16"])
     assert len(one) == 8 and abs(mean_two - mean_one) <= 0.12 * mean_one, (one, runs["fp16"])
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from difftune_control.forgetting import (
+from difftune_control.methods.forgetting import (
     bank_timestep_probs,
     fixed_plan,
     mixture_plan,

@@ -229,7 +229,7 @@ def test_long_captions_are_warned_once_with_their_count(tiny_pipeline_dir, tmp_p
 def test_nan_and_inf_numbers_and_an_unusable_output_dir_are_refused_together(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     (tmp_path / "a_file").write_text("")
     cfg = tiny_config(
@@ -237,14 +237,14 @@ def test_nan_and_inf_numbers_and_an_unusable_output_dir_are_refused_together(
         method__bank_weight=float("inf"),
     )  # fmt: skip
     with pytest.raises(ConfigError) as err:
-        train(cfg)
+        run_training(cfg)
     problems = err.value.problems
     assert "--learning_rate: expected a finite number, got nan" in problems
     assert "--bank_weight: expected a finite number, got inf" in problems
     assert f"--output_dir {tmp_path / 'a_file'}: exists and is not a folder" in problems
     cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a_file" / "runs")
     with pytest.raises(ConfigError, match=r"--output_dir .*cannot be created: .*a_file is a file"):
-        train(cfg)
+        run_training(cfg)
 
 
 def test_cli_rejects_nan_learning_rate_before_loading_anything(tmp_path, capsys):

@@ -8,7 +8,7 @@ from conftest import build_trainer, target_batch, tiny_config
 from diffusers import DDPMScheduler
 
 from difftune_control.config import ConfigError, RunConfig
-from difftune_control.forgetting import BatchPlan, loss_weights, reweight, snr, weight_for_pull
+from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, snr, weight_for_pull
 
 
 @pytest.fixture(scope="module")

@@ -27,10 +27,10 @@ def _config(pipeline: Path, data: Path, out: Path, name: str, method: str, steps
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     out = tmp_path_factory.mktemp("runs")
-    return train(_config(tiny_pipeline_dir, tiny_dataset_dir, out, "vanilla", "vanilla"))
+    return run_training(_config(tiny_pipeline_dir, tiny_dataset_dir, out, "vanilla", "vanilla"))
 
 
 def test_report_of_a_real_run_agrees_with_its_metrics(trained_run, tmp_path):

@@ -285,7 +285,7 @@ def test_teacher_controlnet_distils_with_sdxl_conditioning(
 ):
     from diffusers import ControlNetModel
 
-    from difftune_control.forgetting import BatchPlan
+    from difftune_control.methods.forgetting import BatchPlan
 
     torch.manual_seed(1)
     teacher = ControlNetModel.from_unet(sdxl_base.unet, conditioning_embedding_out_channels=(8, 16))
@@ -447,11 +447,11 @@ def test_sdxl_run_trains_reports_exports_and_continues(tiny_sdxl_pipeline_dir, t
     from safetensors.torch import load_file, save_file
 
     from difftune_control.export import export_controlnet, load_controlnet
+    from difftune_control.loop import run_training
     from difftune_control.report import build_report
-    from difftune_control.trainer import train
     from difftune_control.utils import read_jsonl
 
-    run = train(sdxl_config(tiny_sdxl_pipeline_dir, tiny_dataset_dir, tmp_path))
+    run = run_training(sdxl_config(tiny_sdxl_pipeline_dir, tiny_dataset_dir, tmp_path))
     saved = json.loads((run / "config.json").read_text())
     assert saved["base_model"]["kind"] == "sdxl" and saved["data"]["crops_coords_top_left_h"] == 0
     records = read_jsonl(run / "metrics.jsonl")

@@ -10,7 +10,7 @@ import torch
 from conftest import build_trainer, target_batch, tiny_config
 
 from difftune_control.config import ConfigError
-from difftune_control.forgetting import vanilla_plan
+from difftune_control.methods.forgetting import vanilla_plan
 from difftune_control.utils import read_jsonl
 
 
@@ -168,9 +168,11 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    full = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", train__max_train_steps=6))
+    full = run_training(
+        tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", train__max_train_steps=6)
+    )
     assert (full / "config.json").is_file() and (full / "controlnet" / "config.json").is_file()
     assert sorted(p.name for p in full.glob("checkpoint-*")) == [
         "checkpoint-2",
@@ -185,8 +187,10 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
     assert saved["train"]["max_train_steps"] == 6 and saved["method"]["method"] == "difftuning"
 
     # interrupted at step 4, then resumed: the loss curve equals the uninterrupted run's
-    part = train(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", train__max_train_steps=4))
-    resumed = train(
+    part = run_training(
+        tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", train__max_train_steps=4)
+    )
+    resumed = run_training(
         tiny_config(
             tiny_pipeline_dir,
             tiny_dataset_dir,
@@ -207,7 +211,7 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
 def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     def cfg(folder, steps, **kw):
         return tiny_config(
@@ -220,9 +224,9 @@ def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_
             **kw,
         )
 
-    full = train(cfg("a", 4))
-    train(cfg("b", 2))
-    resumed = train(cfg("b", 4, train__resume_from_checkpoint="latest"))
+    full = run_training(cfg("a", 4))
+    run_training(cfg("b", 2))
+    resumed = run_training(cfg("b", 4, train__resume_from_checkpoint="latest"))
     assert _losses(resumed) == _losses(full)
     wa = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors")
     wb = load_file(resumed / "controlnet" / "diffusion_pytorch_model.safetensors")
@@ -230,37 +234,37 @@ def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_
 
 
 def test_existing_run_without_resume_is_refused(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     cfg = tiny_config(
         tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__max_train_steps=2, method__method="vanilla"
     )
-    train(cfg)
+    run_training(cfg)
     with pytest.raises(ValueError, match="resume_from_checkpoint latest"):
-        train(cfg)
+        run_training(cfg)
 
 
 def test_bad_flags_are_reported_together(tiny_pipeline_dir, tmp_path):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     cfg = tiny_config(
         tiny_pipeline_dir, tmp_path / "missing", tmp_path, train__train_batch_size=0, method__bank_share=1.5
     )
     with pytest.raises(ConfigError) as err:
-        train(cfg)
+        run_training(cfg)
     msg = str(err.value)
     assert "--train_batch_size" in msg and "--bank_share" in msg and "--train_data_dir" in msg
 
 
 def test_bad_model_path_and_condition(tiny_dataset_dir, tmp_path):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
     cfg = tiny_config(tmp_path / "nope", tiny_dataset_dir, tmp_path)
     with pytest.raises(FileNotFoundError, match="pretrained_model_name_or_path"):
-        train(cfg)
+        run_training(cfg)
     cfg = tiny_config(tmp_path / "nope", tiny_dataset_dir, tmp_path, data__condition="depthh")
     with pytest.raises(ValueError, match="canny"):
-        train(cfg)
+        run_training(cfg)
 
 
 def tiny_flags(pipeline, data, out, run_name: str) -> list[str]:
@@ -415,9 +419,9 @@ def test_nan_loss_stops_with_a_clear_message(tiny_pipeline_dir, tiny_dataset_dir
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.trainer import train
+    from difftune_control.loop import run_training
 
-    run = train(
+    run = run_training(
         tiny_config(
             tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method="vanilla", train__max_train_steps=6,
             train__checkpoints_total_limit=2, detector__detect_convergence=False,
@@ -443,7 +447,7 @@ def test_bank_command_builds_then_reuses(tiny_pipeline_dir, tiny_dataset_dir, tm
 
 
 def _bare_trainer():
-    from difftune_control.trainer import ControlNetTrainer
+    from difftune_control.methods.base import ControlNetTrainer
 
     trainer = ControlNetTrainer.__new__(ControlNetTrainer)
     trainer._pending = []

@@ -43,7 +43,7 @@ only when CFG is on). The states lie on the CFG-guided trajectory, i.e. where th
 goes at inference.
 
 Everything here is pure or a small stateful helper; the trainer side is
-:mod:`difftune_control.distill_trainer`, the teacher's side :mod:`difftune_control.teacher`.
+:mod:`difftune_control.distill.trainer`, the teacher's side :mod:`difftune_control.distill.teacher`.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ plan's timestep t:
 
 The student in a bank slot is the base UNet + the ControlNet being trained, with the bank's
 prompt embedding and hint, exactly as in Diff-Tuning. The teacher is frozen and never handed to
-the optimizer. See :mod:`difftune_control.distill` for why the SNR switch points this way.
+the optimizer. See :mod:`difftune_control.distill.trajectory` for why the SNR switch points this way.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ import dataclasses
 
 import torch
 
-from difftune_control.distill import (
+from difftune_control.distill.trajectory import (
     convert_prediction,
     denoiser_prediction,
     nearest_state,
     trajectory_slot_mask,
 )
-from difftune_control.forgetting import BatchPlan
-from difftune_control.trainer import DiffTuningTrainer
+from difftune_control.methods.difftuning import DiffTuningTrainer
+from difftune_control.methods.forgetting import BatchPlan
+from difftune_control.methods.registry import register_retention
 
 
 class DistillationTrainer(DiffTuningTrainer):
@@ -38,7 +39,7 @@ class DistillationTrainer(DiffTuningTrainer):
 
     Args:
         cfg, accelerator, base, controlnet, target, empty_prompt_embedding, bank: as
-            :class:`~difftune_control.trainer.ControlNetTrainer`; ``bank`` must hold recorded
+            :class:`~difftune_control.methods.base.ControlNetTrainer`; ``bank`` must hold recorded
             trajectory states for ``--retention trajectory|snr``.
         teacher (*optional*): an already loaded frozen teacher ControlNet; by default it is loaded
             from ``--teacher_controlnet`` onto the base's device and dtype.
@@ -70,7 +71,7 @@ class DistillationTrainer(DiffTuningTrainer):
                 )
         self.teacher = teacher
         if self.teacher is None and m.teacher_controlnet is not None:
-            from difftune_control.teacher import load_teacher_controlnet
+            from difftune_control.distill.teacher import load_teacher_controlnet
 
             self.teacher = load_teacher_controlnet(
                 m.teacher_controlnet, base.unet, self.device, base.unet.dtype
@@ -151,3 +152,7 @@ class DistillationTrainer(DiffTuningTrainer):
         return convert_prediction(
             pred.float(), x_t, self.alphas_cumprod[t], self.base_prediction_type, self.prediction_type
         )
+
+
+for _source in ("trajectory", "snr", "teacher"):
+    register_retention(_source, DistillationTrainer)

@@ -1,20 +1,18 @@
-"""ControlNet training: ``ControlNetTrainer`` (vanilla) and ``DiffTuningTrainer``.
+"""ControlNet training: ``ControlNetTrainer``, the vanilla method and the base of every other.
 
-setup (``train()``: config -> models, data, bank, detector) -> ``fit`` (the loop: checkpoints,
+setup (``loop.run_training``: config -> models, data, bank, detector) -> ``fit`` (the loop: checkpoints,
 logging, detector, signals) -> ``training_step`` (one micro-batch: plan, assemble, backward)
 -> ``compute_loss`` (per-sample denoising loss; the one override point for the objective).
 
 Diff-Tuning changes only the batch plan (which slots come from the memory bank, their
-timesteps and loss weights; see :mod:`difftune_control.forgetting`). Vanilla training is
+timesteps and loss weights; see :mod:`difftune_control.methods.forgetting` and
+:mod:`difftune_control.methods.difftuning`). Vanilla training is
 the plan with no bank slots and uniform timesteps, so both run the same code.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import signal
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,7 @@ import torch.nn.functional as F
 
 from difftune_control.conditioning import added_kwargs, move_added
 from difftune_control.config import RunConfig
-from difftune_control.forgetting import BatchPlan, loss_weights, plan_batch, reweight, vanilla_plan
+from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
 from difftune_control.utils import to_device
 
 logger = logging.getLogger(__name__)
@@ -153,7 +151,7 @@ class ControlNetTrainer:
         latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        if "retention_mask" in batch:  # distilling bank slots: given x_t (see distill_trainer.py)
+        if "retention_mask" in batch:  # distilling bank slots: given x_t (see distill/trainer.py)
             noisy = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_input"], noisy)
         dtype = self.base.unet.dtype
         ehs = batch["encoder_hidden_states"].to(dtype)
@@ -253,178 +251,3 @@ class ControlNetTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
-
-
-FALLBACK_BANK_WEIGHT = 0.1
-"""lambda of ``--bank_weight auto`` while the bank rows pull nothing (the published value)."""
-
-
-class DiffTuningTrainer(ControlNetTrainer):
-    """Diff-Tuning: the chain of forgetting changes batch composition and t-sampling only.
-
-    With ``--bank_weight auto`` the bank weight lambda is measured, not given: lambda makes the
-    weighted bank rows' gradient on the ControlNet ``--bank_pull`` times the target rows' (see
-    :func:`calibrate_bank_weight`), at the first step and every ``--bank_pull_every`` steps.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        m = self.cfg.method
-        if m.split != "psi-only" and self.bank is None:
-            raise ValueError(f"--split {m.split} needs a memory bank; none was built")
-        self.bank_lambda: float | None = None  # --bank_weight auto: the measured lambda
-        self.auto_weight = m.bank_weight == "auto" and m.split == "fixed"  # only the fixed split has a lambda
-        self.micro_batches = 0  # micro-batches trained (re-measurement schedule of --bank_weight auto)
-
-    def plan(self, batch_size: int) -> BatchPlan:
-        m = self.cfg.method
-        return self.weigh(
-            plan_batch(
-                batch_size,
-                m.split,
-                power=m.psi_power,
-                bank_share=m.bank_share,
-                bank_weight=m.bank_weight if m.bank_weight != "auto" else (self.bank_lambda or 1.0),
-                num_train_timesteps=self.num_train_timesteps,
-                generator=self.generator,
-            )
-        )
-
-    def before_step(self, target_batch: dict) -> None:
-        m, accum = self.cfg.method, self.cfg.train.gradient_accumulation_steps
-        micro, self.micro_batches = self.micro_batches, self.micro_batches + 1
-        if not self.auto_weight or micro % accum:  # only where no gradient is being accumulated
-            return
-        step = micro // accum
-        if self.bank_lambda is None or (m.bank_pull_every and step % m.bank_pull_every == 0 and step > 0):
-            self.calibrate_bank_weight(target_batch)
-
-    def calibrate_bank_weight(self, target_batch: dict) -> dict:
-        """Measure both parts' pull at lambda = 1 on ``target_batch`` and set lambda (mean over processes).
-
-        Leaves the random generator, the gradients and the schedule of the run untouched.
-        """
-        from difftune_control.diagnostics import bank_pull
-        from difftune_control.forgetting import weight_for_pull
-
-        previous, self.bank_lambda = self.bank_lambda, 1.0
-        try:
-            check = bank_pull(self, target_batch)
-        finally:
-            self.bank_lambda = previous
-        if not (check["bank_grad"] > 0 and check["target_grad"] > 0):
-            # e.g. distillation targets the base already meets (a fresh ControlNet): nothing to balance yet
-            lam = previous if previous is not None else FALLBACK_BANK_WEIGHT
-            logger.info("--bank_weight auto: no pull to balance (%s); lambda stays %.4g", check, lam)
-            self.bank_lambda = lam
-            return {**check, "bank_weight": lam}
-        lam = weight_for_pull(check["bank_grad"], check["target_grad"], self.cfg.method.bank_pull)
-        if self.accelerator.num_processes > 1:
-            lam = float(self.accelerator.reduce(torch.tensor(lam, device=self.device), reduction="mean"))
-        self.bank_lambda = lam
-        logger.info(
-            "--bank_weight auto: lambda = %.4g (bank rows at lambda 1 pull %.3gx the target rows; aiming at %.2fx)",
-            lam,
-            check["ratio"],
-            self.cfg.method.bank_pull,
-        )
-        return {**check, "bank_weight": lam}
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "bank_lambda": self.bank_lambda, "micro_batches": self.micro_batches}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        if "bank_lambda" in state and self.cfg.method.bank_weight == "auto":
-            self.bank_lambda = state["bank_lambda"]
-        self.micro_batches = int(state.get("micro_batches", 0))
-
-
-_METHODS: dict[str, type[ControlNetTrainer]] = {}
-
-
-def register_method(name: str, cls: type[ControlNetTrainer]) -> None:
-    """Register a training method (``--method NAME``): a :class:`ControlNetTrainer` subclass."""
-    if name != name.lower() or not name.replace("-", "").replace("_", "").isalnum():
-        raise ValueError(f"method name must be lowercase letters, digits, '-' or '_': {name!r}")
-    if name in _METHODS:
-        raise ValueError(f"method {name!r} is already registered ({_METHODS[name].__name__})")
-    if not (isinstance(cls, type) and issubclass(cls, ControlNetTrainer)):
-        raise TypeError(f"method {name!r}: {cls!r} is not a ControlNetTrainer subclass")
-    _METHODS[name] = cls
-
-
-def available_methods() -> list[str]:
-    return sorted(_METHODS)
-
-
-register_method("vanilla", ControlNetTrainer)
-register_method("difftuning", DiffTuningTrainer)
-
-
-def trainer_class(cfg: RunConfig) -> type[ControlNetTrainer]:
-    if cfg.distills:  # trajectory/snr retention or a teacher ControlNet: generative distillation
-        from difftune_control.distill_trainer import DistillationTrainer
-
-        return DistillationTrainer
-    if cfg.method.method not in _METHODS:
-        raise ValueError(f"--method: got {cfg.method.method!r}; choose one of {available_methods()}")
-    return _METHODS[cfg.method.method]
-
-
-class StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks, so it can save a checkpoint before exiting."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.received = signum
-        logger.warning("received signal %d: saving a checkpoint after this step, then stopping", signum)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-
-def lr_lambda(name: str, warmup: int, total: int):
-    def f(step: int) -> float:
-        if name == "constant":
-            return 1.0
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        if name == "constant_with_warmup":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return (
-            max(0.0, 1.0 - progress)
-            if name == "linear"
-            else 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        )
-
-    return f
-
-
-def train(cfg: RunConfig) -> Path:
-    """Train a ControlNet as configured; returns the run folder. See :mod:`difftune_control.loop`."""
-    from difftune_control.loop import run_training
-
-    return run_training(cfg)
-
-
-def build_bank_only(cfg: RunConfig) -> Path:
-    """Build (or verify and reuse) the memory bank of a configuration; returns its folder."""
-    from difftune_control.loop import run_bank_only
-
-    return run_bank_only(cfg)

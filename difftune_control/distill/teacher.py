@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from difftune_control.config import RunConfig
+from difftune_control.utils import weights_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ def _teacher_run_config(path: str) -> tuple[Path | None, dict]:
 
 def teacher_fingerprint(path: str) -> str | None:
     """Content fingerprint of the teacher's weights (its ControlNet folder or single file)."""
-    from difftune_control.bank import weights_fingerprint
-
     folder, _ = _teacher_run_config(path)
     return weights_fingerprint(folder if folder is not None else path)
 

@@ -5,7 +5,7 @@ image (``--retention trajectory|snr``) and/or (b) sample with a teacher ControlN
 (caption, hint) pairs (``--teacher_controlnet``). It contributes a ``distillation`` entry to the bank
 manifest only when active, so banks built for ``--retention renoise`` keep their key.
 
-Shard tensors it adds (see :class:`difftune_control.distill.TrajectoryRecorder`)::
+Shard tensors it adds (see :class:`difftune_control.distill.trajectory.TrajectoryRecorder`)::
 
     trajectory_latents      f16 [n,N,C,h,w]   x_t at the recorded steps (scaled latent space)
     trajectory_predictions  f16 [n,N,C,h,w]   the teacher's conditional prediction at x_t
@@ -19,8 +19,12 @@ from typing import Any
 
 import torch
 
-from difftune_control.distill import TrajectoryRecorder, trajectory_step_indices, trajectory_storage
-from difftune_control.teacher import TeacherData
+from difftune_control.distill.teacher import TeacherData
+from difftune_control.distill.trajectory import (
+    TrajectoryRecorder,
+    trajectory_step_indices,
+    trajectory_storage,
+)
 
 
 @dataclass
@@ -162,7 +166,7 @@ def bank_distillation(cfg, base, device: torch.device | str) -> BankDistillation
     n = cfg.bank.trajectory_states if m.retention != "renoise" else 0
     teacher = teacher_net = None
     if m.teacher_controlnet is not None:
-        from difftune_control.teacher import load_teacher_controlnet, load_teacher_data
+        from difftune_control.distill.teacher import load_teacher_controlnet, load_teacher_data
 
         teacher = load_teacher_data(cfg, base.is_toy, device)
         teacher_net = load_teacher_controlnet(m.teacher_controlnet, base.unet, device, base.unet.dtype)
