@@ -127,6 +127,18 @@ class DataConfig:
     )
 
 
+def _float_or_auto(text: str) -> float | str:
+    """A flag value that is a number or ``auto`` (argparse shows the error message as it is)."""
+    import argparse
+
+    if text == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
 @dataclass
 class MethodConfig:
     """Training objective: vanilla ControlNet or Diff-Tuning (chain of forgetting)."""
@@ -148,7 +160,7 @@ class MethodConfig:
         "weighted bank rows pull "
         "--bank_pull times as hard as the target rows (measured on the ControlNet's gradient, every "
         "--bank_pull_every steps, logged as bank_weight records).",
-        parse=lambda s: "auto" if s == "auto" else float(s),
+        parse=_float_or_auto,
     )
     bank_pull: float = _f(0.5, "--bank_weight auto: the bank rows' pull as a fraction of the target rows'.")
     bank_pull_every: int = _f(
