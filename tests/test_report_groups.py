@@ -40,6 +40,7 @@ def tiny_run(
     learning_rate: float = 1e-4,
     psi_power: float = 1.0,
     bank_hint: str = "extracted",
+    loss_weighting: str | None = None,
     records: list[dict] | None = None,
 ) -> Path:
     """A run folder with the config fields the report reads and one convergence_eval per `every` steps."""
@@ -54,6 +55,7 @@ def tiny_run(
             "psi_power": psi_power,
             "bank_share": 0.2,
             "bank_weight": 0.1,
+            **({"loss_weighting": loss_weighting} if loss_weighting is not None else {}),
         },
         "bank": {"bank_hint": bank_hint},
         "detector": {"convergence_every": every, "convergence_threshold": 0.3, "convergence_patience": 2},
@@ -199,6 +201,27 @@ def test_the_reference_is_the_plain_vanilla_group(tmp_path):
     skewed, plain, dt = group_runs(loaded, [summarize_run(r) for r in loaded])
     assert plain.reference is None
     assert skewed.reference is plain and dt.reference is plain
+
+
+def test_the_reference_is_vanilla_without_a_loss_weighting(tmp_path):
+    from difftune_control.report.compare import pick_reference
+
+    root = tmp_path / "runs"
+    runs = [
+        tiny_run(root, "isnr-s0", seed=0, p=P, max_steps=400, loss_weighting="inverse_snr"),
+        tiny_run(root, "vanilla-s0", seed=0, p=P, max_steps=400, loss_weighting="none"),
+        tiny_run(
+            root, "dt-s0", seed=0, p=P, max_steps=400, method="difftuning", loss_weighting="inverse_snr"
+        ),
+    ]
+    loaded = [load_run(r) for r in runs]
+    summaries = [summarize_run(r) for r in loaded]
+    isnr, plain, dt = group_runs(loaded, summaries)
+    assert plain.reference is None and isnr.reference is plain and dt.reference is plain
+    # single runs too: the plain vanilla run, not the vanilla run with a loss weighting
+    assert pick_reference(summaries[2], summaries)["name"] == summaries[1]["name"]
+    assert pick_reference(summaries[0], summaries)["name"] == summaries[1]["name"]
+    assert pick_reference(summaries[1], summaries) is None
 
 
 def test_group_means_intervals_and_paired_speedups_against_hand_computed_values(tmp_path):

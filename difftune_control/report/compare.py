@@ -26,10 +26,17 @@ def _speedup(run_steps: int | None, ref_steps: int | None, run: dict, ref: dict)
 
 
 def pick_reference(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The vanilla run a run is compared with: same condition, same seed when there is one, else the first."""
-    if summary["method"] == "vanilla":
+    """The vanilla run a run is compared with: same condition, plain (no loss weighting) before a vanilla
+    run with one, same seed when there is one, else the first. None for plain vanilla runs themselves."""
+    plain = lambda s: s.get("loss_weighting", "none") == "none"  # noqa: E731
+    if summary["method"] == "vanilla" and plain(summary):
         return None
-    candidates = [s for s in summaries if s["method"] == "vanilla" and s["condition"] == summary["condition"]]
+    candidates = [
+        s
+        for s in summaries
+        if s["method"] == "vanilla" and s["condition"] == summary["condition"] and s is not summary
+    ]
+    candidates = [s for s in candidates if plain(s)] or candidates
     same_seed = [s for s in candidates if s["seed"] == summary["seed"]]
     return (same_seed or candidates or [None])[0]
 

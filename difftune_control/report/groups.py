@@ -156,11 +156,15 @@ def _group_name(runs: list[Run]) -> str:
 
 
 def _default_method_config() -> dict[str, str]:
-    """The method and bank sections at their defaults: a vanilla group closest to them is the plain baseline."""
-    from difftune_control.config import BankConfig, MethodConfig
+    """The method and bank sections of plain vanilla as resolved (no loss weighting): a vanilla group
+    closest to them is the baseline, not vanilla with another loss weighting."""
+    from difftune_control.config import RunConfig, resolve_defaults
 
+    plain = RunConfig()
+    plain.method.method = "vanilla"
+    plain = resolve_defaults(plain, toy=True)  # method-dependent defaults (loss_weighting: none)
     return flatten_config(
-        {"method": dataclasses.asdict(MethodConfig()), "bank": dataclasses.asdict(BankConfig())}
+        {"method": dataclasses.asdict(plain.method), "bank": dataclasses.asdict(plain.bank)}
     )
 
 

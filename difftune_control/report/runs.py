@@ -46,6 +46,11 @@ class Run:
         return str((self.config.get("method") or {}).get("method", "unknown"))
 
     @property
+    def loss_weighting(self) -> str:
+        """The run's loss weighting over t (``none`` for runs from before the option existed)."""
+        return str((self.config.get("method") or {}).get("loss_weighting") or "none")
+
+    @property
     def split(self) -> str | None:
         return (self.config.get("method") or {}).get("split")
 
@@ -356,6 +361,7 @@ def summarize_run(run: Run, budget: int | None = None) -> dict[str, Any]:
         "label": run.label,
         "method": run.method,
         "split": run.split if run.method == "difftuning" else None,
+        "loss_weighting": run.loss_weighting,
         "condition": run.condition,
         "seed": run.seed,
         "steps_trained": run.steps_trained,
