@@ -34,7 +34,7 @@ class ControlNetTrainer:
     Args:
         cfg: the resolved run configuration.
         accelerator: an ``accelerate.Accelerator``.
-        base: the frozen base model (:class:`difftune_control.runtime.BaseModel`).
+        base: the frozen base model (:class:`difftune_control.training.runtime.BaseModel`).
         controlnet: the trainable ControlNet (fp32 master weights).
         target: the target dataset (cached: latents + text embeddings; or raw images + captions).
         empty_prompt_embedding: [1,L,D] embedding of "" for caption dropout.
