@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from difftune_control.config import RunConfig
-from difftune_control.runtime import BaseModel
+from difftune_control.training.runtime import BaseModel
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +32,15 @@ class ValidationSet:
     negative_added_cond: dict[str, torch.Tensor] = field(default_factory=dict)  # [1,...]
 
 
-def load_condition(cfg: RunConfig, toy: bool, device: torch.device):
-    """The condition recipe and the run's extractor (at training resolution, on ``device``)."""
+def load_condition(cfg: RunConfig, toy: bool, device: torch.device, recipe: Any = None):
+    """The condition recipe and the run's extractor (at training resolution, on ``device``).
+
+    ``recipe``: the recipe of ``cfg.data.condition`` when already loaded (it is then not read again).
+    """
     from difftune_control.extractors import build_extractor, load_recipe
 
-    recipe = load_recipe(cfg.data.condition)
+    if recipe is None:
+        recipe = load_recipe(cfg.data.condition)
     extractor = build_extractor(
         recipe, backend=cfg.data.extractor_backend, resolution=cfg.data.resolution, device=device, toy=toy
     )

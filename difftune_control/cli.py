@@ -107,7 +107,7 @@ def check_early(cfg: RunConfig) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     cfg = _config(args)
     check_early(cfg)
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     run_dir = run_training(cfg)
     print(run_dir)
@@ -119,7 +119,7 @@ def _run_bank(args: argparse.Namespace) -> int:
     check_early(cfg)
     if not cfg.uses_bank:
         raise ValueError(f"--method {cfg.method.method} --split {cfg.method.split} uses no memory bank")
-    from difftune_control.loop import run_bank_only
+    from difftune_control.training.setup import run_bank_only
 
     print(run_bank_only(cfg))
     return 0

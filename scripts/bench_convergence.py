@@ -247,7 +247,7 @@ def _cached_base(device: str):
     import torch
 
     from difftune_control.config import ModelConfig
-    from difftune_control.runtime import load_base_model
+    from difftune_control.training.runtime import load_base_model
 
     if "base" not in _CACHE:
         _CACHE["base"] = load_base_model(ModelConfig(), torch.device(device), torch.float32)

@@ -111,7 +111,7 @@ class Evaluator:
         from difftune_control.cli import build_parser
         from difftune_control.config import config_from_args, resolve_defaults
         from difftune_control.extractors import load_recipe
-        from difftune_control.runtime import is_toy_model, load_base_model
+        from difftune_control.training.runtime import is_toy_model, load_base_model
         from difftune_control.validation import decode_latents, encode_images, encode_prompts
 
         ns = build_parser().parse_args(["train", *args.train_args, *(extra or []), "--condition", condition])

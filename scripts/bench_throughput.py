@@ -178,13 +178,15 @@ def bench_ours(
     checkpointing: bool = False,
     speed: str = "default",
 ) -> dict:
-    """Optimizer steps of our trainer, set up by the loop's own ``prepare_trainable``."""
-    from accelerate import Accelerator
+    """Optimizer steps of our trainer, its ControlNet and optimizer made by the run's own ``prepare_trainable``.
 
+    Synthetic cached rows stand in for the target set and the bank, so the numbers measure the step alone
+    (``setup()`` would load a dataset and build a bank first).
+    """
     from difftune_control.config import RunConfig, resolve_defaults
-    from difftune_control.loop import prepare_trainable
     from difftune_control.methods.registry import trainer_class
-    from difftune_control.runtime import load_base_model
+    from difftune_control.training.runtime import load_base_model
+    from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
 
     cfg = RunConfig()
     cfg.model.pretrained_model_name_or_path = str(model_dir)
@@ -195,12 +197,12 @@ def bench_ours(
     for k, v in SPEED_SETTINGS[speed].items():
         setattr(cfg.train, k, v)
     cfg = resolve_defaults(cfg, toy=False)
-    acc = Accelerator(mixed_precision="bf16")
+    acc = make_accelerator(cfg)
     gc.collect()  # the previous setting's models and optimizer state must not count in this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()
-    base = load_base_model(cfg.model, acc.device, torch.bfloat16)
+    base = load_base_model(cfg.model, acc.device, weight_dtype(acc))
     if speed == "unet_autocast":
         base.unet.forward = torch.autocast("cuda", dtype=torch.bfloat16)(base.unet.forward)
     torch.manual_seed(0)
@@ -259,7 +261,7 @@ def bench_ours(
 def bench_bank(model_dir: Path, batch: int = 32, steps: int = 25) -> dict:
     from difftune_control.config import ModelConfig
     from difftune_control.extractors import get_extractor
-    from difftune_control.runtime import load_base_model
+    from difftune_control.training.runtime import load_base_model
     from difftune_control.validation import encode_images, encode_prompts, sample_images
 
     base = load_base_model(
@@ -301,7 +303,7 @@ def bench_detector(model_dir: Path, train_images_per_s: float, every: int = 500,
     from difftune_control.config import DetectorConfig, ModelConfig
     from difftune_control.convergence import ConvergenceMonitor
     from difftune_control.extractors import get_extractor
-    from difftune_control.runtime import load_base_model, make_controlnet
+    from difftune_control.training.runtime import load_base_model, make_controlnet
 
     mc = ModelConfig(
         pretrained_model_name_or_path=str(model_dir), conditioning_embedding_out_channels=[16, 32, 96, 256]

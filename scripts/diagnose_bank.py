@@ -44,35 +44,17 @@ def main() -> int:
     p.add_argument("train_args", nargs="*", help="difftune train flags (after --)")
     args = p.parse_args()
 
-    from accelerate import Accelerator
-
-    from difftune_control import assembly
     from difftune_control.cli import build_parser
-    from difftune_control.config import RunConfig, apply_preset, config_from_args, resolve_defaults
-    from difftune_control.diagnostics import bank_pull, per_timestep_pull
-    from difftune_control.extractors import load_recipe
-    from difftune_control.methods.difftuning import DiffTuningTrainer
-    from difftune_control.runtime import is_toy_model, load_base_model, make_controlnet
-    from difftune_control.sdxl import detect_model_kind
+    from difftune_control.config import RunConfig, apply_preset, config_from_args
+    from difftune_control.training.diagnostics import bank_pull, per_timestep_pull
+    from difftune_control.training.setup import setup
 
     flags = ["--method", "difftuning", "--device", "cpu", "--max_train_samples", str(max(128, args.samples))]
     parsed = build_parser().parse_args(["train", *flags, *args.train_args])
-    cfg = config_from_args(parsed, apply_preset(RunConfig(), parsed.preset))
-    toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
-    kind = None if toy else detect_model_kind(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
-    cfg = resolve_defaults(cfg, toy=toy, recipe=load_recipe(cfg.data.condition), kind=kind)
-    cfg.validate()
+    run = setup(config_from_args(parsed, apply_preset(RunConfig(), parsed.preset)))
+    cfg, trainer, target, bank = run.cfg, run.trainer, run.target, run.bank
+    base, bank_dir = run.base, run.bank_dir
     cfg.data.proportion_empty_prompts = 0.0  # every row with its caption: the measurement, not the recipe
-    acc = Accelerator(cpu=cfg.train.device == "cpu")
-    torch.manual_seed(cfg.train.seed)
-    base = load_base_model(cfg.model, acc.device, torch.float32)
-    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
-    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
-    bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
-    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
-    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()
-    controlnet = make_controlnet(cfg.model, base.unet).to(acc.device)
-    trainer = DiffTuningTrainer(cfg, acc, base, controlnet, target, empty, bank)
 
     n = args.samples
     batch = torch.utils.data.default_collate([target[i] for i in range(n)])

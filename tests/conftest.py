@@ -270,30 +270,15 @@ def tiny_config(pipeline: Path, data: Path, out: Path, **overrides) -> RunConfig
 
 
 def build_trainer(cfg: RunConfig, mixed_precision: str = "no"):
-    """Set up the pieces of a run in-process (as run_training does) and return the trainer."""
-    from accelerate import Accelerator
-
-    from difftune_control import assembly
-    from difftune_control.loop import _resolve, prepare_trainable
-    from difftune_control.methods.registry import trainer_class
-    from difftune_control.runtime import load_base_model
-
-    cfg, toy, _ = _resolve(cfg)
+    """Set up a run in-process with :func:`~difftune_control.training.setup.setup`; its trainer and optimizer."""
     from accelerate.state import AcceleratorState
 
+    from difftune_control.training.setup import setup
+
     AcceleratorState._reset_state()  # a process-wide singleton: the tests use more than one precision
-    acc = Accelerator(cpu=True, mixed_precision=mixed_precision)
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16}[mixed_precision]
-    base = load_base_model(cfg.model, acc.device, dtype)
-    recipe, extractor = assembly.load_condition(cfg, toy, acc.device)
-    target = assembly.load_target(cfg, base, extractor, acc.device, acc.main_process_first)
-    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
-    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0]  # as run_training: caption dropout
-    bank, _ = assembly.prepare_bank(cfg, base, recipe, extractor, target, acc)
-    torch.manual_seed(0)
-    controlnet, opt, _ = prepare_trainable(cfg, acc, base)
-    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
-    return trainer, opt
+    cfg.train.mixed_precision = mixed_precision
+    run = setup(cfg)
+    return run.trainer, run.optimizer
 
 
 def target_batch(trainer, n: int = 4) -> dict:

@@ -31,7 +31,7 @@ def test_a_diverged_update_stops_the_run_before_it_reaches_a_checkpoint(
     optimizer hook (the issue's `--learning_rate inf` is now refused up front)."""
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     steps = {"n": 0}
 
@@ -67,7 +67,7 @@ def _poison(checkpoint: Path) -> None:
 @pytest.fixture(scope="module")
 def reference(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory):
     """An uninterrupted 6-step run."""
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     return _losses(run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory.mktemp("ref"), 6)))
 
@@ -90,7 +90,7 @@ def _damage(path: Path, how: str) -> None:
 def test_resume_latest_skips_a_damaged_checkpoint_naming_the_file(
     reference, tiny_pipeline_dir, tiny_dataset_dir, tmp_path, caplog, name, how
 ):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))  # checkpoint-2, checkpoint-4
     _poison(run / "checkpoint-4") if how == "poison" else _damage(run / "checkpoint-4" / name, how)
@@ -109,7 +109,7 @@ def test_resume_latest_skips_a_damaged_checkpoint_naming_the_file(
 def test_an_explicit_damaged_checkpoint_is_refused_with_the_file_and_the_intact_ones(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
     _damage(run / "checkpoint-4" / "optimizer.bin", "truncate")
@@ -128,8 +128,12 @@ def test_an_explicit_damaged_checkpoint_is_refused_with_the_file_and_the_intact_
 def test_last_finite_checkpoint_and_verification_see_poisoned_weights(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.checkpoints import last_finite_checkpoint, safetensors_problem, verify_checkpoint
-    from difftune_control.loop import run_training
+    from difftune_control.training.checkpoints import (
+        last_finite_checkpoint,
+        safetensors_problem,
+        verify_checkpoint,
+    )
+    from difftune_control.training.loop import run_training
 
     run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
     assert (
@@ -144,7 +148,7 @@ def test_last_finite_checkpoint_and_verification_see_poisoned_weights(
 def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path, caplog
 ):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     first = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 2, train__run_name=None))
     assert first.name.startswith("canny-vanilla-")
@@ -179,7 +183,7 @@ def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
 
 @pytest.mark.gpu
 def test_weight_watch_on_cuda_defers_the_read_to_the_next_check(tmp_path):
-    from difftune_control.checkpoints import WeightWatch
+    from difftune_control.training.checkpoints import WeightWatch
 
     weights = [torch.ones(3, device="cuda"), torch.ones(2, device="cuda")]
     watch = WeightWatch(lambda: iter(weights), tmp_path, 1e-4)

@@ -46,7 +46,7 @@ def test_summary_names_model_data_method_steps_batch_and_run_folder():
 def test_run_prints_no_config_dump_nor_fp32_note_and_a_finished_run_says_how_to_continue(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path, caplog
 ):
-    from difftune_control.loop import run_training as train
+    from difftune_control.training.loop import run_training as train
 
     def cfg(steps, **kw):
         return tiny_config(

@@ -34,7 +34,7 @@ def _same_weights(a: Path, b: Path) -> bool:
 
 def test_dataset_items_come_from_their_key_not_the_global_rng(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     from difftune_control.data import DatasetSpec, load_target_dataset
-    from difftune_control.runtime import IndexStream
+    from difftune_control.training.runtime import IndexStream
 
     cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method="vanilla")
     from conftest import build_trainer
@@ -70,7 +70,7 @@ def test_detector_loading_an_annotator_changes_no_training_number(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
     """The first evaluation loads the toy annotator (random init, then weights): the run must not notice."""
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     runs = {}
     for detect in (True, False):
@@ -85,7 +85,7 @@ def test_detector_loading_an_annotator_changes_no_training_number(
 
 def test_building_the_bank_or_reusing_it_gives_the_same_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """The run that builds the bank loads the annotator for it; the run that reuses it loads it later."""
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     bank = tmp_path / "bank"
     built = run_training(

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import PUBLISHED, build_trainer, target_batch, tiny_config
 
-from difftune_control.diagnostics import bank_pull, per_timestep_pull, warn_if_bank_dominates
+from difftune_control.training.diagnostics import bank_pull, per_timestep_pull, warn_if_bank_dominates
 
 
 def test_bank_pull_is_linear_in_lambda_and_leaves_no_trace(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
@@ -60,7 +60,7 @@ def test_per_timestep_pull_rows(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
 
 def test_warning_names_the_remedy(caplog):
     check = {"ratio": 1.2, "bank_grad": 0.0098, "target_grad": 0.0082}
-    with caplog.at_level(logging.INFO, logger="difftune_control.diagnostics"):
+    with caplog.at_level(logging.INFO, logger="difftune_control.training.diagnostics"):
         assert warn_if_bank_dominates(check, "renoise")
         assert not warn_if_bank_dominates({**check, "ratio": 0.4}, "renoise")
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -70,8 +70,8 @@ def test_warning_names_the_remedy(caplog):
 
 
 def test_training_logs_the_check_and_the_report_shows_it(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.loop import run_training
     from difftune_control.report.runs import load_run, summarize_run
+    from difftune_control.training.loop import run_training
     from difftune_control.utils import read_jsonl
 
     run = run_training(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "on"))

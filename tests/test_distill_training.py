@@ -29,7 +29,7 @@ def edges(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def base(tiny_pipeline_dir):
-    from difftune_control.runtime import load_base_model
+    from difftune_control.training.runtime import load_base_model
 
     cfg = ModelConfig(pretrained_model_name_or_path=str(tiny_pipeline_dir))
     return load_base_model(cfg, torch.device("cpu"), torch.float32)
@@ -306,7 +306,7 @@ def test_distill_weight_replaces_lambda(tiny_pipeline_dir, tiny_dataset_dir, tmp
 def test_train_end_to_end_with_snr_retention(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     import json
 
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
     from difftune_control.utils import read_jsonl
 
     run = run_training(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr"))
@@ -384,7 +384,7 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
     import json
     import math
 
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
     from difftune_control.utils import read_jsonl
 
     teacher_dir = make_teacher(base, tmp_path / "teacher")

@@ -16,7 +16,7 @@ from conftest import tiny_config
 from test_trainer import tiny_flags
 
 from difftune_control.config import ConfigError
-from difftune_control.distributed import StopVote, WindowMeans, ddp_kwargs
+from difftune_control.training.distributed import StopVote, WindowMeans, ddp_kwargs
 from difftune_control.utils import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,7 +125,7 @@ def test_two_gloo_processes_with_the_ddp_knobs_train_like_one(tiny_pipeline_dir,
       model spread by about 5% around ~1.05, so the mean of 8 steps differs by ~3% (1 sd) between
       the runs; the bound is 12%, 4 sd.
     """
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     steps = ["--max_train_steps", "8", "--checkpointing_steps", "8"]
     runs = {}

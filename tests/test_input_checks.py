@@ -229,7 +229,7 @@ def test_long_captions_are_warned_once_with_their_count(tiny_pipeline_dir, tmp_p
 def test_nan_and_inf_numbers_and_an_unusable_output_dir_are_refused_together(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     (tmp_path / "a_file").write_text("")
     cfg = tiny_config(

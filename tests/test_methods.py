@@ -109,7 +109,7 @@ def test_null_bank_rows_drop_their_prompt(tiny_pipeline_dir, tiny_dataset_dir, t
 def test_auto_bank_weight_sets_the_pull_and_leaves_the_run_unchanged(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
-    from difftune_control.diagnostics import bank_pull
+    from difftune_control.training.diagnostics import bank_pull
 
     cfg = tiny_config(
         tiny_pipeline_dir,

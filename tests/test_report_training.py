@@ -27,7 +27,7 @@ def _config(pipeline: Path, data: Path, out: Path, name: str, method: str, steps
 
 @pytest.fixture(scope="module")
 def trained_run(tiny_pipeline_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     out = tmp_path_factory.mktemp("runs")
     return run_training(_config(tiny_pipeline_dir, tiny_dataset_dir, out, "vanilla", "vanilla"))

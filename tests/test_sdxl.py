@@ -14,8 +14,8 @@ import torch
 from conftest import SDXL_POOLED, SDXL_TEXT_WIDTHS, build_trainer, target_batch, tiny_config
 
 from difftune_control.config import ModelConfig
-from difftune_control.runtime import load_base_model
 from difftune_control.sdxl import add_time_ids, detect_model_kind, kind_from_unet_config
+from difftune_control.training.runtime import load_base_model
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +39,13 @@ def test_model_kind_is_read_from_the_folder(tiny_pipeline_dir, tiny_sdxl_pipelin
     with pytest.raises(FileNotFoundError, match="--pretrained_model_name_or_path"):
         detect_model_kind(str(tmp_path / "missing"))
 
-    from difftune_control.loop import _resolve
+    from difftune_control.training.setup import resolve_config
 
     cfg = tiny_config(tiny_sdxl_pipeline_dir, tmp_path, tmp_path)
     cfg.data.resolution = None
-    assert _resolve(cfg)[0].data.resolution == 1024  # SDXL's default, as diffusers' SDXL example
+    assert resolve_config(cfg)[0].data.resolution == 1024  # SDXL's default, as diffusers' SDXL example
     cfg.model.pretrained_model_name_or_path = str(tiny_pipeline_dir)
-    assert _resolve(cfg)[0].data.resolution == 512
+    assert resolve_config(cfg)[0].data.resolution == 512
 
 
 def test_sdxl_folder_loads_both_text_encoders(sdxl_base, tiny_sdxl_pipeline_dir, tmp_path):
@@ -447,8 +447,8 @@ def test_sdxl_run_trains_reports_exports_and_continues(tiny_sdxl_pipeline_dir, t
     from safetensors.torch import load_file, save_file
 
     from difftune_control.export import export_controlnet, load_controlnet
-    from difftune_control.loop import run_training
     from difftune_control.report import build_report
+    from difftune_control.training.loop import run_training
     from difftune_control.utils import read_jsonl
 
     run = run_training(sdxl_config(tiny_sdxl_pipeline_dir, tiny_dataset_dir, tmp_path))

@@ -153,8 +153,8 @@ def test_toy_domain_reaches_the_target_and_held_out_sets(monkeypatch):
     from difftune_control import assembly
     from difftune_control.cli import build_parser
     from difftune_control.config import ModelConfig, config_from_args
-    from difftune_control.runtime import load_base_model
     from difftune_control.toyworld import dataset
+    from difftune_control.training.runtime import load_base_model
 
     monkeypatch.setitem(dataset.DEFAULT_SIZES, "train", 4)
     monkeypatch.setitem(dataset.DEFAULT_SIZES, "validation", 6)

@@ -124,7 +124,7 @@ def test_frozen_unet_runs_outside_autocast_controlnet_inside(tiny_pipeline_dir, 
 def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """``--torch_compile`` compiles the repeated blocks in place (checkpoint keys unchanged); same numbers.
     The inductor backend needs a C compiler, so the test compiles with ``aot_eager`` (same graph capture)."""
-    from difftune_control.loop import compile_blocks
+    from difftune_control.training.setup import compile_blocks
 
     results = []
     for compiled in (False, True):
@@ -168,7 +168,7 @@ def _losses(run: Path) -> list[tuple[int, float]]:
 
 
 def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     full = run_training(
         tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a", train__max_train_steps=6)
@@ -211,7 +211,7 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
 def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     def cfg(folder, steps, **kw):
         return tiny_config(
@@ -234,7 +234,7 @@ def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_
 
 
 def test_existing_run_without_resume_is_refused(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     cfg = tiny_config(
         tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__max_train_steps=2, method__method="vanilla"
@@ -245,7 +245,7 @@ def test_existing_run_without_resume_is_refused(tiny_pipeline_dir, tiny_dataset_
 
 
 def test_bad_flags_are_reported_together(tiny_pipeline_dir, tmp_path):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     cfg = tiny_config(
         tiny_pipeline_dir, tmp_path / "missing", tmp_path, train__train_batch_size=0, method__bank_share=1.5
@@ -257,7 +257,7 @@ def test_bad_flags_are_reported_together(tiny_pipeline_dir, tmp_path):
 
 
 def test_bad_model_path_and_condition(tiny_dataset_dir, tmp_path):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     cfg = tiny_config(tmp_path / "nope", tiny_dataset_dir, tmp_path)
     with pytest.raises(FileNotFoundError, match="pretrained_model_name_or_path"):
@@ -419,7 +419,7 @@ def test_nan_loss_stops_with_a_clear_message(tiny_pipeline_dir, tiny_dataset_dir
 
 
 def test_checkpoints_total_limit_keeps_the_newest(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.loop import run_training
+    from difftune_control.training.loop import run_training
 
     run = run_training(
         tiny_config(
@@ -480,7 +480,7 @@ def test_non_finite_loss_on_cuda_is_reported_by_the_next_check():
 
 
 def test_precision_advice_only_for_fp32_on_a_gpu():
-    from difftune_control.loop import precision_advice
+    from difftune_control.training.setup import precision_advice
 
     assert "--mixed_precision" in precision_advice("cuda", "no")
     assert precision_advice("cuda", "bf16") is None and precision_advice("cuda", "fp16") is None

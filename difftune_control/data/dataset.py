@@ -49,7 +49,7 @@ def split_key(key: int | tuple[int, int]) -> tuple[int, int]:
     """``(index, draw seed)`` of a dataset key.
 
     The training loop's sampler gives ``(index, seed)`` with the seed derived from (run seed, epoch,
-    index) (`difftune_control.runtime.IndexStream.keys`); a plain index draws from a seed derived from
+    index) (`difftune_control.training.runtime.IndexStream.keys`); a plain index draws from a seed derived from
     the index alone. Either way an item never touches torch's global random generator.
     """
     if isinstance(key, (tuple, list)):

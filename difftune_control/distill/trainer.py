@@ -25,13 +25,14 @@ import torch
 
 from difftune_control.distill.trajectory import (
     convert_prediction,
-    denoiser_prediction,
     nearest_state,
     trajectory_slot_mask,
 )
 from difftune_control.methods.difftuning import DiffTuningTrainer
 from difftune_control.methods.forgetting import BatchPlan
+from difftune_control.methods.noising import add_noise, prediction_target
 from difftune_control.methods.registry import register_retention
+from difftune_control.validation import controlled_prediction
 
 
 class DistillationTrainer(DiffTuningTrainer):
@@ -96,8 +97,8 @@ class DistillationTrainer(DiffTuningTrainer):
         t = out["timesteps"][slots].clone()
         latents, noise = out["latents"][slots], out["noise"][slots]
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        x_in = a.sqrt() * latents + (1 - a).sqrt() * noise
-        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
+        x_in = add_noise(latents, noise, a)
+        target = prediction_target(latents, noise, a, self.prediction_type)
         recorded = torch.zeros(len(slots), dtype=torch.bool)
         if self.states is not None:
             recorded = trajectory_slot_mask(
@@ -135,6 +136,16 @@ class DistillationTrainer(DiffTuningTrainer):
         out["retention_target"][slots] = target.float()
         return out
 
+    def noisy_input_and_target(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base class's x_t and target, with the distilled bank slots' own (set by :meth:`assemble`)."""
+        noisy, target = super().noisy_input_and_target(batch)
+        if "retention_mask" not in batch:  # no bank slot in this batch
+            return noisy, target
+        mask = batch["retention_mask"].view(-1, 1, 1, 1)
+        return torch.where(mask, batch["retention_input"], noisy), torch.where(
+            mask, batch["retention_target"], target
+        )
+
     def teacher_prediction(
         self,
         x_t: torch.Tensor,
@@ -146,7 +157,7 @@ class DistillationTrainer(DiffTuningTrainer):
         """The frozen teacher's (base UNet + teacher ControlNet) prediction in the trained prediction type."""
         # no autocast: the frozen models run in their own dtype, as when the bank recorded its targets
         with torch.no_grad():
-            pred = denoiser_prediction(
+            pred = controlled_prediction(
                 self.base.unet, x_t, t, encoder_hidden_states, self.teacher, hints, added_cond=added_cond
             )
         return convert_prediction(

@@ -54,6 +54,8 @@ from typing import Any, Literal
 
 import torch
 
+from difftune_control.validation import controlled_prediction
+
 Retention = Literal["renoise", "trajectory", "snr"]
 PredictionType = Literal["epsilon", "v_prediction"]
 TRAJECTORY_DTYPE = torch.float16
@@ -190,30 +192,7 @@ def trajectory_storage(
     }
 
 
-# -- model calls -------------------------------------------------------------------------------------
-def denoiser_prediction(
-    unet,
-    x_t: torch.Tensor,
-    timesteps: torch.Tensor,
-    encoder_hidden_states: torch.Tensor,
-    controlnet=None,
-    hints: torch.Tensor | None = None,
-    conditioning_scale: float = 1.0,
-    added_cond: dict[str, torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """One conditional forward of the frozen UNet (+ a ControlNet and its hints): float32 [B,C,h,w].
-
-    See :func:`difftune_control.validation.controlled_prediction`; ``added_cond`` is SDXL's
-    ``text_embeds`` / ``time_ids`` (empty or None for SD1.x/2.x).
-    """
-    from difftune_control.validation import controlled_prediction
-
-    out = controlled_prediction(
-        unet, x_t, timesteps, encoder_hidden_states, controlnet, hints, conditioning_scale, added_cond
-    )
-    return out.float()
-
-
+# -- recording ---------------------------------------------------------------------------------------
 class TrajectoryRecorder:
     """``on_step`` callback of :func:`difftune_control.validation.sample_images`: records N states.
 
@@ -263,9 +242,9 @@ class TrajectoryRecorder:
             ehs = self.prompt_embeds[chunk].to(x.device)
             hints = None if self.hints is None else self.hints[chunk]
             added = {k: v[chunk] for k, v in self.added_cond.items()}
-            pred = denoiser_prediction(
+            pred = controlled_prediction(
                 self.unet, x, t, ehs, self.controlnet, hints, self.conditioning_scale, added
-            )
+            ).float()
         else:
             pred = model_output.float()
         if self.latents is None:

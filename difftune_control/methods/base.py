@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from difftune_control.conditioning import added_kwargs, move_added
 from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
+from difftune_control.methods.noising import add_noise, prediction_target
 from difftune_control.utils import to_device
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class ControlNetTrainer:
     Args:
         cfg: the resolved run configuration.
         accelerator: an ``accelerate.Accelerator``.
-        base: the frozen base model (:class:`difftune_control.runtime.BaseModel`).
+        base: the frozen base model (:class:`difftune_control.training.runtime.BaseModel`).
         controlnet: the trainable ControlNet (fp32 master weights).
         target: the target dataset (cached: latents + text embeddings; or raw images + captions).
         empty_prompt_embedding: [1,L,D] embedding of "" for caption dropout.
@@ -146,13 +147,21 @@ class ControlNetTrainer:
             "conditioning_pixel_values": to_device(batch["conditioning_pixel_values"], self.device).float(),
         }
 
+    def noisy_input_and_target(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """x_t [B,C,h,w] and the regression target [B,C,h,w] of every slot of an assembled batch.
+
+        The forward process at ``batch["timesteps"]`` (:func:`~difftune_control.methods.noising.add_noise`)
+        and the epsilon or v target of the run's prediction type. Override to give some slots another
+        input or target (the distillation trainer does, for its bank slots); return values, not keys.
+        """
+        latents, noise = batch["latents"], batch["noise"]
+        a = self.alphas_cumprod[batch["timesteps"]].view(-1, 1, 1, 1)
+        return add_noise(latents, noise, a), prediction_target(latents, noise, a, self.prediction_type)
+
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per-sample denoising loss [B] (epsilon or v target), the one override point of the objective."""
-        latents, noise, t = batch["latents"], batch["noise"], batch["timesteps"]
-        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
-        if "retention_mask" in batch:  # distilling bank slots: given x_t (see distill/trainer.py)
-            noisy = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_input"], noisy)
+        t = batch["timesteps"]
+        noisy, target = self.noisy_input_and_target(batch)
         dtype = self.base.unet.dtype
         ehs = batch["encoder_hidden_states"].to(dtype)
         added = {k: batch[k] for k in self.prompts.added_keys}  # SDXL: text_embeds, time_ids
@@ -179,9 +188,6 @@ class ControlNetTrainer:
                 added_cond_kwargs=added_kwargs(move_added(added, dtype=dtype)),
                 return_dict=False,
             )[0]
-        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-        if "retention_mask" in batch:  # ... and the teacher's prediction as their target
-            target = torch.where(batch["retention_mask"].view(-1, 1, 1, 1), batch["retention_target"], target)
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:

@@ -61,8 +61,8 @@ class DiffTuningTrainer(ControlNetTrainer):
 
         Leaves the random generator, the gradients and the schedule of the run untouched.
         """
-        from difftune_control.diagnostics import bank_pull
         from difftune_control.methods.forgetting import weight_for_pull
+        from difftune_control.training.diagnostics import bank_pull
 
         previous, self.bank_lambda = self.bank_lambda, 1.0
         try:

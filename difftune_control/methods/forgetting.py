@@ -236,7 +236,7 @@ def weight_for_pull(bank_pull_at_unit_weight: float, target_pull: float, fractio
     """The bank weight lambda that makes the weighted bank rows pull ``fraction`` of the target rows' pull.
 
     The pull of a loss part is the norm of its gradient on the ControlNet's parameters
-    (:mod:`difftune_control.diagnostics`); it is linear in the part's weight, so measuring it once
+    (:mod:`difftune_control.training.diagnostics`); it is linear in the part's weight, so measuring it once
     at lambda = 1 gives lambda = fraction * target_pull / bank_pull(1).
     """
     if bank_pull_at_unit_weight <= 0 or not target_pull > 0:

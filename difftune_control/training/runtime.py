@@ -1,7 +1,7 @@
 """What a training run stands on: base-model loading, the trainable ControlNet, data order, the
 learning-rate schedule and the stop signal.
 
-Checkpoints live in :mod:`difftune_control.checkpoints`.
+Checkpoints live in :mod:`difftune_control.training.checkpoints`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The training run: setup from a config, the optimizer-step loop, checkpoints, logging, stop rules."""
+"""The training run: the optimizer-step loop over a :class:`~difftune_control.training.setup.Run`, checkpoints,
+logging, evaluation and stop rules."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from typing import Any
 
 import torch
 
-import difftune_control.distill  # noqa: F401  (registers the distilling retention sources)
 from difftune_control import __version__
-from difftune_control.checkpoints import (
+from difftune_control.config import RunConfig
+from difftune_control.training.checkpoints import (
     CHECKPOINT_RE,
     WeightWatch,
     latest_run,
@@ -21,71 +22,12 @@ from difftune_control.checkpoints import (
     resolve_resume,
     save_checkpoint,
 )
-from difftune_control.config import RunConfig, resolve_defaults
-from difftune_control.distributed import StopVote, WindowMeans, ddp_kwargs, ddp_settings
-from difftune_control.methods.registry import trainer_class
-from difftune_control.runtime import (
-    IndexStream,
-    StopSignal,
-    StreamBatchSampler,
-    is_toy_model,
-    load_base_model,
-    lr_lambda,
-    make_controlnet,
-)
+from difftune_control.training.distributed import StopVote, WindowMeans, ddp_settings
+from difftune_control.training.runtime import IndexStream, StopSignal, StreamBatchSampler
+from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, derive_seed, read_jsonl
 
 logger = logging.getLogger(__name__)
-
-
-def _accelerator(cfg: RunConfig):
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        mixed_precision=cfg.train.mixed_precision,
-        cpu=cfg.train.device == "cpu",
-        kwargs_handlers=[ddp_kwargs(cfg.train)],  # the --ddp_* flags, applied when DDP wraps the ControlNet
-    )
-    advice = precision_advice(accelerator.device.type, accelerator.mixed_precision)
-    if advice and accelerator.is_main_process:
-        logger.warning(advice)
-    return accelerator
-
-
-def precision_advice(device_type: str, mixed_precision: str) -> str | None:
-    """A warning for a GPU run in full fp32 (neither --mixed_precision nor an accelerate config set it)."""
-    if device_type != "cuda" or mixed_precision not in (None, "no"):
-        return None
-    return (
-        "running in fp32 on the GPU (--mixed_precision no, accelerate's default): pass --mixed_precision "
-        "bf16 (or fp16 on GPUs without bf16) or set it in your accelerate config; on an H200 an SD1.5 "
-        "memory bank was built 3.9x faster in bf16 (BENCHMARKS.md section 5)"
-    )
-
-
-def _weight_dtype(accelerator) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
-
-def _resolve(cfg: RunConfig):
-    from difftune_control.extractors import load_recipe
-
-    toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
-    recipe = load_recipe(cfg.data.condition)
-    cfg = resolve_defaults(cfg, toy=toy, recipe=recipe, kind=None if toy else _model_kind(cfg))
-    cfg.validate()
-    return cfg, toy, recipe
-
-
-def _model_kind(cfg: RunConfig) -> str | None:
-    """The base model's family for its defaults; None when unreadable (loading it then says why)."""
-    from difftune_control.sdxl import detect_model_kind
-
-    try:
-        return detect_model_kind(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
-    except FileNotFoundError:
-        return None
 
 
 def _run_dir(cfg: RunConfig, accelerator) -> Path:
@@ -106,94 +48,10 @@ def _run_dir(cfg: RunConfig, accelerator) -> Path:
     return Path(cfg.train.output_dir) / name
 
 
-def run_bank_only(cfg: RunConfig) -> Path:
-    from difftune_control import assembly
-
-    cfg, toy, _ = _resolve(cfg)
-    if not cfg.uses_bank:
-        raise ValueError(f"--method {cfg.method.method} --split {cfg.method.split} uses no memory bank")
-    accelerator = _accelerator(cfg)
-    base = load_base_model(cfg.model, accelerator.device, _weight_dtype(accelerator))
-    recipe, extractor = assembly.load_condition(cfg, toy, accelerator.device)
-    target = assembly.load_target(cfg, base, extractor, accelerator.device, accelerator.main_process_first)
-    _, path = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
-    return path
-
-
-def prepare_trainable(cfg: RunConfig, accelerator, base):
-    """A fresh ControlNet from ``base.unet`` with the run's speed/memory settings, its optimizer and LR schedule.
-
-    Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``, cuDNN autotuning
-    (``--cudnn_benchmark``) and the optimizer (``--optimizer``: fused AdamW on CUDA, or Adafactor). Returns
-    ``(controlnet, optimizer, lr_scheduler)``, the first two prepared by ``accelerator``.
-    """
-    t = cfg.train
-    device = accelerator.device
-    torch.backends.cudnn.benchmark = device.type == "cuda" and t.cudnn_benchmark
-    controlnet = make_controlnet(cfg.model, base.unet)
-    if t.gradient_checkpointing:
-        controlnet.enable_gradient_checkpointing()
-        base.unet.enable_gradient_checkpointing()
-    if t.channels_last:
-        controlnet.to(memory_format=torch.channels_last)
-        base.unet.to(memory_format=torch.channels_last)
-    if t.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        optimizer = Adafactor(
-            controlnet.parameters(),
-            lr=t.learning_rate,
-            weight_decay=t.adam_weight_decay,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
-        )
-    else:
-        optimizer = torch.optim.AdamW(
-            controlnet.parameters(),
-            lr=t.learning_rate,
-            betas=(t.adam_beta1, t.adam_beta2),
-            weight_decay=t.adam_weight_decay,
-            eps=t.adam_epsilon,
-            fused=device.type == "cuda",
-        )
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
-    )
-    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
-    if t.torch_compile:
-        compile_blocks(accelerator.unwrap_model(controlnet))
-        compile_blocks(base.unet)
-    return controlnet, optimizer, lr_scheduler
-
-
-COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-
-
-def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
-    """Regional ``torch.compile``: each transformer and ResNet block of ``model`` compiled in place.
-
-    Blocks of one shape share their compiled code, so this compiles a handful of small graphs instead
-    of the whole UNet (which took minutes before its first step) and keeps the fusions that matter
-    (GroupNorm + SiLU, attention projections, GEGLU). Static shapes; dynamo's recompile limit is raised
-    to the number of blocks, since every block shape is one more graph. Returns the number of blocks.
-    """
-    blocks = [m for m in model.modules() if type(m).__name__ in COMPILED_BLOCKS]
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), 2 * len(blocks)))
-    for m in blocks:
-        m.compile(**{"dynamic": False, **compile_kwargs})
-    return len(blocks)
-
-
 def run_training(cfg: RunConfig) -> Path:
-    """Set up everything from ``cfg`` and train; returns the run folder."""
-    from difftune_control import assembly
-
-    cfg, toy, _ = _resolve(cfg)
-    accelerator = _accelerator(cfg)
-    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    """Set up everything from ``cfg`` (:func:`~difftune_control.training.setup.setup`) and train; returns the run folder."""
+    cfg, toy, recipe = resolve_config(cfg)
+    accelerator = make_accelerator(cfg)
     run_dir = _run_dir(cfg, accelerator)
     resume = resolve_resume(run_dir, cfg.train.resume_from_checkpoint)
     if resume is None and list_checkpoints(run_dir):
@@ -225,21 +83,8 @@ def run_training(cfg: RunConfig) -> Path:
             resumed_step=resumed_step,
         )
         logger.info("%s", summary)
-    torch.manual_seed(cfg.train.seed)
-    device = accelerator.device
-    base = load_base_model(cfg.model, device, _weight_dtype(accelerator))
-    recipe, extractor = assembly.load_condition(cfg, toy, device)
-    target = assembly.load_target(cfg, base, extractor, device, accelerator.main_process_first)
-    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
-    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()  # caption dropout
-    k = max(cfg.detector.convergence_samples, cfg.train.num_validation_images)
-    val = assembly.load_validation(cfg, base, extractor, k)
-    bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
-
-    torch.manual_seed(cfg.train.seed)
-    controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
-    trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
-    monitor = _make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
+    run = build_run(cfg, toy, recipe, accelerator, run_dir)
+    trainer, monitor, lr_scheduler = run.trainer, run.monitor, run.lr_scheduler
 
     state: dict[str, Any] = {"global_step": 0, "consumed_batches": 0, "elapsed": 0.0, "stop_at": None}
     if resume is not None:
@@ -257,21 +102,24 @@ def run_training(cfg: RunConfig) -> Path:
         (run_dir / "metrics.jsonl").unlink()
 
     if accelerator.is_main_process:
+        base = run.base
         extra = {
-            "condition": _recipe_dict(recipe),
+            "condition": _recipe_dict(run.recipe),
             "base_model": {"id": base.model_id, "is_toy": base.is_toy, "kind": base.kind},
-            "bank_dir": str(bank_dir) if bank_dir else None,
+            "bank_dir": str(run.bank_dir) if run.bank_dir else None,
             "version": __version__,
             "world_size": accelerator.num_processes,
-            "ddp": ddp_settings(controlnet),  # what DDP was built with (None on one process)
+            "ddp": ddp_settings(run.controlnet),  # what DDP was built with (None on one process)
         }
         cfg.save(run_dir / "config.json", extra)
         if extra["ddp"] is not None:
             logger.info(
                 "DistributedDataParallel over %d processes: %s", accelerator.num_processes, extra["ddp"]
             )
-    check = _bank_check(cfg, trainer, target, accelerator) if resume is None else None
-    loop = _Loop(cfg, accelerator, trainer, optimizer, lr_scheduler, monitor, val, run_dir, state)
+    check = _bank_check(cfg, trainer, run.target, accelerator) if resume is None else None
+    loop = _Loop(
+        cfg, accelerator, trainer, run.optimizer, lr_scheduler, monitor, run.validation, run_dir, state
+    )
     if check is not None and loop.log is not None:
         loop.log.log({"type": "bank_check", "step": 0, **check})
     loop.fit()
@@ -285,10 +133,10 @@ def _checkpoint_step(checkpoint: Path | None) -> int | None:
 
 
 def _bank_check(cfg: RunConfig, trainer, target, accelerator) -> dict | None:
-    """The memory-bank check of :mod:`difftune_control.diagnostics` on the first target rows (a fresh run with a bank)."""
+    """The memory-bank check of :mod:`difftune_control.training.diagnostics` on the first target rows (a fresh run with a bank)."""
     if trainer.bank is None or not cfg.method.bank_check:
         return None
-    from difftune_control.diagnostics import bank_pull, warn_if_bank_dominates
+    from difftune_control.training.diagnostics import bank_pull, warn_if_bank_dominates
 
     n = min(cfg.train.train_batch_size, len(target))
     batch = torch.utils.data.default_collate([target[i] for i in range(n)])
@@ -311,26 +159,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
         # an event is written when confirmed: keep it only if confirmed by the checkpoint
         kept = [r for r in read_jsonl(path) if r.get("confirmed_step", r.get("step", 0)) <= step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _make_monitor(cfg: RunConfig, recipe, extractor, val, run_dir: Path):
-    from difftune_control.convergence import ConvergenceMonitor
-
-    k = cfg.detector.convergence_samples
-    return ConvergenceMonitor(
-        cfg.detector,
-        extractor,
-        val.prompt_embeds[:k],
-        val.hints[:k],
-        val.images[:k],
-        prompts=val.prompts[:k],
-        seeds=val.seeds[:k],
-        negative_prompt_embeds=val.negative_prompt_embeds,
-        added_cond={name: v[:k] for name, v in val.added_cond.items()},
-        negative_added_cond=val.negative_added_cond,
-        run_dir=run_dir,
-        milestones=tuple((getattr(recipe, "detector", None) or {}).get("milestones", (0.25, 0.5, 0.75))),
-    )
 
 
 class _Loop:

@@ -1,0 +1,261 @@
+"""The pieces of a run, built from a config: ``setup(cfg) -> Run``, callable on its own.
+
+:func:`setup` resolves the config's defaults, then builds, in this order and with the same seeds as a
+training run: the accelerator, the frozen base model, the condition recipe and extractor, the target
+dataset, the validation set, the memory bank, the ControlNet with its optimizer and schedule, the
+trainer of the chosen method and the convergence monitor. :mod:`difftune_control.training.loop` trains
+a :class:`Run`; tests, benchmarks and ``scripts/diagnose_bank.py`` use the same function.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import difftune_control.distill  # noqa: F401  (registers the distilling retention sources)
+from difftune_control.config import RunConfig, resolve_defaults
+from difftune_control.methods.registry import trainer_class
+from difftune_control.training.distributed import ddp_kwargs
+from difftune_control.training.runtime import (
+    BaseModel,
+    is_toy_model,
+    load_base_model,
+    lr_lambda,
+    make_controlnet,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything a training run holds, built by :func:`setup` (before its first optimizer step)."""
+
+    cfg: RunConfig  # resolved: every default filled in, validated
+    toy: bool  # the base model is the bundled toy world's
+    accelerator: Any  # accelerate.Accelerator
+    base: BaseModel  # the frozen UNet, VAE, text encoder(s) and scheduler config
+    recipe: Any  # the condition recipe (--condition)
+    extractor: Any  # the run's condition extractor, at training resolution
+    target: Any  # the target dataset (latents + embeddings when --cache_latents)
+    empty_prompt: torch.Tensor  # the empty caption's embedding (caption dropout)
+    validation: Any  # assembly.ValidationSet: held-out triples for the detector and the grids
+    bank: Any | None  # the loaded memory bank (None when the method uses none)
+    bank_dir: Path | None  # its folder
+    controlnet: torch.nn.Module  # prepared by the accelerator
+    optimizer: torch.optim.Optimizer  # prepared by the accelerator
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    trainer: Any  # methods.base.ControlNetTrainer (the class --method and --retention choose)
+    monitor: Any | None  # convergence.ConvergenceMonitor (None without --detect_convergence)
+
+
+def resolve_config(cfg: RunConfig) -> tuple[RunConfig, bool, Any]:
+    """``cfg`` with its defaults resolved and validated; also whether the model is the toy world's, and the recipe."""
+    from difftune_control.extractors import load_recipe
+
+    toy = is_toy_model(cfg.model.pretrained_model_name_or_path)
+    recipe = load_recipe(cfg.data.condition)
+    cfg = resolve_defaults(cfg, toy=toy, recipe=recipe, kind=None if toy else _model_kind(cfg))
+    cfg.validate()
+    return cfg, toy, recipe
+
+
+def _model_kind(cfg: RunConfig) -> str | None:
+    """The base model's family for its defaults; None when unreadable (loading it then says why)."""
+    from difftune_control.sdxl import detect_model_kind
+
+    try:
+        return detect_model_kind(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+    except FileNotFoundError:
+        return None
+
+
+def make_accelerator(cfg: RunConfig):
+    """The run's ``accelerate.Accelerator`` (precision, device, gradient accumulation, the --ddp_* flags)."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        mixed_precision=cfg.train.mixed_precision,
+        cpu=cfg.train.device == "cpu",
+        kwargs_handlers=[ddp_kwargs(cfg.train)],  # the --ddp_* flags, applied when DDP wraps the ControlNet
+    )
+    advice = precision_advice(accelerator.device.type, accelerator.mixed_precision)
+    if advice and accelerator.is_main_process:
+        logger.warning(advice)
+    return accelerator
+
+
+def precision_advice(device_type: str, mixed_precision: str) -> str | None:
+    """A warning for a GPU run in full fp32 (neither --mixed_precision nor an accelerate config set it)."""
+    if device_type != "cuda" or mixed_precision not in (None, "no"):
+        return None
+    return (
+        "running in fp32 on the GPU (--mixed_precision no, accelerate's default): pass --mixed_precision "
+        "bf16 (or fp16 on GPUs without bf16) or set it in your accelerate config; on an H200 an SD1.5 "
+        "memory bank was built 3.9x faster in bf16 (BENCHMARKS.md section 5)"
+    )
+
+
+def weight_dtype(accelerator) -> torch.dtype:
+    """The frozen models' dtype: the accelerator's mixed precision (fp32 without one)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def setup(cfg: RunConfig, *, run_dir: Path | None = None) -> Run:
+    """Resolve ``cfg`` and build every piece of its run (see the module docstring); nothing is trained.
+
+    Args:
+        cfg: the run's config, as the CLI makes it (defaults not yet resolved).
+        run_dir: the run folder, where the convergence monitor writes its samples (None: nowhere).
+    """
+    cfg, toy, recipe = resolve_config(cfg)
+    return build_run(cfg, toy, recipe, make_accelerator(cfg), run_dir)
+
+
+def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path | None) -> Run:
+    """:func:`setup` after the config is resolved and the accelerator made (the loop checks the run folder
+    in between, before any model is loaded)."""
+    from difftune_control import assembly
+
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+    torch.manual_seed(cfg.train.seed)
+    device = accelerator.device
+    base = load_base_model(cfg.model, device, weight_dtype(accelerator))
+    recipe, extractor = assembly.load_condition(cfg, toy, device, recipe)
+    target = assembly.load_target(cfg, base, extractor, device, accelerator.main_process_first)
+    crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
+    empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()  # caption dropout
+    k = max(cfg.detector.convergence_samples, cfg.train.num_validation_images)
+    val = assembly.load_validation(cfg, base, extractor, k)
+    bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
+
+    torch.manual_seed(cfg.train.seed)
+    controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
+    trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
+    monitor = make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
+    return Run(
+        cfg=cfg,
+        toy=toy,
+        accelerator=accelerator,
+        base=base,
+        recipe=recipe,
+        extractor=extractor,
+        target=target,
+        empty_prompt=empty,
+        validation=val,
+        bank=bank,
+        bank_dir=bank_dir,
+        controlnet=controlnet,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        trainer=trainer,
+        monitor=monitor,
+    )
+
+
+def run_bank_only(cfg: RunConfig) -> Path:
+    """Build (or reuse) the run's memory bank without training; returns its folder."""
+    from difftune_control import assembly
+
+    cfg, toy, recipe = resolve_config(cfg)
+    if not cfg.uses_bank:
+        raise ValueError(f"--method {cfg.method.method} --split {cfg.method.split} uses no memory bank")
+    accelerator = make_accelerator(cfg)
+    base = load_base_model(cfg.model, accelerator.device, weight_dtype(accelerator))
+    recipe, extractor = assembly.load_condition(cfg, toy, accelerator.device, recipe)
+    target = assembly.load_target(cfg, base, extractor, accelerator.device, accelerator.main_process_first)
+    _, path = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
+    return path
+
+
+def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
+    """A fresh ControlNet from ``base.unet`` with the run's speed/memory settings, its optimizer and LR schedule.
+
+    Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``, cuDNN autotuning
+    (``--cudnn_benchmark``) and the optimizer (``--optimizer``: fused AdamW on CUDA, or Adafactor). Returns
+    ``(controlnet, optimizer, lr_scheduler)``, the first two prepared by ``accelerator``.
+    """
+    t = cfg.train
+    device = accelerator.device
+    torch.backends.cudnn.benchmark = device.type == "cuda" and t.cudnn_benchmark
+    controlnet = make_controlnet(cfg.model, base.unet)
+    if t.gradient_checkpointing:
+        controlnet.enable_gradient_checkpointing()
+        base.unet.enable_gradient_checkpointing()
+    if t.channels_last:
+        controlnet.to(memory_format=torch.channels_last)
+        base.unet.to(memory_format=torch.channels_last)
+    if t.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(
+            controlnet.parameters(),
+            lr=t.learning_rate,
+            weight_decay=t.adam_weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            controlnet.parameters(),
+            lr=t.learning_rate,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.adam_weight_decay,
+            eps=t.adam_epsilon,
+            fused=device.type == "cuda",
+        )
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
+    )
+    controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    if t.torch_compile:
+        compile_blocks(accelerator.unwrap_model(controlnet))
+        compile_blocks(base.unet)
+    return controlnet, optimizer, lr_scheduler
+
+
+COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
+    """Regional ``torch.compile``: each transformer and ResNet block of ``model`` compiled in place.
+
+    Blocks of one shape share their compiled code, so this compiles a handful of small graphs instead
+    of the whole UNet (which took minutes before its first step) and keeps the fusions that matter
+    (GroupNorm + SiLU, attention projections, GEGLU). Static shapes; dynamo's recompile limit is raised
+    to the number of blocks, since every block shape is one more graph. Returns the number of blocks.
+    """
+    blocks = [m for m in model.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), 2 * len(blocks)))
+    for m in blocks:
+        m.compile(**{"dynamic": False, **compile_kwargs})
+    return len(blocks)
+
+
+def make_monitor(cfg: RunConfig, recipe, extractor, val, run_dir: Path | None):
+    """The convergence monitor on the first ``--convergence_samples`` validation triples."""
+    from difftune_control.convergence import ConvergenceMonitor
+
+    k = cfg.detector.convergence_samples
+    return ConvergenceMonitor(
+        cfg.detector,
+        extractor,
+        val.prompt_embeds[:k],
+        val.hints[:k],
+        val.images[:k],
+        prompts=val.prompts[:k],
+        seeds=val.seeds[:k],
+        negative_prompt_embeds=val.negative_prompt_embeds,
+        added_cond={name: v[:k] for name, v in val.added_cond.items()},
+        negative_added_cond=val.negative_added_cond,
+        run_dir=run_dir,
+        milestones=tuple((getattr(recipe, "detector", None) or {}).get("milestones", (0.25, 0.5, 0.75))),
+    )
