@@ -22,7 +22,7 @@ from difftune_control.conditioning import (
     select_added,
 )
 
-__all__ = ["encode_prompts", "controlled_prediction", "sample_images"]
+__all__ = ["encode_prompts", "controlled_forward", "controlled_prediction", "sample_images"]
 
 Sampler = Literal["ddim", "unipc", "euler"]
 
@@ -76,6 +76,64 @@ def encode_images(vae, images: torch.Tensor, sample_posterior: bool = False, gen
     return z * vae.config.scaling_factor
 
 
+def controlled_forward(
+    unet,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    controlnet=None,
+    hints: torch.Tensor | None = None,
+    conditioning_scale: float = 1.0,
+    added_cond: Added | None = None,
+    *,
+    cast_controlnet_inputs: bool = True,
+) -> torch.Tensor:
+    """The ControlNet -> UNet forward: the ControlNet's residuals added to the frozen UNet's blocks.
+
+    The one implementation of it: training (``ControlNetTrainer.compute_loss``, with gradients), the
+    sampler, the trajectory recorder and the distillation teacher (:func:`controlled_prediction`).
+    The frozen UNet always runs in its own dtype outside autocast, as diffusers runs it (on CUDA,
+    autocast would lift its GroupNorms and LayerNorms to fp32: twice the activation traffic).
+
+    Args:
+        unet: the frozen base UNet (its device and dtype are used as they are).
+        x_t: noisy latents [B,C,h,w]; timesteps: [B] or a scalar.
+        encoder_hidden_states: [B,L,D].
+        controlnet, hints, conditioning_scale: an optional ControlNet, its hints [B,3,H,W] in [0,1].
+        added_cond: the added conditioning (SDXL: ``text_embeds`` [B,P], ``time_ids`` [B,6]).
+        cast_controlnet_inputs: cast the ControlNet's inputs to its dtype (inference); ``False`` leaves
+            them as given, for a ControlNet trained under autocast with fp32 master weights.
+
+    Returns:
+        The UNet's output [B,C,h,w] in the UNet's dtype.
+    """
+    dtype = unet.dtype
+    down, mid = None, None
+    if controlnet is not None:
+        cdt = controlnet.dtype if cast_controlnet_inputs else None
+        cast = (lambda x: x.to(cdt)) if cdt is not None else (lambda x: x)  # noqa: E731
+        down, mid = controlnet(
+            cast(x_t),
+            timesteps,
+            encoder_hidden_states=cast(encoder_hidden_states),
+            controlnet_cond=cast(hints.to(x_t.device)),
+            conditioning_scale=conditioning_scale,
+            added_cond_kwargs=added_kwargs(move_added(added_cond or {}, x_t.device, cdt)),
+            return_dict=False,
+        )
+        down, mid = [d.to(dtype) for d in down], mid.to(dtype)
+    with torch.autocast(x_t.device.type, enabled=False):
+        return unet(
+            x_t.to(dtype),
+            timesteps,
+            encoder_hidden_states=encoder_hidden_states.to(dtype),
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            added_cond_kwargs=added_kwargs(move_added(added_cond or {}, x_t.device, dtype)),
+            return_dict=False,
+        )[0]
+
+
 @torch.no_grad()
 def controlled_prediction(
     unet,
@@ -87,44 +145,10 @@ def controlled_prediction(
     conditioning_scale: float = 1.0,
     added_cond: Added | None = None,
 ) -> torch.Tensor:
-    """One forward of the frozen UNet (+ a ControlNet and its hints), each in its own dtype, no gradients.
-
-    The inference form of the ControlNet -> UNet forward (the trainer's ``compute_loss`` is the
-    training form): the sampler, the trajectory recorder and the distillation teacher all call this.
-
-    Args:
-        unet: the frozen base UNet (its device and dtype are used as they are).
-        x_t: noisy latents [B,C,h,w]; timesteps: [B] or a scalar.
-        encoder_hidden_states: [B,L,D].
-        controlnet, hints, conditioning_scale: an optional ControlNet, its hints [B,3,H,W] in [0,1].
-        added_cond: the added conditioning (SDXL: ``text_embeds`` [B,P], ``time_ids`` [B,6]).
-
-    Returns:
-        The UNet's output [B,C,h,w] in the UNet's dtype.
-    """
-    dtype = unet.dtype
-    down, mid = None, None
-    if controlnet is not None:
-        cdt = controlnet.dtype
-        down, mid = controlnet(
-            x_t.to(cdt),
-            timesteps,
-            encoder_hidden_states=encoder_hidden_states.to(cdt),
-            controlnet_cond=hints.to(x_t.device, cdt),
-            conditioning_scale=conditioning_scale,
-            added_cond_kwargs=added_kwargs(move_added(added_cond or {}, x_t.device, cdt)),
-            return_dict=False,
-        )
-        down, mid = [d.to(dtype) for d in down], mid.to(dtype)
-    return unet(
-        x_t.to(dtype),
-        timesteps,
-        encoder_hidden_states=encoder_hidden_states.to(dtype),
-        down_block_additional_residuals=down,
-        mid_block_additional_residual=mid,
-        added_cond_kwargs=added_kwargs(move_added(added_cond or {}, x_t.device, dtype)),
-        return_dict=False,
-    )[0]
+    """:func:`controlled_forward` without gradients, each model in its own dtype (the inference form)."""
+    return controlled_forward(
+        unet, x_t, timesteps, encoder_hidden_states, controlnet, hints, conditioning_scale, added_cond
+    )
 
 
 @torch.no_grad()

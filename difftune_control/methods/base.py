@@ -18,11 +18,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from difftune_control.conditioning import added_kwargs, move_added
 from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
 from difftune_control.methods.noising import add_noise, prediction_target
 from difftune_control.utils import to_device
+from difftune_control.validation import controlled_forward
 
 logger = logging.getLogger(__name__)
 
@@ -168,26 +168,17 @@ class ControlNetTrainer:
         hint = batch["conditioning_pixel_values"]
         if self.cfg.train.channels_last:
             noisy, hint = (x.contiguous(memory_format=torch.channels_last) for x in (noisy, hint))
-        down, mid = self.controlnet(
+        # the ControlNet under the step's autocast (fp32 master weights), the frozen UNet in its own dtype
+        pred = controlled_forward(
+            self.base.unet,
             noisy,
             t,
-            encoder_hidden_states=ehs,
-            controlnet_cond=hint,
-            added_cond_kwargs=added_kwargs(added),
-            return_dict=False,
+            ehs,
+            self.controlnet,
+            hint,
+            added_cond=added,
+            cast_controlnet_inputs=False,
         )
-        # The frozen UNet runs in its own precision outside autocast, as diffusers runs it: on CUDA,
-        # autocast would lift its GroupNorms and LayerNorms to fp32 (twice the activation traffic).
-        with torch.autocast(noisy.device.type, enabled=False):
-            pred = self.base.unet(
-                noisy.to(dtype),
-                t,
-                encoder_hidden_states=ehs,
-                down_block_additional_residuals=[d.to(dtype) for d in down],
-                mid_block_additional_residual=mid.to(dtype),
-                added_cond_kwargs=added_kwargs(move_added(added, dtype=dtype)),
-                return_dict=False,
-            )[0]
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
