@@ -193,10 +193,24 @@ def bank_prompts(cfg: RunConfig, target) -> list[str]:
     return captions
 
 
-def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, accelerator):
-    """Build or reuse the memory bank and load it (None when the method uses no bank)."""
+@dataclass
+class PreparedBank:
+    """The run's memory bank: the loaded dataset, its folder, and what distillation it was built with
+    (``distillation.teacher_controlnet``: the teacher ControlNet, loaded once for the bank and the trainer)."""
+
+    dataset: Any = None
+    path: Any = None
+    distillation: Any = None
+
+    @property
+    def teacher_controlnet(self):
+        return getattr(self.distillation, "teacher_controlnet", None)
+
+
+def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, accelerator) -> PreparedBank:
+    """Build or reuse the memory bank and load it (an empty `PreparedBank` when the method uses no bank)."""
     if not cfg.uses_bank:
-        return None, None
+        return PreparedBank()
     from difftune_control.bank import ensure_bank, load_bank
     from difftune_control.distill.bank_extras import bank_distillation
 
@@ -219,4 +233,4 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
         variant=cfg.model.variant,
         distillation=distillation,
     )
-    return load_bank(path), path
+    return PreparedBank(dataset=load_bank(path), path=path, distillation=distillation)

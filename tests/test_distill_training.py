@@ -408,3 +408,27 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
     losses = [r["loss"] for r in records if r["type"] == "train"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     assert any(r["type"] == "end" for r in records)
+
+
+def test_the_teacher_is_loaded_once_for_the_bank_and_the_trainer(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, base, monkeypatch
+):
+    import difftune_control.distill.teacher as teacher_module
+
+    real, loaded = teacher_module.load_teacher_controlnet, []
+
+    def counting(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(teacher_module, "load_teacher_controlnet", counting)
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__teacher_controlnet=str(make_teacher(base, tmp_path / "teacher")),
+        method__teacher_condition="canny",
+        method__teacher_train_data_dir=str(tiny_dataset_dir),
+    )
+    trainer, _ = build_trainer(cfg)
+    assert len(loaded) == 1 and trainer.teacher is loaded[0]

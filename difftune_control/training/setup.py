@@ -132,11 +132,14 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
     empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()  # caption dropout
     k = max(cfg.detector.convergence_samples, cfg.train.num_validation_images)
     val = assembly.load_validation(cfg, base, extractor, k)
-    bank, bank_dir = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
+    prepared = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
+    bank, bank_dir = prepared.dataset, prepared.path
 
     torch.manual_seed(cfg.train.seed)
     controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
-    trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank)
+    # the teacher ControlNet (--teacher_controlnet) was loaded for the bank: the trainer takes the same one
+    extra = {"teacher": prepared.teacher_controlnet} if prepared.teacher_controlnet is not None else {}
+    trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank, **extra)
     monitor = make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
     return Run(
         cfg=cfg,
@@ -169,8 +172,7 @@ def run_bank_only(cfg: RunConfig) -> Path:
     base = load_base_model(cfg.model, accelerator.device, weight_dtype(accelerator))
     recipe, extractor = assembly.load_condition(cfg, toy, accelerator.device, recipe)
     target = assembly.load_target(cfg, base, extractor, accelerator.device, accelerator.main_process_first)
-    _, path = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
-    return path
+    return assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator).path
 
 
 def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
