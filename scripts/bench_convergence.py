@@ -308,39 +308,31 @@ def summarize(args) -> dict:
 
 
 def budget_view(metrics: Path, budget: int, threshold: float = 0.3, patience: int = 2) -> dict:
-    """The run's curve cut at ``budget`` steps: first steps with p >= 0.25 / 0.5, the detector's event
-    (p >= threshold at ``patience`` evaluations in a row), AUCC and p at the budget.
+    """The run's curve cut at ``budget`` steps: first steps with p >= 0.25 / 0.5, the detector's event,
+    AUCC and p at the budget.
 
-    Recomputed from the ``convergence_eval`` records, so runs longer than the budget compare with
-    runs of exactly the budget. ``complete`` is False when the evaluations stop before the budget.
+    The run's evaluations up to the budget are replayed through the detector itself, so runs longer
+    than the budget compare with runs of exactly the budget. ``complete`` is False when the
+    evaluations stop before the budget.
     """
+    from difftune_control.convergence import SuddenConvergenceDetector
     from difftune_control.convergence.aucc import area_under_progress
     from difftune_control.utils import read_jsonl
 
-    curve = {
-        r["step"]: r["p"]
-        for r in read_jsonl(metrics)
-        if r["type"] == "convergence_eval" and r.get("p") is not None and r["step"] <= budget
-    }
-    steps = sorted(curve)
-    ps = [curve[x] for x in steps]
+    evals = {r["step"]: r for r in read_jsonl(metrics) if r["type"] == "convergence_eval"}
+    evals = [evals[s] for s in sorted(evals) if s <= budget and evals[s].get("d") is not None]
+    det = SuddenConvergenceDetector(threshold, patience, milestones=(0.25, 0.5))
+    if evals:
+        det.set_reference(evals[0]["d0"], evals[0]["d_floor"])
+    for r in evals:
+        det.update(r["step"], r["d"])
+    steps = [h["step"] for h in det.history if h["p"] is not None]
+    ps = [h["p"] for h in det.history if h["p"] is not None]
     complete = bool(steps) and steps[-1] == budget
-
-    def first(level: float) -> int | None:
-        return next((x for x, y in zip(steps, ps) if y >= level), None)
-
-    event = next(
-        (
-            steps[i]
-            for i in range(len(steps) - patience + 1)
-            if all(y >= threshold for y in ps[i : i + patience])
-        ),
-        None,
-    )
     return {
-        "0.25": first(0.25),
-        "event": event,
-        "0.5": first(0.5),
+        "0.25": det.milestones[0.25],
+        "event": det.converged_step,
+        "0.5": det.milestones[0.5],
         "aucc": area_under_progress(steps, ps, budget) if complete else None,
         "p_end": ps[-1] if complete else None,
         "complete": complete,
