@@ -8,6 +8,7 @@ a sample is the same whatever batch it is drawn in.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -248,3 +249,16 @@ def sample_images(
         all_latents.append(latents)
     out_images = torch.cat(images)
     return (out_images, torch.cat(all_latents)) if return_latents else out_images
+
+
+def save_grid(path: str | os.PathLike, columns: list[torch.Tensor]) -> None:
+    """Save a PNG grid: one row per sample, one column per tensor [N,3,H,W] in [0,1]."""
+    from PIL import Image
+
+    from difftune_control.utils import atomic_path
+
+    cols = [c.detach().float().clamp(0, 1).cpu() for c in columns]
+    rows = torch.cat([torch.cat(list(c_row), dim=2) for c_row in zip(*cols)], dim=1)  # [3, N*H, C*W]
+    arr = (rows.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

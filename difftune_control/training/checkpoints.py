@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from difftune_control.utils import atomic_write_text
+from difftune_control.utils import atomic_write_text, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -320,3 +320,17 @@ class WeightWatch:
             f"nothing of it was saved. Lower --learning_rate (now {self.learning_rate:g}), use bf16 rather "
             f"than fp16, and check the data for broken images; {where}"
         )
+
+
+def checkpoint_step(checkpoint: Path | None) -> int | None:
+    """The optimizer step in a ``checkpoint-N`` folder name (None for no checkpoint or another name)."""
+    match = CHECKPOINT_RE.match(checkpoint.name) if checkpoint is not None else None
+    return int(match.group(1)) if match else None
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint being resumed, so the log reads as one run."""
+    if path.exists():
+        # an event is written when confirmed: keep it only if confirmed by the checkpoint
+        kept = [r for r in read_jsonl(path) if r.get("confirmed_step", r.get("step", 0)) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))

@@ -115,3 +115,18 @@ def warn_if_bank_dominates(check: dict, retention: str) -> bool:
         )
     )
     return True
+
+
+def bank_check_at_start(cfg, trainer, target, accelerator) -> dict | None:
+    """The check of this module on the first target rows, before a fresh run's first step (None without a
+    bank or with ``--no-bank_check``); with ``--bank_weight auto`` lambda is measured first."""
+    if trainer.bank is None or not cfg.method.bank_check:
+        return None
+    n = min(cfg.train.train_batch_size, len(target))
+    batch = torch.utils.data.default_collate([target[i] for i in range(n)])
+    if trainer.auto_weight:  # lambda measured first, so the check shows the pull it sets
+        trainer.calibrate_bank_weight(batch)
+    check = bank_pull(trainer, batch)
+    if accelerator.is_main_process:
+        warn_if_bank_dominates(check, cfg.method.retention)
+    return check

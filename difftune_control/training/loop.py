@@ -15,17 +15,20 @@ import torch
 from difftune_control import __version__
 from difftune_control.config import RunConfig
 from difftune_control.training.checkpoints import (
-    CHECKPOINT_RE,
     WeightWatch,
+    checkpoint_step,
     latest_run,
     list_checkpoints,
     resolve_resume,
     save_checkpoint,
+    truncate_metrics,
 )
+from difftune_control.training.diagnostics import bank_check_at_start
 from difftune_control.training.distributed import StopVote, WindowMeans, ddp_settings
 from difftune_control.training.runtime import IndexStream, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
-from difftune_control.utils import JsonlLogger, atomic_dir, atomic_write_text, derive_seed, read_jsonl
+from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
+from difftune_control.validation import save_grid
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def run_training(cfg: RunConfig) -> Path:
             f"run folder {run_dir} already has checkpoints; continue it with --resume_from_checkpoint latest, "
             "or pick another --run_name"
         )
-    resumed_step = _checkpoint_step(resume)
+    resumed_step = checkpoint_step(resume)
     if (
         resumed_step is not None
         and resumed_step >= cfg.train.max_train_steps
@@ -96,7 +99,7 @@ def run_training(cfg: RunConfig) -> Path:
         if monitor is not None and saved.get("monitor") is not None:
             monitor.load_state_dict(saved["monitor"])
         if accelerator.is_main_process:
-            _truncate_metrics(run_dir / "metrics.jsonl", state["global_step"])
+            truncate_metrics(run_dir / "metrics.jsonl", state["global_step"])
         logger.info("resumed from %s at optimizer step %d", resume, state["global_step"])
     elif accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
@@ -116,7 +119,7 @@ def run_training(cfg: RunConfig) -> Path:
             logger.info(
                 "DistributedDataParallel over %d processes: %s", accelerator.num_processes, extra["ddp"]
             )
-    check = _bank_check(cfg, trainer, run.target, accelerator) if resume is None else None
+    check = bank_check_at_start(cfg, trainer, run.target, accelerator) if resume is None else None
     loop = _Loop(
         cfg, accelerator, trainer, run.optimizer, lr_scheduler, monitor, run.validation, run_dir, state
     )
@@ -126,39 +129,9 @@ def run_training(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _checkpoint_step(checkpoint: Path | None) -> int | None:
-    """The optimizer step in a ``checkpoint-N`` folder name (None for no checkpoint or another name)."""
-    match = CHECKPOINT_RE.match(checkpoint.name) if checkpoint is not None else None
-    return int(match.group(1)) if match else None
-
-
-def _bank_check(cfg: RunConfig, trainer, target, accelerator) -> dict | None:
-    """The memory-bank check of :mod:`difftune_control.training.diagnostics` on the first target rows (a fresh run with a bank)."""
-    if trainer.bank is None or not cfg.method.bank_check:
-        return None
-    from difftune_control.training.diagnostics import bank_pull, warn_if_bank_dominates
-
-    n = min(cfg.train.train_batch_size, len(target))
-    batch = torch.utils.data.default_collate([target[i] for i in range(n)])
-    if trainer.auto_weight:  # lambda measured first, so the check shows the pull it sets
-        trainer.calibrate_bank_weight(batch)
-    check = bank_pull(trainer, batch)
-    if accelerator.is_main_process:
-        warn_if_bank_dominates(check, cfg.method.retention)
-    return check
-
-
 def _recipe_dict(recipe: Any) -> dict:
     to_dict = getattr(recipe, "to_dict", None)
     return json.loads(json.dumps(to_dict() if to_dict else {"name": str(recipe)}, default=str))
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint being resumed, so the log reads as one run."""
-    if path.exists():
-        # an event is written when confirmed: keep it only if confirmed by the checkpoint
-        kept = [r for r in read_jsonl(path) if r.get("confirmed_step", r.get("step", 0)) <= step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class _Loop:
@@ -422,16 +395,3 @@ class _Loop:
                 "finished (%s) at optimizer step %d: %s", reason, self.state["global_step"], self.run_dir
             )
         self.acc.wait_for_everyone()
-
-
-def save_grid(path: Path, columns: list[torch.Tensor]) -> None:
-    """Save a PNG grid: one row per sample, one column per tensor [N,3,H,W] in [0,1]."""
-    from PIL import Image
-
-    from difftune_control.utils import atomic_path
-
-    cols = [c.detach().float().clamp(0, 1).cpu() for c in columns]
-    rows = torch.cat([torch.cat(list(c_row), dim=2) for c_row in zip(*cols)], dim=1)  # [3, N*H, C*W]
-    arr = (rows.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
