@@ -21,7 +21,7 @@ source bench/device_env.sh
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DIFFTUNE_CACHE=${DIFFTUNE_CACHE:-/tmp/cache-search}
 ARGS="--out $W --conditions $CONDS --candidates $CANDS --seeds $SEEDS --max_train_steps $STEPS --convergence_every 50"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-git_rev=$(cat REVISION 2>/dev/null || echo unknown); echo "commit $git_rev, $(date -u +%F)"
+git_rev=$(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown); echo "commit $git_rev, $(date -u +%F)"
 timeout $BUDGET python3 scripts/bench_convergence.py $ARGS --parallel $PAR --no-retention > $OUT/search.log 2>&1
 bash bench/stop_runs.sh
 timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only >> $OUT/search.log 2>&1

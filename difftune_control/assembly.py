@@ -204,7 +204,7 @@ class PreparedBank:
 
     @property
     def teacher_controlnet(self):
-        return getattr(self.distillation, "teacher_controlnet", None)
+        return self.distillation.teacher_controlnet if self.distillation is not None else None
 
 
 def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, accelerator) -> PreparedBank:
