@@ -594,13 +594,19 @@ def main() -> int:
         # a bank of its own for variants that change what the bank holds
         # (the first preparation of a condition also renders its dataset and caches its latents)
         extra_sets = [list(e) for e in sorted({bank_flags(e) for *_, e in todo})]
-        prepare(args, {c for _, c, _, _, _ in todo}, extra_sets)
+        # one condition prepared at a time (they share the rendered dataset); a condition's runs start
+        # as soon as it is ready, while the next one is prepared
+        conditions = list(dict.fromkeys(c for _, c, _, _, _ in todo))
         t0 = time.time()
-        with ThreadPoolExecutor(args.parallel) as pool:
+        with ThreadPoolExecutor(1) as prep_pool, ThreadPoolExecutor(args.parallel) as pool:
+            ready = {c: prep_pool.submit(prepare, args, {c}, extra_sets) for c in conditions}
+
+            def run_when_ready(name, c, cmd):
+                ready[c].result()
+                return run_cmd(cmd, args.out / "logs" / f"{name}.log")
+
             futs = {
-                name: pool.submit(
-                    run_cmd, train_cmd(args, name, c, m, s, e), args.out / "logs" / f"{name}.log"
-                )
+                name: pool.submit(run_when_ready, name, c, train_cmd(args, name, c, m, s, e))
                 for name, c, m, s, e in todo
             }
             for name, fut in futs.items():
