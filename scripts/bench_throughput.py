@@ -137,6 +137,8 @@ class SyntheticCached(torch.utils.data.Dataset):
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(0)
         self.latents = torch.randn(n, 4, 64, 64, generator=g)
+        self.latent_std = torch.full((n, 4, 64, 64), 0.05).half()  # the bank's posterior spread (format 2)
+        self.added = {}  # SDXL's pooled embeddings and time ids: none at SD1.5
         self.encoder_hidden_states = torch.randn(n, 77, 768, generator=g).half()
         self.hints = torch.randint(0, 256, (n, 3, 512, 512), generator=g, dtype=torch.uint8)
         self.captions = ["a photo"] * n

@@ -184,3 +184,19 @@ def test_bank_rows_draw_from_the_posterior_when_asked(tiny_pipeline_dir, tiny_da
         rows[mode] = (batch["latents"][batch["bank_slots"]], trainer.bank.latents[batch["bank_index"]])
     assert torch.equal(rows["mean"][0], rows["mean"][1].float())
     assert not torch.equal(rows["sample"][0], rows["sample"][1].float())
+
+
+def test_default_difftuning_is_the_rules_winner():
+    """BENCHMARKS section 0: null-hint bank rows drawn from the posterior, lambda by the measured pull,
+    inverse-SNR weight on the target rows; vanilla keeps the plain loss."""
+    from difftune_control.cli import _config, build_parser
+    from difftune_control.config import resolve_defaults
+
+    parser = build_parser()
+    cfg = resolve_defaults(_config(parser.parse_args(["train"])), toy=True)
+    m = cfg.method
+    assert (m.method, m.split, m.bank_weight, m.bank_pull) == ("difftuning", "fixed", "auto", 0.5)
+    assert (m.loss_weighting, m.bank_latents, m.bank_prompt) == ("inverse_snr", "sample", "keep")
+    assert cfg.bank.bank_hint == "zero"
+    vanilla = resolve_defaults(_config(parser.parse_args(["train", "--method", "vanilla"])), toy=True)
+    assert vanilla.method.loss_weighting == "none"

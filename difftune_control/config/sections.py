@@ -162,7 +162,7 @@ class MethodConfig:
         200, "--bank_weight auto: re-measure the pulls every N optimizer steps (0 = at step 0 only)."
     )
     bank_latents: Literal["mean", "sample"] = _f(
-        "mean",
+        "sample",
         "Bank rows' latents: the VAE posterior mean of each generated image, or a fresh draw from its "
         "posterior at every use (as target rows and the authors' code get; see BENCHMARKS.md section 0).",
     )

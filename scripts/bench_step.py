@@ -1,0 +1,264 @@
+#!/usr/bin/env python
+"""The training step at SD1.5 scale, method against method, interleaved in one process; and a profile of it.
+
+    python scripts/bench_step.py --out DIR --batches 32 8 4 --repeats 5 --steps 10
+    python scripts/bench_step.py --out DIR --batches 4 --speed compile --profile
+
+Both trainers (``--method vanilla`` and the default ``--method difftuning``: null-hint bank rows drawn
+from the posterior, ``--bank_weight auto``, inverse-SNR) share one random-initialised SD1.5-sized base
+model, one ControlNet and one optimizer (made by the run's own ``prepare_trainable``), and run chunks
+of ``--steps`` optimizer steps in turn: vanilla, difftuning, vanilla, ... ``--repeats`` times after a
+warm-up of every method. The chunks see the same GPU state, clocks and allocator, so their ratio is
+the method's overhead; the median and the spread over the repeats are reported. ``--bank_weight
+auto``'s re-measurement of the pulls (every ``--bank_pull_every`` steps) is timed apart and amortised.
+
+``--profile`` adds a torch.profiler record of three steps per method and batch: wall time per
+step, GPU busy time, kernels per step, host calls that wait on the GPU
+(``scripts/profile_training.py``'s summary), and the top host operators. Writes ``results.json``,
+``results.md`` and the traces under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_throughput import FLOP_PER_IMAGE, PEAK_BF16, SPEED_SETTINGS, SyntheticCached, build_sd15  # noqa: E402
+from profile_training import summarize  # noqa: E402
+
+METHODS = ("vanilla", "difftuning")
+
+
+def make_trainers(model_dir: Path, speed: str, batch: int):
+    """The two trainers over one base model, ControlNet and optimizer; cfg resolved as ``difftune train`` does."""
+    from difftune_control.config import RunConfig, resolve_defaults
+    from difftune_control.methods.registry import trainer_class
+    from difftune_control.training.runtime import load_base_model
+    from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
+
+    cfgs = {}
+    for method in METHODS:
+        cfg = RunConfig()
+        cfg.model.pretrained_model_name_or_path = str(model_dir)
+        cfg.method.method = method
+        cfg.train.train_batch_size = batch
+        cfg.train.mixed_precision = "bf16"
+        for k, v in SPEED_SETTINGS[speed].items():
+            setattr(cfg.train, k, v)
+        cfgs[method] = resolve_defaults(cfg, toy=False)
+    acc = make_accelerator(cfgs["vanilla"])
+    base = load_base_model(cfgs["vanilla"].model, acc.device, weight_dtype(acc))
+    torch.manual_seed(0)
+    controlnet, opt, _ = prepare_trainable(cfgs["vanilla"], acc, base)
+    target = SyntheticCached(max(batch, 8) * 2)
+    bank = SyntheticCached(64)
+    empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
+    trainers = {
+        m: trainer_class(cfgs[m])(
+            cfgs[m], acc, base, controlnet, target, empty, bank if m != "vanilla" else None
+        )
+        for m in METHODS
+    }
+    loader = torch.utils.data.DataLoader(
+        target,
+        batch_size=batch,
+        shuffle=True,
+        drop_last=True,
+        num_workers=2,
+        pin_memory=True,
+        persistent_workers=True,
+    )
+    return acc, controlnet, opt, trainers, loader, cfgs["difftuning"]
+
+
+def run_steps(n: int, trainer, acc, controlnet, opt, it) -> float:
+    """``n`` optimizer steps as the loop runs them; seconds from the first to the GPU's end of the last."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trainer.training_step(next(it))
+        acc.clip_grad_norm_(controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    trainer.check_finite()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def profile(trainer, acc, controlnet, opt, it, out: Path, name: str, steps: int = 3) -> dict:
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    sched = schedule(wait=0, warmup=1, active=steps, repeat=1)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
+        for _ in range(steps + 1):
+            run_steps(1, trainer, acc, controlnet, opt, it)
+            prof.step()
+    trace = out / f"trace-{name}.json"
+    prof.export_chrome_trace(str(trace))
+    events = json.loads(trace.read_text()).get("traceEvents", [])
+    s = summarize(events)
+    s["kernels_per_step"] = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "kernel") / max(
+        1, s.get("steps", 0)
+    )
+    (out / f"ops-{name}.txt").write_text(
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+    )
+    return s
+
+
+def bench_batch(args, batch: int, speed: str) -> list[dict]:
+    acc, controlnet, opt, trainers, loader, dt_cfg = make_trainers(args.model_dir, speed, batch)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    t_warm = time.perf_counter()
+    for m in METHODS:  # compile, cuDNN autotuning, the allocator, the first lambda measurement
+        run_steps(args.warmup, trainers[m], acc, controlnet, opt, it)
+    warm_s = time.perf_counter() - t_warm
+    times = {m: [] for m in METHODS}
+    for r in range(args.repeats):
+        order = METHODS if r % 2 == 0 else METHODS[::-1]
+        for m in order:
+            times[m].append(run_steps(args.steps, trainers[m], acc, controlnet, opt, it) / args.steps)
+    # --bank_weight auto's re-measurement, amortised over its period
+    dt = trainers["difftuning"]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dt.calibrate_bank_weight(next(it))
+    torch.cuda.synchronize()
+    calib_s = time.perf_counter() - t0
+    every = dt_cfg.method.bank_pull_every or 0
+    rows = []
+    for m in METHODS:
+        med = statistics.median(times[m])
+        rows.append(
+            {
+                "method": m,
+                "batch": batch,
+                "speed": speed,
+                "step_ms_median": 1e3 * med,
+                "step_ms_min": 1e3 * min(times[m]),
+                "step_ms_max": 1e3 * max(times[m]),
+                "step_ms_all": [1e3 * t for t in times[m]],
+                "images_per_s": batch / med,
+                "mfu": batch / med * FLOP_PER_IMAGE / PEAK_BF16,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "warmup_s": warm_s,
+            }
+        )
+    ratios = [d / v for d, v in zip(times["difftuning"], times["vanilla"])]
+    rows[1]["overhead_median"] = statistics.median(ratios) - 1
+    rows[1]["overhead_range"] = [min(ratios) - 1, max(ratios) - 1]
+    rows[1]["calibration_s"] = calib_s
+    rows[1]["calibration_share"] = (
+        calib_s / (every * statistics.median(times["difftuning"])) if every else 0.0
+    )
+    if args.profile:
+        for m in METHODS:
+            rows[METHODS.index(m)]["profile"] = profile(
+                trainers[m], acc, controlnet, opt, it, args.out, f"{m}-b{batch}-{speed}"
+            )
+    del trainers, controlnet, opt, it
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| method | batch | speed | ms/step median [min, max] | images/s | MFU | Diff-Tuning overhead median [range] "
+        "| lambda re-measurement (amortised) | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        over = (
+            f"{100 * r['overhead_median']:+.1f}% [{100 * r['overhead_range'][0]:+.1f}, {100 * r['overhead_range'][1]:+.1f}]"
+            if "overhead_median" in r
+            else "-"
+        )
+        calib = (
+            f"{r['calibration_s']:.2f} s ({100 * r['calibration_share']:.1f}%)"
+            if "calibration_s" in r
+            else "-"
+        )
+        lines.append(
+            f"| {r['method']} | {r['batch']} | {r['speed']} | {r['step_ms_median']:.1f} [{r['step_ms_min']:.1f}, "
+            f"{r['step_ms_max']:.1f}] | {r['images_per_s']:.1f} | {100 * r['mfu']:.0f}% | {over} | {calib} "
+            f"| {r['peak_gib']:.1f} |"
+        )
+    prof = [r for r in rows if "profile" in r]
+    if prof:
+        lines += [
+            "",
+            "| method | batch | speed | profiled ms/step | GPU busy ms | GPU idle ms | kernels/step | host waits ms (calls) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in prof:
+            s = {
+                k: ("-" if v is None else f"{v:.1f}")
+                for k, v in r["profile"].items()
+                if not isinstance(v, bool)
+            }
+            lines.append(
+                f"| {r['method']} | {r['batch']} | {r['speed']} | {s['step_ms']} | {s['compute_ms']} "
+                f"| {s['gpu_idle_ms']} | {s['kernels_per_step']} | {s['sync_wait_ms']} ({s['sync_calls']}) |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("bench/step"))
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sd15-random"))
+    p.add_argument("--batches", nargs="+", type=int, default=[32, 8, 4])
+    p.add_argument("--speed", nargs="+", default=["default"], choices=list(SPEED_SETTINGS))
+    p.add_argument("--repeats", type=int, default=5, help="chunks per method, interleaved")
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per chunk")
+    p.add_argument("--warmup", type=int, default=5, help="steps per method before the first chunk")
+    p.add_argument("--profile", action="store_true", help="record three steps per method and batch")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_step needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    build_sd15(args.model_dir)
+    rows: list[dict] = []
+    for speed in args.speed:
+        for b in args.batches:
+            try:
+                rows += bench_batch(args, b, speed)
+            except Exception as e:  # a setting that fails (e.g. a compiler error) is a result too
+                rows.append({"batch": b, "speed": speed, "error": repr(e)[:2000]})
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
+            ok = [r for r in rows if "error" not in r]
+            (args.out / "results.json").write_text(
+                json.dumps(
+                    {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+                    indent=1,
+                )
+            )
+            (args.out / "results.md").write_text(table(ok))
+            print(json.dumps(rows[-1])[:600], flush=True)
+    print(table([r for r in rows if "error" not in r]))
+    for r in rows:
+        if "error" in r:
+            print(f"failed: batch {r['batch']} {r['speed']}: {r['error'][-400:]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
