@@ -57,7 +57,9 @@ class ControlNetTrainer:
             )
         # One CPU generator drives plans, noise, caption dropout and bank draws: saved in checkpoints.
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + accelerator.process_index)
-        self.alphas_cumprod = base.noise_scheduler.alphas_cumprod.to(self.device, torch.float32)
+        # a CPU copy for the batch plan's loss weights: reading the device copy there would wait for the GPU
+        self.alphas_cumprod_cpu = base.noise_scheduler.alphas_cumprod.to("cpu", torch.float32)
+        self.alphas_cumprod = self.alphas_cumprod_cpu.to(self.device)
         # the target rows' text conditioning; SDXL adds text_embeds and time_ids (difftune_control.sdxl)
         crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
         self.prompts = base.prompt_encoder(cfg.data.resolution, crop)
@@ -78,7 +80,7 @@ class ControlNetTrainer:
             return plan
         w = loss_weights(
             m.loss_weighting,
-            self.alphas_cumprod.cpu()[plan.timesteps],
+            self.alphas_cumprod_cpu[plan.timesteps],
             self.prediction_type,
             snr_gamma=m.snr_gamma,
             max_weight=m.loss_weight_max,
