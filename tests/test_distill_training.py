@@ -47,20 +47,15 @@ def build_bank(base, bank_dir: Path, distillation=None, **kw) -> Path:
         **kw,
     )
     return ensure_bank(
+        base,
         config=config,
         prompts=PROMPTS,
-        unet=base.unet,
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        scheduler_config=base.scheduler_config,
+        resolution=RES,
         extractor=edges,
         extractor_id=EXTRACTOR_ID,
-        model_id="tiny",
-        resolution=RES,
+        distillation=distillation,
         show_progress=False,
         shard_size=2,
-        distillation=distillation,
     )
 
 
