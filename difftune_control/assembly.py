@@ -223,7 +223,7 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
         resolution=cfg.data.resolution,  # SDXL: the pipeline's micro-conditioning for this size
         extractor=extractor,
         extractor_id=extractor_identity(recipe, extractor),
-        distillation=distillation,
+        extras=distillation,
         accelerator=accelerator,
         cache_dir=cfg.data.cache_dir,
     )

@@ -309,6 +309,42 @@ def test_mismatch_error_then_rebuild(models, clean_bank, tmp_path):
         )
 
 
+def test_shard_tensors_of_an_extra_need_its_registered_reader(clean_bank, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from difftune_control.bank import interfaces
+
+    bank_dir = copy_bank(clean_bank, tmp_path / "extra")
+    for shard in sorted(bank_dir.glob("shard-*.safetensors")):
+        tensors, meta = read_shard(shard)
+        tensors["probe_value"] = tensors["indices"] * 10  # a package's own per-sample tensor
+        save_file(tensors, str(shard), metadata=meta)
+    with pytest.raises(
+        ValueError, match=r"shards hold \['probe_value'\], which no registered bank extra reads"
+    ):
+        load_bank(bank_dir)
+
+    monkeypatch.setattr(interfaces, "_SHARD_READERS", dict(interfaces._SHARD_READERS))
+    seen = []
+
+    def read(shards, key):
+        seen.append(key)
+        return torch.cat([s["probe_value"] for s in shards]) if "probe_value" in shards[0] else None
+
+    interfaces.register_bank_extra("probe", "probe_", read)
+    ds = load_bank(bank_dir)
+    assert ds.extras["probe"].tolist() == [0, 10, 20, 30, 40] and seen == [ds.manifest]
+    assert "probe" not in load_bank(clean_bank).extras  # None from the reader: absent
+    for name, prefix, match in [
+        ("probe", "other_", "already registered"),
+        ("Probe2", "other_", "lowercase"),
+        ("probe2", "probe_v", "overlaps"),
+        ("probe3", "", "empty"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            interfaces.register_bank_extra(name, prefix, read)
+
+
 def test_zero_hints_do_not_call_the_extractor(models, tmp_path):
     def forbidden(x):
         raise AssertionError("the extractor must not run for bank_hint=zero")

@@ -263,7 +263,7 @@ def test_recorded_retention_sources_carry_the_added_conditioning(
         bank__bank_num_inference_steps=4,
     )
     trainer, opt = build_trainer(cfg)
-    states, bank = trainer.bank.trajectory, trainer.bank
+    states, bank = trainer.bank.extras["trajectory"], trainer.bank
     assert states is not None and states.latents.shape[2:] == (4, 8, 8)
     # a recorded prediction is the base's conditional prediction with the bank's own added conditioning
     row, k = 1, 0
