@@ -138,8 +138,10 @@ def _float_or_auto(text: str) -> float | str:
 class MethodConfig:
     """Training objective: vanilla ControlNet or Diff-Tuning (chain of forgetting)."""
 
-    method: Literal["vanilla", "difftuning"] = _f(
-        "difftuning", "vanilla = the ControlNet baseline (uniform t, target only)."
+    method: str = _f(
+        "difftuning",
+        "A registered training method (difftune_control.methods.register_method): vanilla = the ControlNet "
+        "baseline (uniform t, target only); difftuning = Diff-Tuning (the memory bank, t skewed by psi/xi).",
     )
     split: Literal["fixed", "mixture", "psi-only"] = _f(
         "fixed",

@@ -45,7 +45,7 @@ def _run_dir(cfg: RunConfig, accelerator) -> Path:
     name = cfg.train.run_name
     if name is None:
         m = cfg.method
-        tag = m.method if m.method == "vanilla" else f"difftuning-{m.split}"
+        tag = f"difftuning-{m.split}" if m.method == "difftuning" else m.method
         prefix = f"{Path(cfg.data.condition).stem}-{tag}-"
         found = latest_run(Path(cfg.train.output_dir), prefix) if rc == "latest" else None
         name = [found.name if found else f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
