@@ -8,8 +8,6 @@ field's ``help`` metadata as its help text; flag names follow diffusers'
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -386,26 +384,3 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def field_types(cls: type) -> dict[str, Any]:
     """Resolved type hints of a config dataclass (annotations are strings here)."""
     return typing.get_type_hints(cls)
-
-
-def _check_types(section: Any) -> list[str]:
-    problems = []
-    hints = field_types(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        tp, optional = _unwrap_optional(hints[f.name])
-        if value is None:
-            if not optional:
-                problems.append(f"--{f.name} must not be empty")
-            continue
-        if typing.get_origin(tp) is Literal:
-            choices = typing.get_args(tp)
-            if value not in choices:
-                problems.append(f"--{f.name}: got {value!r}; choose one of {list(choices)}")
-        elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
-            problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
-        elif isinstance(value, float) and not math.isfinite(value):  # float fields and float | Literal[...]
-            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
-        elif isinstance(value, float) and not math.isfinite(value):  # a number in a union (e.g. FLOAT|auto)
-            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
-    return problems
