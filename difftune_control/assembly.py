@@ -217,20 +217,14 @@ def prepare_bank(cfg: RunConfig, base: BaseModel, recipe, extractor, target, acc
     distillation = bank_distillation(cfg, base, accelerator.device)  # None unless the bank slots distil
     teacher = distillation.teacher if distillation is not None else None
     path = ensure_bank(
+        base,
         config=cfg.bank,
         prompts=teacher.prompts if teacher is not None else bank_prompts(cfg, target),
-        unet=base.unet,
-        vae=base.vae,
-        text_encoder=base.prompt_encoder(cfg.data.resolution),  # SDXL: the pipeline's micro-conditioning
-        scheduler_config=base.scheduler_config,
+        resolution=cfg.data.resolution,  # SDXL: the pipeline's micro-conditioning for this size
         extractor=extractor,
         extractor_id=extractor_identity(recipe, extractor),
-        model_id=base.model_id,
-        resolution=cfg.data.resolution,
+        extras=distillation,
         accelerator=accelerator,
         cache_dir=cfg.data.cache_dir,
-        revision=cfg.model.revision,
-        variant=cfg.model.variant,
-        distillation=distillation,
     )
     return PreparedBank(dataset=load_bank(path), path=path, distillation=distillation)

@@ -16,7 +16,7 @@ from pathlib import Path
 from difftune_control import __version__
 from difftune_control.config import PRESETS, ConfigError, RunConfig, apply_preset, config_from_args
 from difftune_control.console import setup_logging
-from difftune_control.flags import BANK_FIELDS, SECTIONS, add_config_arguments
+from difftune_control.flags import BANK_FIELDS, SECTIONS, RegistryChoices, add_config_arguments
 
 _STAGE_CLIS = {
     "extract": "difftune_control.extractors.cli",
@@ -27,7 +27,8 @@ _STAGE_CLIS = {
 TRAIN_EPILOG = """\
 common flags:
   --condition NAME                canny, depth, normal, segmentation, sketch, or a recipe .toml
-  --method vanilla|difftuning     the ControlNet baseline, or Diff-Tuning with a memory bank
+  --method vanilla|difftuning     the ControlNet baseline, Diff-Tuning with a memory bank, or a
+                                  method registered with difftune_control.methods.register_method
   --pretrained_model_name_or_path PATH --train_data_dir DIR
                                   your Stable Diffusion folder and data (without them: the toy world)
   --max_train_steps N --train_batch_size N --learning_rate FLOAT
@@ -146,7 +147,14 @@ def add_train_arguments(parser: argparse.ArgumentParser, shown: frozenset[str] |
         help="A named method configuration under the other flags: published = Diff-Tuning as the authors' "
         "code runs it (re-noised bank images with extracted hints, lambda 0.1).",
     )
-    add_config_arguments(parser, shown=shown)
+    add_config_arguments(parser, shown=shown, choices={"method": RegistryChoices(_registered_methods)})
+
+
+def _registered_methods() -> list[str]:
+    """The names ``--method`` accepts: the methods registry's (built-in and registered since)."""
+    from difftune_control.methods.registry import available_methods
+
+    return available_methods()
 
 
 def _formatter(prog: str) -> argparse.HelpFormatter:

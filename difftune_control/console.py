@@ -48,6 +48,8 @@ def _method_line(cfg: Any) -> str:
     weighting = "" if m.loss_weighting in (None, "none") else f", loss weighted by {m.loss_weighting}"
     if m.method == "vanilla":
         return f"vanilla ControlNet (uniform t, target data only{weighting})"
+    if m.method != "difftuning":
+        return f"method {m.method} (registered{weighting})"
     if not cfg.uses_bank:
         return f"Diff-Tuning, {m.split} split (t skewed by psi, no memory bank{weighting})"
     weight = f"auto (pull {m.bank_pull:g}x the data's)" if m.bank_weight == "auto" else f"{m.bank_weight:g}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any, Literal
 
 from difftune_control.config import SECTIONS, _unwrap_optional, field_types
@@ -168,6 +168,7 @@ def add_config_arguments(
     *,
     overlay: bool = True,
     shown: Collection[str] | None = None,
+    choices: Mapping[str, Collection[str]] | None = None,
 ) -> None:
     """Add one flag per config field (``--<field>``) to ``parser``, in the help groups of :data:`GROUPS`.
 
@@ -183,7 +184,10 @@ def add_config_arguments(
             with one config section).
         shown (`Collection[str]`, *optional*): Field names to list in ``--help``; the others are
             accepted but not listed. Default: all.
+        choices (`Mapping[str, Collection[str]]`, *optional*): The choices of ``str`` fields whose values
+            come from a registry (``{"method": RegistryChoices(...)}``); a ``Literal`` field's are its own.
     """
+    choices = choices or {}
     if isinstance(sections, Mapping):
         items = list(sections.items())
         groups = {name: parser.add_argument_group(f"{name} options") for name, _ in items}
@@ -204,6 +208,8 @@ def add_config_arguments(
             }
             if tp is bool:
                 kw["action"] = argparse.BooleanOptionalAction
+            elif f.name in choices:
+                kw["choices"] = choices[f.name]
             elif typing.get_origin(tp) is Literal:
                 kw["choices"] = list(typing.get_args(tp))
             elif typing.get_origin(tp) is list:
@@ -211,7 +217,32 @@ def add_config_arguments(
                 kw["type"] = typing.get_args(tp)[0]
             else:
                 kw["type"] = f.metadata.get("parse", tp)  # e.g. FLOAT|auto
-            if (mv := f.metadata.get("metavar") or metavar(f.name, tp)) is not None:
+            mv = f.metadata.get("metavar") or (None if f.name in choices else metavar(f.name, tp))
+            if mv is not None:
                 kw["metavar"] = mv
             group = groups.get(FIELD_GROUP.get(f.name, section), groups.get(section))
             group.add_argument(f"--{f.name}", dest=f"{section}.{f.name}" if overlay else f.name, **kw)
+
+
+class RegistryChoices(Collection[str]):
+    """A flag's choices read from a registry when argparse first needs them, not when the parser is built.
+
+    argparse reads ``choices`` only to check a value given on the command line and to write ``--help``,
+    so a command that does not give the flag never loads the registry (the methods registry imports
+    torch; the early checks of :mod:`difftune_control.cli` run without it).
+
+    Args:
+        names (`Callable[[], list[str]]`): returns the registered names, e.g. ``available_methods``.
+    """
+
+    def __init__(self, names: Callable[[], list[str]]) -> None:
+        self._names = names
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())

@@ -439,7 +439,7 @@ def tables(rows: dict) -> tuple[str, dict]:
 def search_tables(rows: dict, budget: int) -> str:
     """Per condition and candidate, over seeds: steps to p >= 0.25 / event / p >= 0.5, AUCC and p at the
     budget (mean and 95% t-interval), retention; then paired per-seed speed-ups against vanilla."""
-    from difftune_control.report.groups import mean_interval
+    from difftune_control.report.stats import mean_interval
 
     def ci(values: list, digits: int = 0) -> str:
         iv = mean_interval(values)

@@ -26,6 +26,7 @@ from difftune_control.bank import (
     sample_seed,
 )
 from difftune_control.config import BankConfig
+from difftune_control.training.runtime import BaseModel
 from difftune_control.utils import weights_fingerprint
 from difftune_control.validation import (
     decode_latents,
@@ -58,8 +59,8 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_models(folder: Path) -> dict:
-    """Tiny real SD parts (same weights on every call); the tokenizer's files go to ``folder``."""
+def make_models(folder: Path) -> BaseModel:
+    """A tiny real SD base model (same weights on every call); the tokenizer's files go to ``folder``."""
     from diffusers import DDPMScheduler
     from transformers import CLIPTokenizer
 
@@ -78,13 +79,7 @@ def make_models(folder: Path) -> dict:
     scheduler = DDPMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
     )
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler_config": scheduler.config,
-    }
+    return BaseModel(unet, vae, text_encoder, tokenizer, scheduler, model_id="tiny-sd", is_toy=False)
 
 
 @pytest.fixture(scope="module")
@@ -107,9 +102,9 @@ def make_config(bank_dir: Path | None = None, **kw) -> BankConfig:
     return BankConfig(**base)
 
 
-def build(models, config: BankConfig, extractor=edges, **kw) -> Path:
-    kw.setdefault("model_id", "tiny-sd")
+def build(models: BaseModel, config: BankConfig, extractor=edges, **kw) -> Path:
     return ensure_bank(
+        models,
         config=config,
         prompts=PROMPTS,
         extractor=extractor,
@@ -117,7 +112,6 @@ def build(models, config: BankConfig, extractor=edges, **kw) -> Path:
         resolution=RES,
         show_progress=False,
         shard_size=SHARD,
-        **models,
         **kw,
     )
 
@@ -175,25 +169,25 @@ def test_bank_items_preview_and_manifest(models, clean_bank):
     assert ds.manifest["num_inference_steps"] == 2 and ds.manifest["extractor"] == EXTRACTOR_ID
     assert ds.contents["latent_shape"] == [4, 8, 8]
     # Stored embeddings are those of the captions (up to fp16 rounding).
-    expected = encode_prompts(models["text_encoder"], models["tokenizer"], [ds.prompts[0]])[0]
+    expected = encode_prompts(models.text_encoder, models.tokenizer, [ds.prompts[0]])[0]
     torch.testing.assert_close(item_emb := ds[0]["encoder_hidden_states"], expected, atol=2e-3, rtol=2e-3)
     assert item_emb.abs().sum() > 0
     from PIL import Image
 
     # 5 samples, 8 columns: one image row over one hint row.
     assert Image.open(clean_bank / "preview.png").size == (8 * RES, 2 * RES)
-    images = ds.images(models["vae"], n=3)
+    images = ds.images(models.vae, n=3)
     assert images.shape == (3, 3, RES, RES) and 0 <= images.min() and images.max() <= 1
 
 
 def test_latents_are_reencoded_images_and_hints_extracted(models, clean_bank):
     ds = load_bank(clean_bank)
-    neg = encode_prompts(models["text_encoder"], models["tokenizer"], [""])
-    emb = encode_prompts(models["text_encoder"], models["tokenizer"], ds.prompts[:2])
+    neg = encode_prompts(models.text_encoder, models.tokenizer, [""])
+    emb = encode_prompts(models.text_encoder, models.tokenizer, ds.prompts[:2])
     images, raw = sample_images(
-        unet=models["unet"],
-        vae=models["vae"],
-        scheduler_config=models["scheduler_config"],
+        unet=models.unet,
+        vae=models.vae,
+        scheduler_config=models.scheduler_config,
         prompt_embeds=emb,
         negative_prompt_embeds=neg,
         seeds=[sample_seed(7, i) for i in range(2)],
@@ -203,10 +197,10 @@ def test_latents_are_reencoded_images_and_hints_extracted(models, clean_bank):
         sampler="ddim",
         return_latents=True,
     )
-    reencoded = encode_images(models["vae"], decode_latents(models["vae"], raw))
+    reencoded = encode_images(models.vae, decode_latents(models.vae, raw))
     torch.testing.assert_close(ds.latents[:2], reencoded, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # the posterior spread of the same images (tolerance: stored in fp16)
-        _, std = encode_posterior(models["vae"], decode_latents(models["vae"], raw))
+        _, std = encode_posterior(models.vae, decode_latents(models.vae, raw))
     torch.testing.assert_close(ds.latent_std[:2].float(), std.float(), rtol=2e-3, atol=1e-5)
     assert (ds.latents[:2] - raw).abs().max() > 0.1  # not the sampler's raw latents
     expected_hints = (edges(images) * 255).round().to(torch.uint8)
@@ -215,7 +209,7 @@ def test_latents_are_reencoded_images_and_hints_extracted(models, clean_bank):
 
 def test_reuse_does_no_sampling(models, clean_bank, tmp_path):
     # An explicit folder with the same key, and the default cache folder after a first build.
-    with count_unet_calls(models["unet"]) as calls:
+    with count_unet_calls(models.unet) as calls:
         assert build(models, make_config(clean_bank)) == clean_bank
         # The generation batch size is not part of the key.
         assert build(models, make_config(clean_bank, bank_batch_size=5)) == clean_bank
@@ -223,11 +217,12 @@ def test_reuse_does_no_sampling(models, clean_bank, tmp_path):
     path = build(models, make_config(), cache_dir=tmp_path)
     key = load_bank(path).manifest
     assert path == default_bank_dir(key, tmp_path) == tmp_path / "banks" / manifest_hash(key)
-    with count_unet_calls(models["unet"]) as calls:
+    with count_unet_calls(models.unet) as calls:
         assert build(models, make_config(), cache_dir=tmp_path) == path
     assert calls == []
     # Another model id is another key, hence another default folder.
-    assert build(models, make_config(), cache_dir=tmp_path, model_id="other") != path
+    other = dataclasses.replace(models, model_id="other")
+    assert build(other, make_config(), cache_dir=tmp_path) != path
 
 
 def test_resume_regenerates_only_missing_shard_bit_identical(models, clean_bank, tmp_path):
@@ -239,7 +234,7 @@ def test_resume_regenerates_only_missing_shard_bit_identical(models, clean_bank,
     (bank_dir / "shard-00001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="lacks shards"):
         load_bank(bank_dir)
-    with count_unet_calls(models["unet"]) as calls:
+    with count_unet_calls(models.unet) as calls:
         build(models, make_config(bank_dir))
     assert len(calls) == 2  # one batch of 2 (CFG in one call) x 2 steps: only that shard
     regenerated = read_shard(bank_dir / "shard-00001.safetensors")
@@ -267,7 +262,7 @@ def test_resume_after_interruption(models, clean_bank, tmp_path):
     assert [p.name for p in bank_dir.glob("shard-*")] == ["shard-00000.safetensors"]
     with pytest.raises(FileNotFoundError, match=r"incomplete \(1 of 3 shards\)"):
         load_bank(bank_dir)
-    with count_unet_calls(models["unet"]) as calls:
+    with count_unet_calls(models.unet) as calls:
         build(models, make_config(bank_dir))
     assert len(calls) == 2 * 2  # shards 1 and 2, one batch each, 2 steps
     assert not (bank_dir / "progress.json").exists()
@@ -285,7 +280,7 @@ def test_mismatch_error_then_rebuild(models, clean_bank, tmp_path):
         build(models, make_config(bank_dir, bank_num_inference_steps=3, bank_on_mismatch="error"))
     assert "--bank_on_mismatch rebuild" in str(err.value) and "extractor" not in str(err.value)
     assert (bank_dir / "shard-00000.safetensors").read_bytes() == before  # refused: nothing touched
-    with count_unet_calls(models["unet"]) as calls:
+    with count_unet_calls(models.unet) as calls:
         build(models, make_config(bank_dir, bank_num_inference_steps=3))
     assert len(calls) == 3 * 3  # 3 shards x 3 steps
     rebuilt = load_bank(bank_dir)
@@ -295,7 +290,7 @@ def test_mismatch_error_then_rebuild(models, clean_bank, tmp_path):
     shutil.copy(clean_bank / "shard-00001.safetensors", bank_dir / "shard-00001.safetensors")
     with pytest.raises(ValueError, match=r"shards \['shard-00001.safetensors'\] belong to another bank"):
         load_bank(bank_dir)
-    with count_unet_calls(models["unet"]) as calls:
+    with count_unet_calls(models.unet) as calls:
         build(models, make_config(bank_dir, bank_num_inference_steps=3))
     assert len(calls) == 3
     assert torch.equal(load_bank(bank_dir).latents, rebuilt.latents)
@@ -303,16 +298,51 @@ def test_mismatch_error_then_rebuild(models, clean_bank, tmp_path):
     other = {**EXTRACTOR_ID, "params": {"scale": 2.0}}
     with pytest.raises(ValueError, match=r"extractor\.params\.scale: 1\.0 -> 2\.0"):
         ensure_bank(
+            models,
             config=make_config(bank_dir, bank_num_inference_steps=3, bank_on_mismatch="error"),
             prompts=PROMPTS,
             extractor=edges,
             extractor_id=other,
-            model_id="tiny-sd",
             resolution=RES,
             show_progress=False,
             shard_size=SHARD,
-            **models,
         )
+
+
+def test_shard_tensors_of_an_extra_need_its_registered_reader(clean_bank, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from difftune_control.bank import interfaces
+
+    bank_dir = copy_bank(clean_bank, tmp_path / "extra")
+    for shard in sorted(bank_dir.glob("shard-*.safetensors")):
+        tensors, meta = read_shard(shard)
+        tensors["probe_value"] = tensors["indices"] * 10  # a package's own per-sample tensor
+        save_file(tensors, str(shard), metadata=meta)
+    with pytest.raises(
+        ValueError, match=r"shards hold \['probe_value'\], which no registered bank extra reads"
+    ):
+        load_bank(bank_dir)
+
+    monkeypatch.setattr(interfaces, "_SHARD_READERS", dict(interfaces._SHARD_READERS))
+    seen = []
+
+    def read(shards, key):
+        seen.append(key)
+        return torch.cat([s["probe_value"] for s in shards]) if "probe_value" in shards[0] else None
+
+    interfaces.register_bank_extra("probe", "probe_", read)
+    ds = load_bank(bank_dir)
+    assert ds.extras["probe"].tolist() == [0, 10, 20, 30, 40] and seen == [ds.manifest]
+    assert "probe" not in load_bank(clean_bank).extras  # None from the reader: absent
+    for name, prefix, match in [
+        ("probe", "other_", "already registered"),
+        ("Probe2", "other_", "lowercase"),
+        ("probe2", "probe_v", "overlaps"),
+        ("probe3", "", "empty"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            interfaces.register_bank_extra(name, prefix, read)
 
 
 def test_zero_hints_do_not_call_the_extractor(models, tmp_path):
@@ -442,7 +472,7 @@ import test_bank as tb
 accelerator = Accelerator(cpu=True)
 models = tb.make_models(Path(sys.argv[2]) / f"tokenizer-{{accelerator.process_index}}")
 calls = []
-models["unet"].register_forward_hook(lambda *args: calls.append(1))
+models.unet.register_forward_hook(lambda *args: calls.append(1))
 tb.build(models, tb.make_config(Path(sys.argv[1])), accelerator=accelerator)
 print(f"rank {{accelerator.process_index}} of {{accelerator.num_processes}}: {{len(calls)}} unet calls", flush=True)
 """

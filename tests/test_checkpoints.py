@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from pathlib import Path
 
@@ -104,6 +106,38 @@ def test_resume_latest_skips_a_damaged_checkpoint_naming_the_file(
         f"resumed from {run / 'checkpoint-2'} at optimizer step 2" in r.getMessage() for r in caplog.records
     )
     assert _losses(run) == reference  # the fallback is as exact as any resume
+
+
+def test_train_state_keeps_the_dict_format_of_trainer_state_json(
+    reference, tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    """``trainer_state.json`` is the JSON object the loop always wrote; one written by an older version
+    (a plain dict without the file sizes) still loads and resumes exactly."""
+    from difftune_control.training.checkpoints import TrainState
+    from difftune_control.training.loop import run_training
+
+    run = run_training(_cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 4))
+    path = run / "checkpoint-4" / "trainer_state.json"
+    saved = json.loads(path.read_text())
+    assert list(saved) == [
+        "global_step", "consumed_batches", "elapsed", "stop_at", "trainer", "lr_scheduler", "monitor", "files",
+    ]  # fmt: skip
+    state = TrainState.load(path.parent)
+    assert state.to_dict() == {k: v for k, v in saved.items() if k != "files"}
+    assert (state.global_step, state.consumed_batches, state.stop_at) == (4, 4, None)
+
+    old = {
+        k: saved[k]
+        for k in ("global_step", "consumed_batches", "elapsed", "stop_at", "trainer", "lr_scheduler")
+    }
+    path.write_text(json.dumps(old, indent=1))  # as written before the file sizes and the monitor were saved
+    assert TrainState.load(path.parent) == dataclasses.replace(state, monitor=None)
+    run_training(
+        _cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 6, train__resume_from_checkpoint="latest")
+    )
+    assert _losses(run) == reference
+    with pytest.raises(ValueError, match=r"keys \['trainer'\] missing"):
+        TrainState.from_dict({"global_step": 1, "lr_scheduler": {}})
 
 
 def test_an_explicit_damaged_checkpoint_is_refused_with_the_file_and_the_intact_ones(

@@ -47,27 +47,22 @@ def build_bank(base, bank_dir: Path, distillation=None, **kw) -> Path:
         **kw,
     )
     return ensure_bank(
+        base,
         config=config,
         prompts=PROMPTS,
-        unet=base.unet,
-        vae=base.vae,
-        text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer,
-        scheduler_config=base.scheduler_config,
+        resolution=RES,
         extractor=edges,
         extractor_id=EXTRACTOR_ID,
-        model_id="tiny",
-        resolution=RES,
+        extras=distillation,
         show_progress=False,
         shard_size=2,
-        distillation=distillation,
     )
 
 
 def test_recorded_states_are_the_samplers_bounded_and_deterministic(base, tmp_path):
     path = build_bank(base, tmp_path / "a", BankDistillation(trajectory_states=2))
     ds = load_bank(path)
-    states = ds.trajectory
+    states = ds.extras["trajectory"]
     assert states.latents.shape == states.predictions.shape == (5, 2, 4, 8, 8)
     assert states.latents.dtype == torch.float16 and states.nbytes == 5 * 2 * 2 * 256 * 2
     entry = ds.manifest["distillation"]["trajectory"]
@@ -99,14 +94,14 @@ def test_recorded_states_are_the_samplers_bounded_and_deterministic(base, tmp_pa
 
     # Deterministic: another build gives the same states bit for bit; so does resuming a lost shard.
     again = load_bank(build_bank(base, tmp_path / "b", BankDistillation(trajectory_states=2)))
-    assert torch.equal(again.trajectory.latents, states.latents)
-    assert torch.equal(again.trajectory.predictions, states.predictions)
+    assert torch.equal(again.extras["trajectory"].latents, states.latents)
+    assert torch.equal(again.extras["trajectory"].predictions, states.predictions)
     (path / "shard-00001.safetensors").unlink()
     resumed = load_bank(build_bank(base, tmp_path / "a", BankDistillation(trajectory_states=2)))
-    assert torch.equal(resumed.trajectory.latents, states.latents)
+    assert torch.equal(resumed.extras["trajectory"].latents, states.latents)
     # Sampling is unchanged by recording: same images as a bank without states.
     plain = load_bank(build_bank(base, tmp_path / "plain"))
-    assert plain.trajectory is None and "distillation" not in plain.manifest
+    assert plain.extras.get("trajectory") is None and "distillation" not in plain.manifest
     assert torch.equal(plain.latents, ds.latents) and torch.equal(plain.hints, ds.hints)
 
 
@@ -150,7 +145,7 @@ def test_renoise_default_is_plain_difftuning(tiny_pipeline_dir, tiny_dataset_dir
 
     trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
     assert type(trainer) is DiffTuningTrainer
-    assert trainer.bank.trajectory is None and "distillation" not in trainer.bank.manifest
+    assert trainer.bank.extras.get("trajectory") is None and "distillation" not in trainer.bank.manifest
     out = trainer.assemble(target_batch(trainer, 2), bank_plan([100, 900]))
     assert "retention_mask" not in out
 
@@ -165,7 +160,7 @@ def test_snr_switch_in_the_batch_and_targets_are_the_recorded_predictions(
     cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr")
     trainer, _ = build_trainer(cfg)
     assert isinstance(trainer, DistillationTrainer)
-    states = trainer.bank.trajectory
+    states = trainer.bank.extras["trajectory"]
     recorded = states.timesteps.tolist()
     ratio = snr(trainer.alphas_cumprod.cpu())
     assert all(ratio[t] < 1.0 for t in recorded)  # snr banks record only where they are used
@@ -300,7 +295,7 @@ def test_distill_weight_replaces_lambda(tiny_pipeline_dir, tiny_dataset_dir, tmp
     # trajectory: every bank slot takes a recorded state
     out = trainer.assemble(target_batch(trainer, 6), plan)
     assert out["retention_mask"].tolist() == bank.tolist()
-    assert set(out["timesteps"][bank].tolist()) <= set(trainer.bank.trajectory.timesteps.tolist())
+    assert set(out["timesteps"][bank].tolist()) <= set(trainer.bank.extras["trajectory"].timesteps.tolist())
 
 
 def test_train_end_to_end_with_snr_retention(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
@@ -403,7 +398,10 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
     run = run_training(cfg)
     bank = load_bank(json.loads((run / "config.json").read_text())["bank_dir"])
     assert set(bank.manifest["distillation"]) == {"teacher", "trajectory"}
-    assert bank.trajectory.latents.shape[:2] == (8, 2) and torch.isfinite(bank.trajectory.predictions).all()
+    assert (
+        bank.extras["trajectory"].latents.shape[:2] == (8, 2)
+        and torch.isfinite(bank.extras["trajectory"].predictions).all()
+    )
     records = read_jsonl(run / "metrics.jsonl")
     losses = [r["loss"] for r in records if r["type"] == "train"]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)

@@ -13,7 +13,8 @@ import pytest
 from test_report import check_html
 
 from difftune_control.report import build_report, load_run, main, summarize_run
-from difftune_control.report.groups import group_runs, mean_interval, mean_over_conditions, summarize_groups
+from difftune_control.report.groups import group_runs, mean_over_conditions, summarize_groups
+from difftune_control.report.stats import mean_interval
 
 EXACT = 1e-12  # sums of a few decimals: only float rounding
 # t quantiles in closed form: 1 degree of freedom is Cauchy, t = tan(pi (q - 1/2)); with 2,

@@ -225,13 +225,12 @@ def test_bank_is_generated_with_the_pipelines_micro_conditioning(sdxl_base, tmp_
         bank_size=3, bank_num_inference_steps=3, bank_guidance_scale=3.0, bank_seed=5, bank_batch_size=2,
         bank_dir=str(tmp_path / "bank"), bank_hint="zero",
     )  # fmt: skip
-    encoder = sdxl_base.prompt_encoder(16)
-    kw = dict(
-        config=config, prompts=prompts, unet=sdxl_base.unet, vae=sdxl_base.vae, text_encoder=encoder,
-        scheduler_config=sdxl_base.scheduler_config, extractor=None, extractor_id=None, model_id="tiny-sdxl",
-        resolution=16, show_progress=False,
+    encoder = sdxl_base.prompt_encoder(16)  # what the bank encodes its prompts with
+    path = ensure_bank(
+        sdxl_base, config=config, prompts=prompts, resolution=16, extractor=None, extractor_id=None,
+        show_progress=False,
     )  # fmt: skip
-    bank = load_bank(ensure_bank(**kw))
+    bank = load_bank(path)
     assert bank.manifest["text"]["time_ids"] == [16, 16, 0, 0, 16, 16]
     assert bank.manifest["text"]["negative"] == "zeros"  # force_zeros_for_empty_prompt
     assert bank.added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 3
@@ -264,7 +263,7 @@ def test_recorded_retention_sources_carry_the_added_conditioning(
         bank__bank_num_inference_steps=4,
     )
     trainer, opt = build_trainer(cfg)
-    states, bank = trainer.bank.trajectory, trainer.bank
+    states, bank = trainer.bank.extras["trajectory"], trainer.bank
     assert states is not None and states.latents.shape[2:] == (4, 8, 8)
     # a recorded prediction is the base's conditional prediction with the bank's own added conditioning
     row, k = 1, 0

@@ -1,6 +1,7 @@
 """The Diff-Tuning memory bank: generate, verify, resume and load it.
 
-``manifest`` (keys, seeds, hashes), ``build`` (``ensure_bank``), ``dataset`` (``BankDataset``, ``load_bank``).
+``manifest`` (keys, seeds, hashes), ``build`` (``ensure_bank``), ``dataset`` (``BankDataset``, ``load_bank``),
+``interfaces`` (what the bank is handed by its callers: ``BankBaseModel``).
 
 Before training, the frozen base model generates ``bank_size`` images from prompts (default:
 the target captions). Per sample the bank stores the VAE latent of the *decoded image*
@@ -36,6 +37,7 @@ anyway; a shard whose embeddings overflow fp16 keeps fp32); the loader returns f
 
 from difftune_control.bank.build import ensure_bank
 from difftune_control.bank.dataset import BankDataset, load_bank
+from difftune_control.bank.interfaces import BankBaseModel
 from difftune_control.bank.manifest import (
     FORMAT_VERSION,
     LOCK,
@@ -55,6 +57,7 @@ from difftune_control.bank.manifest import (
 )
 
 __all__ = [
+    "BankBaseModel",
     "BankDataset",
     "FORMAT_VERSION",
     "LOCK",

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 
 from difftune_control.bank.dataset import load_shard
+from difftune_control.bank.interfaces import BankBaseModel, BankExtras
 from difftune_control.bank.manifest import (
     FORMAT_VERSION,
     LOCK,
@@ -57,7 +58,7 @@ class _Build:
     models: dict[str, Any]  # unet, vae, encoder (a PromptEncoder), scheduler_config
     extractor: Callable[[torch.Tensor], torch.Tensor] | None
     prompts: list[str]  # before the seeded shuffle
-    distill: Any = None  # difftune_control.distill.bank_extras.BankDistillation, when active
+    extras: BankExtras | None = None  # only when active
 
     def __post_init__(self) -> None:
         self.key_hash = manifest_hash(self.key)
@@ -142,15 +143,14 @@ class _Build:
         shard_prompts = [prompts[i] for i in indices]
         latents, stds, embeds, hints, extras, added_parts = [], [], [], [], [], []
         step = int(self.config.bank_batch_size)
-        if self.distill is not None:
+        if self.extras is not None:
             order = bank_sample_indices(len(self.prompts), key["size"], key["seed"])
-            steps = ((key.get("distillation") or {}).get("trajectory") or {}).get("step_indices", [])
         for b in range(0, len(seeds), step):
             emb, added = m["encoder"](shard_prompts[b : b + step])
             extra = None
-            if self.distill is not None:
-                which = [order[i] for i in indices[b : b + step]]
-                extra = self.distill.batch(m["unet"], emb, which, key, steps, added_cond=added)
+            if self.extras is not None:
+                which = [order[i] for i in indices[b : b + step]]  # the prompts' places in the list
+                extra = self.extras.batch(m["unet"], emb, which, key, added_cond=added)
                 extras.append(extra)
             images = sample_images(
                 unet=m["unet"],
@@ -193,9 +193,7 @@ class _Build:
             half = value.to(torch.float16)
             tensors[name] = half if name != "time_ids" and torch.isfinite(half).all() else value
         if extras:
-            from difftune_control.distill.bank_extras import merge_trajectories
-
-            tensors.update(merge_trajectories(extras))
+            tensors.update(self.extras.merge(extras))
         meta = {
             "prompts": json.dumps(shard_prompts),
             "bank_key": self.key_hash,
@@ -231,11 +229,8 @@ class _Build:
             "added_conditioning": list(self.models["encoder"].added_keys),
             "completed": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        if "trajectory_latents" in first:
-            from difftune_control.distill.bank_extras import storage_report
-
-            contents["trajectory"] = storage_report(first, self.key["size"])
-            logger.info("memory bank: recorded trajectory states take %s", contents["trajectory"])
+        if self.extras is not None:
+            contents.update(self.extras.contents(first, self.key["size"]))
         _write_preview(
             self.bank_dir / PREVIEW, self.models["vae"], first["latents"][:16], first["hints"][:16]
         )
@@ -246,50 +241,42 @@ class _Build:
 
 
 def ensure_bank(
+    base: BankBaseModel,
     *,
     config: BankConfig,
     prompts: list[str],
-    unet,
-    vae,
-    text_encoder,
-    tokenizer=None,
-    scheduler_config: Any,
+    resolution: int,
     extractor: Callable[[torch.Tensor], torch.Tensor] | None,
     extractor_id: dict | None,
-    model_id: str,
-    resolution: int,
+    extras: BankExtras | None = None,
     accelerator=None,
     cache_dir: str | Path | None = None,
     show_progress: bool = True,
-    revision: str | None = None,
-    variant: str | None = None,
     shard_size: int = SHARD_SIZE,
-    distillation: Any = None,
 ) -> Path:
     """Build, resume or reuse the memory bank and return its folder.
 
     Args:
+        base (`BankBaseModel`): the frozen base model (UNet, VAE, text encoder(s), scheduler config and
+            where it was loaded from); the bank's prompts are encoded with ``base.prompt_encoder(resolution)``
+            (SDXL: the pipeline's micro-conditioning).
         config (`BankConfig`): bank settings; ``bank_size`` and ``bank_batch_size`` must be resolved.
         prompts (`list[str]`): prompt list (target captions or :func:`read_prompts_file`); sample
             ``i`` uses ``bank_sample_prompts(prompts, size, bank_seed)[i]``.
-        unet, vae, text_encoder, tokenizer: the frozen base model, already on its device. ``text_encoder``
-            may be a `PromptEncoder` (then ``tokenizer`` is unused): SDXL's two encoders with the bank's
-            micro-conditioning (``BaseModel.prompt_encoder(resolution)``).
-        scheduler_config: the base model's scheduler config.
+        resolution (`int`): image side in pixels.
         extractor (`Callable`): float [B,3,H,W] in [0,1] -> [B,3,H,W] in [0,1]; unused when
             ``bank_hint == "zero"``.
         extractor_id (`dict`): the extractor's identity for the manifest.
-        model_id (`str`): base model path or hub id (with `revision` / `variant`, part of the key).
-        resolution (`int`): image side in pixels.
+        extras (`BankExtras`, *optional*): what the build does besides sampling the base model, e.g.
+            :class:`~difftune_control.distill.bank_extras.BankDistillation` (record reverse-trajectory
+            states and/or sample with a teacher ControlNet on its (caption, hint) pairs, ``prompts``
+            being the teacher's captions). Its manifest entry is part of the key when active.
         accelerator (`accelerate.Accelerator`, *optional*): shard ``s`` is generated by process
             ``s % num_processes``; the main process writes the manifest and the preview.
         cache_dir: cache root for the default folder (``<cache_root>/banks/<hash>``).
         show_progress (`bool`): a tqdm bar (images/s) on the main process.
         shard_size (`int`): samples per shard (part of the key). Generation batches never cross
             shards, so the effective batch is ``min(bank_batch_size, shard_size)``.
-        distillation (`BankDistillation`, *optional*): record reverse-trajectory states and/or sample
-            with a teacher ControlNet on its (caption, hint) pairs, ``prompts`` being the teacher's
-            captions (:mod:`difftune_control.distill.bank_extras`). Part of the key when active.
 
     Returns:
         `Path`: the complete bank folder (load it with :func:`load_bank`).
@@ -309,34 +296,31 @@ def ensure_bank(
         )
     if problems:
         raise ValueError("cannot build the memory bank:\n  - " + "\n  - ".join(problems))
-    from difftune_control.conditioning import as_prompt_encoder
-
-    encoder = as_prompt_encoder(text_encoder, tokenizer)
+    encoder = base.prompt_encoder(resolution)
+    scheduler_config = base.scheduler_config
     key = bank_manifest(
         config=config,
         prompts=prompts,
-        model_id=model_id,
+        model_id=base.model_id,
         resolution=resolution,
         extractor_id=extractor_id,
-        scaling_factor=vae.config.scaling_factor,
-        revision=revision,
-        variant=variant,
+        scaling_factor=base.vae.config.scaling_factor,
+        revision=base.revision,
+        variant=base.variant,
         shard_size=shard_size,
         distillation=(
-            distillation.manifest_entry(
-                scheduler_config, config.bank_sampler, config.bank_num_inference_steps
-            )
-            if distillation is not None
+            extras.manifest_entry(scheduler_config, config.bank_sampler, config.bank_num_inference_steps)
+            if extras is not None
             else None
         ),
         text=encoder.bank_key(),
     )
     explicit = config.bank_dir is not None
     bank_dir = Path(config.bank_dir) if explicit else default_bank_dir(key, cache_dir)
-    models = dict(unet=unet, vae=vae, encoder=encoder, scheduler_config=scheduler_config)
+    models = dict(unet=base.unet, vae=base.vae, encoder=encoder, scheduler_config=scheduler_config)
     hint_fn = extractor if config.bank_hint == "extracted" else None
-    distill = distillation if distillation is not None and distillation.active else None
-    build = _Build(bank_dir, key, config, models, hint_fn, list(prompts), distill)
+    active = extras if extras is not None and extras.active else None
+    build = _Build(bank_dir, key, config, models, hint_fn, list(prompts), active)
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
     wait = accelerator.wait_for_everyone if accelerator is not None else (lambda: None)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from difftune_control.bank.interfaces import read_bank_extras
 from difftune_control.bank.manifest import (
     MANIFEST,
     PROGRESS,
@@ -21,6 +22,9 @@ from difftune_control.utils import (
 )
 
 logger = logging.getLogger(__name__)
+
+_TENSORS = ("latents", "latent_std", "encoder_hidden_states", "hints", "indices", "seeds")
+"""The shard tensors every bank holds (besides its added conditioning and registered extras)."""
 
 
 def load_shard(path: Path) -> dict[str, Any]:
@@ -44,8 +48,9 @@ class BankDataset(torch.utils.data.Dataset):
     Attributes:
         bank_dir (`Path`), manifest (`dict`, the key), contents (`dict`), latents (`Tensor` f32),
         encoder_hidden_states (`Tensor` f16/f32), hints (`Tensor` uint8), prompts (`list[str]`),
-        indices (`Tensor` int64), seeds (`Tensor` int64), trajectory
-        (`difftune_control.distill.trajectory.TrajectoryStates` or None: recorded reverse-trajectory states).
+        indices (`Tensor` int64), seeds (`Tensor` int64), extras (`dict`: what registered bank extras read
+        from the shards, e.g. ``"trajectory"``, the recorded reverse-trajectory states of
+        :mod:`difftune_control.distill`; absent when the bank holds none).
     """
 
     def __init__(self, bank_dir: str | Path):
@@ -91,9 +96,8 @@ class BankDataset(torch.utils.data.Dataset):
         self.indices = torch.cat([s["indices"] for s in shards])
         self.seeds = torch.cat([s["seeds"] for s in shards])
         self.prompts = [p for s in shards for p in s["prompts"]]
-        from difftune_control.distill.trajectory import TrajectoryStates
-
-        self.trajectory = TrajectoryStates.from_shards(shards, self.manifest)  # None: no recorded states
+        own = {*_TENSORS, *self.added_keys, "prompts", "bank_key"}
+        self.extras = read_bank_extras(shards, self.manifest, own, str(self.bank_dir))
         if len(self.prompts) != self.contents["num_samples"]:
             raise ValueError(
                 f"memory bank at {self.bank_dir}: {len(self.prompts)} samples in the shards, "

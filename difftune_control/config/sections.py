@@ -8,8 +8,6 @@ field's ``help`` metadata as its help text; flag names follow diffusers'
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -138,8 +136,10 @@ def _float_or_auto(text: str) -> float | str:
 class MethodConfig:
     """Training objective: vanilla ControlNet or Diff-Tuning (chain of forgetting)."""
 
-    method: Literal["vanilla", "difftuning"] = _f(
-        "difftuning", "vanilla = the ControlNet baseline (uniform t, target only)."
+    method: str = _f(
+        "difftuning",
+        "A registered training method (difftune_control.methods.register_method): vanilla = the ControlNet "
+        "baseline (uniform t, target only); difftuning = Diff-Tuning (the memory bank, t skewed by psi/xi).",
     )
     split: Literal["fixed", "mixture", "psi-only"] = _f(
         "fixed",
@@ -384,26 +384,3 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def field_types(cls: type) -> dict[str, Any]:
     """Resolved type hints of a config dataclass (annotations are strings here)."""
     return typing.get_type_hints(cls)
-
-
-def _check_types(section: Any) -> list[str]:
-    problems = []
-    hints = field_types(type(section))
-    for f in dataclasses.fields(section):
-        value = getattr(section, f.name)
-        tp, optional = _unwrap_optional(hints[f.name])
-        if value is None:
-            if not optional:
-                problems.append(f"--{f.name} must not be empty")
-            continue
-        if typing.get_origin(tp) is Literal:
-            choices = typing.get_args(tp)
-            if value not in choices:
-                problems.append(f"--{f.name}: got {value!r}; choose one of {list(choices)}")
-        elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
-            problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
-        elif isinstance(value, float) and not math.isfinite(value):  # float fields and float | Literal[...]
-            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
-        elif isinstance(value, float) and not math.isfinite(value):  # a number in a union (e.g. FLOAT|auto)
-            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
-    return problems

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from difftune_control.config.sections import SECTIONS, DataConfig, _check_types
+from difftune_control.config.sections import SECTIONS, DataConfig, _unwrap_optional, field_types
 
 
 def config_problems(cfg: Any) -> list[str]:  # cfg: a RunConfig (run.py imports this module)
@@ -152,4 +154,26 @@ def _distill_problems(cfg: Any) -> list[str]:
             )
         if m.teacher_train_data_dir is not None and not Path(m.teacher_train_data_dir).exists():
             problems.append(f"--teacher_train_data_dir: no such file or folder: {m.teacher_train_data_dir}")
+    return problems
+
+
+def _check_types(section: Any) -> list[str]:
+    """Every field of one config section against its type: choices, numbers, finiteness, not empty."""
+    problems = []
+    hints = field_types(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        tp, optional = _unwrap_optional(hints[f.name])
+        if value is None:
+            if not optional:
+                problems.append(f"--{f.name} must not be empty")
+            continue
+        if typing.get_origin(tp) is Literal:
+            choices = typing.get_args(tp)
+            if value not in choices:
+                problems.append(f"--{f.name}: got {value!r}; choose one of {list(choices)}")
+        elif tp is float and not isinstance(value, (int, float)) or tp is int and not isinstance(value, int):
+            problems.append(f"--{f.name}: expected {tp.__name__}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):  # float fields, and FLOAT|auto
+            problems.append(f"--{f.name}: expected a finite number, got {value!r}")
     return problems

@@ -1,4 +1,4 @@
-"""What generative distillation adds to memory-bank generation (used by :mod:`difftune_control.bank`).
+"""What generative distillation adds to memory-bank generation (a :class:`~difftune_control.bank.BankExtras`).
 
 A :class:`BankDistillation` tells the bank builder to (a) record N reverse-trajectory states per
 image (``--retention trajectory|snr``) and/or (b) sample with a teacher ControlNet on A's
@@ -10,21 +10,29 @@ Shard tensors it adds (see :class:`difftune_control.distill.trajectory.Trajector
     trajectory_latents      f16 [n,N,C,h,w]   x_t at the recorded steps (scaled latent space)
     trajectory_predictions  f16 [n,N,C,h,w]   the teacher's conditional prediction at x_t
     trajectory_timesteps    i64 [N]           the recorded timesteps
+
+On import, this module registers their reader with the bank (``BankDataset.extras["trajectory"]``, a
+:class:`~difftune_control.distill.trajectory.TrajectoryStates`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from difftune_control.bank.interfaces import register_bank_extra
 from difftune_control.distill.teacher import TeacherData
 from difftune_control.distill.trajectory import (
     TrajectoryRecorder,
+    TrajectoryStates,
     trajectory_step_indices,
     trajectory_storage,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -107,13 +115,14 @@ class BankDistillation:
         prompt_embeds: torch.Tensor,
         prompt_indices: list[int],
         key: dict,
-        steps: list[int],
         added_cond: dict[str, torch.Tensor] | None = None,
     ) -> DistillBatch:
         """Extras of one generation batch whose samples use prompts ``prompt_indices`` of the list.
 
+        ``key`` is the bank's manifest (its ``distillation`` entry names the recorded steps);
         ``added_cond`` is the batch's added conditioning (SDXL), as given to the sampler.
         """
+        steps = ((key.get("distillation") or {}).get("trajectory") or {}).get("step_indices", [])
         out = DistillBatch()
         if self.teacher is not None:
             hints_u8 = self.teacher.hints[prompt_indices]
@@ -136,26 +145,29 @@ class BankDistillation:
             )
         return out
 
+    def merge(self, batches: list[DistillBatch]) -> dict[str, torch.Tensor]:
+        """The shard's trajectory tensors from its batches' recorders (``{}`` when none recorded)."""
+        parts = [b.recorder.tensors() for b in batches if b.recorder is not None]
+        if not parts:
+            return {}
+        out = {}
+        for k in ("trajectory_latents", "trajectory_predictions"):
+            xs = [p[k] for p in parts]
+            out[k] = torch.cat([x.float() for x in xs] if len({x.dtype for x in xs}) > 1 else xs)
+        out["trajectory_timesteps"] = parts[0]["trajectory_timesteps"]
+        return out
 
-def merge_trajectories(batches: list[DistillBatch]) -> dict[str, torch.Tensor]:
-    """The shard's trajectory tensors from its batches' recorders (``{}`` when none recorded)."""
-    parts = [b.recorder.tensors() for b in batches if b.recorder is not None]
-    if not parts:
-        return {}
-    out = {}
-    for k in ("trajectory_latents", "trajectory_predictions"):
-        xs = [p[k] for p in parts]
-        out[k] = torch.cat([x.float() for x in xs] if len({x.dtype for x in xs}) > 1 else xs)
-    out["trajectory_timesteps"] = parts[0]["trajectory_timesteps"]
-    return out
+    def contents(self, first_shard: dict[str, Any], num_samples: int) -> dict[str, Any]:
+        """The manifest contents' ``trajectory`` entry: bytes the recorded states take (``{}`` without states)."""
+        if "trajectory_latents" not in first_shard:
+            return {}
+        x = first_shard["trajectory_latents"]
+        report = trajectory_storage(x.shape[1], x.shape[2:], num_samples, itemsize=x.element_size())
+        logger.info("memory bank: recorded trajectory states take %s", report)
+        return {"trajectory": report}
 
 
-def storage_report(first_shard: dict[str, Any], num_samples: int) -> dict | None:
-    """Bytes the recorded states take (for the bank manifest's contents); None without states."""
-    if "trajectory_latents" not in first_shard:
-        return None
-    x = first_shard["trajectory_latents"]
-    return trajectory_storage(x.shape[1], x.shape[2:], num_samples, itemsize=x.element_size())
+register_bank_extra("trajectory", "trajectory_", TrajectoryStates.from_shards)
 
 
 def bank_distillation(cfg, base, device: torch.device | str) -> BankDistillation | None:

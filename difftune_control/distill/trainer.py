@@ -53,7 +53,8 @@ class DistillationTrainer(DiffTuningTrainer):
         m = cfg.method
         self.retention, self.snr_threshold = m.retention, m.snr_threshold
         self.base_prediction_type = base.noise_scheduler.config.prediction_type
-        self.states = getattr(bank, "trajectory", None) if m.retention != "renoise" else None
+        states = bank.extras.get("trajectory") if bank is not None else None  # TrajectoryStates or None
+        self.states = states if m.retention != "renoise" else None
         if m.retention != "renoise":
             if self.states is None:
                 raise ValueError(

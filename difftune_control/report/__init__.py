@@ -81,8 +81,9 @@ def build_report(
 
     from .group_plots import grouped_convergence_figure, groups_figure
     from .groups import describe_group, group_runs
-    from .plots import convergence_figure, samples_figure
+    from .plots import convergence_figure
     from .render import render_html, render_markdown
+    from .samples import samples_figure
 
     if aucc_budget is not None and (
         isinstance(aucc_budget, bool) or int(aucc_budget) != aucc_budget or aucc_budget < 1

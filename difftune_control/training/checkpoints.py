@@ -1,7 +1,7 @@
 """Checkpoints of a run: atomic writes, verification on resume, fallback, and a guard against diverged updates.
 
-A checkpoint is written to ``.checkpoint-N.tmp`` and renamed when complete; ``trainer_state.json`` is
-written last and records every other file's size. Resume verifies a checkpoint's files before loading
+A checkpoint is written to ``.checkpoint-N.tmp`` and renamed when complete; ``trainer_state.json`` (a
+:class:`TrainState`) is written last and records every other file's size. Resume verifies a checkpoint's files before loading
 it (:func:`verify_checkpoint`) and ``latest`` falls back to the newest intact one. :class:`WeightWatch`
 knows after every optimizer step, without a per-step host sync on CUDA, whether the update left every
 weight finite, so no checkpoint ever holds a diverged update.
@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,51 @@ from difftune_control.utils import atomic_write_text, read_jsonl
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: the loop's counters and the state dicts a resume restores.
+
+    Saved as a checkpoint's ``trainer_state.json``: a JSON object with these fields as keys, in this
+    order, plus ``files`` (every other file's size, written by :func:`save_checkpoint`). The model,
+    optimizer and RNG states are accelerate's files beside it.
+
+    Args:
+        global_step (`int`): optimizer steps done.
+        consumed_batches (`int`): micro-batches taken from the data stream (its position on resume).
+        elapsed (`float`): training seconds so far, over every resume.
+        stop_at (`int`, *optional*): the step ``--stop_after_convergence`` stops at, once converged.
+        trainer (`dict`): ``ControlNetTrainer.state_dict()``.
+        lr_scheduler (`dict`): the learning-rate schedule's ``state_dict()``.
+        monitor (`dict`, *optional*): ``ConvergenceMonitor.state_dict()`` (None without a detector).
+    """
+
+    global_step: int = 0
+    consumed_batches: int = 0
+    elapsed: float = 0.0
+    stop_at: int | None = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+    lr_scheduler: dict[str, Any] = field(default_factory=dict)
+    monitor: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``trainer_state.json`` (without ``files``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainState:
+        """Read a ``trainer_state.json`` object; older versions' lack the keys added since (defaults)."""
+        missing = [k for k in ("global_step", "trainer", "lr_scheduler") if k not in saved]
+        if missing:
+            raise ValueError(f"keys {missing} missing")
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> TrainState:
+        """The state saved in checkpoint folder ``checkpoint``."""
+        return cls.from_dict(json.loads((checkpoint / STATE_FILE).read_text()))
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -132,11 +178,12 @@ def verify_checkpoint(path: Path) -> list[str]:
     """
     problems: list[str] = []
     try:
-        state = json.loads((path / "trainer_state.json").read_text())
-        if not isinstance(state, dict) or not {"global_step", "trainer", "lr_scheduler"} <= set(state):
-            raise ValueError("keys global_step, trainer, lr_scheduler missing")
-    except (OSError, ValueError) as err:
-        return [f"trainer_state.json is unreadable ({err})"]
+        state = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        TrainState.from_dict(state)
+    except (OSError, ValueError, TypeError) as err:
+        return [f"{STATE_FILE} is unreadable ({err})"]
     recorded = state.get("files")
     if isinstance(recorded, dict):
         for name, size in recorded.items():
@@ -228,7 +275,7 @@ def last_finite_checkpoint(run_dir: Path) -> Path | None:
 
 
 def save_checkpoint(
-    accelerator, run_dir: Path, step: int, controlnet, trainer_state: dict, limit: int | None
+    accelerator, run_dir: Path, step: int, controlnet, state: TrainState, limit: int | None
 ) -> Path:
     """Write ``checkpoint-<step>`` atomically (a temp folder renamed at the end), then prune old ones.
 
@@ -244,8 +291,8 @@ def save_checkpoint(
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
         accelerator.unwrap_model(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
-        state = {**trainer_state, "files": _checkpoint_files(tmp)}
-        atomic_write_text(tmp / "trainer_state.json", json.dumps(state, indent=1))
+        saved = {**state.to_dict(), "files": _checkpoint_files(tmp)}
+        atomic_write_text(tmp / STATE_FILE, json.dumps(saved, indent=1))
         if final.exists():
             _remove(final)
         os.replace(tmp, final)
@@ -255,6 +302,21 @@ def save_checkpoint(
                 logger.info("removed old checkpoint %s (--checkpoints_total_limit %d)", old.name, limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def restore_checkpoint(accelerator, checkpoint: Path, trainer, lr_scheduler, monitor=None) -> TrainState:
+    """Load what :func:`save_checkpoint` wrote into the run's objects; returns the saved :class:`TrainState`.
+
+    Model, optimizer and RNG states through ``accelerator``, then the trainer's, the learning-rate
+    schedule's and the convergence monitor's state dicts (``monitor`` may be None, or saved as None).
+    """
+    accelerator.load_state(str(checkpoint))
+    state = TrainState.load(checkpoint)
+    trainer.load_state_dict(state.trainer)
+    lr_scheduler.load_state_dict(state.lr_scheduler)
+    if monitor is not None and state.monitor is not None:
+        monitor.load_state_dict(state.monitor)
+    return state
 
 
 def _remove(folder: Path) -> None:

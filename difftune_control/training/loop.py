@@ -3,6 +3,7 @@ logging, evaluation and stop rules."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -15,11 +16,13 @@ import torch
 from difftune_control import __version__
 from difftune_control.config import RunConfig
 from difftune_control.training.checkpoints import (
+    TrainState,
     WeightWatch,
     checkpoint_step,
     latest_run,
     list_checkpoints,
     resolve_resume,
+    restore_checkpoint,
     save_checkpoint,
     truncate_metrics,
 )
@@ -42,7 +45,7 @@ def _run_dir(cfg: RunConfig, accelerator) -> Path:
     name = cfg.train.run_name
     if name is None:
         m = cfg.method
-        tag = m.method if m.method == "vanilla" else f"difftuning-{m.split}"
+        tag = f"difftuning-{m.split}" if m.method == "difftuning" else m.method
         prefix = f"{Path(cfg.data.condition).stem}-{tag}-"
         found = latest_run(Path(cfg.train.output_dir), prefix) if rc == "latest" else None
         name = [found.name if found else f"{prefix}{datetime.now().strftime('%Y%m%d-%H%M%S')}"]
@@ -89,18 +92,12 @@ def run_training(cfg: RunConfig) -> Path:
     run = build_run(cfg, toy, recipe, accelerator, run_dir)
     trainer, monitor, lr_scheduler = run.trainer, run.monitor, run.lr_scheduler
 
-    state: dict[str, Any] = {"global_step": 0, "consumed_batches": 0, "elapsed": 0.0, "stop_at": None}
+    state = TrainState()
     if resume is not None:
-        accelerator.load_state(str(resume))
-        saved = json.loads((resume / "trainer_state.json").read_text())
-        state.update({k: saved[k] for k in state if k in saved})
-        trainer.load_state_dict(saved["trainer"])
-        lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        if monitor is not None and saved.get("monitor") is not None:
-            monitor.load_state_dict(saved["monitor"])
+        state = restore_checkpoint(accelerator, resume, trainer, lr_scheduler, monitor)
         if accelerator.is_main_process:
-            truncate_metrics(run_dir / "metrics.jsonl", state["global_step"])
-        logger.info("resumed from %s at optimizer step %d", resume, state["global_step"])
+            truncate_metrics(run_dir / "metrics.jsonl", state.global_step)
+        logger.info("resumed from %s at optimizer step %d", resume, state.global_step)
     elif accelerator.is_main_process and (run_dir / "metrics.jsonl").exists():
         (run_dir / "metrics.jsonl").unlink()
 
@@ -142,7 +139,7 @@ class _Loop:
     ):
         self.cfg, self.acc, self.trainer = cfg, accelerator, trainer
         self.optimizer, self.lr_scheduler, self.monitor, self.val = optimizer, lr_scheduler, monitor, val
-        self.run_dir, self.state = run_dir, state
+        self.run_dir, self.state = run_dir, state  # a TrainState, updated in place
         self.main = accelerator.is_main_process
         self.log = JsonlLogger(run_dir / "metrics.jsonl") if self.main else None
         self._pending_log: tuple[dict, WindowMeans] | None = None  # a train record read one step later
@@ -158,7 +155,7 @@ class _Loop:
             self.tb = SummaryWriter(str(run_dir / "logs"))
 
     def now(self) -> float:
-        return self.state["elapsed"] + time.time() - self._t0
+        return self.state.elapsed + time.time() - self._t0
 
     def emit(self, record: dict) -> None:
         if not self.main:
@@ -189,14 +186,14 @@ class _Loop:
         )
         loader = torch.utils.data.DataLoader(
             self.trainer.target,
-            batch_sampler=StreamBatchSampler(stream, st["consumed_batches"]),
+            batch_sampler=StreamBatchSampler(stream, st.consumed_batches),
             num_workers=cfg.data.dataloader_num_workers,
             collate_fn=torch.utils.data.default_collate,
             pin_memory=acc.device.type == "cuda",  # asynchronous copies (utils.to_device)
             generator=torch.Generator().manual_seed(t.seed),  # keeps the global RNG untouched (exact resume)
         )
         batches = iter(loader)
-        if self.monitor is not None and self.monitor.should_evaluate(st["global_step"]):
+        if self.monitor is not None and self.monitor.should_evaluate(st.global_step):
             self._evaluate()  # step 0: measures d0 and d_floor first
         reason = "max_steps"
         window: list[dict] = []
@@ -205,18 +202,18 @@ class _Loop:
 
         self.bar = tqdm(
             total=t.max_train_steps,
-            initial=st["global_step"],
+            initial=st.global_step,
             desc="training",
             unit="step",
             disable=not self.main,
         )
         with StopSignal() as stop:
-            while st["global_step"] < t.max_train_steps:
-                self._seed_step(st["consumed_batches"])
+            while st.global_step < t.max_train_steps:
+                self._seed_step(st.consumed_batches)
                 self.weights.check(keep=1)  # the update before last: finished on the GPU by now
                 with acc.accumulate(self.trainer.controlnet):
                     parts = self.trainer.training_step(next(batches))
-                    st["consumed_batches"] += 1
+                    st.consumed_batches += 1
                     if acc.sync_gradients:
                         acc.clip_grad_norm_(self.trainer.controlnet.parameters(), t.max_grad_norm)
                     self.optimizer.step()
@@ -225,8 +222,8 @@ class _Loop:
                 if not acc.sync_gradients:
                     continue
                 self.lr_scheduler.step()
-                st["global_step"] += 1
-                step = st["global_step"]
+                st.global_step += 1
+                step = st.global_step
                 self.weights.watch(step)
                 self.bar.update(1)
                 self._flush_log()  # the previous step's record: finished on the GPU by now
@@ -269,15 +266,15 @@ class _Loop:
         """Every process returns the same answer at the same step (:class:`StopVote`; ``stop_at`` is shared)."""
         st = self.state
         reason = None
-        if self.vote(st["global_step"], stop.received is not None):
+        if self.vote(st.global_step, stop.received is not None):
             reason = "signal"
-        elif st["stop_at"] is not None and st["global_step"] >= st["stop_at"]:
+        elif st.stop_at is not None and st.global_step >= st.stop_at:
             reason = "stop_after_convergence"
         if reason and self.acc.num_processes > 1:
             logger.info(
                 "process %d stops at optimizer step %d (%s)",
                 self.acc.process_index,
-                st["global_step"],
+                st.global_step,
                 reason,
             )
         return reason
@@ -316,7 +313,7 @@ class _Loop:
             base = self.trainer.base
             net = self.acc.unwrap_model(self.trainer.controlnet)
             records = self.monitor.evaluate(
-                self.state["global_step"], base.unet, base.vae, net, base.scheduler_config, elapsed=self.now()
+                self.state.global_step, base.unet, base.vae, net, base.scheduler_config, elapsed=self.now()
             )
             for record in records:
                 self.emit(record)
@@ -324,16 +321,16 @@ class _Loop:
                     record["type"] == "convergence_event"
                     and self.cfg.detector.stop_after_convergence is not None
                 ):
-                    self.state["stop_at"] = record["step"] + self.cfg.detector.stop_after_convergence
+                    self.state.stop_at = record["step"] + self.cfg.detector.stop_after_convergence
                     logger.info(
                         "sudden convergence at step %d; stopping at step %d",
                         record["step"],
-                        self.state["stop_at"],
+                        self.state.stop_at,
                     )
         if self.acc.num_processes > 1:  # every process knows the stop step, so each stops there alone
             from accelerate.utils import broadcast_object_list
 
-            self.state["stop_at"] = broadcast_object_list([self.state["stop_at"]])[0]
+            self.state.stop_at = broadcast_object_list([self.state.stop_at])[0]
         self.acc.wait_for_everyone()
 
     def _validation_grid(self, step: int) -> None:
@@ -370,11 +367,13 @@ class _Loop:
     def _checkpoint(self, step: int) -> None:
         self._flush_log()
         self._check_finite()  # nothing from a non-finite step is logged or saved
-        st = dict(self.state)
-        st["elapsed"] = self.now()
-        st["trainer"] = self.trainer.state_dict()
-        st["lr_scheduler"] = self.lr_scheduler.state_dict()
-        st["monitor"] = self.monitor.state_dict() if self.monitor is not None else None
+        st = dataclasses.replace(
+            self.state,
+            elapsed=self.now(),
+            trainer=self.trainer.state_dict(),
+            lr_scheduler=self.lr_scheduler.state_dict(),
+            monitor=self.monitor.state_dict() if self.monitor is not None else None,
+        )
         path = save_checkpoint(
             self.acc, self.run_dir, step, self.trainer.controlnet, st, self.cfg.train.checkpoints_total_limit
         )
@@ -387,11 +386,11 @@ class _Loop:
             net = self.acc.unwrap_model(self.trainer.controlnet)
             with atomic_dir(self.run_dir / "controlnet") as tmp:
                 net.save_pretrained(tmp, safe_serialization=True)
-            self.emit({"type": "end", "step": self.state["global_step"], "reason": reason})
+            self.emit({"type": "end", "step": self.state.global_step, "reason": reason})
             self.log.close()
             if self.tb is not None:
                 self.tb.close()
             logger.info(
-                "finished (%s) at optimizer step %d: %s", reason, self.state["global_step"], self.run_dir
+                "finished (%s) at optimizer step %d: %s", reason, self.state.global_step, self.run_dir
             )
         self.acc.wait_for_everyone()

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BaseModel:
-    """The frozen Stable Diffusion parts a ControlNet trains against."""
+    """The frozen Stable Diffusion parts a ControlNet trains against (a :class:`~difftune_control.bank.BankBaseModel`)."""
 
     unet: Any
     vae: Any
@@ -36,6 +36,8 @@ class BaseModel:
     text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection
     tokenizer_2: Any = None
     force_zeros_negative: bool = False  # SDXL: CFG's unconditional input is zeros
+    revision: str | None = None  # --revision and --variant it was loaded with (with model_id: its identity)
+    variant: str | None = None
 
     @property
     def scheduler_config(self) -> dict:
@@ -150,6 +152,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device, weight_dtype: torch.
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer_2,
         force_zeros_negative=force_zeros,
+        revision=cfg.revision,
+        variant=cfg.variant,
     )
 
 

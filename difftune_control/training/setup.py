@@ -61,6 +61,7 @@ def resolve_config(cfg: RunConfig) -> tuple[RunConfig, bool, Any]:
     recipe = load_recipe(cfg.data.condition)
     cfg = resolve_defaults(cfg, toy=toy, recipe=recipe, kind=None if toy else _model_kind(cfg))
     cfg.validate()
+    trainer_class(cfg)  # --method through the methods registry: an unknown name fails before any model loads
     return cfg, toy, recipe
 
 
