@@ -114,7 +114,7 @@ def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device
 
     crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
     with rank_zero_first():
-        return build_latent_cache(
+        cached = build_latent_cache(
             dataset,
             vae=base.vae,
             text_encoder=base.prompt_encoder(cfg.data.resolution, crop),
@@ -124,6 +124,8 @@ def load_target(cfg: RunConfig, base: BaseModel, extractor, device: torch.device
             dtype=base.unet.dtype,
             vae_dtype=base.vae.dtype,
         )
+    cached.compact_hints = True  # uint8 through the loader, float on the device (ControlNetTrainer)
+    return cached
 
 
 def warn_long_captions(dataset, tokenizer) -> None:

@@ -290,6 +290,13 @@ def derived_generator(*parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
+def hint_to_float(hint: torch.Tensor) -> torch.Tensor:
+    """A hint batch as float32 in [0,1]: uint8 hints (as caches and banks store them) are divided by 255."""
+    import torch
+
+    return hint.float() / 255.0 if hint.dtype == torch.uint8 else hint.float()
+
+
 def to_device(
     x: torch.Tensor, device: torch.device | str | None, dtype: torch.dtype | None = None
 ) -> torch.Tensor:

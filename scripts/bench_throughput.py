@@ -132,7 +132,7 @@ def build_sd15(folder: Path) -> Path:
 
 
 class SyntheticCached(torch.utils.data.Dataset):
-    """Items shaped like the latent cache's (SD1.5 at 512 px); hints stored as uint8 like the bank's."""
+    """Items shaped like the latent cache's (SD1.5 at 512 px), hints uint8 as the training run's loader gets them."""
 
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ class SyntheticCached(torch.utils.data.Dataset):
         return {
             "latents": self.latents[i],
             "encoder_hidden_states": self.encoder_hidden_states[i].float(),
-            "conditioning_pixel_values": self.hints[i].float() / 255.0,
+            "conditioning_pixel_values": self.hints[i],  # uint8, as the training loader's cached rows
             "caption": self.captions[i],
             "index": i,
         }

@@ -198,6 +198,15 @@ def test_extracted_hints_are_memoised_in_the_cache(tmp_path, models):
     assert (hint - direct).abs().max() <= 0.5 / 255 + 1e-6  # stored as uint8
     key = json.loads((cached.cache_dir / "manifest.json").read_text())["key"]
     assert key["hints"].endswith("invert")
+    # the training loader's compact hints: the stored uint8, the same float32 values once on the device
+    from difftune_control.utils import hint_to_float
+
+    cached.compact_hints = True
+    compact = torch.utils.data.default_collate([cached[i] for i in range(3)])["conditioning_pixel_values"]
+    cached.compact_hints = False
+    full = torch.utils.data.default_collate([cached[i] for i in range(3)])["conditioning_pixel_values"]
+    assert compact.dtype == torch.uint8 and full.dtype == torch.float32
+    assert torch.equal(hint_to_float(compact), full)
 
 
 def test_cache_refuses_a_dataset_it_was_not_built_for(tmp_path, models):

@@ -252,3 +252,27 @@ def test_a_registered_method_is_a_cli_choice_and_trains(
     assert main(["train", "--config", str(config)]) == 2
     err = capsys.readouterr().err
     assert "--method: got 'magic'; choose one of ['difftuning', 'double', 'vanilla']" in err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["vanilla", "difftuning"])
+def test_a_training_step_never_waits_for_the_gpu(method, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """After the first step (which measures --bank_weight auto's lambda), a step queues its work and returns:
+    no host read of a device value, no stream synchronisation (either would expose the host's dispatch)."""
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method=method)
+    trainer, opt = build_trainer(cfg)
+    assert trainer.device.type == "cuda"
+    batch = target_batch(trainer)
+    trainer.training_step(batch)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            trainer.training_step(batch)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    trainer.check_finite()

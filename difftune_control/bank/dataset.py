@@ -17,9 +17,7 @@ from difftune_control.bank.manifest import (
     read_json,
     shard_ranges,
 )
-from difftune_control.utils import (
-    to_device,
-)
+from difftune_control.utils import hint_to_float, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +110,7 @@ class BankDataset(torch.utils.data.Dataset):
             "latents": self.latents[i].float(),
             "encoder_hidden_states": self.encoder_hidden_states[i].float(),
             **{k: v[i] for k, v in self.added.items()},
-            "conditioning_pixel_values": self.hints[i].float() / 255.0,
+            "conditioning_pixel_values": hint_to_float(self.hints[i]),
             "caption": self.prompts[i],
             "index": int(self.indices[i]),
         }
@@ -137,7 +135,7 @@ class BankDataset(torch.utils.data.Dataset):
             "latents": to_device(latents, device).float(),
             "encoder_hidden_states": to_device(self.encoder_hidden_states[indices], device).float(),
             **{k: to_device(v[indices], device) for k, v in self.added.items()},
-            "conditioning_pixel_values": to_device(self.hints[indices], device).float() / 255.0,
+            "conditioning_pixel_values": hint_to_float(to_device(self.hints[indices], device)),
         }
 
     def images(self, vae, n: int = 16) -> torch.Tensor:

@@ -49,7 +49,15 @@ class CachedTargetDataset(Dataset):
         cache_dir (`str` or `Path`): a folder completed by `build_latent_cache`.
         dataset (`TargetDataset`): the dataset it was built from (captions, hint files).
         sample_latents (`bool`, defaults to `True`): sample the posterior instead of returning its mean.
+
+    Attributes:
+        compact_hints (`bool`): hints stored in the cache are returned as they are stored, uint8 [3,R,R]
+            in [0, 255] (a quarter of the float bytes through the loader's workers and the host-to-device
+            copy; the trainer divides by 255 on the device, the same float32 values). Set by the training
+            run for its loader; ``False`` (float in [0,1]) everywhere else.
     """
+
+    compact_hints: bool = False
 
     def __init__(self, cache_dir: str | Path, dataset: TargetDataset, *, sample_latents: bool = True) -> None:
         self.cache_dir = Path(cache_dir)
@@ -106,7 +114,8 @@ class CachedTargetDataset(Dataset):
             eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))  # not the global RNG
             latents = mean + shard.get_slice("latent_std")[j : j + 1][0].float() * eps
         if "hints" in shard.keys():
-            hint = shard.get_slice("hints")[j : j + 1][0].float() / 255.0
+            hint = shard.get_slice("hints")[j : j + 1][0]
+            hint = hint if self.compact_hints else hint.float() / 255.0
         else:
             top, left = shard.get_slice("crop_top_left")[j : j + 1][0].tolist()
             flip = bool(shard.get_slice("flip")[j : j + 1][0])

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
 from difftune_control.methods.noising import add_noise, prediction_target
-from difftune_control.utils import to_device
+from difftune_control.utils import hint_to_float, to_device
 from difftune_control.validation import controlled_forward
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,9 @@ class ControlNetTrainer:
             "latents": latents.float(),
             "encoder_hidden_states": ehs.float(),
             **{k: v.float() for k, v in added.items()},
-            "conditioning_pixel_values": to_device(batch["conditioning_pixel_values"], self.device).float(),
+            "conditioning_pixel_values": hint_to_float(
+                to_device(batch["conditioning_pixel_values"], self.device)
+            ),
         }
 
     def noisy_input_and_target(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
