@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
 # The method search on one GPU, one condition set per call (device tool, repository root):
 #   OUT=... CONDS=depth bash bench/h200_search.sh
 #   CONDS     conditions (default: depth); CANDS: candidates of scripts/bench_convergence.py

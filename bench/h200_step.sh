@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
 # The training step at SD1.5 scale on one H200 (device tool, repository root): OUT=... bash bench/h200_step.sh
 # eager: vanilla vs the default Diff-Tuning, interleaved chunks (BATCHES, default "32 8 4"), PROFILE=--profile adds
 #        a torch.profiler record of each; compile: the same with regional torch.compile + channels_last
