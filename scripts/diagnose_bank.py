@@ -105,6 +105,12 @@ def main() -> int:
     print(f"\nwhat pulls (bank-row gradient norm at t = {args.probe_t}):")
     for name, value in probe.items():
         print(f"  {name}: {value:.4g}")
+    if whole["ratio"] > 1.0:
+        from difftune_control.training.diagnostics import BANK_ADVICE
+
+        print(
+            f"\nThe weighted bank part pulls harder than the target part ({whole['ratio']:.2f}x). {BANK_ADVICE}"
+        )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         payload = {

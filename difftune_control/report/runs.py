@@ -256,8 +256,9 @@ def caveats(run: Run) -> list[str]:
     if ratio is not None and ratio > 1:
         notes.append(
             f"at step 0 the weighted memory-bank rows pulled the ControlNet {ratio:.2f}x as hard as the target "
-            "rows: the bank can delay or prevent sudden convergence (BENCHMARKS.md section 2; try --retention "
-            "trajectory)"
+            "rows: the bank can delay or prevent sudden convergence (BENCHMARKS.md sections 0 and 2; the default "
+            "--method difftuning measures lambda with --bank_weight auto and draws bank rows with --bank_latents "
+            "sample)"
         )
     if not run.evals:
         return notes

@@ -106,15 +106,17 @@ def warn_if_bank_dominates(check: dict, retention: str) -> bool:
         msg + ". The base model denoises its own samples worse than your data, so the bank will "
         "first teach the ControlNet to correct the base instead of following the hint; on the toy world "
         "this delayed or prevented sudden convergence (BENCHMARKS.md section 2)."
-        + (
-            " Use --bank_weight auto (the default: lambda set so the bank pulls --bank_pull times as hard as "
-            "the data) with --bank_hint zero (null-condition bank rows), or --retention trajectory (the "
-            "base's own predictions as bank targets); BENCHMARKS.md section 0 compares them."
-            if retention == "renoise"
-            else ""
-        )
+        + (" " + BANK_ADVICE if retention == "renoise" else "")
     )
     return True
+
+
+BANK_ADVICE = (
+    "What measured best on the toy world (BENCHMARKS.md section 0) is the default --method difftuning: "
+    "null-hint bank rows (--bank_hint zero) whose latents are drawn from the VAE posterior as the data's are "
+    "(--bank_latents sample), lambda set from the measured pull (--bank_weight auto); a bank of posterior "
+    "means (--bank_latents mean) pulled 2x as hard as draws."
+)
 
 
 def bank_check_at_start(cfg, trainer, target, accelerator) -> dict | None:
