@@ -5,6 +5,8 @@
 #   CONDS     conditions (default: depth); CANDS: candidates of scripts/bench_convergence.py
 #   SEEDS     (default: 0 1 2); STEPS: optimizer steps (800); PAR: runs at once (15)
 #   BUDGET    seconds for preparation + training (420); RET_BUDGET: seconds for retention scores (120)
+#   EXTRA     extra `difftune train` flags for every run, e.g. EXTRA="--toy_domain crowded" (with W=/tmp/search-crowded
+#             so the runs do not mix with default-domain ones on a warm machine)
 # Every run is a toy-world `difftune train` with one intra-op thread; runs still going after BUDGET are
 # stopped (they checkpoint on SIGTERM; their AUCC is reported as incomplete). Results: search.log,
 # results.md, curves.png and the runs' metrics (search-runs.tgz, no weights) in $OUT.
@@ -21,14 +23,16 @@ W=${W:-/tmp/search}
 source bench/device_env.sh
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 DIFFTUNE_CACHE=${DIFFTUNE_CACHE:-/tmp/cache-search}
 ARGS="--out $W --conditions $CONDS --candidates $CANDS --seeds $SEEDS --max_train_steps $STEPS --convergence_every 50"
+EXTRA=${EXTRA:-}
+TAIL=""; [ -n "$EXTRA" ] && TAIL="-- $EXTRA"  # after every other flag: bench_convergence passes them on
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git_rev=$(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown); echo "commit $git_rev, $(date -u +%F)"
-timeout $BUDGET python3 scripts/bench_convergence.py $ARGS --parallel $PAR --no-retention > $OUT/search.log 2>&1
+timeout $BUDGET python3 scripts/bench_convergence.py $ARGS --parallel $PAR --no-retention $TAIL > $OUT/search.log 2>&1
 bash bench/stop_runs.sh
-timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only >> $OUT/search.log 2>&1
+timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only $TAIL >> $OUT/search.log 2>&1
 (cd $W && tar czf $OUT/search-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' \
   --exclude='samples' --exclude='logs' runs retention)
-python3 scripts/bench_convergence.py $ARGS --aggregate-only >> $OUT/search.log 2>&1
+python3 scripts/bench_convergence.py $ARGS --aggregate-only $TAIL >> $OUT/search.log 2>&1
 cp $W/results.md $W/results.json $W/curves.png $OUT/ 2>/dev/null
 grep -E "rc=|all runs|prepared|retention " $OUT/search.log | tail -n 45
 cat $W/results.md
