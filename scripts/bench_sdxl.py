@@ -284,7 +284,11 @@ def main() -> int:
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--batches", nargs="+", type=int, default=[4, 1, 8], help="in run order")
     p.add_argument(
-        "--methods", nargs="+", default=["vanilla", "difftuning"], choices=["vanilla", "difftuning"]
+        "--methods",
+        nargs="*",
+        default=["vanilla", "difftuning"],
+        choices=["vanilla", "difftuning"],
+        help="our trainer's methods (none: the example only)",
     )
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps of ours")
     p.add_argument("--warmup", type=int, default=2)
