@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -132,15 +133,30 @@ def build_sd15(folder: Path) -> Path:
 
 
 class SyntheticCached(torch.utils.data.Dataset):
-    """Items shaped like the latent cache's (SD1.5 at 512 px), hints uint8 as the training run's loader gets them."""
+    """Items shaped like the latent cache's, hints uint8 as the training run's loader gets them.
 
-    def __init__(self, n: int):
+    Args:
+        n: rows.
+        resolution: image side R (latents [4,R/8,R/8], hints [3,R,R]); SD1.5's 512 by default.
+        context: ``encoder_hidden_states`` [L,D] of a row; SD1.5's (77, 768) by default.
+        added: the added conditioning of all rows, name -> [n,...] (SDXL's ``text_embeds`` and
+            ``time_ids``); none by default, as at SD1.5.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        resolution: int = 512,
+        context: tuple[int, int] = (77, 768),
+        added: dict[str, torch.Tensor] | None = None,
+    ):
         g = torch.Generator().manual_seed(0)
-        self.latents = torch.randn(n, 4, 64, 64, generator=g)
-        self.latent_std = torch.full((n, 4, 64, 64), 0.05).half()  # the bank's posterior spread (format 2)
-        self.added = {}  # SDXL's pooled embeddings and time ids: none at SD1.5
-        self.encoder_hidden_states = torch.randn(n, 77, 768, generator=g).half()
-        self.hints = torch.randint(0, 256, (n, 3, 512, 512), generator=g, dtype=torch.uint8)
+        h = resolution // 8
+        self.latents = torch.randn(n, 4, h, h, generator=g)
+        self.latent_std = torch.full((n, 4, h, h), 0.05).half()  # the bank's posterior spread (format 2)
+        self.added = {k: v.float() for k, v in (added or {}).items()}
+        self.encoder_hidden_states = torch.randn(n, *context, generator=g).half()
+        self.hints = torch.randint(0, 256, (n, 3, resolution, resolution), generator=g, dtype=torch.uint8)
         self.captions = ["a photo"] * n
 
     def __len__(self):
@@ -152,10 +168,53 @@ class SyntheticCached(torch.utils.data.Dataset):
         return {
             "latents": self.latents[i],
             "encoder_hidden_states": self.encoder_hidden_states[i].float(),
+            **{k: v[i] for k, v in self.added.items()},
             "conditioning_pixel_values": self.hints[i],  # uint8, as the training loader's cached rows
             "caption": self.captions[i],
             "index": i,
         }
+
+
+def train_flop_per_image(unet_config: dict, rows: SyntheticCached) -> float:
+    """Matmul, convolution and attention FLOPs of one training image, counted on the meta device.
+
+    One step of ours and of diffusers' example per image: the ControlNet forward, the frozen UNet's forward
+    with the ControlNet's residuals, and the backward of the loss (the ControlNet's weights and inputs; the
+    frozen UNet's activations from the first residual on, none of its weights), at the shapes of
+    ``rows`` (latents, context, hint, added conditioning), ControlNet made as the trainer makes it (the
+    default hint encoder, 16, 32, 96, 256). Counted by ``torch.utils.flop_counter.FlopCounterMode`` on
+    meta tensors: no memory, no GPU, a few seconds at SDXL size. Model FLOPs, as MFU counts them: gradient
+    checkpointing's recomputation is not included. Elementwise operations are not counted.
+    """
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 96, 256))
+    unet.requires_grad_(False)
+
+    def meta(x: torch.Tensor) -> torch.Tensor:  # one row's shape, batch 1
+        return torch.zeros(1, *x.shape[1:], device="meta")
+
+    x, ehs, hint = meta(rows.latents), meta(rows.encoder_hidden_states), meta(rows.hints)
+    added = {k: meta(v) for k, v in rows.added.items()} or None
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        # validation.controlled_forward's two calls (its autocast guard has no meta device)
+        down, mid = controlnet(
+            x, t, encoder_hidden_states=ehs, controlnet_cond=hint, added_cond_kwargs=added, return_dict=False
+        )
+        pred = unet(
+            x,
+            t,
+            encoder_hidden_states=ehs,
+            added_cond_kwargs=added,
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+        ).sample
+        pred.float().pow(2).mean().backward()
+    return float(counter.get_total_flops())
 
 
 SPEED_SETTINGS = {  # name -> RunConfig.train fields
@@ -171,6 +230,51 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
 }
 
 
+def make_ours(
+    model_dir: Path,
+    batch: int,
+    method: str,
+    checkpointing: bool = False,
+    speed: str = "default",
+    rows=SyntheticCached,
+    device: str | None = None,
+):
+    """Our trainer on synthetic cached rows, its ControlNet and optimizer made by the run's own ``prepare_trainable``.
+
+    Synthetic cached rows stand in for the target set and the bank, so the step is measured alone
+    (``setup()`` would load a dataset and build a bank first). ``rows(n)`` makes ``n`` rows (a
+    :class:`SyntheticCached`); the training resolution and the empty prompt's shape are read from them.
+    Returns ``(trainer, optimizer, accelerator)``; the trainer holds the target rows and the ControlNet.
+    """
+    from difftune_control.config import RunConfig, resolve_defaults
+    from difftune_control.methods.registry import trainer_class
+    from difftune_control.training.runtime import load_base_model
+    from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
+
+    target = rows(max(batch, 8) * 2)
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(model_dir)
+    cfg.method.method = method
+    cfg.data.resolution = target.hints.shape[-1]
+    cfg.train.train_batch_size = batch
+    cfg.train.mixed_precision = "bf16"
+    cfg.train.gradient_checkpointing = checkpointing
+    cfg.train.device = device
+    for k, v in SPEED_SETTINGS[speed].items():
+        setattr(cfg.train, k, v)
+    cfg = resolve_defaults(cfg, toy=False)
+    acc = make_accelerator(cfg)
+    base = load_base_model(cfg.model, acc.device, weight_dtype(acc))
+    if speed == "unet_autocast":
+        base.unet.forward = torch.autocast("cuda", dtype=torch.bfloat16)(base.unet.forward)
+    torch.manual_seed(0)
+    controlnet, opt, _ = prepare_trainable(cfg, acc, base)
+    bank = rows(64) if method == "difftuning" else None
+    empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
+    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    return trainer, opt, acc
+
+
 def bench_ours(
     model_dir: Path,
     batch: int,
@@ -179,42 +283,26 @@ def bench_ours(
     warmup: int,
     checkpointing: bool = False,
     speed: str = "default",
+    rows=SyntheticCached,
+    flop_per_image: float = FLOP_PER_IMAGE,
 ) -> dict:
-    """Optimizer steps of our trainer, its ControlNet and optimizer made by the run's own ``prepare_trainable``.
-
-    Synthetic cached rows stand in for the target set and the bank, so the numbers measure the step alone
-    (``setup()`` would load a dataset and build a bank first).
-    """
-    from difftune_control.config import RunConfig, resolve_defaults
-    from difftune_control.methods.registry import trainer_class
-    from difftune_control.training.runtime import load_base_model
-    from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
-
-    cfg = RunConfig()
-    cfg.model.pretrained_model_name_or_path = str(model_dir)
-    cfg.method.method = method
-    cfg.train.train_batch_size = batch
-    cfg.train.mixed_precision = "bf16"
-    cfg.train.gradient_checkpointing = checkpointing
-    for k, v in SPEED_SETTINGS[speed].items():
-        setattr(cfg.train, k, v)
-    cfg = resolve_defaults(cfg, toy=False)
-    acc = make_accelerator(cfg)
+    """Images/s, peak memory and MFU of optimizer steps of our trainer (:func:`make_ours`) after ``warmup`` steps."""
     gc.collect()  # the previous setting's models and optimizer state must not count in this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     leftover = torch.cuda.memory_allocated()
-    base = load_base_model(cfg.model, acc.device, weight_dtype(acc))
-    if speed == "unet_autocast":
-        base.unet.forward = torch.autocast("cuda", dtype=torch.bfloat16)(base.unet.forward)
-    torch.manual_seed(0)
-    controlnet, opt, _ = prepare_trainable(cfg, acc, base)
-    target = SyntheticCached(max(batch, 8) * 2)
-    bank = SyntheticCached(64) if method == "difftuning" else None
-    empty = torch.zeros(1, 77, 768)
-    trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    trainer, opt, acc = make_ours(model_dir, batch, method, checkpointing, speed, rows)
+    controlnet, base = trainer.controlnet, trainer.base
+    frozen_idle = sum(  # text encoders and VAE: unused by steps on cached rows, yet on the GPU
+        q.numel() * q.element_size()
+        for m in (base.text_encoder, base.text_encoder_2, base.vae)
+        if m is not None
+        for q in m.parameters()
+    )
+    # frozen models and the ControlNet (the optimizer makes its state at the first step)
+    setup_bytes = torch.cuda.memory_allocated() - leftover
     loader = torch.utils.data.DataLoader(
-        target,
+        trainer.target,
         batch_size=batch,
         shuffle=True,
         drop_last=True,
@@ -247,10 +335,14 @@ def bench_ours(
         "batch": batch,
         "gradient_checkpointing": checkpointing,
         "speed": speed,
+        "optimizer": trainer.cfg.train.optimizer,
         "images_per_s": ips,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "leftover_gib": leftover / 2**30,  # allocated before this setting began (counted in peak_gib)
-        "mfu": ips * FLOP_PER_IMAGE / PEAK_BF16,
+        "setup_gib": setup_bytes / 2**30,
+        "text_encoders_vae_gib": frozen_idle / 2**30,
+        "mfu": ips * flop_per_image / PEAK_BF16,
         "warmup_seconds": warm_s,
     }
     del trainer, controlnet, opt, base, it
@@ -340,8 +432,8 @@ def bench_detector(model_dir: Path, train_images_per_s: float, every: int = 500,
     }
 
 
-def make_parquet(folder: Path, n: int = 256) -> Path:
-    """The same kind of data for diffusers' example: a parquet dataset with Image features."""
+def make_parquet(folder: Path, n: int = 256, resolution: int = 512) -> Path:
+    """The same kind of data for diffusers' example: a parquet dataset with Image features (PNG, ``resolution`` px)."""
     import datasets
     from PIL import Image
 
@@ -351,7 +443,8 @@ def make_parquet(folder: Path, n: int = 256) -> Path:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     out = render_scenes(n, seed=0, resolution=128)
-    to_pil = lambda x: Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype("uint8")).resize((512, 512))  # noqa: E731
+    size = (resolution, resolution)
+    to_pil = lambda x: Image.fromarray((x.permute(1, 2, 0).numpy() * 255).astype("uint8")).resize(size)  # noqa: E731
     ds = (
         datasets.Dataset.from_dict(
             {
@@ -367,22 +460,31 @@ def make_parquet(folder: Path, n: int = 256) -> Path:
     return folder
 
 
+def gpu_memory_used_mib() -> int | None:
+    """The most memory in use on any GPU, from nvidia-smi (MiB), or None without one."""
+    try:
+        used = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        return max(int(u) for u in used)
+    except (OSError, ValueError):
+        return None
+
+
 class GpuMemoryPoll(threading.Thread):
+    """Peak of :func:`gpu_memory_used_mib` every 0.5 s; ``baseline``: the reading when it was made (what
+    other processes, this one included, already held)."""
+
     def __init__(self):
         super().__init__(daemon=True)
+        self.baseline = gpu_memory_used_mib() or 0
         self.peak, self.stop = 0, False
 
     def run(self):
         while not self.stop:
-            try:
-                used = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                    capture_output=True,
-                    text=True,
-                ).stdout.split()
-                self.peak = max(self.peak, max(int(u) for u in used))
-            except (OSError, ValueError):
-                pass
+            self.peak = max(self.peak, gpu_memory_used_mib() or 0)
             time.sleep(0.5)
 
 
@@ -399,7 +501,24 @@ def example_rate(stderr: str) -> float | None:
     return None
 
 
-def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: int, log: Path) -> dict:
+def bench_example(
+    script: Path,
+    model_dir: Path,
+    data: Path,
+    batch: int,
+    steps: int,
+    log: Path,
+    resolution: int = 512,
+    checkpointing: bool = False,
+    flop_per_image: float = FLOP_PER_IMAGE,
+    timeout: float | None = None,
+    wrapper: Path | None = None,
+) -> dict:
+    """diffusers' example ``script`` as it is, under ``accelerate launch``: images/s from its progress bar,
+    peak memory from nvidia-smi (less what the GPU held before it started). A run past ``timeout`` seconds
+    is killed with its whole process group (the launcher's child included) and recorded as an error.
+    ``wrapper``: a script that runs ``script`` (its first argument) with a fix applied from outside
+    (``example_unet_cast.py``)."""
     out_dir = Path("/tmp/diffusers-example-out")
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [
@@ -410,6 +529,7 @@ def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: 
         "1",
         "--mixed_precision",
         "bf16",
+        *([str(wrapper)] if wrapper else []),
         str(script),
         "--pretrained_model_name_or_path",
         str(model_dir),
@@ -418,7 +538,7 @@ def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: 
         "--output_dir",
         str(out_dir),
         "--resolution",
-        "512",
+        str(resolution),
         "--learning_rate",
         "1e-5",
         "--train_batch_size",
@@ -434,22 +554,41 @@ def bench_example(script: Path, model_dir: Path, data: Path, batch: int, steps: 
         "--set_grads_to_none",
         "--report_to",
         "tensorboard",
-    ]
+    ] + (["--gradient_checkpointing"] if checkpointing else [])
+    row = {
+        "impl": "diffusers example",
+        "batch": batch,
+        "gradient_checkpointing": checkpointing,
+        "optimizer": "adamw",
+        "wrapper": wrapper.name if wrapper else None,
+    }
     poll = GpuMemoryPoll()
     poll.start()
     t0 = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the session this run started: the launcher and its child
+        stdout, stderr = proc.communicate()
+        stderr += f"\n[bench] killed after {timeout:.0f} s"
     poll.stop = True
-    log.write_text(res.stdout + "\n" + res.stderr)
-    its = example_rate(res.stderr)
-    if res.returncode != 0 or its is None:
-        return {"impl": "diffusers example", "batch": batch, "error": res.stderr[-1500:]}
+    log.write_text(stdout + "\n" + stderr)
+    its = example_rate(stderr)
+    if proc.returncode != 0 or its is None:
+        return {**row, "error": stderr[-1500:]}
     return {
-        "impl": "diffusers example",
-        "batch": batch,
+        **row,
         "images_per_s": its * batch,
-        "peak_gib_nvsmi": poll.peak / 1024,
-        "mfu": its * batch * FLOP_PER_IMAGE / PEAK_BF16,
+        "peak_gib_nvsmi": (poll.peak - poll.baseline) / 1024,
+        "mfu": its * batch * flop_per_image / PEAK_BF16,
         "wall_s": time.time() - t0,
     }
 
