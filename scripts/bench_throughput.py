@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from difftune_control.bank import BankDataset
+from difftune_control.bank import BankRows
 
 FLOP_PER_IMAGE = 2.45e12
 PEAK_BF16 = 790e12
@@ -137,16 +137,12 @@ class SyntheticCached(torch.utils.data.Dataset):
     def __init__(self, n: int):
         g = torch.Generator().manual_seed(0)
         self.latents = torch.randn(n, 4, 64, 64, generator=g)
-        self.latent_std = torch.full((n, 4, 64, 64), 0.05).half()  # the bank's posterior spread (format 2)
-        self.added = {}  # SDXL's pooled embeddings and time ids: none at SD1.5
         self.encoder_hidden_states = torch.randn(n, 77, 768, generator=g).half()
         self.hints = torch.randint(0, 256, (n, 3, 512, 512), generator=g, dtype=torch.uint8)
         self.captions = ["a photo"] * n
 
     def __len__(self):
         return len(self.captions)
-
-    batch = BankDataset.batch  # the bank's own row fetch: the trainer draws bank rows through it
 
     def __getitem__(self, i):
         return {
@@ -156,6 +152,22 @@ class SyntheticCached(torch.utils.data.Dataset):
             "caption": self.captions[i],
             "index": i,
         }
+
+
+def synthetic_bank(n: int, zero_hints: bool = True) -> BankRows:
+    """Bank rows shaped like a loaded SD1.5 bank's (what the trainer draws through ``bank.batch``); zero
+    hints by default, as the default ``--bank_hint zero`` bank's, else random uint8 ones."""
+    g = torch.Generator().manual_seed(0)
+    shape = (n, 3, 512, 512)
+    return BankRows(
+        torch.randn(n, 4, 64, 64, generator=g),
+        (0.05 + 0.01 * torch.rand(n, 4, 64, 64, generator=g)).half(),  # the posterior's spread
+        torch.randn(n, 77, 768, generator=g).half(),
+        torch.zeros(shape, dtype=torch.uint8)
+        if zero_hints
+        else torch.randint(0, 256, shape, generator=g, dtype=torch.uint8),
+        zero_hints=zero_hints,
+    )
 
 
 SPEED_SETTINGS = {  # name -> RunConfig.train fields
@@ -182,7 +194,7 @@ def bench_ours(
 ) -> dict:
     """Optimizer steps of our trainer, its ControlNet and optimizer made by the run's own ``prepare_trainable``.
 
-    Synthetic cached rows stand in for the target set and the bank, so the numbers measure the step alone
+    Synthetic cached rows stand in for the target set and a zero-hint bank, so the numbers measure the step alone
     (``setup()`` would load a dataset and build a bank first).
     """
     from difftune_control.config import RunConfig, resolve_defaults
@@ -210,7 +222,7 @@ def bench_ours(
     torch.manual_seed(0)
     controlnet, opt, _ = prepare_trainable(cfg, acc, base)
     target = SyntheticCached(max(batch, 8) * 2)
-    bank = SyntheticCached(64) if method == "difftuning" else None
+    bank = synthetic_bank(64) if method == "difftuning" else None
     empty = torch.zeros(1, 77, 768)
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
     loader = torch.utils.data.DataLoader(
