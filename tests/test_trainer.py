@@ -124,7 +124,7 @@ def test_frozen_unet_runs_outside_autocast_controlnet_inside(tiny_pipeline_dir, 
 def test_compiled_blocks_give_the_same_loss_and_gradients(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """``--torch_compile`` compiles the repeated blocks in place (checkpoint keys unchanged); same numbers.
     The inductor backend needs a C compiler, so the test compiles with ``aot_eager`` (same graph capture)."""
-    from difftune_control.training.setup import compile_blocks
+    from difftune_control.training.compilation import compile_blocks
 
     results = []
     for compiled in (False, True):
