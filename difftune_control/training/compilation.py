@@ -1,5 +1,8 @@
 """``--torch_compile``: regional compilation of the ControlNet and UNet blocks, and a persistent cache of
 what the compiler builds, so a second run (or a resumed one) starts training sooner.
+
+Internal switch: ``DIFFTUNE_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``inductor``);
+the tests compile with ``aot_eager`` (the same graph capture and autograd, no C compiler needed).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from difftune_control.utils import cache_root
 logger = logging.getLogger(__name__)
 
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+BACKEND_ENV = "DIFFTUNE_COMPILE_BACKEND"
+"""Environment variable naming the ``torch.compile`` backend of ``--torch_compile`` (default ``inductor``)."""
 CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 CACHE_SWITCHES = {  # (config module, attribute) -> the environment variable that forces it
     ("torch._inductor.config", "fx_graph_cache"): "TORCHINDUCTOR_FX_GRAPH_CACHE",
@@ -37,6 +42,15 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     for m in blocks:
         m.compile(**{"dynamic": False, **compile_kwargs})
     return len(blocks)
+
+
+def compile_backend() -> str:
+    """The backend named by ``$DIFFTUNE_COMPILE_BACKEND`` (default ``inductor``), checked against dynamo's."""
+    backend = os.environ.get(BACKEND_ENV) or "inductor"
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"${BACKEND_ENV}: got {backend!r}; choose one of {sorted(known)}")
+    return backend
 
 
 def compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -72,9 +86,9 @@ def compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
 def compile_for_training(
     controlnet: torch.nn.Module, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None
 ) -> dict[str, Any]:
-    """``--torch_compile``: the blocks of ``controlnet`` and ``unet`` compiled with inductor, the
+    """``--torch_compile``: the blocks of ``controlnet`` and ``unet`` compiled with the run's backend, the
     compiled-artefact cache set up first, and one INFO line saying what, how and where the cache lives."""
-    backend = "inductor"
+    backend = compile_backend()
     cache = compile_cache(cache_dir)
     blocks = {
         "ControlNet": compile_blocks(controlnet, backend=backend),
