@@ -164,9 +164,9 @@ def _gather(
     CUDA is gathered straight into pinned memory (the host allocator keeps the block until the copy is
     done) and copied asynchronously."""
     if src.device == device:
-        return src[on_device]
+        return src.index_select(0, on_device)
     if device.type != "cuda":
-        return to_device(src[indices], device)
+        return to_device(src.index_select(0, indices), device)
     out = torch.empty((indices.shape[0], *src.shape[1:]), dtype=src.dtype, pin_memory=True)
     torch.index_select(src, 0, indices, out=out)
     return out.to(device, non_blocking=True)
