@@ -31,7 +31,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_throughput import FLOP_PER_IMAGE, PEAK_BF16, SPEED_SETTINGS, SyntheticCached, build_sd15  # noqa: E402
+from bench_throughput import (  # noqa: E402
+    FLOP_PER_IMAGE,
+    PEAK_BF16,
+    SPEED_SETTINGS,
+    SyntheticCached,
+    build_sd15,
+    synthetic_bank,
+)
 from profile_training import summarize  # noqa: E402
 
 METHODS = ("vanilla", "difftuning")
@@ -59,7 +66,7 @@ def make_trainers(model_dir: Path, speed: str, batch: int):
     torch.manual_seed(0)
     controlnet, opt, _ = prepare_trainable(cfgs["vanilla"], acc, base)
     target = SyntheticCached(max(batch, 8) * 2)
-    bank = SyntheticCached(64)
+    bank = synthetic_bank(SyntheticCached(64))
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     trainers = {
         m: trainer_class(cfgs[m])(

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from difftune_control.bank import BankDataset
+from difftune_control.bank import BankRows
 
 FLOP_PER_IMAGE = 2.45e12
 PEAK_BF16 = 790e12
@@ -162,8 +162,6 @@ class SyntheticCached(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.captions)
 
-    batch = BankDataset.batch  # the bank's own row fetch: the trainer draws bank rows through it
-
     def __getitem__(self, i):
         return {
             "latents": self.latents[i],
@@ -215,6 +213,20 @@ def train_flop_per_image(unet_config: dict, rows: SyntheticCached) -> float:
         ).sample
         pred.float().pow(2).mean().backward()
     return float(counter.get_total_flops())
+
+
+def synthetic_bank(rows: SyntheticCached, zero_hints: bool = True) -> BankRows:
+    """Bank rows shaped like ``rows`` (what the trainer draws through ``bank.batch``); zero hints by
+    default, as the default ``--bank_hint zero`` bank's, else ``rows``' random uint8 ones."""
+    g = torch.Generator().manual_seed(1)
+    return BankRows(
+        rows.latents,
+        (0.05 + 0.01 * torch.rand(rows.latents.shape, generator=g)).half(),  # the posterior's spread
+        rows.encoder_hidden_states,
+        torch.zeros_like(rows.hints) if zero_hints else rows.hints,
+        added=rows.added,
+        zero_hints=zero_hints,
+    )
 
 
 SPEED_SETTINGS = {  # name -> RunConfig.train fields
@@ -269,7 +281,7 @@ def make_ours(
         base.unet.forward = torch.autocast("cuda", dtype=torch.bfloat16)(base.unet.forward)
     torch.manual_seed(0)
     controlnet, opt, _ = prepare_trainable(cfg, acc, base)
-    bank = rows(64) if method == "difftuning" else None
+    bank = synthetic_bank(rows(64)) if method == "difftuning" else None
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
     return trainer, opt, acc

@@ -1,7 +1,8 @@
 """The Diff-Tuning memory bank: generate, verify, resume and load it.
 
 ``manifest`` (keys, seeds, hashes), ``build`` (``ensure_bank``), ``dataset`` (``BankDataset``, ``load_bank``),
-``interfaces`` (what the bank is handed by its callers: ``BankBaseModel``).
+``rows`` (``BankRows``: training batches of bank rows, on the device), ``interfaces`` (what the bank is
+handed by its callers: ``BankBaseModel``).
 
 Before training, the frozen base model generates ``bank_size`` images from prompts (default:
 the target captions). Per sample the bank stores the VAE latent of the *decoded image*
@@ -55,10 +56,12 @@ from difftune_control.bank.manifest import (
     sample_seed,
     shard_name,
 )
+from difftune_control.bank.rows import BankRows
 
 __all__ = [
     "BankBaseModel",
     "BankDataset",
+    "BankRows",
     "FORMAT_VERSION",
     "LOCK",
     "MANIFEST",

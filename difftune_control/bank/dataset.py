@@ -17,7 +17,8 @@ from difftune_control.bank.manifest import (
     read_json,
     shard_ranges,
 )
-from difftune_control.utils import hint_to_float, to_device
+from difftune_control.bank.rows import BankRows
+from difftune_control.utils import hint_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class BankDataset(torch.utils.data.Dataset):
     Attributes:
         bank_dir (`Path`), manifest (`dict`, the key), contents (`dict`), latents (`Tensor` f32),
         encoder_hidden_states (`Tensor` f16/f32), hints (`Tensor` uint8), prompts (`list[str]`),
-        indices (`Tensor` int64), seeds (`Tensor` int64), extras (`dict`: what registered bank extras read
+        indices (`Tensor` int64), seeds (`Tensor` int64), rows (`BankRows`: the tensors training batches
+        are drawn from, see :meth:`batch`), extras (`dict`: what registered bank extras read
         from the shards, e.g. ``"trajectory"``, the recorded reverse-trajectory states of
         :mod:`difftune_control.distill`; absent when the bank holds none).
     """
@@ -94,6 +96,14 @@ class BankDataset(torch.utils.data.Dataset):
         self.indices = torch.cat([s["indices"] for s in shards])
         self.seeds = torch.cat([s["seeds"] for s in shards])
         self.prompts = [p for s in shards for p in s["prompts"]]
+        self.rows = BankRows(
+            self.latents,
+            self.latent_std,
+            self.encoder_hidden_states,
+            self.hints,
+            self.added,
+            zero_hints=self.manifest.get("bank_hint") == "zero",
+        )
         own = {*_TENSORS, *self.added_keys, "prompts", "bank_key"}
         self.extras = read_bank_extras(shards, self.manifest, own, str(self.bank_dir))
         if len(self.prompts) != self.contents["num_samples"]:
@@ -125,18 +135,10 @@ class BankDataset(torch.utils.data.Dataset):
 
         With ``posterior_generator`` the latents are a draw from each sample's VAE posterior (mean + std *
         noise, the noise from that CPU generator), as target rows are; else the posterior mean. Hints
-        travel as uint8 and become float on the device (a quarter of the transfer).
+        travel as uint8 and become float on the device (a quarter of the transfer); a zero-hint bank's
+        are made there. See :class:`~difftune_control.bank.rows.BankRows` for what stays on the device.
         """
-        latents = self.latents[indices].float()
-        if posterior_generator is not None:
-            noise = torch.randn(latents.shape, generator=posterior_generator)
-            latents = latents + self.latent_std[indices].float() * noise
-        return {
-            "latents": to_device(latents, device).float(),
-            "encoder_hidden_states": to_device(self.encoder_hidden_states[indices], device).float(),
-            **{k: to_device(v[indices], device) for k, v in self.added.items()},
-            "conditioning_pixel_values": hint_to_float(to_device(self.hints[indices], device)),
-        }
+        return self.rows.batch(indices, device, posterior_generator=posterior_generator)
 
     def images(self, vae, n: int = 16) -> torch.Tensor:
         """The first ``n`` bank images, decoded with ``vae``: float32 [n,3,R,R] in [0,1] on the VAE's device."""

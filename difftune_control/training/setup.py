@@ -19,6 +19,7 @@ import torch
 import difftune_control.distill  # noqa: F401  (registers the distilling retention sources)
 from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.methods.registry import trainer_class
+from difftune_control.training.compilation import compile_for_training
 from difftune_control.training.distributed import ddp_kwargs
 from difftune_control.training.runtime import (
     BaseModel,
@@ -179,7 +180,8 @@ def run_bank_only(cfg: RunConfig) -> Path:
 def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     """A fresh ControlNet from ``base.unet`` with the run's speed/memory settings, its optimizer and LR schedule.
 
-    Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``, cuDNN autotuning
+    Gradient checkpointing, ``channels_last`` (ControlNet and UNet), ``torch.compile``
+    (:func:`~difftune_control.training.compilation.compile_for_training`), cuDNN autotuning
     (``--cudnn_benchmark``) and the optimizer (``--optimizer``: fused AdamW on CUDA, or Adafactor). Returns
     ``(controlnet, optimizer, lr_scheduler)``, the first two prepared by ``accelerator``.
     """
@@ -218,29 +220,8 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     )
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     if t.torch_compile:
-        compile_blocks(accelerator.unwrap_model(controlnet))
-        compile_blocks(base.unet)
+        compile_for_training(accelerator.unwrap_model(controlnet), base.unet, cache_dir=cfg.data.cache_dir)
     return controlnet, optimizer, lr_scheduler
-
-
-COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-
-
-def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
-    """Regional ``torch.compile``: each transformer and ResNet block of ``model`` compiled in place.
-
-    Blocks of one shape share their compiled code, so this compiles a handful of small graphs instead
-    of the whole UNet (which took minutes before its first step) and keeps the fusions that matter
-    (GroupNorm + SiLU, attention projections, GEGLU). Static shapes; dynamo's recompile limit is raised
-    to the number of blocks, since every block shape is one more graph. Returns the number of blocks.
-    """
-    blocks = [m for m in model.modules() if type(m).__name__ in COMPILED_BLOCKS]
-    cfg = torch._dynamo.config
-    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, name, max(getattr(cfg, name), 2 * len(blocks)))
-    for m in blocks:
-        m.compile(**{"dynamic": False, **compile_kwargs})
-    return len(blocks)
 
 
 def make_monitor(cfg: RunConfig, recipe, extractor, val, run_dir: Path | None):

@@ -1,0 +1,116 @@
+"""``--torch_compile``: the compiled-artefact cache, its log line, the backend switch, and the same numbers as eager."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch._functorch.config as functorch_config
+import torch._inductor.config as inductor_config
+from conftest import build_trainer, target_batch, tiny_config
+
+from difftune_control.training.compilation import (
+    BACKEND_ENV,
+    CACHE_DIR_ENV,
+    compile_backend,
+    compile_cache,
+)
+
+SWITCHES = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No user setting of the compiler's caches; both caches off, as an older torch has them (restored after)."""
+    for name in (CACHE_DIR_ENV, BACKEND_ENV, *SWITCHES):
+        monkeypatch.delenv(name, raising=False)
+    # the config modules' own patch(): monkeypatch's undo deletes a config entry instead of restoring it
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield monkeypatch
+
+
+def test_the_cache_lives_under_the_project_cache_root(clean_env, tmp_path):
+    clean_env.setenv("DIFFTUNE_CACHE", str(tmp_path / "difftune"))
+    cache = compile_cache()
+    assert os.environ[CACHE_DIR_ENV] == cache["dir"] == str(tmp_path / "difftune" / "inductor")
+    assert cache["user_dir"] is False
+    assert inductor_config.fx_graph_cache is True and functorch_config.enable_autograd_cache is True
+    assert cache["fx_graph_cache"] is True and cache["enable_autograd_cache"] is True
+    # --cache_dir names the cache root of the run
+    clean_env.delenv(CACHE_DIR_ENV)
+    assert compile_cache(tmp_path / "runcache")["dir"] == str(tmp_path / "runcache" / "inductor")
+
+
+def test_the_users_settings_stand(clean_env, tmp_path):
+    clean_env.setenv(CACHE_DIR_ENV, str(tmp_path / "mine"))
+    clean_env.setenv("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+    cache = compile_cache(tmp_path / "runcache")
+    assert os.environ[CACHE_DIR_ENV] == cache["dir"] == str(tmp_path / "mine") and cache["user_dir"] is True
+    assert inductor_config.fx_graph_cache is False and cache["fx_graph_cache"] is False  # the user said 0
+    assert functorch_config.enable_autograd_cache is True  # not set by the user: switched on
+    assert not (tmp_path / "runcache").exists()
+
+
+def test_the_backend_comes_from_the_environment(clean_env):
+    assert compile_backend() == "inductor"
+    clean_env.setenv(BACKEND_ENV, "aot_eager")
+    assert compile_backend() == "aot_eager"
+    clean_env.setenv(BACKEND_ENV, "warp_drive")
+    with pytest.raises(ValueError, match=rf"\${BACKEND_ENV}: got 'warp_drive'; choose one of \[.*'inductor'"):
+        compile_backend()
+
+
+def one_step(trainer) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and ControlNet gradients of one training step with a fixed plan and noise."""
+    plan = trainer.plan(4)
+    trainer.generator.manual_seed(5)
+    loss = trainer.training_step(target_batch(trainer), plan=plan)["loss"].item()
+    controlnet = trainer.accelerator.unwrap_model(trainer.controlnet)
+    return loss, {k: p.grad.clone() for k, p in controlnet.named_parameters() if p.grad is not None}
+
+
+def test_compiled_step_gives_the_eager_loss_and_gradients(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog
+):
+    """``--torch_compile`` through the run's own setup, with the ``aot_eager`` backend (the same graph capture
+    and AOT autograd as inductor, without its C compiler): one INFO line, the cache under the project's
+    cache root, the blocks compiled in place (checkpoint keys unchanged), and the eager step's numbers.
+
+    Tolerance: the captured graphs run the same ATen kernels in the same order (bit for bit on the 2-core
+    CPU here), but AOT autograd may reorder independent ops, so float32 rounding is allowed: rtol 1e-5,
+    atol 1e-7 (the gradients reach ~2; their rounding is ~1e-7 relative).
+    """
+    clean_env.setenv(BACKEND_ENV, "aot_eager")
+    results = []
+    for compiled in (False, True):
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(compiled), train__torch_compile=compiled
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="difftune_control"):
+            trainer, _ = build_trainer(cfg)
+        lines = [r for r in caplog.records if "torch.compile" in r.getMessage()]
+        controlnet = trainer.accelerator.unwrap_model(trainer.controlnet)
+        compiled_blocks = [m for m in controlnet.modules() if getattr(m, "_compiled_call_impl", None)]
+        if not compiled:  # compile off: nothing compiled, nothing said, the environment untouched
+            assert lines == [] and compiled_blocks == [] and CACHE_DIR_ENV not in os.environ
+            keys = list(controlnet.state_dict())
+        else:
+            assert len(lines) == 1 and lines[0].levelno == logging.INFO
+            cache = Path(os.environ["DIFFTUNE_CACHE"]) / "inductor"
+            assert os.environ[CACHE_DIR_ENV] == str(cache)
+            message = lines[0].getMessage()
+            assert f"ControlNet ({len(compiled_blocks)})" in message and "UNet (" in message, message
+            assert "mode default" in message and "backend aot_eager" in message and str(cache) in message
+            assert "FX-graph cache on" in message and "AOT-autograd cache on" in message
+            assert len(compiled_blocks) > 0 and list(controlnet.state_dict()) == keys
+        results.append(one_step(trainer))
+    torch._dynamo.reset()
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
