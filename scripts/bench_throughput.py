@@ -260,7 +260,7 @@ def make_ours(
     """
     from difftune_control.config import RunConfig, resolve_defaults
     from difftune_control.methods.registry import trainer_class
-    from difftune_control.training.runtime import load_base_model
+    from difftune_control.training.runtime import load_base_model, offload_text_encoders
     from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
 
     target = rows(max(batch, 8) * 2)
@@ -284,6 +284,8 @@ def make_ours(
     bank = synthetic_bank(rows(64)) if method == "difftuning" else None
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    if acc.device.type == "cuda":  # as a run on cached rows does (training.setup.build_run)
+        offload_text_encoders(base)
     return trainer, opt, acc
 
 
@@ -305,11 +307,12 @@ def bench_ours(
     leftover = torch.cuda.memory_allocated()
     trainer, opt, acc = make_ours(model_dir, batch, method, checkpointing, speed, rows)
     controlnet, base = trainer.controlnet, trainer.base
-    frozen_idle = sum(  # text encoders and VAE: unused by steps on cached rows, yet on the GPU
+    frozen_idle = sum(  # what steps on cached rows never use but stays on the GPU: the VAE (the detector's)
         q.numel() * q.element_size()
         for m in (base.text_encoder, base.text_encoder_2, base.vae)
         if m is not None
         for q in m.parameters()
+        if q.device.type == "cuda"
     )
     # frozen models and the ControlNet (the optimizer makes its state at the first step)
     setup_bytes = torch.cuda.memory_allocated() - leftover

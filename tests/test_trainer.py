@@ -462,3 +462,31 @@ def test_precision_advice_only_for_fp32_on_a_gpu():
     assert "--mixed_precision" in precision_advice("cuda", "no")
     assert precision_advice("cuda", "bf16") is None and precision_advice("cuda", "fp16") is None
     assert precision_advice("cpu", "no") is None
+
+
+def test_offload_text_encoders_moves_both_and_counts_the_bytes(tiny_sdxl_pipeline_dir):
+    from difftune_control.config import ModelConfig
+    from difftune_control.training.runtime import load_base_model, offload_text_encoders
+
+    base = load_base_model(
+        ModelConfig(pretrained_model_name_or_path=str(tiny_sdxl_pipeline_dir)), "cpu", torch.float32
+    )
+    expected = sum(
+        q.numel() * q.element_size() for m in (base.text_encoder, base.text_encoder_2) for q in m.parameters()
+    )
+    assert expected > 0 and offload_text_encoders(base, to="meta") == expected
+    assert all(
+        q.device.type == "meta" for m in (base.text_encoder, base.text_encoder_2) for q in m.parameters()
+    )
+    assert base.vae.device.type == "cpu" and base.unet.device.type == "cpu"  # the rest stays
+    assert offload_text_encoders(base, to="meta") == 0  # nothing left to move
+
+
+@pytest.mark.gpu
+def test_a_cached_run_trains_with_its_text_encoders_on_the_cpu(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path)
+    trainer, opt = build_trainer(cfg)
+    assert trainer.device.type == "cuda" and trainer.base.text_encoder.device.type == "cpu"
+    trainer.training_step(target_batch(trainer))
+    opt.step()
+    trainer.check_finite()

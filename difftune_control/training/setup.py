@@ -27,6 +27,7 @@ from difftune_control.training.runtime import (
     load_base_model,
     lr_lambda,
     make_controlnet,
+    offload_text_encoders,
 )
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,9 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
     extra = {"teacher": prepared.teacher_controlnet} if prepared.teacher_controlnet is not None else {}
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank, **extra)
     monitor = make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
+    if device.type == "cuda" and cfg.data.cache_latents:  # every prompt is encoded by now
+        freed = offload_text_encoders(base)
+        logger.info("text encoders moved to the CPU for training on cached rows: %.2f GB freed", freed / 1e9)
     return Run(
         cfg=cfg,
         toy=toy,
