@@ -118,6 +118,10 @@ def profile(trainer, acc, controlnet, opt, it, out: Path, name: str, steps: int 
     (out / f"ops-{name}.txt").write_text(
         prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     )
+    # host time of the trainer's labelled phases (ControlNetTrainer.training_step), per step
+    s["phases_host_ms"] = {
+        e.key: e.cpu_time_total / 1e3 / steps for e in prof.key_averages() if e.key.startswith("difftune.")
+    }
     return s
 
 
@@ -207,6 +211,21 @@ def table(rows: list[dict]) -> str:
             f"| {r['peak_gib']:.1f} |"
         )
     prof = [r for r in rows if "profile" in r]
+    phases = sorted({k for r in prof for k in r["profile"].get("phases_host_ms", {})})
+    if phases:
+        lines += [
+            "",
+            "Host time of the step's phases, ms per step (torch.profiler, CPU time inside each label):",
+            "",
+        ]
+        lines += [
+            "| method | batch | speed | " + " | ".join(p.removeprefix("difftune.") for p in phases) + " |"
+        ]
+        lines += ["|---|---|---|" + "---|" * len(phases)]
+        for r in prof:
+            ph = r["profile"].get("phases_host_ms", {})
+            cells = " | ".join(f"{ph[p]:.1f}" if p in ph else "-" for p in phases)
+            lines.append(f"| {r['method']} | {r['batch']} | {r['speed']} | {cells} |")
     if prof:
         lines += [
             "",
@@ -217,7 +236,7 @@ def table(rows: list[dict]) -> str:
             s = {
                 k: ("-" if v is None else f"{v:.1f}")
                 for k, v in r["profile"].items()
-                if not isinstance(v, bool)
+                if not isinstance(v, (bool, dict))
             }
             lines.append(
                 f"| {r['method']} | {r['batch']} | {r['speed']} | {s['step_ms']} | {s['compute_ms']} "

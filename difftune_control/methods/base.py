@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.profiler import record_function
 
 from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
@@ -187,16 +188,20 @@ class ControlNetTrainer:
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
         """Forward + backward of one micro-batch; returns the loss parts for logging."""
-        self.check_finite()  # the previous step's loss: finished on the GPU by now, so no wait
-        self.before_step(target_batch)
-        plan = plan or self.plan(len(target_batch["caption"]))
-        batch = self.assemble(target_batch, plan)
-        with self.accelerator.autocast():
+        # the phases are labelled for torch.profiler (scripts/bench_step.py --profile); free when it is off
+        with record_function("difftune.plan"):
+            self.check_finite()  # the previous step's loss: finished on the GPU by now, so no wait
+            self.before_step(target_batch)
+            plan = plan or self.plan(len(target_batch["caption"]))
+        with record_function("difftune.assemble"):
+            batch = self.assemble(target_batch, plan)
+        with record_function("difftune.forward"), self.accelerator.autocast():
             per_sample = self.compute_loss(batch)
         weights = to_device(plan.weights, self.device)
         loss = (weights * per_sample).sum()
         self._watch_finite(loss, per_sample)
-        self.accelerator.backward(loss)
+        with record_function("difftune.backward"):
+            self.accelerator.backward(loss)
         ps = per_sample.detach()
         return {
             "loss": loss.detach(),
