@@ -234,6 +234,12 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     "channels_last": {"channels_last": True},
     "compile": {"torch_compile": True},
     "channels_last+compile": {"channels_last": True, "torch_compile": True},
+    "compile-graphs": {"torch_compile": True, "torch_compile_mode": "reduce-overhead"},
+    "channels_last+compile-graphs": {
+        "channels_last": True,
+        "torch_compile": True,
+        "torch_compile_mode": "reduce-overhead",
+    },
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
     # A/B only: the frozen UNet under autocast again, as the trainer ran it up to commit 085ed8c

@@ -156,7 +156,7 @@ def test_report_gives_ratios_targets_and_failures():
     assert "1.60x the example's images/s (>= 1.5x: met)" in md
     assert (
         "16.50 GiB reserved (under 16 GiB reserved: not met)" in md
-        and "idle text encoders and VAE 1.60" in md
+        and "text encoders and VAE left on the GPU 1.60" in md
     )
     assert "Failed: ours difftuning batch 8: OutOfMemoryError()" in md
     json.dumps([example, ours, small, failed])  # results.json takes the same rows

@@ -114,3 +114,21 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
     for name, grad in eager_grads.items():
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_the_compile_mode_reaches_every_block(clean_env, tmp_path, monkeypatch):
+    from conftest import tiny_unet
+    from diffusers import ControlNetModel
+
+    from difftune_control.training import compilation
+
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append((type(self).__name__, kw)))
+    unet = tiny_unet()
+    controlnet = ControlNetModel.from_unet(unet)
+    out = compilation.compile_for_training(controlnet, unet, cache_dir=tmp_path, mode="reduce-overhead")
+    assert out["mode"] == "reduce-overhead" and sum(out["blocks"].values()) == len(seen) > 0
+    assert all(kw["mode"] == "reduce-overhead" and kw["dynamic"] is False for _, kw in seen)
+    seen.clear()
+    compilation.compile_for_training(controlnet, unet, cache_dir=tmp_path)
+    assert seen and all("mode" not in kw for _, kw in seen)  # torch.compile's own default

@@ -66,7 +66,9 @@ def test_warning_names_the_remedy(caplog):
     warning = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warning) == 1 and "1.20x" in warning[0].getMessage()
     assert "--bank_weight auto" in warning[0].getMessage()
-    assert "--retention trajectory" in warning[0].getMessage()
+    assert (
+        "--bank_latents sample" in warning[0].getMessage() and "--bank_hint zero" in warning[0].getMessage()
+    )
 
 
 def test_training_logs_the_check_and_the_report_shows_it(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):

@@ -307,6 +307,13 @@ class TrainConfig:
     torch_compile: bool = _f(
         False, "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional)."
     )
+    torch_compile_mode: Literal[
+        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+    ] = _f(
+        "default",
+        "--torch_compile's mode: reduce-overhead replays the compiled blocks as CUDA graphs (fewer kernel "
+        "launches: for small batches, where the host's dispatch bounds the step).",
+    )
     channels_last: bool = _f(
         False, "channels_last memory format for the ControlNet, the UNet and their inputs."
     )

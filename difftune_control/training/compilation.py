@@ -84,23 +84,26 @@ def compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
 
 
 def compile_for_training(
-    controlnet: torch.nn.Module, unet: torch.nn.Module, cache_dir: str | os.PathLike | None = None
+    controlnet: torch.nn.Module,
+    unet: torch.nn.Module,
+    cache_dir: str | os.PathLike | None = None,
+    mode: str = "default",
 ) -> dict[str, Any]:
-    """``--torch_compile``: the blocks of ``controlnet`` and ``unet`` compiled with the run's backend, the
-    compiled-artefact cache set up first, and one INFO line saying what, how and where the cache lives."""
+    """``--torch_compile``: the blocks of ``controlnet`` and ``unet`` compiled with the run's backend and
+    ``--torch_compile_mode``, the compiled-artefact cache set up first, and one INFO line saying what, how and
+    where the cache lives."""
     backend = compile_backend()
     cache = compile_cache(cache_dir)
-    blocks = {
-        "ControlNet": compile_blocks(controlnet, backend=backend),
-        "UNet": compile_blocks(unet, backend=backend),
-    }
+    kw = {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
+    blocks = {"ControlNet": compile_blocks(controlnet, **kw), "UNet": compile_blocks(unet, **kw)}
     on = {"fx_graph_cache": "FX-graph cache", "enable_autograd_cache": "AOT-autograd cache"}
     logger.info(
-        "torch.compile on: the %s blocks of the %s, mode default (static shapes), backend %s; compiled "
+        "torch.compile on: the %s blocks of the %s, mode %s (static shapes), backend %s; compiled "
         "artefacts cached in %s "
         "(%s%s)",
         "/".join(COMPILED_BLOCKS),
         " and the ".join(f"{name} ({n})" for name, n in blocks.items()),
+        mode,
         backend,
         cache["dir"],
         f"${CACHE_DIR_ENV}; " if cache["user_dir"] else "",
@@ -108,4 +111,4 @@ def compile_for_training(
             f"{label} {'on' if cache[k] else 'off'}" for k, label in on.items() if cache[k] is not None
         ),
     )
-    return {"backend": backend, "blocks": blocks, **cache}
+    return {"backend": backend, "mode": mode, "blocks": blocks, **cache}

@@ -224,7 +224,12 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     )
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     if t.torch_compile:
-        compile_for_training(accelerator.unwrap_model(controlnet), base.unet, cache_dir=cfg.data.cache_dir)
+        compile_for_training(
+            accelerator.unwrap_model(controlnet),
+            base.unet,
+            cache_dir=cfg.data.cache_dir,
+            mode=t.torch_compile_mode,
+        )
     return controlnet, optimizer, lr_scheduler
 
 
