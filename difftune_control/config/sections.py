@@ -311,8 +311,9 @@ class TrainConfig:
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
     ] = _f(
         "default",
-        "--torch_compile's mode: reduce-overhead replays the compiled blocks as CUDA graphs (fewer kernel "
-        "launches: for small batches, where the host's dispatch bounds the step).",
+        "--torch_compile's mode: default, reduce-overhead (the compiled blocks replayed as CUDA graphs: fewer "
+        "kernel launches, for small batches, where the host's dispatch bounds the step), max-autotune or "
+        "max-autotune-no-cudagraphs.",
     )
     channels_last: bool = _f(
         False, "channels_last memory format for the ControlNet, the UNet and their inputs."
