@@ -154,8 +154,8 @@ def test_snr_switch_in_the_batch_and_targets_are_the_recorded_predictions(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
     from difftune_control.distill.trainer import DistillationTrainer
-    from difftune_control.distill.trajectory import snr
     from difftune_control.methods.difftuning import DiffTuningTrainer
+    from difftune_control.methods.forgetting import snr
 
     cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__retention="snr")
     trainer, _ = build_trainer(cfg)

@@ -54,6 +54,7 @@ from typing import Any, Literal
 
 import torch
 
+from difftune_control.methods.forgetting import snr
 from difftune_control.validation import controlled_prediction
 
 Retention = Literal["renoise", "trajectory", "snr"]
@@ -62,12 +63,6 @@ TRAJECTORY_DTYPE = torch.float16
 
 
 # -- pure functions ------------------------------------------------------------------------------
-def snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) of each timestep (Kingma et al. 2021)."""
-    a = alphas_cumprod.double()
-    return a / (1.0 - a)
-
-
 def trajectory_slot_mask(
     timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, retention: Retention, snr_threshold: float = 1.0
 ) -> torch.Tensor:
