@@ -36,7 +36,9 @@ from bench_throughput import (  # noqa: E402
     PEAK_BF16,
     SPEED_SETTINGS,
     SyntheticCached,
+    bench_config,
     build_sd15,
+    make_ours,
     synthetic_bank,
 )
 from profile_training import summarize  # noqa: E402
@@ -44,51 +46,38 @@ from profile_training import summarize  # noqa: E402
 METHODS = ("vanilla", "difftuning")
 
 
-def make_trainers(model_dir: Path, speed: str, batch: int):
-    """The two trainers over one base model, ControlNet and optimizer; cfg resolved as ``difftune train`` does."""
-    from difftune_control.config import RunConfig, resolve_defaults
+def make_trainers(model_dir: Path, speed: str, batch: int, rows=SyntheticCached, device: str | None = None):
+    """The two trainers over one base model, ControlNet and optimizer (vanilla's made by ``make_ours``, the
+    default Diff-Tuning's beside it with a null-hint bank), configs resolved as ``difftune train`` does."""
     from difftune_control.methods.registry import trainer_class
-    from difftune_control.training.runtime import load_base_model
-    from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
 
-    cfgs = {}
-    for method in METHODS:
-        cfg = RunConfig()
-        cfg.model.pretrained_model_name_or_path = str(model_dir)
-        cfg.method.method = method
-        cfg.train.train_batch_size = batch
-        cfg.train.mixed_precision = "bf16"
-        for k, v in SPEED_SETTINGS[speed].items():
-            setattr(cfg.train, k, v)
-        cfgs[method] = resolve_defaults(cfg, toy=False)
-    acc = make_accelerator(cfgs["vanilla"])
-    base = load_base_model(cfgs["vanilla"].model, acc.device, weight_dtype(acc))
-    torch.manual_seed(0)
-    controlnet, opt, _ = prepare_trainable(cfgs["vanilla"], acc, base)
-    target = SyntheticCached(max(batch, 8) * 2)
-    bank = synthetic_bank(SyntheticCached(64))
+    vanilla, opt, acc = make_ours(model_dir, batch, "vanilla", speed=speed, rows=rows, device=device)
+    target = vanilla.target
+    cfg = bench_config(model_dir, batch, "difftuning", target.hints.shape[-1], speed=speed, device=device)
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
-    trainers = {
-        m: trainer_class(cfgs[m])(
-            cfgs[m], acc, base, controlnet, target, empty, bank if m != "vanilla" else None
-        )
-        for m in METHODS
-    }
+    bank = synthetic_bank(rows(64))
+    difftuning = trainer_class(cfg)(cfg, acc, vanilla.base, vanilla.controlnet, target, empty, bank)
     loader = torch.utils.data.DataLoader(
         target,
         batch_size=batch,
         shuffle=True,
         drop_last=True,
         num_workers=2,
-        pin_memory=True,
+        pin_memory=acc.device.type == "cuda",
         persistent_workers=True,
     )
-    return acc, controlnet, opt, trainers, loader, cfgs["difftuning"]
+    trainers = {"vanilla": vanilla, "difftuning": difftuning}
+    return acc, vanilla.controlnet, opt, trainers, loader, cfg
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def run_steps(n: int, trainer, acc, controlnet, opt, it) -> float:
     """``n`` optimizer steps as the loop runs them; seconds from the first to the GPU's end of the last."""
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
         trainer.training_step(next(it))
@@ -96,7 +85,7 @@ def run_steps(n: int, trainer, acc, controlnet, opt, it) -> float:
         opt.step()
         opt.zero_grad(set_to_none=True)
     trainer.check_finite()
-    torch.cuda.synchronize()
+    synchronize()
     return time.perf_counter() - t0
 
 
@@ -104,7 +93,8 @@ def profile(trainer, acc, controlnet, opt, it, out: Path, name: str, steps: int 
     from torch.profiler import ProfilerActivity, profile, schedule
 
     sched = schedule(wait=0, warmup=1, active=steps, repeat=1)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], schedule=sched) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities, schedule=sched) as prof:
         for _ in range(steps + 1):
             run_steps(1, trainer, acc, controlnet, opt, it)
             prof.step()
@@ -125,8 +115,11 @@ def profile(trainer, acc, controlnet, opt, it, out: Path, name: str, steps: int 
     return s
 
 
-def bench_batch(args, batch: int, speed: str) -> list[dict]:
-    acc, controlnet, opt, trainers, loader, dt_cfg = make_trainers(args.model_dir, speed, batch)
+def bench_batch(args, batch: int, speed: str, rows=SyntheticCached, device: str | None = None) -> list[dict]:
+    """Interleaved chunks of both methods at ``batch`` (``args``: repeats, steps, warmup, profile, out);
+    ``rows`` and ``device`` as in ``make_ours`` (the tests run it on the CPU at a tiny size)."""
+    acc, controlnet, opt, trainers, loader, dt_cfg = make_trainers(args.model_dir, speed, batch, rows, device)
+    cuda = acc.device.type == "cuda"
 
     def batches():
         while True:
@@ -144,16 +137,16 @@ def bench_batch(args, batch: int, speed: str) -> list[dict]:
             times[m].append(run_steps(args.steps, trainers[m], acc, controlnet, opt, it) / args.steps)
     # --bank_weight auto's re-measurement, amortised over its period
     dt = trainers["difftuning"]
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     dt.calibrate_bank_weight(next(it))
-    torch.cuda.synchronize()
+    synchronize()
     calib_s = time.perf_counter() - t0
     every = dt_cfg.method.bank_pull_every or 0
-    rows = []
+    out = []
     for m in METHODS:
         med = statistics.median(times[m])
-        rows.append(
+        out.append(
             {
                 "method": m,
                 "batch": batch,
@@ -164,28 +157,27 @@ def bench_batch(args, batch: int, speed: str) -> list[dict]:
                 "step_ms_all": [1e3 * t for t in times[m]],
                 "images_per_s": batch / med,
                 "mfu": batch / med * FLOP_PER_IMAGE / PEAK_BF16,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                 "warmup_s": warm_s,
             }
         )
     ratios = [d / v for d, v in zip(times["difftuning"], times["vanilla"])]
-    rows[1]["overhead_median"] = statistics.median(ratios) - 1
-    rows[1]["overhead_range"] = [min(ratios) - 1, max(ratios) - 1]
-    rows[1]["calibration_s"] = calib_s
-    rows[1]["calibration_share"] = (
-        calib_s / (every * statistics.median(times["difftuning"])) if every else 0.0
-    )
+    out[1]["overhead_median"] = statistics.median(ratios) - 1
+    out[1]["overhead_range"] = [min(ratios) - 1, max(ratios) - 1]
+    out[1]["calibration_s"] = calib_s
+    out[1]["calibration_share"] = calib_s / (every * statistics.median(times["difftuning"])) if every else 0.0
     if args.profile:
         for m in METHODS:
-            rows[METHODS.index(m)]["profile"] = profile(
+            out[METHODS.index(m)]["profile"] = profile(
                 trainers[m], acc, controlnet, opt, it, args.out, f"{m}-b{batch}-{speed}"
             )
     del trainers, controlnet, opt, it
     torch._dynamo.reset()
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return rows
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    return out
 
 
 def table(rows: list[dict]) -> str:

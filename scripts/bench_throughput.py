@@ -248,6 +248,32 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
 }
 
 
+def bench_config(
+    model_dir: Path,
+    batch: int,
+    method: str,
+    resolution: int,
+    checkpointing: bool = False,
+    speed: str = "default",
+    device: str | None = None,
+):
+    """The run config of a benchmark step: the method's defaults resolved as ``difftune train`` resolves them
+    for a Stable Diffusion model, bf16, the speed setting's fields."""
+    from difftune_control.config import RunConfig, resolve_defaults
+
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(model_dir)
+    cfg.method.method = method
+    cfg.data.resolution = resolution
+    cfg.train.train_batch_size = batch
+    cfg.train.mixed_precision = "bf16"
+    cfg.train.gradient_checkpointing = checkpointing
+    cfg.train.device = device
+    for k, v in SPEED_SETTINGS[speed].items():
+        setattr(cfg.train, k, v)
+    return resolve_defaults(cfg, toy=False)
+
+
 def make_ours(
     model_dir: Path,
     batch: int,
@@ -264,23 +290,12 @@ def make_ours(
     :class:`SyntheticCached`); the training resolution and the empty prompt's shape are read from them.
     Returns ``(trainer, optimizer, accelerator)``; the trainer holds the target rows and the ControlNet.
     """
-    from difftune_control.config import RunConfig, resolve_defaults
     from difftune_control.methods.registry import trainer_class
     from difftune_control.training.runtime import load_base_model, offload_text_encoders
     from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
 
     target = rows(max(batch, 8) * 2)
-    cfg = RunConfig()
-    cfg.model.pretrained_model_name_or_path = str(model_dir)
-    cfg.method.method = method
-    cfg.data.resolution = target.hints.shape[-1]
-    cfg.train.train_batch_size = batch
-    cfg.train.mixed_precision = "bf16"
-    cfg.train.gradient_checkpointing = checkpointing
-    cfg.train.device = device
-    for k, v in SPEED_SETTINGS[speed].items():
-        setattr(cfg.train, k, v)
-    cfg = resolve_defaults(cfg, toy=False)
+    cfg = bench_config(model_dir, batch, method, target.hints.shape[-1], checkpointing, speed, device)
     acc = make_accelerator(cfg)
     base = load_base_model(cfg.model, acc.device, weight_dtype(acc))
     if speed == "unet_autocast":

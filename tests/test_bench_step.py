@@ -1,0 +1,43 @@
+"""scripts/bench_step.py at tiny size on the CPU: both methods' interleaved chunks over one ControlNet, the
+lambda re-measurement timed apart, the profile's phase split and the table (the numbers are the GPU's job)."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_step import bench_batch, table  # noqa: E402
+from bench_throughput import SyntheticCached  # noqa: E402
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # the benchmark trains in bf16; other tests in fp32
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_both_methods_interleave_over_one_controlnet(tiny_pipeline_dir, tmp_path, fresh_accelerator_state):
+    rows = functools.partial(SyntheticCached, resolution=64, context=(8, 16))  # the tiny pipeline's shapes
+    args = argparse.Namespace(
+        model_dir=tiny_pipeline_dir, repeats=2, steps=2, warmup=1, profile=True, out=tmp_path
+    )
+    out = bench_batch(args, 4, "default", rows=rows, device="cpu")
+    assert [r["method"] for r in out] == ["vanilla", "difftuning"]
+    assert all(len(r["step_ms_all"]) == 2 and r["step_ms_median"] > 0 for r in out)
+    dt = out[1]
+    low, high = dt["overhead_range"]
+    assert low <= dt["overhead_median"] <= high and dt["calibration_s"] > 0
+    assert 0 < dt["calibration_share"] < 1  # one re-measurement against --bank_pull_every (200) steps
+    phases = {"difftune.plan", "difftune.assemble", "difftune.forward", "difftune.backward"}
+    assert all(set(r["profile"]["phases_host_ms"]) == phases for r in out)
+    assert (tmp_path / "trace-difftuning-b4-default.json").is_file()
+    md = table(out)
+    assert "| difftuning | 4 | default |" in md and "| assemble | backward | forward | plan |" in md
