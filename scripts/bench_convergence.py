@@ -292,7 +292,8 @@ def score_retention(args, device: str) -> None:
 
 # -- aggregation --------------------------------------------------------------------------------
 def summarize(args) -> dict:
-    from difftune_control.report.runs import load_run, summarize_run
+    from difftune_control.report.runs import load_run
+    from difftune_control.report.summary import summarize_run
 
     rows = {}
     for run_dir in sorted((args.out / "runs").iterdir()):

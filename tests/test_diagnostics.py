@@ -72,7 +72,8 @@ def test_warning_names_the_remedy(caplog):
 
 
 def test_training_logs_the_check_and_the_report_shows_it(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.report.runs import load_run, summarize_run
+    from difftune_control.report.runs import load_run
+    from difftune_control.report.summary import summarize_run
     from difftune_control.training.loop import run_training
     from difftune_control.utils import read_jsonl
 

@@ -322,3 +322,24 @@ def test_report_of_grouped_runs(tmp_path, capsys):
     assert two["runs"][1]["vs_vanilla"]["aucc"]["ratio"] == pytest.approx(1.0)
     assert main([str(dirs[0]), "--aucc_budget", "0"]) == 2
     assert "--aucc_budget must be a number of optimizer steps >= 1, got 0" in capsys.readouterr().err
+
+
+def test_time_to_convergence_counts_the_data_preparation_of_the_starts_before_it(tmp_path):
+    """A run that built its cache and bank (first start), was resumed at step 200 (a second start, reusing
+    them) and converged at step 300 after 40 s of training; a third start after the event does not count."""
+    evals = [
+        {"type": "convergence_eval", "step": s, "time": float(s) / 10, "p": p, "d": 0.1, "d0": 0.3, "d_floor": 0.1}
+        for s, p in ((0, 0.0), (100, 0.0), (200, 0.1), (300, 0.4), (400, 0.5))
+    ]  # fmt: skip
+    setups = [
+        {"type": "setup", "step": 0, "seconds": {"latent_cache": 12.0, "bank": 100.0}},
+        {"type": "setup", "step": 200, "seconds": {"latent_cache": 0.5, "bank": 1.5}},
+        {"type": "setup", "step": 350, "seconds": {"latent_cache": 0.5, "bank": 1.0}},
+    ]
+    event = {"type": "convergence_event", "step": 300, "time": 40.0, "p": 0.4, "confirmed_step": 400}
+    path = tiny_run(tmp_path, "r", seed=0, p=[], records=[*setups[:1], *evals[:3], setups[1], evals[3], event,
+                    setups[2], evals[4]])  # fmt: skip
+    s = summary_of(path)
+    assert s["setup_seconds"] == {"latent_cache": 13.0, "bank": 102.5}
+    assert s["seconds_to_convergence"] == pytest.approx(40.0 + 12.0 + 100.0 + 0.5 + 1.5)
+    assert summary_of(tiny_run(tmp_path, "never", seed=0, p=[0.0, 0.1]))["seconds_to_convergence"] is None

@@ -57,6 +57,11 @@ def test_report_of_a_real_run_agrees_with_its_metrics(trained_run, tmp_path):
     for level, step in s["milestones"].items():
         hit = [r["step"] for r in records if r["type"] == "milestone" and f"{r['level']:g}" == level]
         assert step == (hit[0] if hit else None)
+    setup = [r for r in records if r["type"] == "setup"]
+    assert len(setup) == 1 and setup[0]["step"] == 0 and setup[0]["seconds"]["latent_cache"] > 0
+    assert s["setup_seconds"] == pytest.approx(setup[0]["seconds"])  # vanilla: no bank, ~0 s for it
+    if s["converged"]:
+        assert s["seconds_to_convergence"] == pytest.approx(event["time"] + sum(setup[0]["seconds"].values()))
     wall = max(r["time"] for r in records if "time" in r)
     assert s["eval_cost_share"] == pytest.approx(sum(r["eval_seconds"] for r in evals) / wall)
     HTMLParser().feed((report / "report.html").read_text())

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from .compare import compare
-from .runs import Run, load_run, summarize_run
+from .runs import Run, load_run
+from .summary import summarize_run
 
 __all__ = ["build_report", "add_cli", "run", "main", "load_run", "summarize_run"]
 

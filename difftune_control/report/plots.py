@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import Run, status_line
+from .runs import Run
+from .summary import status_line
 
 COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 VANILLA_COLOR = "#4d4d4d"

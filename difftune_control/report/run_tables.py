@@ -195,6 +195,20 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
             + ("" if summary["eval_cost_share"] is None else f" ({100 * summary['eval_cost_share']:.1f}%)"),
         ),
     ]
+    setup = summary.get("setup_seconds") or {}
+    if setup:
+        parts = ", ".join(f"{name.replace('_', ' ')} {sec:.0f} s" for name, sec in setup.items())
+        facts.append(
+            ("data preparation", f"{parts} (building or reusing them; a reused cache or bank costs ~0)")
+        )
+    if summary.get("seconds_to_convergence") is not None:
+        facts.append(
+            (
+                "to sudden convergence",
+                f"{summary['seconds_to_convergence']:.0f} s: the data preparation before it and "
+                f"{summary['convergence_time']:.0f} s of training",
+            )
+        )
     check = summary.get("bank_check")
     if check and check["ratio"] is not None:
         facts.append(

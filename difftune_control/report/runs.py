@@ -18,7 +18,6 @@ from difftune_control.convergence import (
     DEFAULT_MILESTONES,
     DEFAULT_PATIENCE,
     DEFAULT_THRESHOLD,
-    area_under_progress,
 )
 
 from .compare import compare, pick_reference  # noqa: F401  (re-exported: they lived here before)
@@ -40,6 +39,7 @@ class Run:
     milestones: dict[float, dict[str, Any]] = field(default_factory=dict)
     end: dict[str, Any] | None = None
     bank_check: dict[str, Any] | None = None  # the memory-bank check at step 0 (Diff-Tuning)
+    setups: list[dict[str, Any]] = field(default_factory=list)  # each start's data preparation (seconds)
 
     @property
     def method(self) -> str:
@@ -206,6 +206,8 @@ def load_run(path: str | Path) -> Run:
             run.end = r
         elif kind == "bank_check":
             run.bank_check = r
+        elif kind == "setup":
+            run.setups.append(r)
     run.train.sort(key=lambda r: r["step"])
     run.evals.sort(key=lambda r: r["step"])
     return run
@@ -220,180 +222,7 @@ def level_key(level: float) -> str:
     return f"{level:g}"
 
 
-def status_line(run: Run) -> str:
-    """One sentence on where the run stands, e.g. "not converged by step 1000, p = 0.12"."""
-    if not run.evals:
-        text = f"no convergence evaluation yet (step {run.steps_trained})"
-    elif run.event is not None:
-        text = (
-            f"sudden convergence at step {run.event['step']} (p = {_fmt(run.event.get('p'))}, "
-            f"confirmed at step {run.event.get('confirmed_step', run.event['step'])})"
-        )
-    else:
-        last = run.evals[-1]
-        if last.get("p") is None:
-            text = (
-                f"not converged by step {last['step']}: progress undefined "
-                f"(d0 = {_fmt(last.get('d0'), 4)} <= d_floor = {_fmt(last.get('d_floor'), 4)})"
-            )
-        else:
-            text = f"not converged by step {last['step']}, p = {_fmt(last.get('p'))}"
-    if run.in_progress:
-        text += f"; in progress (no end record, last step {run.steps_trained})"
-    return text
-
-
 def _fmt(x: Any, digits: int = 2) -> str:
     """``x`` with ``digits`` decimals, "n/a" for none; a value that rounds to zero reads 0.00, never -0.00."""
     v = _num(x)
     return "n/a" if v is None else f"{round(v, digits) + 0.0:.{digits}f}"
-
-
-def caveats(run: Run) -> list[str]:
-    """Warnings a reader needs to trust p: a d0 - d_floor gap within the evaluation noise."""
-    notes = []
-    ratio = _num((run.bank_check or {}).get("ratio"))
-    if ratio is not None and ratio > 1:
-        notes.append(
-            f"at step 0 the weighted memory-bank rows pulled the ControlNet {ratio:.2f}x as hard as the target "
-            "rows: the bank can delay or prevent sudden convergence (BENCHMARKS.md sections 0 and 2; the default "
-            "--method difftuning measures lambda with --bank_weight auto and draws bank rows with --bank_latents "
-            "sample)"
-        )
-    if not run.evals:
-        return notes
-    first, last = run.evals[0], run.evals[-1]
-    d0, floor = _num(last.get("d0")), _num(last.get("d_floor"))
-    per = [v for v in (first.get("d_per_sample") or []) if _num(v) is not None]
-    if d0 is not None and floor is not None and len(per) > 1:
-        mean = sum(per) / len(per)
-        se = math.sqrt(sum((v - mean) ** 2 for v in per) / (len(per) - 1) / len(per))
-        gap = d0 - floor
-        if gap <= 0:
-            notes.append(f"d0 = {d0:.4g} <= d_floor = {floor:.4g}: progress is undefined")
-        elif gap < 3 * se:
-            notes.append(
-                f"d0 - d_floor = {gap:.3g} is within 3 standard errors ({se:.3g}) of the step-{first['step']} "
-                f"evaluation: p moves by about {se / gap:.2f} from sampling noise alone; use more validation "
-                "samples (--convergence_samples) or a base model / extractor pair that separates them"
-            )
-    return notes
-
-
-def run_aucc(run: Run, budget: int | None = None) -> dict[str, Any]:
-    """The run's AUCC over a fixed step budget, and how far its curve covers that budget.
-
-    The area is `area_under_progress` over the run's evaluations (p clipped to [0, 1]). When the
-    last evaluation comes before the budget, the last p is held to the budget only if the run
-    trained to the budget (the evaluation interval did not land on it) or stopped on purpose after
-    converging (`--stop_after_convergence`); otherwise (in progress, interrupted, or trained fewer
-    steps than the budget) the AUCC is not given, only its lower bound (the area so far).
-
-    Args:
-        run (`Run`): the loaded run.
-        budget (`int`, *optional*): the step budget. Default: the run's `max_train_steps`.
-
-    Returns:
-        `dict`: `aucc` (float or None), `aucc_budget`, `aucc_status` ("complete", "held",
-        "incomplete" or "undefined"), `aucc_lower_bound` (the area so far over the budget, a lower
-        bound; equal to `aucc` when complete), `aucc_note` (a sentence for the reader, or None).
-    """
-    budget = run.max_train_steps if budget is None else int(budget)
-    out: dict[str, Any] = {
-        "aucc": None,
-        "aucc_budget": budget,
-        "aucc_status": "undefined",
-        "aucc_lower_bound": None,
-        "aucc_note": None,
-    }
-    pts = [(int(r["step"]), _num(r.get("p"))) for r in run.evals]
-    pts = [(st, p) for st, p in pts if p is not None]
-    if budget is None or budget <= 0:
-        out["aucc_note"] = "no step budget: config.json has no train.max_train_steps (pass --aucc_budget)"
-        return out
-    if not pts:
-        out["aucc_note"] = "no evaluation with a defined progress p"
-        return out
-    steps, ps = [st for st, _ in pts], [p for _, p in pts]
-    last_step, last_p = steps[-1], ps[-1]
-    out["aucc_lower_bound"] = area_under_progress(steps, ps, budget)
-    reason = (run.end or {}).get("reason")
-    if last_step >= budget:
-        out["aucc"], out["aucc_status"] = out["aucc_lower_bound"], "complete"
-        return out
-    held = f"p = {last_p:.2f} of the last evaluation (step {last_step}) held to step {budget}"
-    if reason == "stop_after_convergence":
-        out["aucc_status"] = "held"
-        out["aucc_note"] = f"stopped early by --stop_after_convergence at step {run.steps_trained}; {held}"
-    elif run.end is not None and run.steps_trained >= budget:
-        out["aucc_status"] = "held"
-        out["aucc_note"] = f"trained to the budget, last evaluation before it: {held}"
-    else:
-        why = (
-            "still in progress or killed"
-            if run.end is None
-            else f"ended by {reason} at step {run.steps_trained}"
-        )
-        out["aucc_status"] = "incomplete"
-        out["aucc_note"] = (
-            f"incomplete: last evaluation at step {last_step} of the {budget}-step budget ({why}); "
-            f"AUCC >= {out['aucc_lower_bound']:.3f}"
-        )
-        return out
-    out["aucc"] = area_under_progress(steps, ps, budget, hold_last=True)
-    return out
-
-
-def summarize_run(run: Run, budget: int | None = None) -> dict[str, Any]:
-    """The per-run entry of `summary.json`, computed from the run's records only.
-
-    Args:
-        run (`Run`): the loaded run.
-        budget (`int`, *optional*): step budget of the AUCC (`run_aucc`). Default: the run's
-            `max_train_steps`.
-    """
-    last = run.evals[-1] if run.evals else {}
-    eval_seconds = sum(_num(r.get("eval_seconds")) or 0.0 for r in run.evals)
-    wall = max((_num(r.get("time")) or 0.0 for r in run.records), default=0.0)
-    event = run.event or {}
-    return {
-        "name": run.name,
-        "path": str(run.path),
-        "label": run.label,
-        "method": run.method,
-        "split": run.split if run.method == "difftuning" else None,
-        "loss_weighting": run.loss_weighting,
-        "condition": run.condition,
-        "seed": run.seed,
-        "steps_trained": run.steps_trained,
-        "in_progress": run.in_progress,
-        "end_reason": (run.end or {}).get("reason"),
-        "evaluations": len(run.evals),
-        "threshold": run.threshold,
-        "patience": run.patience,
-        "converged": run.event is not None,
-        "convergence_step": event.get("step"),
-        "confirmed_step": event.get("confirmed_step", event.get("step")),
-        "convergence_p": _num(event.get("p")),
-        "convergence_time": _num(event.get("time")),
-        "milestones": {
-            level_key(lv): (run.milestones[lv]["step"] if lv in run.milestones else None)
-            for lv in run.milestone_levels
-        },
-        "final_step": last.get("step"),
-        "final_p": _num(last.get("p")),
-        **run_aucc(run, budget),
-        "final_d": _num(last.get("d")),
-        "d0": _num(last.get("d0")),
-        "d_floor": _num(last.get("d_floor")),
-        "eval_seconds": eval_seconds,
-        "wall_seconds": wall,
-        "eval_cost_share": eval_seconds / wall if wall > 0 else None,
-        "status": status_line(run),
-        "bank_check": (
-            {k: _num(run.bank_check.get(k)) for k in ("ratio", "target_grad", "bank_grad")}
-            if run.bank_check
-            else None
-        ),
-        "caveats": caveats(run),
-    }

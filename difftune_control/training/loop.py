@@ -120,6 +120,8 @@ def run_training(cfg: RunConfig) -> Path:
     loop = _Loop(
         cfg, accelerator, trainer, run.optimizer, lr_scheduler, monitor, run.validation, run_dir, state
     )
+    if loop.log is not None:  # what this start spent before its first step (a resumed run adds one)
+        loop.log.log({"type": "setup", "step": state.global_step, "seconds": run.setup_seconds})
     if check is not None and loop.log is not None:
         loop.log.log({"type": "bank_check", "step": 0, **check})
     loop.fit()

@@ -10,7 +10,8 @@ a :class:`Run`; tests, benchmarks and ``scripts/diagnose_bank.py`` use the same 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     trainer: Any  # methods.base.ControlNetTrainer (the class --method and --retention choose)
     monitor: Any | None  # convergence.ConvergenceMonitor (None without --detect_convergence)
+    # seconds this start spent preparing the data: the latent cache, the memory bank (building or
+    # reusing them); a run's cost before its first step, beside the training time of its records
+    setup_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_config(cfg: RunConfig) -> tuple[RunConfig, bool, Any]:
@@ -130,13 +134,17 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
     device = accelerator.device
     base = load_base_model(cfg.model, device, weight_dtype(accelerator))
     recipe, extractor = assembly.load_condition(cfg, toy, device, recipe)
+    t0 = time.perf_counter()
     target = assembly.load_target(cfg, base, extractor, device, accelerator.main_process_first)
+    t1 = time.perf_counter()
     crop = (cfg.data.crops_coords_top_left_h, cfg.data.crops_coords_top_left_w)
     empty = base.prompt_encoder(cfg.data.resolution, crop)([""])[0].float()  # caption dropout
     k = max(cfg.detector.convergence_samples, cfg.train.num_validation_images)
     val = assembly.load_validation(cfg, base, extractor, k)
+    t2 = time.perf_counter()
     prepared = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
     bank, bank_dir = prepared.dataset, prepared.path
+    setup_seconds = {"latent_cache": round(t1 - t0, 3), "bank": round(time.perf_counter() - t2, 3)}
 
     torch.manual_seed(cfg.train.seed)
     controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
@@ -164,6 +172,7 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
         lr_scheduler=lr_scheduler,
         trainer=trainer,
         monitor=monitor,
+        setup_seconds=setup_seconds,
     )
 
 
