@@ -78,6 +78,22 @@ CANDIDATES = {
         "--bank_latents",
         "sample",
     ],  # fmt: skip
+    # the default with a smaller bank (the toy default is 2,000 images): is the bank's up-front cost needed?
+    **{
+        f"null-auto-isnr-sample-bank{n}": [
+            *_NULL[:4],
+            "--loss_weighting",
+            "inverse_snr",
+            *_NULL[6:],
+            "--bank_weight",
+            "auto",
+            "--bank_latents",
+            "sample",
+            "--bank_size",
+            str(n),
+        ]
+        for n in (250, 500, 1000)
+    },  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
     "psi-isnr": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "inverse_snr"],
 }
