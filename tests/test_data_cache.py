@@ -180,6 +180,22 @@ def test_random_crops_are_frozen_per_row_and_hints_follow_them(tmp_path, models)
     assert len(tops) > 1 and flips == {False, True}
 
 
+def test_hint_files_are_decoded_once_into_the_cache(tmp_path, models, monkeypatch):
+    root = write_dataset(tmp_path / "data", n=5)
+    ds = load_target_dataset(DatasetSpec(str(root), resolution=R))
+    cached = build(ds, models, tmp_path / "cache")
+    key = json.loads((cached.cache_dir / "manifest.json").read_text())["key"]
+    assert key["hints"] == "files"
+    direct = [ds[i]["conditioning_pixel_values"] for i in range(5)]
+
+    def no_files(*args, **kwargs):
+        raise AssertionError("a cached item must not decode its hint file")
+
+    monkeypatch.setattr(ds, "load_sample", no_files)
+    for i in range(5):  # the crop stored per row: the same pixels the files give
+        assert torch.equal(cached[i]["conditioning_pixel_values"], direct[i])
+
+
 def test_extracted_hints_are_memoised_in_the_cache(tmp_path, models):
     root = write_dataset(tmp_path / "data", n=5, hints=False)
     calls = []

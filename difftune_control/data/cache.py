@@ -1,11 +1,12 @@
-"""On-disk caches of VAE latents and text embeddings (and extracted hints) for a `TargetDataset`.
+"""On-disk caches of VAE latents, text embeddings and hints for a `TargetDataset`.
 
 Layout of one cache, ``cache_dir / cache_slot(dataset, model_id)``::
 
     manifest.json                 key (model, resolution, dataset fingerprint, crop, dtype, ...), shard list
     shard-00000.safetensors       rows [0, shard_size): latent_mean, latent_std, encoder_hidden_states,
-    shard-00001.safetensors       crop_top_left, flip (and hints, uint8, when hints are extracted; and
-                                  the added conditioning, e.g. SDXL's text_embeds and time_ids)
+    shard-00001.safetensors       crop_top_left, flip, hints (uint8, extracted or decoded from the hint
+                                  files once, when every row has one), and the added conditioning
+                                  (e.g. SDXL's text_embeds and time_ids)
     empty_prompt.safetensors      the text embedding of "" (for caption dropout), with its added conditioning
 
 Latents: the VAE posterior's mean and standard deviation are both stored, scaled as the UNet
@@ -133,7 +134,10 @@ def cache_key(
         "crop": "center" if spec.center_crop else f"random(seed={seed})",
         "random_flip": spec.random_flip,
         "hint_interpolation": spec.hint_interpolation,
-        "hints": hint_fn_key(dataset.hint_fn) if dataset.extracts_hints else None,
+        # stored with the latents: extracted ones (named by the function) and files' (decoded once, not per step)
+        "hints": hint_fn_key(dataset.hint_fn)
+        if dataset.extracts_hints
+        else ("files" if dataset.hints_for_every_row else None),
         "encoder_dtype": str(dtype).removeprefix("torch."),
         "vae_scaling_factor": float(vae.config.scaling_factor),
         "vae_shift_factor": getattr(vae.config, "shift_factor", None),
@@ -346,7 +350,9 @@ def _build_locked(
         desc="caching latents",
     ) as bar:
         for shard in todo:
-            rows = _EncodeRows(dataset, range(shard["start"], shard["stop"]), seed, dataset.extracts_hints)
+            rows = _EncodeRows(
+                dataset, range(shard["start"], shard["stop"]), seed, dataset.hints_for_every_row
+            )
             tensors = _encode_shard(
                 rows, vae=vae, encoder=encoder, batch_size=batch_size, device=device, dtype=dtype,
                 num_workers=num_workers, progress=bar,

@@ -43,7 +43,8 @@ class CachedTargetDataset(Dataset):
     was built with (SDXL: ``text_embeds`` [P], ``time_ids`` [6]). Latents are a draw from the stored
     posterior, or its mean with ``sample_latents=False``; the draw's noise comes from the key's seed
     (``dataset[(index, seed)]``, see `split_key`), so one key always gives the same latents. Hints come from the
-    cache when they were extracted, else from the hint files with the crop stored per row.
+    cache (extracted, or decoded from their files once when the cache was built), else (a cache built
+    before hint files were stored, or rows without hints) from the hint files with the crop stored per row.
 
     Args:
         cache_dir (`str` or `Path`): a folder completed by `build_latent_cache`.

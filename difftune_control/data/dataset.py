@@ -91,7 +91,7 @@ class TargetDataset(Dataset):
             raise TypeError(
                 f"hint_fn must be callable (image -> float [3,H,W] in [0,1]), got {type(hint_fn).__name__}"
             )
-        self.spec, self.hint_fn = spec, hint_fn
+        self.spec, self.hint_fn, self.require_hints = spec, hint_fn, require_hints
         self.source = open_source(spec)
         if len(self.source) == 0:
             raise ValueError(
@@ -113,6 +113,11 @@ class TargetDataset(Dataset):
     def extracts_hints(self) -> bool:
         """Whether any row's hint comes from ``hint_fn``."""
         return any(self.extracted)
+
+    @property
+    def hints_for_every_row(self) -> bool:
+        """Whether every row has a hint: from its file (the hint column, checked for every row) or extracted."""
+        return self.hint_fn is not None or (self.columns.hint is not None and self.require_hints)
 
     def row_label(self, index: int) -> str:
         """How messages name item ``index``: its source row, file and line."""
