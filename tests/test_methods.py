@@ -276,3 +276,20 @@ def test_a_training_step_never_waits_for_the_gpu(method, tiny_pipeline_dir, tiny
     finally:
         torch.cuda.set_sync_debug_mode(0)
     trainer.check_finite()
+
+
+def test_the_sd_default_bank_is_sized_to_the_run():
+    """About one bank image per 4 bank rows the run draws (the toy benchmark's reuse), within 500-5000;
+    the toy world keeps its 2,000 and a --bank_size given stays."""
+    from difftune_control.config import resolve_defaults
+    from difftune_control.config.presets import sd_bank_size
+
+    assert sd_bank_size(10_000, 4, 1, 0.2) == 2000  # the SD defaults: 8,000 bank rows drawn
+    assert sd_bank_size(10_000, 4, 2, 0.2) == 4000 and sd_bank_size(3_000, 1, 1, 0.2) == 500
+    assert sd_bank_size(50_000, 32, 1, 0.2) == 5000
+    cfg = RunConfig()
+    cfg.train.train_batch_size, cfg.train.max_train_steps = 8, 10_000
+    assert resolve_defaults(cfg, toy=False).bank.bank_size == 4000
+    assert resolve_defaults(cfg, toy=True).bank.bank_size == 2000
+    cfg.bank.bank_size = 5000
+    assert resolve_defaults(cfg, toy=False).bank.bank_size == 5000

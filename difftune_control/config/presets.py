@@ -42,6 +42,24 @@ def apply_preset(cfg: RunConfig, name: str | None) -> RunConfig:
     return cfg
 
 
+BANK_REUSE = 4
+"""Draws per bank image that an SD run's default bank is sized for: the toy-world benchmark's runs (600
+steps of batch 64 with 20% bank rows, a bank of 2,000) drew each image ~3.8 times (BENCHMARKS.md section 0b)."""
+SD_BANK_SIZE = (500, 5000)
+"""Bounds of the SD default bank size (5,000: the published bank; at SD1.5 scale ~17 minutes on an H200)."""
+
+
+def sd_bank_size(steps: int, batch: int, accumulation: int, bank_share: float) -> int:
+    """The SD default ``--bank_size``: about one image per :data:`BANK_REUSE` bank rows the run will draw
+    (``steps`` x ``batch`` x ``accumulation`` x ``bank_share``), within :data:`SD_BANK_SIZE`; building the
+    bank is paid before the first step, so a run does not generate images it will barely use."""
+    import math
+
+    draws = steps * batch * accumulation * bank_share
+    low, high = SD_BANK_SIZE
+    return int(min(high, max(low, math.ceil(draws / BANK_REUSE))))
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -73,7 +91,15 @@ def resolve_defaults(
     fill(cfg.train, "learning_rate", 1e-4, 1e-5)
     fill(cfg.train, "max_train_steps", 1000, 10000)
     fill(cfg.train, "validation_steps", 250, 1000)
-    fill(cfg.bank, "bank_size", 2000, 5000)
+    t = cfg.train
+    fill(
+        cfg.bank,
+        "bank_size",
+        2000,
+        sd_bank_size(
+            t.max_train_steps, t.train_batch_size, t.gradient_accumulation_steps, cfg.method.bank_share
+        ),
+    )
     # toy world on a CPU: smaller generation batches, so the progress bar moves every minute or so
     fill(cfg.bank, "bank_batch_size", 256 if _cuda_available() else 64, 16)
     fill(cfg.detector, "convergence_every", 50, 500)
