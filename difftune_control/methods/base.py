@@ -188,7 +188,7 @@ class ControlNetTrainer:
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
         """Forward + backward of one micro-batch; returns the loss parts for logging."""
-        # the phases are labelled for torch.profiler (scripts/bench_step.py --profile); free when it is off
+        # the phases are labelled for torch.profiler (scripts/bench_step.py --profile); a few microseconds when it is off
         with record_function("difftune.plan"):
             self.check_finite()  # the previous step's loss: finished on the GPU by now, so no wait
             self.before_step(target_batch)
