@@ -287,6 +287,7 @@ def test_the_sd_default_bank_is_sized_to_the_run():
     assert sd_bank_size(10_000, 4, 1, 0.2) == 2000  # the SD defaults: 8,000 bank rows drawn
     assert sd_bank_size(10_000, 4, 2, 0.2) == 4000 and sd_bank_size(3_000, 1, 1, 0.2) == 500
     assert sd_bank_size(50_000, 32, 1, 0.2) == 5000
+    assert sd_bank_size(10_000, 4, 1, 0.2, processes=2) == 4000  # two processes draw from one bank
     cfg = RunConfig()
     cfg.train.train_batch_size, cfg.train.max_train_steps = 8, 10_000
     assert resolve_defaults(cfg, toy=False).bank.bank_size == 4000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from difftune_control.config.run import RunConfig
@@ -49,13 +50,13 @@ SD_BANK_SIZE = (500, 5000)
 """Bounds of the SD default bank size (5,000: the published bank; at SD1.5 scale ~17 minutes on an H200)."""
 
 
-def sd_bank_size(steps: int, batch: int, accumulation: int, bank_share: float) -> int:
+def sd_bank_size(steps: int, batch: int, accumulation: int, bank_share: float, processes: int = 1) -> int:
     """The SD default ``--bank_size``: about one image per :data:`BANK_REUSE` bank rows the run will draw
-    (``steps`` x ``batch`` x ``accumulation`` x ``bank_share``), within :data:`SD_BANK_SIZE`; building the
-    bank is paid before the first step, so a run does not generate images it will barely use."""
+    (``steps`` x ``batch`` x ``accumulation`` x ``processes`` x ``bank_share``), within :data:`SD_BANK_SIZE`;
+    building the bank is paid before the first step, so a run does not generate images it will barely use."""
     import math
 
-    draws = steps * batch * accumulation * bank_share
+    draws = steps * batch * accumulation * processes * bank_share
     low, high = SD_BANK_SIZE
     return int(min(high, max(low, math.ceil(draws / BANK_REUSE))))
 
@@ -97,7 +98,11 @@ def resolve_defaults(
         "bank_size",
         2000,
         sd_bank_size(
-            t.max_train_steps, t.train_batch_size, t.gradient_accumulation_steps, cfg.method.bank_share
+            t.max_train_steps,
+            t.train_batch_size,
+            t.gradient_accumulation_steps,
+            cfg.method.bank_share,
+            int(os.environ.get("WORLD_SIZE", "1")),  # accelerate launch's processes draw from one bank
         ),
     )
     # toy world on a CPU: smaller generation batches, so the progress bar moves every minute or so
