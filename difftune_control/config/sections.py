@@ -224,7 +224,7 @@ class BankConfig:
     bank_size: int | None = _f(
         None,
         "Number of bank images. Default: toy world 2000, SD 2000 with the SD defaults: sized to the run, one "
-        "image per 4 bank rows it draws (steps x batch x accumulation x --bank_share / 4), 500 to 5000.",
+        "image per 4 bank rows it draws (steps x batch x accumulation x processes x --bank_share / 4), 500 to 5000.",
     )
     bank_prompts: str | None = _f(None, "Text file with one prompt per line. Default: the target captions.")
     bank_num_inference_steps: int = _f(25, "Sampler steps for bank generation.")
