@@ -1,7 +1,8 @@
 """Group runs that differ only by seed: means with 95% intervals, paired per-seed speed-ups.
 
 Runs belong to one group when their saved `config.json` files are equal once the seed and the
-run's name, output folder and resume flag are removed (`IGNORED_KEYS`): the same experiment
+run's name, output folder, resume flag and the resolved bank folder (a cache path that follows from
+the bank settings) are removed (`IGNORED_KEYS`): the same experiment
 repeated with other seeds. Each group gets, over its seeds, the mean and a 95% t-interval of the
 steps to sudden convergence and to p >= 0.25 / 0.5, of the AUCC and of the final p, with the count
 of seeds that did not get there. Against its reference group (the plain vanilla run of the same
@@ -25,7 +26,13 @@ from typing import Any
 from .runs import Run
 from .stats import mean_interval
 
-IGNORED_KEYS = ("train.seed", "train.run_name", "train.output_dir", "train.resume_from_checkpoint")
+IGNORED_KEYS = (
+    "train.seed",
+    "train.run_name",
+    "train.output_dir",
+    "train.resume_from_checkpoint",
+    "bank_dir",
+)
 """Config fields that do not make another experiment: the seed, where the run went, and how it resumed."""
 METHOD_SECTIONS = ("method", "bank", "bank_dir")
 """Config sections in which a run may differ from its vanilla reference (the method and its bank)."""

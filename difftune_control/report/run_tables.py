@@ -145,8 +145,12 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
     """Key facts of one run's config and measurement, as (name, value) pairs."""
     cfg = run.config
     tr, det, meth = cfg.get("train") or {}, cfg.get("detector") or {}, cfg.get("method") or {}
-    base = (cfg.get("base_model") or {}).get("id") or (cfg.get("model") or {}).get(
-        "pretrained_model_name_or_path"
+    model = cfg.get("base_model") or {}
+    # the shipped toy world is named as such, not by the folder it was installed in
+    base = (
+        None
+        if model.get("is_toy")
+        else model.get("id") or (cfg.get("model") or {}).get("pretrained_model_name_or_path")
     )
     facts = [
         ("folder", str(run.path)),
