@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from difftune_control.data.dataset import TargetDataset, split_key
+from difftune_control.utils import hint_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class CachedTargetDataset(Dataset):
             latents = mean + shard.get_slice("latent_std")[j : j + 1][0].float() * eps
         if "hints" in shard.keys():
             hint = shard.get_slice("hints")[j : j + 1][0]
-            hint = hint if self.compact_hints else hint.float() / 255.0
+            hint = hint if self.compact_hints else hint_to_float(hint)
         else:
             top, left = shard.get_slice("crop_top_left")[j : j + 1][0].tolist()
             flip = bool(shard.get_slice("flip")[j : j + 1][0])

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import numpy as np
 
+from difftune_control.utils import hint_to_float
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -216,8 +218,7 @@ def hint_pair(hint: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, to
     pair = []
     for tensor in (hint, other):
         tensor = tensor[None] if tensor.ndim == 3 else tensor
-        tensor = tensor.float() / 255.0 if tensor.dtype == torch.uint8 else tensor.float()
-        pair.append(tensor.to(hint.device))
+        pair.append(hint_to_float(tensor).to(hint.device))
     return pair[0], pair[1]
 
 
