@@ -29,6 +29,9 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 git_rev=$(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown); echo "commit $git_rev, $(date -u +%F)"
 timeout $BUDGET python3 scripts/bench_convergence.py $ARGS --parallel $PAR --no-retention $TAIL > $OUT/search.log 2>&1
 bash bench/stop_runs.sh
+# a failed run's log tail comes back (the logs themselves are mostly progress bars)
+for n in $(grep -E ": rc=[1-9]" $OUT/search.log | cut -d: -f1); do
+  tail -c 6000 $W/logs/$n.log | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 60 > $OUT/failed-$n.log; done
 timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only $TAIL >> $OUT/search.log 2>&1
 (cd $W && tar czf $OUT/search-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' \
   --exclude='samples' --exclude='logs' runs retention)
