@@ -14,7 +14,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,8 +205,13 @@ def atomic_save_safetensors(
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder next to ``path``; on success it becomes ``path`` (an old one is replaced)."""
+def atomic_dir(path: str | os.PathLike, keep: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it becomes ``path`` (an old one is replaced).
+
+    Writers of the same folder may race (runs started together building one cache): each installs its
+    folder under its own names, and with ``keep`` a ``path`` that another writer completed meanwhile
+    (``keep(path)`` true) is kept and this writer's copy dropped.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
@@ -214,20 +219,46 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: follow the umask like mkdir does
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        _install_dir(tmp, path, keep)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise _explain_os_error(path, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _install_dir(tmp: Path, path: Path, keep: Callable[[Path], bool] | None, attempts: int = 50) -> None:
+    """Rename ``tmp`` to ``path``; an existing ``path`` is kept (``keep``) or moved aside to a name of this
+    writer's own and deleted, so that concurrent writers never use one name. Where a concurrent writer's
+    folder lands between the two renames, it is as new as this one and stays."""
+    for _ in range(attempts):
+        try:
+            os.rename(tmp, path)  # onto a missing or empty folder
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if keep is not None and keep(path):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        aside = path.with_name(path.name + ".old")
+        old = Path(tempfile.mkdtemp(prefix=_temp_prefix(aside), suffix=".tmp", dir=path.parent))
+        try:
+            os.replace(path, old)  # onto this writer's empty folder
+        except FileNotFoundError:  # another writer moved it meanwhile
+            os.rmdir(old)
+            continue
+        try:
+            os.rename(tmp, path)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise OSError(errno.EBUSY, f"{path}: other writers kept moving it; try again")
 
 
 class JsonlLogger:

@@ -75,3 +75,37 @@ def test_only_temporaries_no_live_process_owns_are_stale(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [n for n, stale in entries.items() if not stale] + ["manifest.json"]
     )
+
+
+def _write(path: Path, who: str, keep=None, pause: float = 0.0) -> None:
+    with atomic_dir(path, keep=keep) as tmp:
+        (tmp / "a").write_text(who)
+        time.sleep(pause)
+        (tmp / "b").write_text(who)
+
+
+def test_a_folder_another_writer_completed_meanwhile_is_kept_or_replaced(tmp_path):
+    """Runs started together build one cache folder: the one that lands first is kept (``keep``) or replaced."""
+    done = tmp_path / "val-n64"
+    with atomic_dir(done, keep=lambda p: (p / "b").is_file()) as tmp:
+        (tmp / "b").write_text("mine")
+        _write(done, "theirs")  # another writer finishes first
+    assert (done / "b").read_text() == "theirs"
+    with atomic_dir(done) as tmp:
+        (tmp / "b").write_text("mine")
+        _write(done, "theirs again")
+    assert (done / "b").read_text() == "mine" and not (done / "a").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["val-n64"]  # no temporaries, no old copies
+
+
+def test_concurrent_writers_of_one_folder_all_succeed(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    target = tmp_path / "train-n10000"
+    for keep in (None, lambda p: (p / "b").is_file()):
+        with ThreadPoolExecutor(12) as pool:
+            for fut in [pool.submit(_write, target, str(i), keep, 0.001 * (i % 3)) for i in range(24)]:
+                fut.result()  # no writer fails
+        a, b = (target / "a").read_text(), (target / "b").read_text()
+        assert a == b  # one writer's folder, whole
+        assert [p.name for p in tmp_path.iterdir()] == ["train-n10000"]

@@ -124,7 +124,7 @@ def build_dataset(
     if _is_complete(folder, info):
         return folder
     stream = split_seed(int(seed), split)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, keep=lambda done: _is_complete(done, info)) as tmp:
         for sub in ("images", *HINT_COLUMNS):
             (tmp / sub).mkdir()
         lines = []
