@@ -322,10 +322,14 @@ def derived_generator(*parts: int | str) -> torch.Generator:
 
 
 def hint_to_float(hint: torch.Tensor) -> torch.Tensor:
-    """A hint batch as float32 in [0,1]: uint8 hints (as caches and banks store them) are divided by 255."""
+    """A hint batch as float32 in [0,1]: uint8 hints (as caches and banks store them) are scaled by 1/255.
+
+    A multiplication by the float32 reciprocal, as CUDA computes a division by a scalar: the same values
+    on either device (a CPU division differs from it in the last bit for some of the 256 levels).
+    """
     import torch
 
-    return hint.float() / 255.0 if hint.dtype == torch.uint8 else hint.float()
+    return hint.float() * (1.0 / 255.0) if hint.dtype == torch.uint8 else hint.float()
 
 
 def to_device(

@@ -109,3 +109,20 @@ def test_concurrent_writers_of_one_folder_all_succeed(tmp_path):
         a, b = (target / "a").read_text(), (target / "b").read_text()
         assert a == b  # one writer's folder, whole
         assert [p.name for p in tmp_path.iterdir()] == ["train-n10000"]
+
+
+def test_hints_from_files_and_from_uint8_caches_are_the_same_floats():
+    """One uint8-to-float conversion: a PIL hint, a cached uint8 hint (CPU) give bit-identical values."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from difftune_control.data.transforms import hint_to_tensor
+    from difftune_control.utils import hint_to_float
+
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    rgb = np.stack([levels, levels.T, 255 - levels], axis=-1)
+    from_file = hint_to_tensor(Image.fromarray(rgb))
+    cached = hint_to_float(torch.from_numpy(rgb).permute(2, 0, 1))
+    assert torch.equal(from_file, cached)
+    assert cached.min() == 0.0 and cached.max() == 1.0

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from difftune_control.data.spec import HintInterpolation
+from difftune_control.utils import hint_to_float
 
 if TYPE_CHECKING:
     import torch
@@ -306,8 +307,8 @@ def hint_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL hint -> float32 [3,H,W] in [0, 1] (what a ControlNet takes)."""
     import torch
 
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)  # [H,W,3]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous() / 255.0
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # [H,W,3]
+    return hint_to_float(torch.from_numpy(array).permute(2, 0, 1).contiguous())
 
 
 def check_hint_output(hint: Any, resolution: int, where: str) -> torch.Tensor:
