@@ -299,3 +299,46 @@ def test_the_sd_default_bank_is_sized_to_the_run():
     assert resolve_defaults(cfg, toy=True).bank.bank_size == 2000
     cfg.bank.bank_size = 5000
     assert resolve_defaults(cfg, toy=False).bank.bank_size == 5000
+
+
+def test_fixed_split_batch_of_one_keeps_the_bank_in_expectation():
+    """A batch of one: a bank row w.p. r weighted lambda (1-r)/r, else a target row weighted 1."""
+    from difftune_control.methods.forgetting import fixed_plan
+
+    g = torch.Generator().manual_seed(0)
+    plans = [fixed_plan(1, bank_share=0.2, bank_weight=0.1, generator=g) for _ in range(4000)]
+    bank = torch.tensor([p.num_bank for p in plans]).double()
+    assert abs(bank.mean() - 0.2) < 0.03  # binomial sd 0.0063
+    w = torch.stack([p.weights[0] for p in plans]).double()
+    assert torch.allclose(w[bank == 1], torch.tensor(0.1 * 0.8 / 0.2, dtype=torch.float64))
+    assert torch.equal(w[bank == 0], torch.ones_like(w[bank == 0]))
+    # expected bank mass / expected target mass = lambda, as in a batch of 10
+    assert float((w * bank).mean() / (w * (1 - bank)).mean()) == pytest.approx(0.1, rel=0.2)
+    t_bank = torch.cat([p.timesteps for p in plans if p.num_bank])
+    t_target = torch.cat([p.timesteps for p in plans if not p.num_bank])
+    assert t_bank.float().mean() < 400 < 600 < t_target.float().mean()  # (T-k) and (k+1) laws
+
+
+def test_a_batch_of_one_trains_with_bank_rows_and_the_auto_weight(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    from difftune_control.training.loop import run_training
+    from difftune_control.utils import read_jsonl
+
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        train__train_batch_size=1,
+        train__max_train_steps=12,
+        train__checkpointing_steps=12,
+        method__bank_weight="auto",
+        method__bank_share=0.5,
+    )
+    records = read_jsonl(run_training(cfg) / "metrics.jsonl")
+    check = next(r for r in records if r["type"] == "bank_check")
+    assert check["bank_weight"] > 0 and check["ratio"] == pytest.approx(0.5, rel=0.05)
+    train = [r for r in records if r["type"] == "train"]
+    shares = [r["bank_share"] for r in train]
+    assert len(train) == 12 and 0 < sum(shares) < 12  # some steps a bank row, some a target row
+    assert all(r["loss_bank"] is not None for r in train if r["bank_share"] == 1)

@@ -148,7 +148,7 @@ class MethodConfig:
     psi_power: float = _f(
         1.0, "Power s of psi(t) = ((t+1)/T)^s; 0 = uniform t (the bank without the t-skew)."
     )
-    bank_share: float = _f(0.2, "fixed split: share r of each batch drawn from the bank.")
+    bank_share: float = _f(0.2, "fixed split: share r of each batch from the bank (a batch of one: w.p. r).")
     bank_weight: float | Literal["auto"] = _f(
         "auto",
         "fixed split: weight lambda of the bank loss (the published value: 0.1); auto = set lambda so the "

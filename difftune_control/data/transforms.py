@@ -307,7 +307,7 @@ def hint_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL hint -> float32 [3,H,W] in [0, 1] (what a ControlNet takes)."""
     import torch
 
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8)  # [H,W,3]
+    array = np.array(image.convert("RGB"), dtype=np.uint8)  # [H,W,3], writable
     return hint_to_float(torch.from_numpy(array).permute(2, 0, 1).contiguous())
 
 

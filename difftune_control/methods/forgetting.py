@@ -95,7 +95,20 @@ def fixed_plan(
     """The released code's split: a fixed share r of bank slots (the last ones).
 
     Target t ~ Cat((k+1)^s), bank t ~ Cat((T-k)^s); loss = mean(target) + lambda * mean(bank).
+    A batch of one has no room for both: its slot holds a bank row with probability r, weighted
+    lambda (1-r) / r, else a target row weighted 1, so that the expected loss is (1-r) times the
+    larger batches' (Adam does not see the factor) and the bank keeps its weight against the data.
     """
+    if batch_size == 1 and 0 < bank_share < 1:
+        is_bank = bool(torch.rand((), generator=generator, dtype=torch.float64) < bank_share)
+        probs = (bank_timestep_probs if is_bank else target_timestep_probs)(num_train_timesteps, power)
+        weight = bank_weight * (1.0 - bank_share) / bank_share if is_bank else 1.0
+        return BatchPlan(
+            is_bank=torch.tensor([is_bank]),
+            timesteps=_sample(probs, 1, generator),
+            weights=torch.tensor([weight], dtype=torch.float32),
+            bank_weight=bank_weight,
+        )
     n_bank = int(round(bank_share * batch_size))
     n_bank = min(max(n_bank, 1 if bank_share > 0 and batch_size > 1 else 0), batch_size - 1)
     n_target = batch_size - n_bank

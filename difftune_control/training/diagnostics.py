@@ -55,9 +55,15 @@ def bank_pull(trainer, target_batch: dict) -> dict:
     n = len(target_batch["caption"])
     state = trainer.generator.get_state()
     plan = trainer.plan(n)
+    # a plan of one source (a batch of one, or a random split's draw): the run's plans of two slots or
+    # more, redrawn until both are in one (the pulls are per unit of each part's weight, as in any plan)
+    for _ in range(64):
+        if 0 < plan.num_bank < plan.is_bank.numel():
+            break
+        plan = trainer.plan(max(n, 2))
     trainer.generator.set_state(state)
-    if plan.num_bank == 0:
-        raise ValueError("bank_pull: this run's batch plan has no bank slots")
+    if not 0 < plan.num_bank < plan.is_bank.numel():
+        raise ValueError("bank_pull: this run's batch plan never holds both target and bank slots")
     is_bank = plan.is_bank
     target_grad, target_loss = gradient_pull(trainer, target_batch, plan, (~is_bank).float())
     bank_grad, bank_loss = gradient_pull(trainer, target_batch, plan, is_bank.float())
