@@ -643,7 +643,13 @@ def main() -> int:
             f"two L-R {b['two_left_right']:.2f}, Frechet {b['frechet']:.2f}."
         )
     (args.out / "results.md").write_text(md + "\n")
-    (args.out / "results.json").write_text(json.dumps({"runs": rows, "groups": agg}, indent=1, default=str))
+    def relative(row: dict) -> dict:  # run folders named under --out, so the results read the same anywhere
+        path = Path(str(row.get("path", "")))
+        inside = path.is_absolute() and path.is_relative_to(args.out.resolve())
+        return {**row, "path": str(path.relative_to(args.out.resolve()))} if inside else row
+
+    runs = {name: relative(row) for name, row in rows.items()} if isinstance(rows, dict) else rows
+    (args.out / "results.json").write_text(json.dumps({"runs": runs, "groups": agg}, indent=1, default=str))
     print(md)
     curves(args, rows, args.out / "curves.png")
     return 0
