@@ -643,6 +643,7 @@ def main() -> int:
             f"two L-R {b['two_left_right']:.2f}, Frechet {b['frechet']:.2f}."
         )
     (args.out / "results.md").write_text(md + "\n")
+
     def relative(row: dict) -> dict:  # run folders named under --out, so the results read the same anywhere
         path = Path(str(row.get("path", "")))
         inside = path.is_absolute() and path.is_relative_to(args.out.resolve())

@@ -200,20 +200,21 @@ def sdxl_rows(n: int, unet_config: Mapping, resolution: int = 1024, tokens: int 
 def settings(batches: list[int], methods: list[str], example: bool) -> Iterator[dict]:
     """The benchmark's settings in run order: per batch, the example (if any), then ours per optimizer and method.
 
-    Batch 1 runs with gradient checkpointing, ours with AdamW and with Adafactor (the example has AdamW
-    only); larger batches without checkpointing, with AdamW.
+    Batch 1 runs with gradient checkpointing, ours with AdamW, Adafactor and Adafactor with
+    ``--fused_backward_pass`` (the example has AdamW only); larger batches without checkpointing, with AdamW.
     """
     for b in batches:
         ckpt = b == 1
         if example:
             yield {"impl": "diffusers example", "batch": b, "checkpointing": ckpt}
-        for speed in ("default", "adafactor") if ckpt else ("default",):
+        for speed in ("default", "adafactor", "adafactor+fused") if ckpt else ("default",):
             for method in methods:
                 yield {"impl": "ours", "batch": b, "checkpointing": ckpt, "speed": speed, "method": method}
 
 
 def _optimizer(r: dict) -> str:
-    return "Adafactor" if r.get("optimizer") == "adafactor" else "AdamW"
+    name = "Adafactor" if r.get("optimizer") == "adafactor" else "AdamW"
+    return name + (" (fused backward pass)" if r.get("fused_backward_pass") else "")
 
 
 def report(results: list[dict], flop_per_image: float | None) -> str:
@@ -264,7 +265,7 @@ def report(results: list[dict], flop_per_image: float | None) -> str:
     ):
         met = "met" if r["peak_reserved_gib"] < 16 else "not met"
         lines.append(
-            f"- batch 1, grad ckpt, Adafactor, {r['method']}: peak {r['peak_gib']:.2f} GiB allocated "
+            f"- batch 1, grad ckpt, {_optimizer(r)}, {r['method']}: peak {r['peak_gib']:.2f} GiB allocated "
             f"({r['peak_gib'] * 2**30 / 1e9:.2f} GB), {r['peak_reserved_gib']:.2f} GiB reserved "
             f"(under 16 GiB reserved: {met}); of it the frozen models and ControlNet "
             f"{r['setup_gib']:.2f} GiB, text encoders and VAE left on the GPU {r['text_encoders_vae_gib']:.2f} GiB"

@@ -242,6 +242,7 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     },
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
+    "adafactor+fused": {"optimizer": "adafactor", "fused_backward_pass": True},
     # A/B only: the frozen UNet under autocast again, as the trainer ran it up to commit 085ed8c
     # (autocast lifts its GroupNorms/LayerNorms to fp32); see bench_ours.
     "unet_autocast": {},
@@ -291,6 +292,7 @@ def make_ours(
     Returns ``(trainer, optimizer, accelerator)``; the trainer holds the target rows and the ControlNet.
     """
     from difftune_control.methods.registry import trainer_class
+    from difftune_control.training.fused_step import attach
     from difftune_control.training.runtime import load_base_model, offload_text_encoders
     from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
 
@@ -305,6 +307,7 @@ def make_ours(
     bank = synthetic_bank(rows(64)) if method == "difftuning" else None
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
+    attach(trainer, opt)  # --fused_backward_pass
     if acc.device.type == "cuda":  # as a run on cached rows does (training.setup.build_run)
         offload_text_encoders(base)
     return trainer, opt, acc
@@ -372,6 +375,7 @@ def bench_ours(
         "gradient_checkpointing": checkpointing,
         "speed": speed,
         "optimizer": trainer.cfg.train.optimizer,
+        "fused_backward_pass": trainer.cfg.train.fused_backward_pass,
         "images_per_s": ips,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,

@@ -126,7 +126,7 @@ def test_our_trainer_steps_on_sdxl_rows_and_the_flop_count_matches_its_step(
     assert counter.get_total_flops() / 2 == train_flop_per_image(config, rows(1))
 
 
-def test_settings_run_batch_1_with_checkpointing_and_both_optimizers():
+def test_settings_run_batch_1_with_checkpointing_and_every_optimizer():
     got = [
         (s["impl"][0], s["batch"], s["checkpointing"], s.get("speed"))
         for s in settings([4, 1], ["vanilla"], True)
@@ -134,6 +134,7 @@ def test_settings_run_batch_1_with_checkpointing_and_both_optimizers():
     assert got == [
         ("d", 4, False, None), ("o", 4, False, "default"),
         ("d", 1, True, None), ("o", 1, True, "default"), ("o", 1, True, "adafactor"),
+        ("o", 1, True, "adafactor+fused"),
     ]  # fmt: skip
     assert all(s["impl"] == "ours" for s in settings([8], ["vanilla", "difftuning"], False))
 

@@ -93,12 +93,8 @@ class DataConfig:
     hint_interpolation: Literal["bilinear", "nearest"] = _f(
         "bilinear", "Resampling of given hints (nearest keeps segmentation colours exact)."
     )
-    crops_coords_top_left_h: int = _f(
-        0, "SDXL micro-conditioning: crop top (px) in the training rows' time ids.", metavar="PX"
-    )
-    crops_coords_top_left_w: int = _f(
-        0, "SDXL micro-conditioning: crop left (px) in the training rows' time ids.", metavar="PX"
-    )
+    crops_coords_top_left_h: int = _f(0, "SDXL time ids: crop top (px) of training rows.", metavar="PX")
+    crops_coords_top_left_w: int = _f(0, "SDXL time ids: crop left (px) of training rows.", metavar="PX")
     dataset_split: str = _f("train", "Split of a HF / saved / parquet dataset.")
     max_train_samples: int | None = _f(None, "Use only the first N samples.")
     skip_bad_rows: bool = _f(False, "Skip unreadable/missing rows (counted in the log) instead of failing.")
@@ -296,11 +292,12 @@ class TrainConfig:
         "adamw (fused on CUDA) or adafactor (factored second moments, no first moment: the optimizer "
         "state of a SD1.5 ControlNet is 0.75 GB instead of 2.9 GB; --learning_rate is used as given).",
     )
+    fused_backward_pass: bool = _f(False, "Update each parameter in backward; frees its gradient.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0: none; per parameter when fused).")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
         None, "Frozen parts in this dtype. Default: accelerate's."
     )

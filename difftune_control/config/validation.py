@@ -60,6 +60,14 @@ def config_problems(cfg: Any) -> list[str]:  # cfg: a RunConfig (run.py imports 
     ]:
         if value is not None and not isinstance(value, bool) and isinstance(value, int) and value < 1:
             problems.append(f"{flag} must be >= 1, got {value}")
+    if t.max_grad_norm < 0:
+        problems.append(f"--max_grad_norm must be >= 0 (0: no clipping), got {t.max_grad_norm}")
+    if t.fused_backward_pass and t.gradient_accumulation_steps != 1:
+        problems.append("--fused_backward_pass updates in backward: it needs --gradient_accumulation_steps 1")
+    if t.fused_backward_pass and t.mixed_precision == "fp16":
+        problems.append(
+            "--fused_backward_pass cannot unscale fp16 gradients: use --mixed_precision bf16 or no"
+        )
     if isinstance(t.ddp_bucket_cap_mb, (int, float)) and not t.ddp_bucket_cap_mb > 0:
         problems.append(f"--ddp_bucket_cap_mb must be > 0, got {t.ddp_bucket_cap_mb}")
     if t.learning_rate is not None and t.learning_rate <= 0:

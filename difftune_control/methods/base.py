@@ -68,6 +68,7 @@ class ControlNetTrainer:
         self.empty_added = self.prompts([""], self.device)[1] if self.prompts.added_keys else {}
         self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
         self.auto_weight = False  # --bank_weight auto measures lambda (DiffTuningTrainer, fixed split)
+        self.optimizer_in_backward = None  # --fused_backward_pass: set by training.setup
 
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:

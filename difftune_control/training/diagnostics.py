@@ -14,6 +14,7 @@ bank outweighs the data) and by ``scripts/diagnose_bank.py`` (per-timestep table
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -34,12 +35,14 @@ def gradient_pull(trainer, target_batch: dict, plan: BatchPlan, mask: torch.Tens
     net = acc.unwrap_model(wrapped)
     state = trainer.generator.get_state()
     trainer.controlnet = net
+    fused = trainer.optimizer_in_backward  # --fused_backward_pass: gradients only, no update
     try:
         net.zero_grad(set_to_none=True)
         with acc.autocast():
             per_sample = trainer.compute_loss(trainer.assemble(target_batch, plan))
         m = mask.to(per_sample.device, per_sample.dtype)
-        (plan.weights.to(per_sample.device) * m * per_sample).sum().backward()
+        with fused.paused() if fused is not None else contextlib.nullcontext():
+            (plan.weights.to(per_sample.device) * m * per_sample).sum().backward()
         grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
         norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
         loss = float(per_sample.detach()[m.bool()].float().mean()) if m.any() else float("nan")

@@ -22,6 +22,7 @@ from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.methods.registry import trainer_class
 from difftune_control.training.compilation import compile_for_training
 from difftune_control.training.distributed import ddp_kwargs
+from difftune_control.training.fused_step import OptimizerInBackward, attach, param_groups
 from difftune_control.training.runtime import (
     BaseModel,
     is_toy_model,
@@ -151,6 +152,7 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
     # the teacher ControlNet (--teacher_controlnet) was loaded for the bank: the trainer takes the same one
     extra = {"teacher": prepared.teacher_controlnet} if prepared.teacher_controlnet is not None else {}
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank, **extra)
+    attach(trainer, optimizer)
     monitor = make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
     if device.type == "cuda" and cfg.data.cache_latents:  # every prompt is encoded by now
         freed = offload_text_encoders(base)
@@ -208,11 +210,17 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     if t.channels_last:
         controlnet.to(memory_format=torch.channels_last)
         base.unet.to(memory_format=torch.channels_last)
+    fused = t.fused_backward_pass
+    if fused and accelerator.num_processes > 1:
+        raise ValueError(
+            "--fused_backward_pass runs on one process (the update would precede the all-reduce)"
+        )
+    params = param_groups(controlnet) if fused else controlnet.parameters()
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         optimizer = Adafactor(
-            controlnet.parameters(),
+            params,
             lr=t.learning_rate,
             weight_decay=t.adam_weight_decay,
             scale_parameter=False,
@@ -221,7 +229,7 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
         )
     else:
         optimizer = torch.optim.AdamW(
-            controlnet.parameters(),
+            params,
             lr=t.learning_rate,
             betas=(t.adam_beta1, t.adam_beta2),
             weight_decay=t.adam_weight_decay,
@@ -232,6 +240,8 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
         optimizer, lr_lambda(t.lr_scheduler, t.lr_warmup_steps, t.max_train_steps)
     )
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
+    if fused:
+        optimizer = OptimizerInBackward(optimizer, accelerator.unwrap_model(controlnet), t.max_grad_norm)
     if t.torch_compile:
         compile_for_training(
             accelerator.unwrap_model(controlnet),
