@@ -342,3 +342,39 @@ def test_a_batch_of_one_trains_with_bank_rows_and_the_auto_weight(
     shares = [r["bank_share"] for r in train]
     assert len(train) == 12 and 0 < sum(shares) < 12  # some steps a bank row, some a target row
     assert all(r["loss_bank"] is not None for r in train if r["bank_share"] == 1)
+
+
+def test_the_pull_is_pooled_over_plans_until_enough_bank_rows(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """Small batches pool plans (fresh target rows each) to --bank_pull_rows; re-measured less often."""
+    from difftune_control.training.diagnostics import bank_pull
+
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path,
+        method__bank_share=0.5,
+        method__bank_weight="auto",
+        method__bank_pull_rows=5,
+        method__bank_pull_every=2,
+    )
+    trainer, _ = build_trainer(cfg)
+    batch = target_batch(trainer)
+    gen = trainer.generator.get_state()
+    trainer.bank_lambda = 1.0
+    check = bank_pull(trainer, batch)
+    assert torch.equal(trainer.generator.get_state(), gen)
+    assert check["plans"] == 3 and check["bank_slots"] == 6  # 2 bank rows a plan, pooled to >= 5
+    assert bank_pull(trainer, batch) == check  # deterministic given the run's state
+    trainer.cfg.method.bank_pull_rows = 1
+    single = bank_pull(trainer, batch)
+    assert single["plans"] == 1 and single["target_grad"] != check["target_grad"]
+
+    trainer.cfg.method.bank_pull_rows = 5
+    trainer.bank_lambda = None
+    measured = []
+    calibrate = trainer.calibrate_bank_weight
+    trainer.calibrate_bank_weight = lambda b: measured.append(trainer.micro_batches) or calibrate(b)
+    for _ in range(8):
+        trainer.before_step(batch)
+    assert measured == [1, 7]  # at step 0, then every 2 x 3 steps
+    assert trainer.state_dict()["pull_plans"] == 3

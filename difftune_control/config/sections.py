@@ -155,8 +155,9 @@ class MethodConfig:
     )
     bank_pull: float = _f(0.5, "--bank_weight auto: the bank rows' pull as a fraction of the target rows'.")
     bank_pull_every: int = _f(
-        200, "--bank_weight auto: re-measure the pulls every N optimizer steps (0 = at step 0 only)."
+        200, "--bank_weight auto: re-measure every N steps (x the plans pooled; 0 = at step 0 only)."
     )
+    bank_pull_rows: int = _f(12, "--bank_weight auto: pool batch plans until they hold this many bank rows.")
     bank_latents: Literal["mean", "sample"] = _f(
         "sample",
         "Bank rows' latents: the VAE posterior mean of each generated image, or a fresh draw from its "

@@ -25,6 +25,8 @@ def config_problems(cfg: Any) -> list[str]:  # cfg: a RunConfig (run.py imports 
         problems.append(f"--bank_weight must be a number >= 0 or auto, got {m.bank_weight!r}")
     if not m.bank_pull > 0:
         problems.append(f"--bank_pull must be > 0, got {m.bank_pull}")
+    if m.bank_pull_rows < 1:
+        problems.append(f"--bank_pull_rows must be >= 1, got {m.bank_pull_rows}")
     if m.bank_pull_every < 0:
         problems.append(f"--bank_pull_every must be >= 0 (0 = at step 0 only), got {m.bank_pull_every}")
     if not m.snr_gamma > 0:

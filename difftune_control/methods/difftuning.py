@@ -32,6 +32,7 @@ class DiffTuningTrainer(ControlNetTrainer):
         self.bank_lambda: float | None = None  # --bank_weight auto: the measured lambda
         self.auto_weight = m.bank_weight == "auto" and m.split == "fixed"  # only the fixed split has a lambda
         self.micro_batches = 0  # micro-batches trained (re-measurement schedule of --bank_weight auto)
+        self.pull_plans = 1  # batch plans the last measurement pooled
 
     def plan(self, batch_size: int) -> BatchPlan:
         m = self.cfg.method
@@ -53,7 +54,8 @@ class DiffTuningTrainer(ControlNetTrainer):
         if not self.auto_weight or micro % accum:  # only where no gradient is being accumulated
             return
         step = micro // accum
-        if self.bank_lambda is None or (m.bank_pull_every and step % m.bank_pull_every == 0 and step > 0):
+        every = m.bank_pull_every * self.pull_plans  # a pooled measurement costs more: it comes less often
+        if self.bank_lambda is None or (every and step % every == 0 and step > 0):
             self.calibrate_bank_weight(target_batch)
 
     def calibrate_bank_weight(self, target_batch: dict) -> dict:
@@ -69,6 +71,7 @@ class DiffTuningTrainer(ControlNetTrainer):
             check = bank_pull(self, target_batch)
         finally:
             self.bank_lambda = previous
+        self.pull_plans = check["plans"]
         if not (check["bank_grad"] > 0 and check["target_grad"] > 0):
             # e.g. distillation targets the base already meets (a fresh ControlNet): nothing to balance yet
             lam = previous if previous is not None else FALLBACK_BANK_WEIGHT
@@ -88,10 +91,16 @@ class DiffTuningTrainer(ControlNetTrainer):
         return {**check, "bank_weight": lam}
 
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "bank_lambda": self.bank_lambda, "micro_batches": self.micro_batches}
+        return {
+            **super().state_dict(),
+            "bank_lambda": self.bank_lambda,
+            "micro_batches": self.micro_batches,
+            "pull_plans": self.pull_plans,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         if "bank_lambda" in state and self.cfg.method.bank_weight == "auto":
             self.bank_lambda = state["bank_lambda"]
         self.micro_batches = int(state.get("micro_batches", 0))
+        self.pull_plans = int(state.get("pull_plans", 1))

@@ -24,28 +24,36 @@ from difftune_control.methods.forgetting import BatchPlan
 logger = logging.getLogger(__name__)
 
 
-def gradient_pull(trainer, target_batch: dict, plan: BatchPlan, mask: torch.Tensor) -> tuple[float, float]:
+def gradient_pull(
+    trainer, target_batch: dict | list[dict], plan: BatchPlan | list[BatchPlan], mask: torch.Tensor | list
+) -> tuple[float, float]:
     """Norm of the ControlNet's gradient of ``sum(weights * mask * per_sample_loss)``, and the masked mean loss.
 
+    Lists of batches, plans and masks are pooled: their gradients are summed before the norm is taken.
     Runs on the unwrapped ControlNet (no gradient synchronisation across processes) and leaves
     its gradients cleared and the trainer's random generator where it was.
     """
+    batches, plans, masks = (x if isinstance(x, list) else [x] for x in (target_batch, plan, mask))
     acc = trainer.accelerator
     wrapped = trainer.controlnet
     net = acc.unwrap_model(wrapped)
     state = trainer.generator.get_state()
     trainer.controlnet = net
     fused = trainer.optimizer_in_backward  # --fused_backward_pass: gradients only, no update
+    losses = []
     try:
         net.zero_grad(set_to_none=True)
-        with acc.autocast():
-            per_sample = trainer.compute_loss(trainer.assemble(target_batch, plan))
-        m = mask.to(per_sample.device, per_sample.dtype)
-        with fused.paused() if fused is not None else contextlib.nullcontext():
-            (plan.weights.to(per_sample.device) * m * per_sample).sum().backward()
+        for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
+            with acc.autocast():
+                per_sample = trainer.compute_loss(trainer.assemble(batch, pl))
+            m = mask_.to(per_sample.device, per_sample.dtype)
+            with fused.paused() if fused is not None else contextlib.nullcontext():
+                (pl.weights.to(per_sample.device) * m * per_sample).sum().backward()
+            losses.append(per_sample.detach()[m.bool()].float())
         grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
         norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
-        loss = float(per_sample.detach()[m.bool()].float().mean()) if m.any() else float("nan")
+        picked = torch.cat(losses)
+        loss = float(picked.mean()) if picked.numel() else float("nan")
     finally:
         net.zero_grad(set_to_none=True)
         trainer.controlnet = wrapped
@@ -53,31 +61,47 @@ def gradient_pull(trainer, target_batch: dict, plan: BatchPlan, mask: torch.Tens
     return norm, loss
 
 
-def bank_pull(trainer, target_batch: dict) -> dict:
-    """The run's own batch plan on one target batch: the target rows' pull against the weighted bank rows'."""
-    n = len(target_batch["caption"])
-    state = trainer.generator.get_state()
+def _two_source_plan(trainer, n: int) -> BatchPlan:
+    """The run's next plan for ``n`` rows; a plan of one source (a batch of one, or a random split's draw)
+    is replaced by the run's plans of two slots or more, redrawn until both are in one (the pulls are per
+    unit of each part's weight, as in any plan)."""
     plan = trainer.plan(n)
-    # a plan of one source (a batch of one, or a random split's draw): the run's plans of two slots or
-    # more, redrawn until both are in one (the pulls are per unit of each part's weight, as in any plan)
     for _ in range(64):
         if 0 < plan.num_bank < plan.is_bank.numel():
-            break
+            return plan
         plan = trainer.plan(max(n, 2))
+    raise ValueError("bank_pull: this run's batch plan never holds both target and bank slots")
+
+
+def bank_pull(trainer, target_batch: dict) -> dict:
+    """The run's own batch plan on one target batch: the target rows' pull against the weighted bank rows'.
+
+    Plans are pooled until they hold ``--bank_pull_rows`` bank rows (a batch of 4 has one): the next
+    plans take target batches of the same size drawn from the target set. Pooled gradients measure the
+    pull itself rather than the noise of a few rows, so lambda means the same at every batch size.
+    """
+    n = len(target_batch["caption"])
+    state = trainer.generator.get_state()
+    plans, batches = [_two_source_plan(trainer, n)], [target_batch]
+    k = -(-int(trainer.cfg.method.bank_pull_rows) // plans[0].num_bank)
+    if k > 1:
+        rows = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=trainer.generator)))
+        for _ in range(k - 1):
+            idx = torch.randint(len(trainer.target), (n,), generator=rows).tolist()
+            batches.append(torch.utils.data.default_collate([trainer.target[i] for i in idx]))
+            plans.append(_two_source_plan(trainer, n))
     trainer.generator.set_state(state)
-    if not 0 < plan.num_bank < plan.is_bank.numel():
-        raise ValueError("bank_pull: this run's batch plan never holds both target and bank slots")
-    is_bank = plan.is_bank
-    target_grad, target_loss = gradient_pull(trainer, target_batch, plan, (~is_bank).float())
-    bank_grad, bank_loss = gradient_pull(trainer, target_batch, plan, is_bank.float())
+    target_grad, target_loss = gradient_pull(trainer, batches, plans, [(~p.is_bank).float() for p in plans])
+    bank_grad, bank_loss = gradient_pull(trainer, batches, plans, [p.is_bank.float() for p in plans])
     return {
         "target_grad": target_grad,
         "bank_grad": bank_grad,
         "ratio": bank_grad / target_grad if target_grad > 0 else float("inf"),
         "target_loss": target_loss,
         "bank_loss": bank_loss,
-        "bank_slots": plan.num_bank,
-        "bank_weight": plan.bank_weight,
+        "bank_slots": sum(p.num_bank for p in plans),
+        "plans": k,
+        "bank_weight": plans[0].bank_weight,
         "batch": n,
     }
 
