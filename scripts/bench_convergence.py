@@ -94,6 +94,22 @@ CANDIDATES = {
         ]
         for n in (250, 500, 1000)
     },  # fmt: skip
+    # lambda's measurement: pooled over 48 bank rows (4 plans at the toy batch; re-measured every 800 steps),
+    # or measured at step 0 only (the default pools 12 rows, one plan at the toy batch, every 200 steps)
+    **{
+        f"null-auto-isnr-sample-{name}": [
+            *_NULL[:4],
+            "--loss_weighting",
+            "inverse_snr",
+            *_NULL[6:],
+            "--bank_weight",
+            "auto",
+            "--bank_latents",
+            "sample",
+            *flags,
+        ]
+        for name, flags in (("rows48", ["--bank_pull_rows", "48"]), ("once", ["--bank_pull_every", "0"]))
+    },  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
     "psi-isnr": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "inverse_snr"],
 }
