@@ -18,7 +18,7 @@ def test_bank_pull_is_linear_in_lambda_and_leaves_no_trace(tiny_pipeline_dir, ti
     check = bank_pull(trainer, batch)
     assert torch.equal(trainer.generator.get_state(), before)  # training draws are not shifted
     assert all(p.grad is None for p in trainer.controlnet.parameters())
-    assert check["bank_slots"] == 2 and check["batch"] == 8
+    assert check["bank_slots"] == 12 and check["plans"] == 6 and check["batch"] == 8  # pooled to >= 12 rows
     assert check["target_grad"] > 0 and check["bank_grad"] > 0
     assert check["ratio"] == pytest.approx(check["bank_grad"] / check["target_grad"])
     # the bank part scales with lambda; the target part does not move
