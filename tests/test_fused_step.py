@@ -128,3 +128,23 @@ def test_a_fused_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_pa
     run_training(cfg("b", 2))
     resumed = _weights(run_training(cfg("b", 4, train__resume_from_checkpoint="latest")))
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_resuming_with_another_optimizer_layout_says_which_flags(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    from difftune_control.training.loop import run_training
+
+    def cfg(steps, **kw):
+        return tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path,
+            train__max_train_steps=steps,
+            detector__detect_convergence=False,
+            **kw,
+        )
+
+    run_training(cfg(2))
+    with pytest.raises(ValueError, match="checkpoint-2.*--fused_backward_pass it was saved with"):
+        run_training(cfg(4, train__resume_from_checkpoint="latest", train__fused_backward_pass=True))

@@ -1,11 +1,9 @@
 """Checkpoints of a run: atomic writes, verification on resume, fallback, and a guard against diverged updates.
 
 A checkpoint is written to ``.checkpoint-N.tmp`` and renamed when complete; ``trainer_state.json`` (a
-:class:`TrainState`) is written last and records every other file's size. Resume verifies a checkpoint's files before loading
-it (:func:`verify_checkpoint`) and ``latest`` falls back to the newest intact one. :class:`WeightWatch`
-knows after every optimizer step, without a per-step host sync on CUDA, whether the update left every
-weight finite, so no checkpoint ever holds a diverged update.
-"""
+:class:`TrainState`), written last, records every other file's size. Resume verifies the files first
+(:func:`verify_checkpoint`); ``latest`` falls back to the newest intact one. :class:`WeightWatch` knows after
+every step, without a host sync on CUDA, whether the update left every weight finite."""
 
 from __future__ import annotations
 
@@ -307,10 +305,13 @@ def save_checkpoint(
 def restore_checkpoint(accelerator, checkpoint: Path, trainer, lr_scheduler, monitor=None) -> TrainState:
     """Load what :func:`save_checkpoint` wrote into the run's objects; returns the saved :class:`TrainState`.
 
-    Model, optimizer and RNG states through ``accelerator``, then the trainer's, the learning-rate
-    schedule's and the convergence monitor's state dicts (``monitor`` may be None, or saved as None).
-    """
-    accelerator.load_state(str(checkpoint))
+    Model, optimizer and RNG states through ``accelerator``, then the trainer's, the LR schedule's and the
+    convergence monitor's state dicts (``monitor`` may be None, or saved as None)."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except ValueError as err:  # e.g. an optimizer state of another --optimizer or --fused_backward_pass
+        why = f"{checkpoint}: its state does not fit this run ({err}); resume with the --optimizer and "
+        raise ValueError(why + "--fused_backward_pass it was saved with") from err
     state = TrainState.load(checkpoint)
     trainer.load_state_dict(state.trainer)
     lr_scheduler.load_state_dict(state.lr_scheduler)
