@@ -159,9 +159,12 @@ def bank_check_at_start(cfg, trainer, target, accelerator) -> dict | None:
         return None
     n = min(cfg.train.train_batch_size, len(target))
     batch = torch.utils.data.default_collate([target[i] for i in range(n)])
-    if trainer.auto_weight:  # lambda measured first, so the check shows the pull it sets
-        trainer.calibrate_bank_weight(batch)
-    check = bank_pull(trainer, batch)
+    if trainer.auto_weight:  # lambda measured first; the check shows the pull it sets (linear in lambda)
+        measured = trainer.calibrate_bank_weight(batch)
+        lam = measured["bank_weight"]
+        check = {**measured, "bank_grad": measured["bank_grad"] * lam, "ratio": measured["ratio"] * lam}
+    else:
+        check = bank_pull(trainer, batch)
     if accelerator.is_main_process:
         warn_if_bank_dominates(check, cfg.method.retention)
     return check
