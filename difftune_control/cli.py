@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -101,6 +102,10 @@ def check_early(cfg: RunConfig) -> None:
     ):
         if problem:
             problems.append(problem)
+    if (
+        cfg.train.fused_backward_pass and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    ):  # set by accelerate launch
+        problems.append("--fused_backward_pass runs on one process (the update would precede the all-reduce)")
     if problems:
         raise ConfigError(problems)
 

@@ -148,3 +148,11 @@ def test_resuming_with_another_optimizer_layout_says_which_flags(
     run_training(cfg(2))
     with pytest.raises(ValueError, match="checkpoint-2.*--fused_backward_pass it was saved with"):
         run_training(cfg(4, train__resume_from_checkpoint="latest", train__fused_backward_pass=True))
+
+
+def test_fused_pass_under_several_processes_is_refused_before_loading(monkeypatch, capsys):
+    from difftune_control.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--fused_backward_pass", "--condition", "depth"]) == 2
+    assert "--fused_backward_pass runs on one process" in capsys.readouterr().err
