@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -523,3 +524,29 @@ def test_posterior_draws_are_mean_plus_std_noise(models, clean_bank):
     assert torch.equal(a, b)  # seeded: exact resume draws the same latents
     torch.testing.assert_close(a, ds.latents[idx] + ds.latent_std[idx].float() * noise)
     assert not torch.equal(a, ds.batch(idx)["latents"])  # without a generator: the mean
+
+
+def test_out_of_gpu_memory_halves_the_batch_and_keeps_every_image(
+    models, clean_bank, tmp_path, monkeypatch, caplog
+):
+    """A generation batch that runs out of GPU memory is retried at half the size: the same images, in order."""
+    from difftune_control import validation
+
+    real = validation.sample_images
+    sizes = []
+
+    def tight(**kw):  # a GPU that holds one image a batch
+        sizes.append(len(kw["seeds"]))
+        if len(kw["seeds"]) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(**kw)
+
+    monkeypatch.setattr(validation, "sample_images", tight)
+    with caplog.at_level(logging.WARNING, logger="difftune_control"):
+        bank_dir = build(models, make_config(tmp_path / "bank"))
+    assert sizes[0] == 2 and set(sizes[1:]) <= {1, 2} and "out of GPU memory at batch 2" in caplog.text
+    ours, reference = load_bank(bank_dir), load_bank(clean_bank)
+    assert len(ours) == len(reference) == 5
+    for i in range(5):
+        a, b = ours[i], reference[i]
+        torch.testing.assert_close(a["latents"].float(), b["latents"].float(), rtol=1e-3, atol=1e-3)

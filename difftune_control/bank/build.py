@@ -1,7 +1,4 @@
-"""Memory bank generation: verify, resume or build a bank folder (``ensure_bank``).
-
-See :mod:`difftune_control.bank` for the folder layout.
-"""
+"""Memory bank generation: verify, resume or build a bank folder (``ensure_bank``); layout: ``bank``."""
 
 from __future__ import annotations
 
@@ -134,50 +131,41 @@ class _Build:
         negative: tuple[torch.Tensor, dict] | None,
         on_batch: Callable[[int], None],
     ) -> None:
-        """Generate shard ``s`` and write it atomically; batches never cross shards (reproducible)."""
-        from difftune_control.validation import encode_posterior, sample_images
+        """Generate shard ``s`` and write it atomically; batches never cross shards (reproducible).
 
-        m, key = self.models, self.key
+        Out of GPU memory, the batch is halved and the same images follow (each has its own seed)."""
+        key = self.key
         indices = self.ranges[s]
         seeds = [sample_seed(key["seed"], i) for i in indices]
         shard_prompts = [prompts[i] for i in indices]
         latents, stds, embeds, hints, extras, added_parts = [], [], [], [], [], []
         step = int(self.config.bank_batch_size)
-        if self.extras is not None:
-            order = bank_sample_indices(len(self.prompts), key["size"], key["seed"])
-        for b in range(0, len(seeds), step):
-            emb, added = m["encoder"](shard_prompts[b : b + step])
-            extra = None
-            if self.extras is not None:
-                which = [order[i] for i in indices[b : b + step]]  # the prompts' places in the list
-                extra = self.extras.batch(m["unet"], emb, which, key, added_cond=added)
-                extras.append(extra)
-            images = sample_images(
-                unet=m["unet"],
-                vae=m["vae"],
-                scheduler_config=m["scheduler_config"],
-                prompt_embeds=emb,
-                negative_prompt_embeds=None if negative is None else negative[0],
-                added_cond=added,
-                negative_added_cond=None if negative is None else negative[1],
-                seeds=seeds[b : b + step],
-                resolution=key["resolution"],
-                num_inference_steps=key["num_inference_steps"],
-                guidance_scale=key["guidance_scale"],
-                sampler=key["sampler"],
-                **(extra.sampling if extra is not None else {}),
-                on_step=extra.recorder if extra is not None else None,
-            )
-            # On-manifold latents: re-encode the decoded images (DESIGN.md section 1).
-            mean, std = encode_posterior(m["vae"], images)
+        every = bank_sample_indices(len(self.prompts), key["size"], key["seed"])  # cheap: a seeded shuffle
+        order = every if self.extras is not None else None
+        b = 0
+        while b < len(seeds):
+            try:
+                where = slice(b, b + step)
+                part = self._generate_batch(
+                    shard_prompts[where], seeds[where], indices[where], order, negative
+                )
+            except torch.cuda.OutOfMemoryError:
+                if step == 1:
+                    raise
+                torch.cuda.empty_cache()
+                logger.warning("memory bank: out of GPU memory at batch %d, going on at %d", step, step // 2)
+                step //= 2
+                continue
+            emb, added, mean, std, hint, extra = part
             latents.append(mean.float().cpu())
             stds.append(std.to(torch.float16).cpu())
             embeds.append(emb.cpu())
             added_parts.append({k: v.cpu() for k, v in added.items()})
-            hints.append(
-                extra.hints if extra is not None and extra.hints is not None else self._hints(images)
-            )
-            on_batch(images.shape[0])
+            hints.append(hint)
+            if extra is not None:
+                extras.append(extra)
+            on_batch(len(part[0]))
+            b += len(part[0])
         emb_all = torch.cat(embeds)
         emb16 = emb_all.to(torch.float16)
         tensors = {
@@ -200,6 +188,37 @@ class _Build:
             "format_version": str(FORMAT_VERSION),
         }
         atomic_save_safetensors(tensors, self.bank_dir / shard_name(s), metadata=meta)
+
+    def _generate_batch(self, prompts, seeds, indices, order, negative):
+        """One generation batch: the prompts' embeddings, the re-encoded posterior, hints and extras."""
+        from difftune_control.validation import encode_posterior, sample_images
+
+        m, key = self.models, self.key
+        emb, added = m["encoder"](prompts)
+        extra = None
+        if order is not None:
+            which = [order[i] for i in indices]  # the prompts' places in the list
+            extra = self.extras.batch(m["unet"], emb, which, key, added_cond=added)
+        images = sample_images(
+            unet=m["unet"],
+            vae=m["vae"],
+            scheduler_config=m["scheduler_config"],
+            prompt_embeds=emb,
+            negative_prompt_embeds=None if negative is None else negative[0],
+            added_cond=added,
+            negative_added_cond=None if negative is None else negative[1],
+            seeds=seeds,
+            resolution=key["resolution"],
+            num_inference_steps=key["num_inference_steps"],
+            guidance_scale=key["guidance_scale"],
+            sampler=key["sampler"],
+            **(extra.sampling if extra is not None else {}),
+            on_step=extra.recorder if extra is not None else None,
+        )
+        # On-manifold latents: re-encode the decoded images (DESIGN.md section 1).
+        mean, std = encode_posterior(m["vae"], images)
+        hint = extra.hints if extra is not None and extra.hints is not None else self._hints(images)
+        return emb, added, mean, std, hint, extra
 
     def _hints(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 hints [B,3,R,R] of the generated images (zeros for ``bank_hint="zero"``)."""
