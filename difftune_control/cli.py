@@ -226,6 +226,15 @@ def _add_unavailable(sub, name: str, module: str) -> None:
     p.set_defaults(func=run)
 
 
+OOM_ADVICE = (
+    "Out of GPU memory. What a step holds shrinks with --gradient_checkpointing, --optimizer adafactor, "
+    "--fused_backward_pass, --mixed_precision bf16, or a smaller --train_batch_size (with "
+    "--gradient_accumulation_steps to keep the effective batch); the detector's with --convergence_samples; "
+    "the memory bank's with --bank_batch_size. Checkpoints already written are intact: continue with "
+    "--resume_from_checkpoint latest."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -234,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError, FloatingPointError) as err:
         print(f"difftune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # torch.cuda.OutOfMemoryError and its older RuntimeError form
+        if "out of memory" not in str(err):
+            raise
+        print(f"difftune {args.command}: error: {str(err).splitlines()[0]}\n{OOM_ADVICE}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"difftune {args.command}: interrupted", file=sys.stderr)

@@ -192,3 +192,30 @@ def test_early_checks_report_every_problem_at_once(capsys, tmp_path):
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown condition 'nope'" in err and "no unet/ inside" in err and "--bank_share" in err
+
+
+def _train_raising(monkeypatch, error: Exception) -> int:
+    """``difftune train`` whose run raises ``error``."""
+    from difftune_control import cli
+
+    def run(args):
+        raise error
+
+    parser = cli.build_parser()
+    parse = parser.parse_args
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_args", lambda argv: setattr(ns := parse(argv), "func", run) or ns)
+    return cli.main(["train", "--condition", "depth"])
+
+
+def test_out_of_gpu_memory_is_answered_with_the_flags_that_lower_it(monkeypatch, capsys):
+    import torch
+
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore details")
+    assert _train_raising(monkeypatch, oom) == 2
+    err = capsys.readouterr().err
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in err and "more details" not in err
+    for flag in ("--gradient_checkpointing", "--fused_backward_pass", "--resume_from_checkpoint latest"):
+        assert flag in err
+    with pytest.raises(RuntimeError, match="something else"):  # other errors are not dressed up
+        _train_raising(monkeypatch, RuntimeError("something else"))
