@@ -182,3 +182,25 @@ def test_diffusers_sdxl_example_needs_the_cast_under_bf16(tiny_random_sdxl, tmp_
     assert "error" not in cast, cast.get("error")
     assert cast["images_per_s"] > 0 and cast["wrapper"] == "example_unet_cast.py"
     shutil.rmtree("/tmp/diffusers-example-out", ignore_errors=True)
+
+
+def test_batch_1_difftuning_with_the_fused_pass_steps_as_the_benchmark_runs_it(
+    tiny_sdxl_pipeline_dir, fresh_accelerator_state
+):
+    """The next GPU call's setting on tiny SDXL: batch 1, checkpointing, Adafactor in backward, Diff-Tuning."""
+    config = unet_config(tiny_sdxl_pipeline_dir)
+    rows = functools.partial(sdxl_rows, unet_config=config, resolution=16)
+    trainer, opt, _ = make_ours(
+        tiny_sdxl_pipeline_dir, 1, "difftuning", True, "adafactor+fused", rows=rows, device="cpu"
+    )
+    assert trainer.optimizer_in_backward is opt and trainer.cfg.train.optimizer == "adafactor"
+    before = {k: v.clone() for k, v in trainer.controlnet.state_dict().items()}
+    batch = torch.utils.data.default_collate([trainer.target[0]])
+    sources = set()
+    for _ in range(12):
+        parts = trainer.training_step(batch)
+        sources.add(parts["bank_share"])
+        opt.step()  # a no-op: the update happened in backward
+    assert sources == {0.0, 1.0}  # target rows and bank rows, one at a time
+    assert all(p.grad is None for p in trainer.controlnet.parameters())
+    assert any(not torch.equal(v, before[k]) for k, v in trainer.controlnet.state_dict().items())
