@@ -108,7 +108,11 @@ CANDIDATES = {
             "sample",
             *flags,
         ]
-        for name, flags in (("rows48", ["--bank_pull_rows", "48"]), ("once", ["--bank_pull_every", "0"]))
+        for name, flags in (
+            ("rows48", ["--bank_pull_rows", "48"]),
+            ("once", ["--bank_pull_every", "0"]),
+            ("rows1", ["--bank_pull_rows", "1"]),  # one plan, whatever it holds (before 49468ff)
+        )
     },  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
     "psi-isnr": ["--method", "difftuning", "--split", "psi-only", "--loss_weighting", "inverse_snr"],
