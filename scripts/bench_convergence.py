@@ -45,6 +45,9 @@ _VANILLA = ["--method", "vanilla", "--loss_weighting", "none"]
 _BANK = ["--method", "difftuning", "--split", "fixed", "--loss_weighting", "none", "--bank_prompt", "keep"]
 _BANK += ["--bank_latents", "mean"]  # as measured on 2026-12-01 (the posterior draw came later: *-sample)
 _NULL = [*_BANK, "--bank_hint", "zero"]
+# the default since 1baf4bf: null-hint rows drawn from the posterior, lambda measured, inverse-SNR on the data
+_NULL_AUTO_ISNR_SAMPLE = [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"]
+_NULL_AUTO_ISNR_SAMPLE += ["--bank_latents", "sample"]
 CANDIDATES = {
     "vanilla": _VANILLA,
     # Diff-Tuning as published: re-noised bank rows carrying hints extracted from the base's samples
@@ -68,46 +71,16 @@ CANDIDATES = {
         "--bank_latents",
         "sample",
     ],
-    "null-auto-isnr-sample": [
-        *_NULL[:4],
-        "--loss_weighting",
-        "inverse_snr",
-        *_NULL[6:],
-        "--bank_weight",
-        "auto",
-        "--bank_latents",
-        "sample",
-    ],  # fmt: skip
+    "null-auto-isnr-sample": _NULL_AUTO_ISNR_SAMPLE,
     # the default with a smaller bank (the toy default is 2,000 images): is the bank's up-front cost needed?
     **{
-        f"null-auto-isnr-sample-bank{n}": [
-            *_NULL[:4],
-            "--loss_weighting",
-            "inverse_snr",
-            *_NULL[6:],
-            "--bank_weight",
-            "auto",
-            "--bank_latents",
-            "sample",
-            "--bank_size",
-            str(n),
-        ]
+        f"null-auto-isnr-sample-bank{n}": [*_NULL_AUTO_ISNR_SAMPLE, "--bank_size", str(n)]
         for n in (250, 500, 1000)
-    },  # fmt: skip
+    },
     # lambda's measurement: pooled over 48 bank rows (4 plans at the toy batch; re-measured every 800 steps),
     # or measured at step 0 only (the default pools 12 rows, one plan at the toy batch, every 200 steps)
     **{
-        f"null-auto-isnr-sample-{name}": [
-            *_NULL[:4],
-            "--loss_weighting",
-            "inverse_snr",
-            *_NULL[6:],
-            "--bank_weight",
-            "auto",
-            "--bank_latents",
-            "sample",
-            *flags,
-        ]
+        f"null-auto-isnr-sample-{name}": [*_NULL_AUTO_ISNR_SAMPLE, *flags]
         for name, flags in (
             ("rows48", ["--bank_pull_rows", "48"]),
             ("once", ["--bank_pull_every", "0"]),

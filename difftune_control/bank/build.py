@@ -113,6 +113,8 @@ class _Build:
             *(len(todo), len(self.ranges), total, rank, world, self.bank_dir),
         )
         prompts = bank_sample_prompts(self.prompts, self.key["size"], self.key["seed"])
+        extras = self.extras is not None  # they need each sample's place in the prompt list
+        order = bank_sample_indices(len(self.prompts), self.key["size"], self.key["seed"]) if extras else None
         negative = None
         if self.key["guidance_scale"] > 1.0:
             negative = self.models["encoder"].negative()  # (hidden states [1,L,D], added [1,...])
@@ -120,7 +122,7 @@ class _Build:
         desc = f"memory bank (process {rank} of {world})"
         with tqdm(total=total, desc=desc, unit="img", disable=not show_progress) as bar:
             for s in todo:
-                self.generate_shard(s, prompts, negative, bar.update)
+                self.generate_shard(s, prompts, order, negative, bar.update)
         seconds = time.perf_counter() - start
         logger.info("memory bank: %d images in %.1f s (%.2f images/s)", total, seconds, total / seconds)
 
@@ -128,6 +130,7 @@ class _Build:
         self,
         s: int,
         prompts: list[str],
+        order: list[int] | None,
         negative: tuple[torch.Tensor, dict] | None,
         on_batch: Callable[[int], None],
     ) -> None:
@@ -140,8 +143,6 @@ class _Build:
         shard_prompts = [prompts[i] for i in indices]
         latents, stds, embeds, hints, extras, added_parts = [], [], [], [], [], []
         step = int(self.config.bank_batch_size)
-        every = bank_sample_indices(len(self.prompts), key["size"], key["seed"])  # cheap: a seeded shuffle
-        order = every if self.extras is not None else None
         b = 0
         while b < len(seeds):
             try:

@@ -216,7 +216,7 @@ class _Loop:
                 with acc.accumulate(self.trainer.controlnet):
                     parts = self.trainer.training_step(next(batches))
                     st.consumed_batches += 1
-                    if acc.sync_gradients and t.max_grad_norm > 0:  # 0: no clipping
+                    if acc.sync_gradients and t.max_grad_norm > 0 and not t.fused_backward_pass:
                         acc.clip_grad_norm_(self.trainer.controlnet.parameters(), t.max_grad_norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
