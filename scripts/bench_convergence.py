@@ -85,6 +85,7 @@ CANDIDATES = {
             ("rows48", ["--bank_pull_rows", "48"]),
             ("once", ["--bank_pull_every", "0"]),
             ("rows1", ["--bank_pull_rows", "1"]),  # one plan, whatever it holds (before 49468ff)
+            ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: half the default pull
         )
     },  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
