@@ -10,7 +10,7 @@ model, one ControlNet and one optimizer (made by the run's own ``prepare_trainab
 of ``--steps`` optimizer steps in turn: vanilla, difftuning, vanilla, ... ``--repeats`` times after a
 warm-up of every method. The chunks see the same GPU state, clocks and allocator, so their ratio is
 the method's overhead; the median and the spread over the repeats are reported. ``--bank_weight
-auto``'s re-measurement of the pulls (every ``--bank_pull_every`` steps) is timed apart and amortised.
+auto``'s re-measurement of the pulls (every ``--bank_pull_every`` x pooled plans steps, as the trainer) is timed apart and amortised.
 
 ``--profile`` adds a torch.profiler record of three steps per method and batch: wall time per
 step, GPU busy time, kernels per step, host calls that wait on the GPU
@@ -142,7 +142,9 @@ def bench_batch(args, batch: int, speed: str, rows=SyntheticCached, device: str 
     dt.calibrate_bank_weight(next(it))
     synchronize()
     calib_s = time.perf_counter() - t0
-    every = dt_cfg.method.bank_pull_every or 0
+    every = (
+        dt_cfg.method.bank_pull_every or 0
+    ) * dt.pull_plans  # the trainer's period: pooled plans come less often
     out = []
     for m in METHODS:
         med = statistics.median(times[m])

@@ -9,7 +9,7 @@ from conftest import build_trainer, target_batch, tiny_config
 from safetensors.torch import load_file
 
 from difftune_control.config import ConfigError
-from difftune_control.training.fused_step import OptimizerInBackward, param_groups
+from difftune_control.training.fused_step import GradientSketch, OptimizerInBackward, param_groups
 
 
 def _weights(run_dir):
@@ -30,6 +30,7 @@ def test_fused_run_ends_with_the_usual_runs_weights(optimizer, tiny_pipeline_dir
             train__max_grad_norm=0.0,  # clipping is per parameter when fused: compare without it
             train__lr_scheduler="linear",
             detector__detect_convergence=False,
+            method__bank_weight=0.1,  # lambda measured through a sketch when fused: see the next test
             **kw,
         )
 
@@ -74,15 +75,49 @@ def test_updates_happen_in_backward_and_no_gradient_is_kept(tiny_pipeline_dir, t
     assert changed > len(params) // 2  # updated without optimizer.step()
 
 
-def test_bank_pull_measures_without_updating(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+def test_bank_pull_measures_without_updating_or_holding_gradients(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
     from difftune_control.training.diagnostics import bank_pull
 
-    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__fused_backward_pass=True)
+    usual, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "a"))
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", train__fused_backward_pass=True)
     trainer, _ = build_trainer(cfg)
-    before = [p.detach().clone() for p in trainer.controlnet.parameters()]
-    check = bank_pull(trainer, target_batch(trainer))
-    assert check["target_grad"] > 0 and check["bank_grad"] > 0
-    assert all(torch.equal(b, p) for b, p in zip(before, trainer.controlnet.parameters()))
+    params = list(trainer.controlnet.parameters())
+    before = [p.detach().clone() for p in params]
+    alive = []
+    folded = GradientSketch.fold
+
+    def counting(self, p):  # how many gradients exist when each one is complete
+        alive.append(sum(q.grad is not None for q in params))
+        folded(self, p)
+
+    GradientSketch.fold = counting
+    try:
+        check = bank_pull(trainer, target_batch(trainer))
+    finally:
+        GradientSketch.fold = folded
+    assert all(torch.equal(b, p) for b, p in zip(before, params))  # no update
+    assert alive and max(alive) == 1 and all(p.grad is None for p in params)  # one gradient at a time
+    exact = bank_pull(usual, target_batch(usual))  # the same rows, summed in .grad
+    assert check["plans"] == exact["plans"] > 1  # pooled over several backward passes
+    for k in ("target_grad", "bank_grad"):
+        assert check[k] == pytest.approx(exact[k], rel=0.01)
+
+
+def test_gradient_sketch_estimates_the_norm_of_a_sum():
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (5_000, 30_000, 7)]
+    grads = [[torch.randn(p.shape) for p in params] for _ in range(3)]
+    sketch = GradientSketch(params, buckets=2**14)
+    sketch.chunk = 4_096  # parameters larger than a chunk hash in parts, the same parts every time
+    for pass_ in grads:
+        for p, g in zip(params, pass_):
+            p.grad = g
+            sketch.fold(p)
+    exact = torch.cat([sum(pass_[i] for pass_ in grads) for i in range(len(params))]).norm()
+    assert sketch.norm() == pytest.approx(float(exact), rel=0.03)  # sd of the estimate ~1% at 2^14 cells
+    assert GradientSketch(params).norm() == 0.0
 
 
 def test_fused_pass_refuses_accumulation_and_fp16(tmp_path):

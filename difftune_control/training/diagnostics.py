@@ -20,6 +20,7 @@ import logging
 import torch
 
 from difftune_control.methods.forgetting import BatchPlan
+from difftune_control.training.fused_step import GradientSketch
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,12 @@ def gradient_pull(
     """Norm of the ControlNet's gradient of ``sum(weights * mask * per_sample_loss)``, and the masked mean loss.
 
     Lists of batches, plans and masks are pooled: their gradients are summed before the norm is taken.
-    Runs on the unwrapped ControlNet (no gradient synchronisation across processes) and leaves
-    its gradients cleared and the trainer's random generator where it was.
+    Only the masked rows go through the models (a batch of one measures with one row per pass, as it
+    trains). A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
+    one is folded into a :class:`~difftune_control.training.fused_step.GradientSketch` as it completes and
+    freed, so the measurement needs no more memory than a step. Runs on the unwrapped ControlNet (no
+    gradient synchronisation across processes) and leaves its gradients cleared and the trainer's
+    random generator where it was.
     """
     batches, plans, masks = (x if isinstance(x, list) else [x] for x in (target_batch, plan, mask))
     acc = trainer.accelerator
@@ -40,18 +45,24 @@ def gradient_pull(
     state = trainer.generator.get_state()
     trainer.controlnet = net
     fused = trainer.optimizer_in_backward  # --fused_backward_pass: gradients only, no update
+    sketch = GradientSketch(list(net.parameters())) if fused is not None else None
     losses = []
     try:
         net.zero_grad(set_to_none=True)
         for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
+            rows = mask_.bool().cpu()
+            sub = _rows(trainer.assemble(batch, pl), rows)
             with acc.autocast():
-                per_sample = trainer.compute_loss(trainer.assemble(batch, pl))
-            m = mask_.to(per_sample.device, per_sample.dtype)
-            with fused.paused() if fused is not None else contextlib.nullcontext():
-                (pl.weights.to(per_sample.device) * m * per_sample).sum().backward()
-            losses.append(per_sample.detach()[m.bool()].float())
-        grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
-        norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+                per_sample = trainer.compute_loss(sub)
+            weights = (pl.weights * mask_.float())[rows].to(per_sample.device, per_sample.dtype)
+            with fused.diverted(sketch.fold) if fused is not None else contextlib.nullcontext():
+                (weights * per_sample).sum().backward()
+            losses.append(per_sample.detach().float())
+        if sketch is not None:
+            norm = sketch.norm()
+        else:
+            grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
+            norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
         picked = torch.cat(losses)
         loss = float(picked.mean()) if picked.numel() else float("nan")
     finally:
@@ -59,6 +70,17 @@ def gradient_pull(
         trainer.controlnet = wrapped
         trainer.generator.set_state(state)
     return norm, loss
+
+
+def _rows(batch: dict, rows: torch.Tensor) -> dict:
+    """The assembled batch cut to ``rows`` (a CPU bool mask over its slots); slot indices are left out."""
+    n, idx = rows.numel(), rows.nonzero().squeeze(1)
+    out = {}
+    for k, v in batch.items():
+        if k in ("target_slots", "bank_slots", "bank_index"):
+            continue
+        out[k] = v[idx.to(v.device)] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
+    return out
 
 
 def _two_source_plan(trainer, n: int) -> BatchPlan:

@@ -13,7 +13,7 @@ that group alone. The learning-rate schedule, checkpoints and resume see the opt
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -36,7 +36,7 @@ class OptimizerInBackward:
         self.wrapped = optimizer
         self.inner = getattr(optimizer, "optimizer", optimizer)
         self.max_grad_norm = max_grad_norm
-        self._paused = False
+        self._fold = None
         self._group = {}
         for group in self.inner.param_groups:
             if len(group["params"]) != 1:
@@ -51,7 +51,11 @@ class OptimizerInBackward:
         ]
 
     def _step_param(self, p: torch.Tensor) -> None:
-        if self._paused or p.grad is None:
+        if p.grad is None:
+            return
+        if self._fold is not None:  # a measurement reads the gradient instead of a step
+            self._fold(p)
+            p.grad = None
             return
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p], self.max_grad_norm)
@@ -64,13 +68,13 @@ class OptimizerInBackward:
         p.grad = None
 
     @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Gradients without updates (the bank-pull measurement reads them, then clears them)."""
-        self._paused, before = True, self._paused
+    def diverted(self, fold: Callable[[torch.Tensor], None]) -> Iterator[None]:
+        """No updates: each completed gradient goes to ``fold(param)`` and is freed (the bank-pull measurement)."""
+        self._fold, before = fold, self._fold
         try:
             yield
         finally:
-            self._paused = before
+            self._fold = before
 
     # the loop's calls: the update already happened in backward
     def step(self) -> None:
@@ -86,6 +90,42 @@ class OptimizerInBackward:
 
 
 def attach(trainer, optimizer) -> None:
-    """Let ``trainer`` pause the in-backward updates (its bank-pull measurement) when ``optimizer`` makes them."""
+    """Let ``trainer`` divert the in-backward updates (its bank-pull measurement) when ``optimizer`` makes them."""
     if isinstance(optimizer, OptimizerInBackward):
         trainer.optimizer_in_backward = optimizer
+
+
+class GradientSketch:
+    """The norm of a sum of gradients, from gradients folded in one parameter at a time and then freed.
+
+    A count sketch (Charikar et al. 2002): every coordinate of every parameter is hashed, the same way on
+    every call, to one of ``buckets`` cells with a random sign; a cell adds up its coordinates' signed
+    values. The sketch is linear, so gradients of several backward passes add up in it as in ``.grad``,
+    and its squared norm is an unbiased estimate of the sum's squared norm, with a relative standard
+    deviation of at most sqrt(2 / buckets) (0.3% at the default). It needs ``buckets`` floats where the
+    gradients themselves need the ControlNet's size (about 5 GB at SDXL).
+
+    Args:
+        params: the parameters whose gradients are folded in (their order fixes each one's hash).
+        buckets: cells of the sketch.
+    """
+
+    chunk = 2**22
+
+    def __init__(self, params, buckets: int = 2**18):
+        self.index = {p: i for i, p in enumerate(params)}
+        self.buckets = buckets
+        self.table: torch.Tensor | None = None
+
+    def fold(self, p: torch.Tensor) -> None:
+        g = p.grad.detach().reshape(-1)
+        gen = torch.Generator(device=g.device).manual_seed(1_000_003 * (self.index[p] + 1))
+        if self.table is None:
+            self.table = torch.zeros(self.buckets, dtype=torch.float32, device=g.device)
+        for part in g.split(self.chunk):  # a few MB of hashes at a time, whatever the parameter's size
+            cell = torch.randint(self.buckets, part.shape, generator=gen, device=g.device)
+            sign = torch.randint(2, part.shape, generator=gen, device=g.device, dtype=torch.bool)
+            self.table.index_add_(0, cell, torch.where(sign, part, -part).float())
+
+    def norm(self) -> float:
+        return 0.0 if self.table is None else float(self.table.double().pow(2).sum().sqrt())
