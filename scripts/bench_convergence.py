@@ -45,9 +45,10 @@ _VANILLA = ["--method", "vanilla", "--loss_weighting", "none"]
 _BANK = ["--method", "difftuning", "--split", "fixed", "--loss_weighting", "none", "--bank_prompt", "keep"]
 _BANK += ["--bank_latents", "mean"]  # as measured on 2026-12-01 (the posterior draw came later: *-sample)
 _NULL = [*_BANK, "--bank_hint", "zero"]
-# the default since 1baf4bf: null-hint rows drawn from the posterior, lambda measured, inverse-SNR on the data
+# the default from 1baf4bf to 13e8b3c: null-hint rows drawn from the posterior, lambda measured (pull 0.5),
+# inverse-SNR on the data; its -pull25 variant is the default since (BENCHMARKS.md 0e)
 _NULL_AUTO_ISNR_SAMPLE = [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"]
-_NULL_AUTO_ISNR_SAMPLE += ["--bank_latents", "sample"]
+_NULL_AUTO_ISNR_SAMPLE += ["--bank_latents", "sample", "--bank_pull", "0.5"]
 CANDIDATES = {
     "vanilla": _VANILLA,
     # Diff-Tuning as published: re-noised bank rows carrying hints extracted from the base's samples
@@ -85,7 +86,7 @@ CANDIDATES = {
             ("rows48", ["--bank_pull_rows", "48"]),
             ("once", ["--bank_pull_every", "0"]),
             ("rows1", ["--bank_pull_rows", "1"]),  # one plan, whatever it holds (before 49468ff)
-            ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: half the default pull
+            ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: the default since BENCHMARKS.md 0e
         )
     },  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank

@@ -153,7 +153,9 @@ class MethodConfig:
         "--bank_pull_every steps, logged as bank_weight records).",
         parse=_float_or_auto,
     )
-    bank_pull: float = _f(0.5, "--bank_weight auto: the bank rows' pull as a fraction of the target rows'.")
+    bank_pull: float = _f(
+        0.25, "--bank_weight auto: the bank rows' pull as a fraction of the target rows' (BENCHMARKS.md 0e)."
+    )
     bank_pull_every: int = _f(
         200, "--bank_weight auto: re-measure every N steps (x the plans pooled; 0 = at step 0 only)."
     )
