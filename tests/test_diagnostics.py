@@ -88,3 +88,22 @@ def test_training_logs_the_check_and_the_report_shows_it(tiny_pipeline_dir, tiny
     )
     assert not [r for r in read_jsonl(off / "metrics.jsonl") if r["type"] == "bank_check"]
     assert summarize_run(load_run(off))["bank_check"] is None
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_bank_pull_passes_have_the_steps_shapes(batch, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """A compiled model must not recompile for the measurement, nor hold more activations than a step:
+    every pass has the batch's rows (a batch of one measures its two-row plans one row at a time)."""
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__train_batch_size=batch)
+    trainer, _ = build_trainer(cfg)
+    sizes, compute = [], trainer.compute_loss
+
+    def recording(b):
+        sizes.append(b["latents"].shape[0])
+        return compute(b)
+
+    trainer.compute_loss = recording
+    check = bank_pull(trainer, target_batch(trainer, batch))
+    assert check["plans"] > 1 and len(sizes) == 2 * check["plans"]  # target and bank passes, pooled
+    assert set(sizes) == {batch}
+    assert check["target_grad"] > 0 and check["bank_grad"] > 0

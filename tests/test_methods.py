@@ -337,7 +337,7 @@ def test_a_batch_of_one_trains_with_bank_rows_and_the_auto_weight(
     )
     records = read_jsonl(run_training(cfg) / "metrics.jsonl")
     check = next(r for r in records if r["type"] == "bank_check")
-    assert check["bank_weight"] > 0 and check["ratio"] == pytest.approx(0.5, rel=0.05)
+    assert check["bank_weight"] > 0 and check["ratio"] == pytest.approx(cfg.method.bank_pull, rel=0.05)
     train = [r for r in records if r["type"] == "train"]
     shares = [r["bank_share"] for r in train]
     assert len(train) == 12 and 0 < sum(shares) < 12  # some steps a bank row, some a target row

@@ -69,6 +69,10 @@ class ControlNetTrainer:
         self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
         self.auto_weight = False  # --bank_weight auto measures lambda (DiffTuningTrainer, fixed split)
         self.optimizer_in_backward = None  # --fused_backward_pass: set by training.setup
+        # CUDA graphs of compiled blocks (reduce-overhead, max-autotune): each step starts a new generation,
+        # else a block's forward waits behind the previous step's uninvoked backward graphs (slow path)
+        t = cfg.train
+        self.graphed = bool(t.torch_compile) and t.torch_compile_mode in ("reduce-overhead", "max-autotune")
 
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:
@@ -196,6 +200,8 @@ class ControlNetTrainer:
             plan = plan or self.plan(len(target_batch["caption"]))
         with record_function("difftune.assemble"):
             batch = self.assemble(target_batch, plan)
+        if self.graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with record_function("difftune.forward"), self.accelerator.autocast():
             per_sample = self.compute_loss(batch)
         weights = to_device(plan.weights, self.device)

@@ -31,8 +31,9 @@ def gradient_pull(
     """Norm of the ControlNet's gradient of ``sum(weights * mask * per_sample_loss)``, and the masked mean loss.
 
     Lists of batches, plans and masks are pooled: their gradients are summed before the norm is taken.
-    Only the masked rows go through the models (a batch of one measures with one row per pass, as it
-    trains). A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
+    Each pass has the step's shapes (a compiled model does not recompile for it): the plan's rows, or,
+    where the plan is larger than the batch (a batch of one measures on two-row plans), the masked rows
+    alone, so the measurement holds no more activations than a step. A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
     one is folded into a :class:`~difftune_control.training.fused_step.GradientSketch` as it completes and
     freed, so the measurement needs no more memory than a step. Runs on the unwrapped ControlNet (no
     gradient synchronisation across processes) and leaves its gradients cleared and the trainer's
@@ -50,14 +51,16 @@ def gradient_pull(
     try:
         net.zero_grad(set_to_none=True)
         for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
-            rows = mask_.bool().cpu()
-            sub = _rows(trainer.assemble(batch, pl), rows)
+            mask_ = mask_.bool().cpu()
+            cut = pl.is_bank.numel() > len(batch["caption"])
+            rows = mask_ if cut else torch.ones_like(mask_)
+            sub = _rows(trainer.assemble(batch, pl), rows) if cut else trainer.assemble(batch, pl)
             with acc.autocast():
                 per_sample = trainer.compute_loss(sub)
-            weights = (pl.weights * mask_.float())[rows].to(per_sample.device, per_sample.dtype)
+            weights = (pl.weights * mask_)[rows].to(per_sample.device, per_sample.dtype)
             with fused.diverted(sketch.fold) if fused is not None else contextlib.nullcontext():
                 (weights * per_sample).sum().backward()
-            losses.append(per_sample.detach().float())
+            losses.append(per_sample.detach()[mask_[rows].to(per_sample.device)].float())
         if sketch is not None:
             norm = sketch.norm()
         else:
