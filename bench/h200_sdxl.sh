@@ -9,7 +9,8 @@
 # build: the model (on the GPU, saved as bf16 safetensors) and the data (on the CPU), side by side;
 # bench: every setting, a new one begun only while BUDGET seconds (default 330) have not passed.
 # asis (not run by default, ~1 minute): the example as it is at batch 1, to record its bf16 failure on the GPU.
-# PARTS selects parts (default "build bench"); BATCHES the batches in run order (default "4 1 8");
+# PARTS selects parts (default "build bench"); BATCHES the batches in run order (default "4 1 8"); B1_SPEEDS
+# our optimizers at batch 1 (default "default adafactor adafactor+fused");
 # BUILD_LIMIT, BENCH_LIMIT, ASIS_LIMIT: seconds per part.
 # Needs .whl (diffusers, datasets), third_party/ (the example) and REVISION carried.
 # Results: $OUT/bench/results.{md,json} and the example's logs; $OUT/<part>.log.
@@ -21,6 +22,7 @@ source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
 B="python3 scripts/bench_sdxl.py --model-dir /tmp/sdxl-random --data-dir /tmp/sdxl-parquet --batches ${BATCHES:-4 1 8}"
+B="$B --batch1-speeds ${B1_SPEEDS:-default adafactor adafactor+fused}"
 for part in $PARTS; do
   case $part in
     build) timeout ${BUILD_LIMIT:-150} $B --build-only data & data=$!

@@ -197,17 +197,23 @@ def sdxl_rows(n: int, unet_config: Mapping, resolution: int = 1024, tokens: int 
     return SyntheticCached(n, resolution, (tokens, unet_config["cross_attention_dim"]), added)
 
 
-def settings(batches: list[int], methods: list[str], example: bool) -> Iterator[dict]:
+BATCH1_SPEEDS = ("default", "adafactor", "adafactor+fused")
+
+
+def settings(
+    batches: list[int], methods: list[str], example: bool, batch1_speeds=BATCH1_SPEEDS
+) -> Iterator[dict]:
     """The benchmark's settings in run order: per batch, the example (if any), then ours per optimizer and method.
 
-    Batch 1 runs with gradient checkpointing, ours with AdamW, Adafactor and Adafactor with
-    ``--fused_backward_pass`` (the example has AdamW only); larger batches without checkpointing, with AdamW.
+    Batch 1 runs with gradient checkpointing, ours with ``batch1_speeds``: AdamW, Adafactor and Adafactor
+    with ``--fused_backward_pass`` (the example has AdamW only); larger batches without checkpointing,
+    with AdamW.
     """
     for b in batches:
         ckpt = b == 1
         if example:
             yield {"impl": "diffusers example", "batch": b, "checkpointing": ckpt}
-        for speed in ("default", "adafactor", "adafactor+fused") if ckpt else ("default",):
+        for speed in batch1_speeds if ckpt else ("default",):
             for method in methods:
                 yield {"impl": "ours", "batch": b, "checkpointing": ckpt, "speed": speed, "method": method}
 
@@ -291,6 +297,13 @@ def main() -> int:
         choices=["vanilla", "difftuning"],
         help="our trainer's methods (none: the example only)",
     )
+    p.add_argument(
+        "--batch1-speeds",
+        nargs="+",
+        default=list(BATCH1_SPEEDS),
+        choices=BATCH1_SPEEDS,
+        help="our optimizers at batch 1: default (AdamW), adafactor, adafactor+fused",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps of ours")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--diffusers-example", type=Path, default=None, help="train_controlnet_sdxl.py")
@@ -351,7 +364,7 @@ def main() -> int:
         (args.out / "results.json").write_text(json.dumps({**meta, "results": results}, indent=1))
         (args.out / "results.md").write_text(report(results, flops))
 
-    for s in settings(args.batches, args.methods, args.diffusers_example is not None):
+    for s in settings(args.batches, args.methods, args.diffusers_example is not None, args.batch1_speeds):
         row = {k: s[k] for k in ("impl", "method", "batch", "speed") if k in s}
         row["gradient_checkpointing"] = s["checkpointing"]
         left = None if args.time_budget is None else args.time_budget - (time.time() - t_start)

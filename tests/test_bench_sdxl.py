@@ -137,6 +137,8 @@ def test_settings_run_batch_1_with_checkpointing_and_every_optimizer():
         ("o", 1, True, "adafactor+fused"),
     ]  # fmt: skip
     assert all(s["impl"] == "ours" for s in settings([8], ["vanilla", "difftuning"], False))
+    picked = [(s["batch"], s["speed"]) for s in settings([8, 1], ["difftuning"], False, ["adafactor+fused"])]
+    assert picked == [(8, "default"), (1, "adafactor+fused")]  # the batch-1 choice leaves batch 8 alone
 
 
 def test_report_gives_ratios_targets_and_failures():
