@@ -526,10 +526,11 @@ def curves(args, rows: dict, path: Path) -> None:
     groups = sorted({group_key(n) for n in rows})
     panels = sorted({g.split("-")[0] for g in groups}) if not args.ablations else ["depth"]
     fig, axes = plt.subplots(1, len(panels), figsize=(max(4.2 * len(panels), 6.5), 3.8), squeeze=False)
-    # one colour per method across the panels (tab20: distinct for up to 20 candidates)
-    methods = sorted({g.split("-", 1)[1] for g in groups})
-    cmap = plt.get_cmap("tab20")
-    colour = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    # one colour per method across the panels: vanilla black (the reference), the others tab10's distinct
+    # hues, then tab20's lighter ones (tab20 alone pairs a dark and a light shade of one hue)
+    methods = sorted({g.split("-", 1)[1] for g in groups} - {"vanilla"})
+    hues = [*plt.get_cmap("tab10").colors, *plt.get_cmap("tab20").colors[1::2]]
+    colour = {"vanilla": "black", **{m: hues[i % len(hues)] for i, m in enumerate(methods)}}
     for ax, panel in zip(axes[0], panels):
         for g in (x for x in groups if x.startswith(panel + "-")):
             for name in (n for n in rows if group_key(n) == g):
