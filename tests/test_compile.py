@@ -162,3 +162,33 @@ def test_fused_backward_pass_updates_compiled_blocks_as_eager(
     torch._dynamo.reset()
     for k, v in weights[0].items():
         torch.testing.assert_close(weights[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_cuda_graph_modes_mark_every_step_and_measuring_pass(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, monkeypatch
+):
+    """Under CUDA graphs each step (and each pass of lambda's measurement) starts a new generation, so a
+    block's forward never waits behind the previous step's uninvoked backward graphs."""
+    from types import SimpleNamespace
+
+    from difftune_control.training.compilation import cuda_graphs
+    from difftune_control.training.diagnostics import bank_pull
+
+    def train(compile_, mode):
+        return SimpleNamespace(torch_compile=compile_, torch_compile_mode=mode)
+
+    assert cuda_graphs(train(True, "reduce-overhead")) and cuda_graphs(train(True, "max-autotune"))
+    assert not cuda_graphs(train(True, "default")) and not cuda_graphs(train(False, "reduce-overhead"))
+    assert not cuda_graphs(train(True, "max-autotune-no-cudagraphs"))
+    trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
+    assert trainer.graphed is False  # no --torch_compile
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer.training_step(target_batch(trainer))  # lambda's first measurement, then the step
+    assert marks == []
+    trainer.graphed = True  # as a run under --torch_compile_mode reduce-overhead is built
+    check = bank_pull(trainer, target_batch(trainer))
+    assert len(marks) == 2 * check["plans"]  # every measuring pass
+    marks.clear()
+    trainer.training_step(target_batch(trainer))
+    assert len(marks) == 1

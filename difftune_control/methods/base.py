@@ -22,6 +22,7 @@ from torch.profiler import record_function
 from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
 from difftune_control.methods.noising import add_noise, prediction_target
+from difftune_control.training.compilation import cuda_graphs
 from difftune_control.utils import hint_to_float, to_device
 from difftune_control.validation import controlled_forward
 
@@ -71,8 +72,7 @@ class ControlNetTrainer:
         self.optimizer_in_backward = None  # --fused_backward_pass: set by training.setup
         # CUDA graphs of compiled blocks (reduce-overhead, max-autotune): each step starts a new generation,
         # else a block's forward waits behind the previous step's uninvoked backward graphs (slow path)
-        t = cfg.train
-        self.graphed = bool(t.torch_compile) and t.torch_compile_mode in ("reduce-overhead", "max-autotune")
+        self.graphed = cuda_graphs(cfg.train)
 
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:

@@ -27,6 +27,15 @@ CACHE_SWITCHES = {  # (config module, attribute) -> the environment variable tha
 }
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""``--torch_compile_mode`` values under which the compiled blocks are replayed as CUDA graphs."""
+
+
+def cuda_graphs(train) -> bool:
+    """Whether a run's training settings (``cfg.train``) replay compiled blocks as CUDA graphs."""
+    return bool(train.torch_compile) and train.torch_compile_mode in CUDA_GRAPH_MODES
+
+
 def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     """Regional ``torch.compile``: each transformer and ResNet block of ``model`` compiled in place.
 

@@ -55,6 +55,8 @@ def gradient_pull(
             cut = pl.is_bank.numel() > len(batch["caption"])
             rows = mask_ if cut else torch.ones_like(mask_)
             sub = _rows(trainer.assemble(batch, pl), rows) if cut else trainer.assemble(batch, pl)
+            if trainer.graphed:  # each pass a step of its own for CUDA graphs
+                torch.compiler.cudagraph_mark_step_begin()
             with acc.autocast():
                 per_sample = trainer.compute_loss(sub)
             weights = (pl.weights * mask_)[rows].to(per_sample.device, per_sample.dtype)
