@@ -5,7 +5,9 @@
 #    Adafactor (peak memory); 3. regional torch.compile at batch 32 with a long warm-up.
 # PARTS selects parts (default "main memory compile"); each part has its own time limit;
 # MAIN_SPEED (default "default unet_autocast") and COMPILE_SPEED (default compile) are the
-# --speed settings of parts 1 and 3, e.g. COMPILE_SPEED=channels_last+compile.
+# --speed settings of parts 1 and 3, e.g. COMPILE_SPEED=channels_last+compile; COMPILE_BATCHES (default 32) and
+# COMPILE_METHODS (default "vanilla difftuning") those of part 3, e.g. COMPILE_SPEED=compile-graphs COMPILE_BATCHES=4
+# (the whole trainer under CUDA graphs: data loading, the detector off, lambda's measurement on).
 # Needs .whl (diffusers, datasets) and third_party/.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -21,7 +23,7 @@ for part in $PARTS; do
               timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory/$s --batches 1 --methods difftuning \
                 --speed $s --grid-checkpointing --steps 20 --warmup 3
             done ;;
-    compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches 32 --methods vanilla difftuning \
+    compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches ${COMPILE_BATCHES:-32} --methods ${COMPILE_METHODS:-vanilla difftuning} \
                --speed ${COMPILE_SPEED:-compile} --steps 30 --warmup 5 ;;
   esac > $OUT/$part.log 2>&1
   echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md $OUT/$part/*/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
