@@ -7,7 +7,7 @@
 # MAIN_SPEED (default "default unet_autocast") and COMPILE_SPEED (default compile) are the
 # --speed settings of parts 1 and 3, e.g. COMPILE_SPEED=channels_last+compile; COMPILE_BATCHES (default 32) and
 # COMPILE_METHODS (default "vanilla difftuning") those of part 3, e.g. COMPILE_SPEED=compile-graphs COMPILE_BATCHES=4
-# (the whole trainer under CUDA graphs: data loading, the detector off, lambda's measurement on).
+# (our trainer, its data loading and lambda's measurement included, under CUDA graphs).
 # Needs .whl (diffusers, datasets) and third_party/.
 set -u
 OUT=${OUT:-/tmp/out}
