@@ -87,6 +87,11 @@ CANDIDATES = {
             ("once", ["--bank_pull_every", "0"]),
             ("rows1", ["--bank_pull_rows", "1"]),  # one plan, whatever it holds (before 49468ff)
             ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: the default since BENCHMARKS.md 0e
+            ("pull10", ["--bank_pull", "0.1"]),  # lighter still
+            (
+                "pull25-share10",
+                ["--bank_pull", "0.25", "--bank_share", "0.1"],
+            ),  # half the bank rows, same pull
         )
     },  # fmt: skip
     # the chain of forgetting's t-skew with x0-supervision's weighting, no bank
