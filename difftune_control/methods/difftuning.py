@@ -67,6 +67,11 @@ class DiffTuningTrainer(ControlNetTrainer):
         from difftune_control.training.diagnostics import bank_pull
 
         previous, self.bank_lambda = self.bank_lambda, 1.0
+        if previous is None:  # before the first step: the pooled passes take a few steps' time
+            logger.info(
+                "--bank_weight auto: measuring lambda on >= %d bank rows before the first step",
+                self.cfg.method.bank_pull_rows,
+            )
         try:
             check = bank_pull(self, target_batch)
         finally:
