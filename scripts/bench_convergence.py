@@ -88,6 +88,7 @@ CANDIDATES = {
             ("rows1", ["--bank_pull_rows", "1"]),  # one plan, whatever it holds (before 49468ff)
             ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: the default since BENCHMARKS.md 0e
             ("pull10", ["--bank_pull", "0.1"]),  # lighter still
+            ("pull25-once", ["--bank_pull", "0.25", "--bank_pull_every", "0"]),  # lambda from step 0 only
             (
                 "pull25-share10",
                 ["--bank_pull", "0.25", "--bank_share", "0.1"],
