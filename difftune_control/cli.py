@@ -105,7 +105,9 @@ def check_early(cfg: RunConfig) -> None:
     if (
         cfg.train.fused_backward_pass and int(os.environ.get("WORLD_SIZE", "1")) > 1
     ):  # set by accelerate launch
-        problems.append("--fused_backward_pass runs on one process (the update would precede the all-reduce)")
+        from difftune_control.training.fused_step import ONE_PROCESS
+
+        problems.append(ONE_PROCESS)
     if problems:
         raise ConfigError(problems)
 

@@ -144,27 +144,6 @@ def test_param_groups_are_one_per_trainable_parameter():
         OptimizerInBackward(torch.optim.SGD(net.parameters(), lr=0.1), net)
 
 
-def test_a_fused_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    from difftune_control.training.loop import run_training
-
-    def cfg(folder, steps, **kw):
-        return tiny_config(
-            tiny_pipeline_dir,
-            tiny_dataset_dir,
-            tmp_path / folder,
-            train__optimizer="adafactor",
-            train__fused_backward_pass=True,
-            train__max_train_steps=steps,
-            detector__detect_convergence=False,
-            **kw,
-        )
-
-    full = _weights(run_training(cfg("a", 4)))
-    run_training(cfg("b", 2))
-    resumed = _weights(run_training(cfg("b", 4, train__resume_from_checkpoint="latest")))
-    assert all(torch.equal(full[k], resumed[k]) for k in full)
-
-
 def test_resuming_with_another_optimizer_layout_says_which_flags(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):

@@ -185,7 +185,9 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_adafactor_run_resumes_exactly(fused, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """Also with the optimizer stepping inside the backward pass (--fused_backward_pass)."""
     from safetensors.torch import load_file
 
     from difftune_control.training.loop import run_training
@@ -196,6 +198,7 @@ def test_adafactor_run_resumes_exactly(tiny_pipeline_dir, tiny_dataset_dir, tmp_
             tiny_dataset_dir,
             tmp_path / folder,
             train__optimizer="adafactor",
+            train__fused_backward_pass=fused,
             train__max_train_steps=steps,
             detector__detect_convergence=False,
             **kw,

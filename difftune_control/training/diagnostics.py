@@ -33,9 +33,9 @@ def gradient_pull(
     Lists of batches, plans and masks are pooled: their gradients are summed before the norm is taken.
     Each pass has the step's shapes (a compiled model does not recompile for it): the plan's rows, or,
     where the plan is larger than the batch (a batch of one measures on two-row plans), the masked rows
-    alone, so the measurement holds no more activations than a step. A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
-    one is folded into a :class:`~difftune_control.training.fused_step.GradientSketch` as it completes and
-    freed, so the measurement needs no more memory than a step. Runs on the unwrapped ControlNet (no
+    alone. A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
+    one is folded into a :class:`~difftune_control.training.fused_step.GradientSketch` as it completes
+    and freed. So the measurement needs no more memory than a step. Runs on the unwrapped ControlNet (no
     gradient synchronisation across processes) and leaves its gradients cleared and the trainer's
     random generator where it was.
     """
@@ -52,9 +52,10 @@ def gradient_pull(
         net.zero_grad(set_to_none=True)
         for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
             mask_ = mask_.bool().cpu()
-            cut = pl.is_bank.numel() > len(batch["caption"])
-            rows = mask_ if cut else torch.ones_like(mask_)
-            sub = _rows(trainer.assemble(batch, pl), rows) if cut else trainer.assemble(batch, pl)
+            sub = trainer.assemble(batch, pl)
+            rows = slice(None)  # every row passes, weighted by its mask ...
+            if pl.is_bank.numel() > len(batch["caption"]):  # ... unless that would exceed the step's batch
+                sub, rows = _rows(sub, mask_), mask_
             if trainer.graphed:  # each pass a step of its own for CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()
             with acc.autocast():

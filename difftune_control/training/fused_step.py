@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+ONE_PROCESS = "--fused_backward_pass runs on one process (the update would precede the all-reduce)"
+
 
 def param_groups(module: torch.nn.Module) -> list[dict]:
     """One optimizer parameter group per trainable parameter of ``module``."""

@@ -22,7 +22,7 @@ from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.methods.registry import trainer_class
 from difftune_control.training.compilation import compile_for_training
 from difftune_control.training.distributed import ddp_kwargs
-from difftune_control.training.fused_step import OptimizerInBackward, attach, param_groups
+from difftune_control.training.fused_step import ONE_PROCESS, OptimizerInBackward, attach, param_groups
 from difftune_control.training.runtime import (
     BaseModel,
     is_toy_model,
@@ -212,9 +212,7 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
         base.unet.to(memory_format=torch.channels_last)
     fused = t.fused_backward_pass
     if fused and accelerator.num_processes > 1:
-        raise ValueError(
-            "--fused_backward_pass runs on one process (the update would precede the all-reduce)"
-        )
+        raise ValueError(ONE_PROCESS)
     params = param_groups(controlnet) if fused else controlnet.parameters()
     if t.optimizer == "adafactor":
         from transformers.optimization import Adafactor
