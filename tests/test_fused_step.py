@@ -144,6 +144,22 @@ def test_param_groups_are_one_per_trainable_parameter():
         OptimizerInBackward(torch.optim.SGD(net.parameters(), lr=0.1), net)
 
 
+def test_a_finished_fused_run_frees_its_parameters():
+    """The hooks must not keep the optimizer (and through it every parameter) alive after the run."""
+    import gc
+    import weakref
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    fused = OptimizerInBackward(torch.optim.SGD(param_groups(net), lr=0.1), net)
+    before = net[0].weight.detach().clone()
+    net(torch.randn(2, 4)).sum().backward()
+    assert not torch.equal(net[0].weight, before) and net[0].weight.grad is None  # updated in backward
+    refs = [weakref.ref(fused), weakref.ref(net[0].weight)]
+    del net, fused
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
 def test_resuming_with_another_optimizer_layout_says_which_flags(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):

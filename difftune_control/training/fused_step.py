@@ -13,6 +13,8 @@ that group alone. The learning-rate schedule, checkpoints and resume see the opt
 from __future__ import annotations
 
 import contextlib
+import functools
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -46,10 +48,12 @@ class OptimizerInBackward:
                     "--fused_backward_pass: the optimizer needs one parameter group per parameter"
                 )
             self._group[group["params"][0]] = group
+        # the hooks hold this object weakly: a tensor's hooks are not seen by the garbage collector, so a
+        # strong reference would keep the optimizer and every parameter alive after the run (a second run in
+        # the same process, a benchmark's next setting, ran with the first one's ControlNet still allocated)
+        hook = functools.partial(_step_param_of, weakref.ref(self))
         self._handles = [
-            p.register_post_accumulate_grad_hook(self._step_param)
-            for p in module.parameters()
-            if p.requires_grad
+            p.register_post_accumulate_grad_hook(hook) for p in module.parameters() if p.requires_grad
         ]
 
     def _step_param(self, p: torch.Tensor) -> None:
@@ -89,6 +93,12 @@ class OptimizerInBackward:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _step_param_of(ref: weakref.ReferenceType, p: torch.Tensor) -> None:
+    owner = ref()
+    if owner is not None:
+        owner._step_param(p)
 
 
 def attach(trainer, optimizer) -> None:
