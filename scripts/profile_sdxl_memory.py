@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Where an SDXL ControlNet step's peak GPU memory goes, phase by phase (one CUDA GPU).
+
+    python scripts/profile_sdxl_memory.py --model-dir /tmp/sdxl-random --method difftuning --out OUT
+
+Our trainer as ``scripts/bench_sdxl.py`` runs it at batch 1 (gradient checkpointing, ``--speed``
+adafactor+fused by default, synthetic rows shaped like the SDXL latent cache; the model folder is built
+when missing). Phases, each with its own peak (``torch.cuda.max_memory_allocated``): setup, lambda's
+measurement (``--bank_weight auto``, Diff-Tuning only), a step on a target row, a step on a bank row,
+then steady steps. With allocation history recorded, the allocations alive at the overall peak are
+grouped by the innermost frame of this project (else the innermost Python frame) and the largest
+groups printed; ``memory.json`` in --out holds the phases and groups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sdxl import build_sdxl, sdxl_rows  # noqa: E402
+from bench_throughput import make_ours  # noqa: E402
+
+GIB = 2**30
+
+
+def live_at_peak(snapshot: dict) -> tuple[int, dict[str, int]]:
+    """Replay the allocation trace: the peak of live bytes and the live bytes at it, per allocating frame."""
+    live: dict[int, tuple[int, str]] = {}
+    total = peak = 0
+    at_peak: dict[int, tuple[int, str]] = {}
+    for trace in snapshot["device_traces"]:
+        for e in trace:
+            if e["action"] == "alloc":
+                live[e["addr"]] = (e["size"], _where(e.get("frames", [])))
+                total += e["size"]
+                if total > peak:
+                    peak, at_peak = total, dict(live)
+            elif e["action"] in ("free_completed",) and e["addr"] in live:
+                total -= live.pop(e["addr"])[0]
+    groups: dict[str, int] = defaultdict(int)
+    for size, where in at_peak.values():
+        groups[where] += size
+    return peak, dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def _where(frames: list[dict]) -> str:
+    ours = [f for f in frames if "difftune_control" in f["filename"] or "scripts/" in f["filename"]]
+    py = [f for f in frames if f["filename"].endswith(".py")]
+    chain = (ours or py or frames)[:2]
+    return " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in chain) or "?"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
+    p.add_argument("--method", default="difftuning", choices=["vanilla", "difftuning"])
+    p.add_argument("--speed", default="adafactor+fused")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="steady steps after the phase steps")
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", type=Path, default=Path("bench/sdxl-memory"))
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_sdxl_memory needs a CUDA GPU")
+    from diffusers import UNet2DConditionModel
+
+    from difftune_control.methods.forgetting import BatchPlan
+
+    model = build_sdxl(args.model_dir, device="cuda")
+    unet_config = dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
+    rows = lambda n: sdxl_rows(n, unet_config)  # noqa: E731
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    phases: dict[str, dict] = {}
+
+    def phase(name: str, fn) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        phases[name] = {
+            "before_gib": before / GIB,
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB,
+            "after_gib": torch.cuda.memory_allocated() / GIB,
+        }
+        print(f"{name:>20}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases[name].items()), flush=True)
+
+    made = {}
+    phase("setup", lambda: made.update(zip(("trainer", "opt", "acc"), make_ours(
+        model, args.batch, args.method, True, args.speed, rows))))  # fmt: skip
+    trainer, opt, acc = made["trainer"], made["opt"], made["acc"]
+    batch = torch.utils.data.default_collate([trainer.target[i] for i in range(args.batch)])
+
+    def step(plan=None) -> None:
+        trainer.training_step(batch, plan)
+        acc.clip_grad_norm_(trainer.controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if getattr(trainer, "auto_weight", False):
+        phase("lambda measurement", lambda: trainer.calibrate_bank_weight(batch))
+    n = args.batch
+    for name, bank in (("target-row step", False), ("bank-row step", True)):
+        if bank and trainer.bank is None:
+            continue
+        plan = BatchPlan(
+            is_bank=torch.full((n,), bank),
+            timesteps=torch.full((n,), 500),
+            weights=torch.full((n,), 1.0 / n),
+            bank_weight=0.1 if bank else 0.0,
+        )
+        phase(name, lambda plan=plan: step(plan))
+    phase(f"{args.steps} run steps", lambda: [step() for _ in range(args.steps)])
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, groups = live_at_peak(snap)
+    print(f"\nlive at the recorded peak: {peak / GIB:.2f} GiB; largest groups (allocating frame):")
+    for where, size in list(groups.items())[: args.top]:
+        print(f"  {size / GIB:8.3f} GiB  {where}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    top = {k: v / GIB for k, v in list(groups.items())[:100]}
+    (args.out / "memory.json").write_text(
+        json.dumps(
+            {
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "phases": phases,
+                "peak_gib": peak / GIB,
+                "groups_gib": top,
+            },
+            indent=1,
+        )  # fmt: skip
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
