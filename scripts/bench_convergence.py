@@ -86,8 +86,10 @@ CANDIDATES = {
             ("rows48", ["--bank_pull_rows", "48"]),
             ("once", ["--bank_pull_every", "0"]),
             ("rows1", ["--bank_pull_rows", "1"]),  # one plan, whatever it holds (before 49468ff)
-            ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: the default since BENCHMARKS.md 0e
-            ("pull10", ["--bank_pull", "0.1"]),  # lighter still
+            ("pull25", ["--bank_pull", "0.25"]),  # a lighter bank: the default of BENCHMARKS.md 0e
+            ("pull10", ["--bank_pull", "0.1"]),  # lighter still: the default since BENCHMARKS.md 0f
+            ("pull05", ["--bank_pull", "0.05"]),  # is the trend of 0e-0f still going?
+            ("pull02", ["--bank_pull", "0.02"]),
             ("pull25-once", ["--bank_pull", "0.25", "--bank_pull_every", "0"]),  # lambda from step 0 only
             (
                 "pull25-share10",

@@ -201,7 +201,7 @@ def test_default_difftuning_is_the_rules_winner():
     parser = build_parser()
     cfg = resolve_defaults(_config(parser.parse_args(["train"])), toy=True)
     m = cfg.method
-    assert (m.method, m.split, m.bank_weight, m.bank_pull) == ("difftuning", "fixed", "auto", 0.25)
+    assert (m.method, m.split, m.bank_weight, m.bank_pull) == ("difftuning", "fixed", "auto", 0.1)
     assert (m.loss_weighting, m.bank_latents, m.bank_prompt) == ("inverse_snr", "sample", "keep")
     assert cfg.bank.bank_hint == "zero"
     vanilla = resolve_defaults(_config(parser.parse_args(["train", "--method", "vanilla"])), toy=True)

@@ -154,7 +154,7 @@ class MethodConfig:
         parse=_float_or_auto,
     )
     bank_pull: float = _f(
-        0.25, "--bank_weight auto: the bank rows' pull as a fraction of the target rows' (BENCHMARKS.md 0e)."
+        0.1, "--bank_weight auto: the bank rows' pull as a fraction of the target rows' (BENCHMARKS.md 0f)."
     )
     bank_pull_every: int = _f(
         200, "--bank_weight auto: re-measure every N steps (x the plans pooled; 0 = at step 0 only)."
