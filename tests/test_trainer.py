@@ -493,3 +493,21 @@ def test_a_cached_run_trains_with_its_text_encoders_on_the_cpu(tiny_pipeline_dir
     trainer.training_step(target_batch(trainer))
     opt.step()
     trainer.check_finite()
+
+
+def test_peak_memory_is_reported_on_cuda_only():
+    from difftune_control.training.runtime import peak_memory
+
+    assert peak_memory(torch.device("cpu")) == {}
+    if torch.cuda.is_available():
+        x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+        assert peak_memory(x.device)["gpu_peak_gib"] >= 0.25
+
+
+def test_a_hint_embedding_that_does_not_match_the_vae_is_named(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path)
+    cfg.model.conditioning_embedding_out_channels = [16, 32, 96, 256]  # 8x; the tiny VAE shrinks 2x
+    with pytest.raises(
+        ValueError, match=r"--conditioning_embedding_out_channels 16 32 96 256: .* 8x .* 2x; give 2"
+    ):
+        build_trainer(cfg)

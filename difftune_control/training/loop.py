@@ -28,12 +28,13 @@ from difftune_control.training.checkpoints import (
 )
 from difftune_control.training.diagnostics import bank_check_at_start
 from difftune_control.training.distributed import StopVote, WindowMeans, ddp_settings
-from difftune_control.training.runtime import IndexStream, StopSignal, StreamBatchSampler
+from difftune_control.training.runtime import IndexStream, StopSignal, StreamBatchSampler, peak_memory
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
 from difftune_control.validation import save_grid
 
 logger = logging.getLogger(__name__)
+BAR_KEYS = {"train": ("loss", "images_per_s", "gpu_peak_gib"), "convergence_eval": ("p",)}  # progress bar
 
 
 def _run_dir(cfg: RunConfig, accelerator) -> Path:
@@ -165,8 +166,8 @@ class _Loop:
         record.setdefault("time", round(self.now(), 3))
         self.log.log(record)
         bar = getattr(self, "bar", None)
-        if bar is not None and record["type"] in ("train", "convergence_eval"):
-            keys = {"train": ("loss", "images_per_s"), "convergence_eval": ("p",)}[record["type"]]
+        if bar is not None and record["type"] in BAR_KEYS:
+            keys = BAR_KEYS[record["type"]]
             self._postfix.update({k: f"{record[k]:.3g}" for k in keys if record.get(k) is not None})
             bar.set_postfix(self._postfix, refresh=False)
         if self.tb is not None:
@@ -292,6 +293,7 @@ class _Loop:
             "lr": self.lr_scheduler.get_last_lr()[0],
             "images_per_s": images / max(seconds, 1e-9),
             "time": round(self.now(), 3),
+            **peak_memory(self.acc.device),
         }
         keys = ("loss", "loss_target", "loss_bank", "bank_share", "bank_weight")
         means = WindowMeans(window if self.main else [], keys)  # only the main process writes it

@@ -84,6 +84,14 @@ def offload_text_encoders(base: BaseModel, to: str = "cpu") -> int:
     return moved
 
 
+def peak_memory(device: torch.device) -> dict:
+    """``{"gpu_peak_gib": ...}``: the most CUDA memory this process's tensors held so far (a host-side
+    counter, no synchronisation); nothing on other devices."""
+    if device.type != "cuda":
+        return {}
+    return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+
+
 def is_toy_model(path: str | None) -> bool:
     """True when ``path`` is None (the default) or the shipped toy-world pipeline folder."""
     if path is None:
@@ -194,8 +202,11 @@ def load_vae(cfg: ModelConfig, path: str, kind: str, weight_dtype: torch.dtype) 
         raise FileNotFoundError(f"{flag} {separate or path!r}: could not load the VAE ({err})") from err
 
 
-def make_controlnet(cfg: ModelConfig, unet) -> Any:
-    """A trainable ControlNet: copied from the UNet's encoder, or loaded from ``controlnet_model_name_or_path``."""
+def make_controlnet(cfg: ModelConfig, unet, vae=None) -> Any:
+    """A trainable ControlNet: copied from the UNet's encoder, or loaded from ``controlnet_model_name_or_path``.
+
+    With ``vae``, its hint embedding must shrink hints as much as the VAE shrinks images (else the first
+    step fails on mismatched shapes deep inside diffusers): a clear error names the flag instead."""
     from diffusers import ControlNetModel
 
     if cfg.controlnet_model_name_or_path:
@@ -205,6 +216,14 @@ def make_controlnet(cfg: ModelConfig, unet) -> Any:
     else:
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels)
+        )
+    channels = list(controlnet.config.conditioning_embedding_out_channels)
+    levels = len(vae.config.block_out_channels) if vae is not None else len(channels)
+    if len(channels) != levels:
+        raise ValueError(
+            f"--conditioning_embedding_out_channels {' '.join(map(str, channels))}: the hint embedding shrinks "
+            f"hints {2 ** (len(channels) - 1)}x but the VAE shrinks images {2 ** (levels - 1)}x; give {levels} "
+            "widths (Stable Diffusion's: 16 32 96 256)"
         )
     torch.nn.Module.to(controlnet, dtype=torch.float32)  # ModelMixin.to would warn about no fp32 modules
     controlnet.train()

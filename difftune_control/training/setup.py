@@ -203,7 +203,7 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     t = cfg.train
     device = accelerator.device
     torch.backends.cudnn.benchmark = device.type == "cuda" and t.cudnn_benchmark
-    controlnet = make_controlnet(cfg.model, base.unet)
+    controlnet = make_controlnet(cfg.model, base.unet, base.vae)
     if t.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         base.unet.enable_gradient_checkpointing()
