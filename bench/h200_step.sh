@@ -4,7 +4,9 @@
 # eager: vanilla vs the default Diff-Tuning, interleaved chunks (BATCHES, default "32 8 4"), PROFILE=--profile adds
 #        a torch.profiler record of each; compile: the same under COMPILE_SPEEDS (default "compile-graphs
 #        channels_last+compile": regional torch.compile with CUDA graphs, and without them + channels_last) at
-#        COMPILE_BATCHES (default "4 8"). PARTS selects (default "eager compile"); *_LIMIT: seconds per part.
+#        COMPILE_BATCHES (default "4 8"); compile-warm: the same again, a new process on the compiled-artefact
+#        cache the first left (its warmup_s against compile's: the compile time a second or resumed run pays).
+#        PARTS selects (default "eager compile"); *_LIMIT: seconds per part.
 # Needs .whl (diffusers). Results: $OUT/{eager,compile}/results.{md,json}, traces and operator tables.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -16,7 +18,7 @@ for part in $PARTS; do
   case $part in
     eager) timeout ${EAGER_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/eager --batches ${BATCHES:-32 8 4} \
              --repeats ${REPEATS:-5} --steps 10 ${PROFILE:-} ;;
-    compile) timeout ${COMPILE_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/compile \
+    compile|compile-warm) timeout ${COMPILE_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/$part \
                --batches ${COMPILE_BATCHES:-4 8} --speed ${COMPILE_SPEEDS:-compile-graphs channels_last+compile} --repeats 3 --steps 10 ${PROFILE:-} ;;
   esac > $OUT/$part.log 2>&1
   echo "== $part: rc $?"; cat $OUT/$part/results.md 2>/dev/null; grep -E "^failed" $OUT/$part.log | tail -3
