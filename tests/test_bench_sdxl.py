@@ -206,3 +206,22 @@ def test_batch_1_difftuning_with_the_fused_pass_steps_as_the_benchmark_runs_it(
     assert sources == {0.0, 1.0}  # target rows and bank rows, one at a time
     assert all(p.grad is None for p in trainer.controlnet.parameters())
     assert any(not torch.equal(v, before[k]) for k, v in trainer.controlnet.state_dict().items())
+
+
+def test_memory_profile_finds_what_is_alive_at_the_peak():
+    from profile_sdxl_memory import live_at_peak
+
+    def frame(name):
+        return [{"filename": "/x/difftune_control/methods/base.py", "line": 1, "name": name}]
+
+    trace = [
+        {"action": "alloc", "addr": 1, "size": 100, "frames": frame("weights")},
+        {"action": "alloc", "addr": 2, "size": 50, "frames": frame("activations")},
+        {"action": "alloc", "addr": 3, "size": 30, "frames": frame("activations")},
+        {"action": "free_requested", "addr": 2, "size": 50},  # not yet free
+        {"action": "free_completed", "addr": 2, "size": 50},
+        {"action": "alloc", "addr": 4, "size": 10, "frames": frame("later")},  # 140 < 180: not a new peak
+    ]
+    peak, groups = live_at_peak({"device_traces": [trace]})
+    assert peak == 180
+    assert groups == {"base.py:1 weights": 100, "base.py:1 activations": 80}
