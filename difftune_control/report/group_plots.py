@@ -71,12 +71,16 @@ def mean_curve(curves: list[tuple[np.ndarray, np.ndarray, int | None]]) -> tuple
     return grid[ok], np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
-def _dots(ax, y: float, vals: list[float], iv: dict[str, Any], color: str, marker: str) -> None:
-    """One group's row of a dot panel: each seed a dot, the mean a marker with its 95% interval."""
+def _dots(ax, y: float, vals: list[float], iv: dict[str, Any], color: str, marker: str, bounds) -> None:
+    """One group's row of a dot panel: each seed a dot, the mean a marker with its 95% interval, the bar cut
+    to ``bounds`` (what the measure can take: a few seeds' t-interval runs far past them)."""
     jitter = np.linspace(-0.15, 0.15, len(vals)) if len(vals) > 1 else np.zeros(len(vals))
     ax.scatter(vals, y + jitter, color=color, s=18, alpha=0.75, zorder=3, lw=0)
     if iv["mean"] is not None:
-        xerr = None if iv["low"] is None else [[iv["mean"] - iv["low"]], [iv["high"] - iv["mean"]]]
+        low, high = (
+            (None, None) if iv["low"] is None else (max(iv["low"], bounds[0]), min(iv["high"], bounds[1]))
+        )
+        xerr = None if low is None else [[max(iv["mean"] - low, 0)], [max(high - iv["mean"], 0)]]
         ax.errorbar(
             iv["mean"], y, xerr=xerr, fmt=marker, color=color, mec="black", mew=0.6, ms=6.5,
             capsize=4, lw=1.6, zorder=4,
@@ -136,23 +140,25 @@ def groups_figure(groups: list[RunGroup], stats: list[dict[str, Any]], path: Pat
         ax.legend(loc="upper left", fontsize=8)
         ax.tick_params(labelbottom=False)
         # steps to sudden convergence and AUCC: each seed a dot, the mean and its 95% interval
+        last = max((s.get("final_step") or 0 for g, _, _ in members for s in g.summaries), default=0)
         for y, (g, st, color) in enumerate(reversed(members)):
             steps = [s["convergence_step"] for s in g.summaries if s["convergence_step"] is not None]
-            _dots(ax_e, y, steps, st["stats"]["event"], color, "o")
+            _dots(ax_e, y, steps, st["stats"]["event"], color, "o", (0, last or float("inf")))
             aucc = [s["aucc"] for s in g.summaries if s.get("aucc") is not None]
-            _dots(ax_a, y, aucc, st["stats"]["aucc"], color, "D")
+            _dots(ax_a, y, aucc, st["stats"]["aucc"], color, "D", (0, 1))
         names = [g.name for g, _, _ in reversed(members)]
         for a in (ax_e, ax_a):
             a.set_yticks(range(len(members)))
             a.set_yticklabels(names, fontsize=8)
             a.set_ylim(-0.6, len(members) - 0.4)
         ax_e.set_xlabel(
-            "optimizer step;  strip: step of sudden convergence (dots: seeds, circle: mean, bar: 95% interval)",
+            "optimizer step;  strip: step of sudden convergence (dots: seeds, circle: mean, bar: 95% interval within "
+            "the steps run)",
             fontsize=8.5,
         )
         budgets = sorted({str(s.get("aucc_budget")) for g, _, _ in members for s in g.summaries})
         ax_a.set_title(f"{cond}: AUCC over {' / '.join(budgets)} steps")
-        ax_a.set_xlabel("AUCC (dots: seeds; diamond: mean, bar: 95% interval)", fontsize=8)
+        ax_a.set_xlabel("AUCC (dots: seeds; diamond: mean;\nbar: 95% interval, within [0, 1])", fontsize=8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
