@@ -202,11 +202,8 @@ def load_vae(cfg: ModelConfig, path: str, kind: str, weight_dtype: torch.dtype) 
         raise FileNotFoundError(f"{flag} {separate or path!r}: could not load the VAE ({err})") from err
 
 
-def make_controlnet(cfg: ModelConfig, unet, vae=None) -> Any:
-    """A trainable ControlNet: copied from the UNet's encoder, or loaded from ``controlnet_model_name_or_path``.
-
-    With ``vae``, its hint embedding must shrink hints as much as the VAE shrinks images (else the first
-    step fails on mismatched shapes deep inside diffusers): a clear error names the flag instead."""
+def make_controlnet(cfg: ModelConfig, unet) -> Any:
+    """A trainable ControlNet: copied from the UNet's encoder, or loaded from ``controlnet_model_name_or_path``."""
     from diffusers import ControlNetModel
 
     if cfg.controlnet_model_name_or_path:
@@ -217,18 +214,23 @@ def make_controlnet(cfg: ModelConfig, unet, vae=None) -> Any:
         controlnet = ControlNetModel.from_unet(
             unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels)
         )
+    torch.nn.Module.to(controlnet, dtype=torch.float32)  # ModelMixin.to would warn about no fp32 modules
+    controlnet.train()
+    controlnet.requires_grad_(True)
+    return controlnet
+
+
+def check_hint_embedding(controlnet, vae) -> None:
+    """The hint embedding must shrink hints as much as the VAE shrinks images, or the first step fails on
+    mismatched shapes deep inside diffusers: a clear error names the flag instead."""
     channels = list(controlnet.config.conditioning_embedding_out_channels)
-    levels = len(vae.config.block_out_channels) if vae is not None else len(channels)
+    levels = len(vae.config.block_out_channels)
     if len(channels) != levels:
         raise ValueError(
             f"--conditioning_embedding_out_channels {' '.join(map(str, channels))}: the hint embedding shrinks "
             f"hints {2 ** (len(channels) - 1)}x but the VAE shrinks images {2 ** (levels - 1)}x; give {levels} "
             "widths (Stable Diffusion's: 16 32 96 256)"
         )
-    torch.nn.Module.to(controlnet, dtype=torch.float32)  # ModelMixin.to would warn about no fp32 modules
-    controlnet.train()
-    controlnet.requires_grad_(True)
-    return controlnet
 
 
 class IndexStream:

@@ -25,6 +25,7 @@ from difftune_control.training.distributed import ddp_kwargs
 from difftune_control.training.fused_step import ONE_PROCESS, OptimizerInBackward, attach, param_groups
 from difftune_control.training.runtime import (
     BaseModel,
+    check_hint_embedding,
     is_toy_model,
     load_base_model,
     lr_lambda,
@@ -149,6 +150,7 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
 
     torch.manual_seed(cfg.train.seed)
     controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
+    check_hint_embedding(accelerator.unwrap_model(controlnet), base.vae)  # latents come from this VAE
     # the teacher ControlNet (--teacher_controlnet) was loaded for the bank: the trainer takes the same one
     extra = {"teacher": prepared.teacher_controlnet} if prepared.teacher_controlnet is not None else {}
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank, **extra)
@@ -203,7 +205,7 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     t = cfg.train
     device = accelerator.device
     torch.backends.cudnn.benchmark = device.type == "cuda" and t.cudnn_benchmark
-    controlnet = make_controlnet(cfg.model, base.unet, base.vae)
+    controlnet = make_controlnet(cfg.model, base.unet)
     if t.gradient_checkpointing:
         controlnet.enable_gradient_checkpointing()
         base.unet.enable_gradient_checkpointing()
