@@ -50,6 +50,7 @@ _NULL = [*_BANK, "--bank_hint", "zero"]
 _NULL_AUTO_ISNR_SAMPLE = [*_NULL[:4], "--loss_weighting", "inverse_snr", *_NULL[6:], "--bank_weight", "auto"]
 _NULL_AUTO_ISNR_SAMPLE += ["--bank_latents", "sample", "--bank_pull", "0.5"]
 CANDIDATES = {
+    "default": [],  # what `difftune train` does with no method flag (the final grid measures this one)
     "vanilla": _VANILLA,
     # Diff-Tuning as published: re-noised bank rows carrying hints extracted from the base's samples
     "published": [*_BANK, "--bank_hint", "extracted", "--bank_weight", "0.1"],
@@ -178,7 +179,7 @@ def jobs(args) -> list[tuple[str, str, str, int, list[str]]]:
             for name in args.candidates:
                 for seed in args.seeds:
                     flags = CANDIDATES[name]
-                    method = flags[flags.index("--method") + 1]
+                    method = flags[flags.index("--method") + 1] if "--method" in flags else default_method()
                     out.append((f"{condition}-{name}-s{seed}", condition, method, seed, flags))
         return out
     for condition in args.conditions:
@@ -186,6 +187,13 @@ def jobs(args) -> list[tuple[str, str, str, int, list[str]]]:
             for seed in args.seeds:
                 out.append((f"{condition}-{method}-s{seed}", condition, method, seed, []))
     return out
+
+
+def default_method() -> str:
+    """The method `difftune train` runs without --method."""
+    from difftune_control.config import RunConfig
+
+    return RunConfig().method.method
 
 
 def bank_flags(extra: list[str]) -> tuple[str, ...]:
