@@ -92,7 +92,7 @@ def write_run(
             lines.append(
                 {"type": "train", "step": step, "time": t, "loss": loss_t, "loss_target": loss_t,
                  "loss_bank": loss_b, "bank_share": 0.0 if loss_b is None else 0.2, "lr": 1e-4,
-                 "images_per_s": 640.0}
+                 "images_per_s": 640.0, "bank_weight": None if loss_b is None else (0.4 if step < 200 else 0.9)}
             )  # fmt: skip
         if step % every == 0:
             if jump_at is None:
@@ -219,6 +219,14 @@ def test_single_converged_run(tmp_path):
     page = check_html(out / "report.html")
     assert len(page.imgs) == 2
     assert f"sudden convergence at step {event['step']}" in "".join(page.text)
+
+
+def test_a_diff_tuning_run_lists_its_bank_settings_and_measured_lambdas(tmp_path):
+    run = write_run(tmp_path / "dt", method="difftuning")
+    md = (build_report([run]) / "report.md").read_text()
+    assert "- bank weight lambda, as logged: 0.4 at step 10, 0.9 at step 200" in md
+    plain = (build_report([write_run(tmp_path / "v")], tmp_path / "v-report") / "report.md").read_text()
+    assert "lambda" not in plain and "Diff-Tuning:" not in plain
 
 
 def test_not_converged_and_in_progress(tmp_path):

@@ -141,6 +141,17 @@ def _p3(x: Any) -> str:
     return "—" if x is None else f"{x:.3f}"
 
 
+def _lambdas(run: Run) -> str | None:
+    """``0.4 at step 10, 0.9 at step 210``: the bank weight of the train records, where it changed."""
+    changes, last = [], None
+    for r in run.train:
+        w = r.get("bank_weight")
+        if w is not None and w != last:
+            changes.append(f"{w:.3g} at step {r['step']}")
+            last = w
+    return ", ".join(changes) or None
+
+
 def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
     """Key facts of one run's config and measurement, as (name, value) pairs."""
     cfg = run.config
@@ -163,13 +174,20 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("base model", str(base or "toy world")),
     ]
     if run.method == "difftuning":
+        weight = meth.get("bank_weight")
+        if weight == "auto":
+            weight = f"auto (the bank rows pull {meth.get('bank_pull')}x as hard as the target rows)"
+        bank = cfg.get("bank") or {}
         facts.append(
             (
                 "Diff-Tuning",
-                f"split {meth.get('split')}, bank share {meth.get('bank_share')}, "
-                f"bank weight {meth.get('bank_weight')}, psi power {meth.get('psi_power')}",
+                f"split {meth.get('split')}, bank share {meth.get('bank_share')}, bank weight {weight}, "
+                f"bank hint {bank.get('bank_hint')}, bank latents {meth.get('bank_latents')}, "
+                f"psi power {meth.get('psi_power')}, target loss weighting {meth.get('loss_weighting')}",
             )
         )
+        if _lambdas(run):
+            facts.append(("bank weight lambda, as logged", _lambdas(run)))
     facts += [
         (
             "optimisation",
