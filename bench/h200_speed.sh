@@ -8,6 +8,9 @@
 # --speed settings of parts 1 and 3, e.g. COMPILE_SPEED=channels_last+compile; COMPILE_BATCHES (default 32) and
 # COMPILE_METHODS (default "vanilla difftuning") those of part 3, e.g. COMPILE_SPEED=compile-graphs COMPILE_BATCHES=4
 # (our trainer, its data loading and lambda's measurement included, under CUDA graphs).
+# table (not in the default PARTS): issue 21's side-by-side table, the example and ours (vanilla, Diff-Tuning)
+# at TABLE_BATCHES (default "32 8 4 1"): images/s as the median and range of 3 chunks (ours: 3 x 10 timed
+# steps; the example: its progress bar's rate at steps 10, 20 and 30), peak memory, MFU.
 # Needs .whl (diffusers, datasets) and third_party/.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -16,15 +19,18 @@ source bench/device_env.sh
 B="python3 scripts/bench_throughput.py --skip checkpointing bank detector"
 for part in $PARTS; do
   case $part in
-    main) timeout ${MAIN_LIMIT:-300} $B --out $OUT/main --batches 32 8 --steps 30 --warmup 5 \
+    main) timeout ${MAIN_LIMIT:-300} $B --out $OUT/main --batches 32 8 --steps 10 --repeats 3 --warmup 5 \
             --speed ${MAIN_SPEED:-default unet_autocast} --example-batches 32 --example-steps 40 \
             --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
     memory) for s in default adafactor; do  # each optimizer in a fresh process: a clean peak
               timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory/$s --batches 1 --methods difftuning \
-                --speed $s --grid-checkpointing --steps 20 --warmup 3
+                --speed $s --grid-checkpointing --steps 20 --repeats 1 --warmup 3
             done ;;
     compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches ${COMPILE_BATCHES:-32} --methods ${COMPILE_METHODS:-vanilla difftuning} \
-               --speed ${COMPILE_SPEED:-compile} --steps 30 --warmup 5 ;;
+               --speed ${COMPILE_SPEED:-compile} --steps 10 --repeats 3 --warmup 5 ;;
+    table) timeout ${TABLE_LIMIT:-560} $B --out $OUT/table --batches ${TABLE_BATCHES:-32 8 4 1} \
+             --example-batches ${TABLE_BATCHES:-32 8 4 1} --steps 10 --repeats 3 --warmup 5 --speed default \
+             --example-steps 30 --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
   esac > $OUT/$part.log 2>&1
   echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md $OUT/$part/*/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
 done

@@ -18,10 +18,12 @@ FLOP count.
 - Ours: optimizer steps of ``--method vanilla`` and the default ``--method difftuning`` on synthetic
   rows shaped like the SDXL latent cache (latents [4,128,128], context [77,2048], ``text_embeds``
   [1280], ``time_ids`` [6], uint8 hints [3,1024,1024]) and a synthetic bank of the same shape:
-  images/s over 10 steps after 2 of warm-up, peak ``torch.cuda.max_memory_allocated``, MFU.
+  images/s over ``--repeats`` (3) timed chunks of 10 steps after 2 of warm-up (median and range), peak
+  ``torch.cuda.max_memory_allocated``, MFU.
 - The example: ``train_controlnet_sdxl.py``, its file unmodified, under ``accelerate launch`` on the same
   model folder and a local parquet dataset of 1024 px PNGs, ``--mixed_precision bf16
-  --dataloader_num_workers 8``, 15 steps: images/s from its progress bar, peak memory from nvidia-smi
+  --dataloader_num_workers 8``, 15 steps: images/s from its progress bar (its rates at steps 5, 10 and 15:
+  median and range), peak memory from nvidia-smi
   (less what the GPU held before it started; its own CUDA context and allocator cache included). It
   encodes the prompts once with both encoders, and the images with its float32 VAE at every step. As
   it is, it fails at its first bf16 step (float32 prompt embeddings into its bf16 UNet), so it runs
@@ -67,6 +69,7 @@ from bench_throughput import (  # noqa: E402
     bench_example,
     bench_ours,
     make_parquet,
+    rate_text,
     train_flop_per_image,
 )
 
@@ -226,7 +229,7 @@ def _optimizer(r: dict) -> str:
 def report(results: list[dict], flop_per_image: float | None) -> str:
     """``results.md``: the table, ours/example at each batch and the two targets; failed settings last."""
     lines = [
-        "| implementation | method | batch | grad ckpt | optimizer | images/s | peak GiB | MFU |",
+        "| implementation | method | batch | grad ckpt | optimizer | images/s median [range] | peak GiB | MFU |",
         "|---|---|---|---|---|---|---|---|",
     ]
     done = [r for r in results if "images_per_s" in r]
@@ -236,7 +239,7 @@ def report(results: list[dict], flop_per_image: float | None) -> str:
         impl = r["impl"] + (" + UNet input cast" if r.get("wrapper") else "")
         lines.append(
             f"| {impl} | {r.get('method', 'vanilla')} | {r['batch']} | {r['gradient_checkpointing']} | "
-            f"{_optimizer(r)}{' (no Adafactor option)' if example else ''} | {r['images_per_s']:.2f} | "
+            f"{_optimizer(r)}{' (no Adafactor option)' if example else ''} | {rate_text(r, 2)} | "
             f"{mem:.1f}{' (nvidia-smi)' if example else ''} | {100 * r['mfu']:.0f}% |"
         )
     if flop_per_image:
@@ -306,6 +309,9 @@ def main() -> int:
     )
     p.add_argument("--steps", type=int, default=10, help="timed optimizer steps of ours")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed chunks per setting (ours) / rate points (the example)"
+    )
     p.add_argument("--diffusers-example", type=Path, default=None, help="train_controlnet_sdxl.py")
     p.add_argument("--example-steps", type=int, default=15)
     p.add_argument(
@@ -375,7 +381,7 @@ def main() -> int:
             if s["impl"] == "ours":
                 r = bench_ours(
                     model, s["batch"], s["method"], args.steps, args.warmup, s["checkpointing"], s["speed"],
-                    rows=rows, flop_per_image=flops,
+                    rows=rows, flop_per_image=flops, repeats=args.repeats,
                 )  # fmt: skip
             else:
                 b = s["batch"]
@@ -383,7 +389,7 @@ def main() -> int:
                     args.diffusers_example, model, data_dir, b, args.example_steps, args.out / f"example-b{b}.log",
                     resolution=args.resolution, checkpointing=s["checkpointing"], flop_per_image=flops,
                     timeout=args.example_timeout if left is None else min(args.example_timeout, left),
-                    wrapper=None if args.example_as_is else CAST_WRAPPER,
+                    wrapper=None if args.example_as_is else CAST_WRAPPER, repeats=args.repeats,
                 )  # fmt: skip
             record(r)
         except Exception as e:  # out of memory, or any error: a result too

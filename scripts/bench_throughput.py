@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -313,6 +314,27 @@ def make_ours(
     return trainer, opt, acc
 
 
+def rate_text(r: dict, digits: int = 1) -> str:
+    """``42.1 [40.3, 43.0]``: the median images/s and the range of its chunks (the median alone for one)."""
+    chunks = r.get("images_per_s_chunks") or []
+    text = f"{r['images_per_s']:.{digits}f}"
+    return text if len(chunks) < 2 else f"{text} [{min(chunks):.{digits}f}, {max(chunks):.{digits}f}]"
+
+
+def timed_steps(trainer, acc, opt, batches, n: int) -> float:
+    """Seconds for ``n`` optimizer steps of ``trainer`` on the next ``batches``, the GPU's queue drained
+    before and after."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trainer.training_step(next(batches))
+        acc.clip_grad_norm_(trainer.controlnet.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
 def bench_ours(
     model_dir: Path,
     batch: int,
@@ -323,8 +345,10 @@ def bench_ours(
     speed: str = "default",
     rows=SyntheticCached,
     flop_per_image: float = FLOP_PER_IMAGE,
+    repeats: int = 1,
 ) -> dict:
-    """Images/s, peak memory and MFU of optimizer steps of our trainer (:func:`make_ours`) after ``warmup`` steps."""
+    """Images/s, peak memory and MFU of optimizer steps of our trainer (:func:`make_ours`) after ``warmup`` steps:
+    the median of ``repeats`` timed chunks of ``steps`` steps each (``images_per_s_chunks``: every chunk)."""
     gc.collect()  # the previous setting's models and optimizer state must not count in this one's peak
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -355,19 +379,10 @@ def bench_ours(
             yield from loader
 
     it = batches()
-    t_start = time.perf_counter()
-    for i in range(warmup + steps):
-        if i == warmup:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            warm_s = t0 - t_start
-        trainer.training_step(next(it))
-        acc.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    ips = steps * batch / dt
+
+    warm_s = timed_steps(trainer, acc, opt, it, warmup)
+    chunks = [steps * batch / timed_steps(trainer, acc, opt, it, steps) for _ in range(repeats)]  # images/s
+    ips = statistics.median(chunks)
     out = {
         "impl": "ours",
         "method": method,
@@ -377,6 +392,7 @@ def bench_ours(
         "optimizer": trainer.cfg.train.optimizer,
         "fused_backward_pass": trainer.cfg.train.fused_backward_pass,
         "images_per_s": ips,
+        "images_per_s_chunks": chunks,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
         "leftover_gib": leftover / 2**30,  # allocated before this setting began (counted in peak_gib)
@@ -528,17 +544,36 @@ class GpuMemoryPoll(threading.Thread):
             time.sleep(0.5)
 
 
-def example_rate(stderr: str) -> float | None:
-    """Steps/s of the example's progress bar when it first reaches the last step.
+def example_rates(stderr: str, points: int = 1) -> list[float]:
+    """Steps/s of the example's progress bar at ``points`` evenly spaced steps, the last one its last step.
 
-    tqdm's rate is a moving average of recent steps: at the last step it is the steady rate. Later
-    refreshes of the same bar include the final save and understate it.
+    tqdm's rate is a moving average of recent steps, so at a step well past the warm-up it is the steady
+    rate of the steps before it: the rates at 1/3, 2/3 and the end of a run are three chunks of it, as
+    our trainer's timed chunks are. At each point the first refresh at or past it counts (the bar skips
+    steps between refreshes); later refreshes of the last step include the final save and understate it.
     """
-    rates = re.findall(r"Steps:\s+\d+%.*?(\d+)/(\d+) \[[^,]*,\s*([\d.]+)(it/s|s/it)", stderr)
-    for n, total, rate, unit in rates:
-        if n == total:
-            return float(rate) if unit == "it/s" else 1.0 / float(rate)
-    return None
+    shown: dict[int, float] = {}
+    total = None
+    for n, tot, rate, unit in re.findall(
+        r"Steps:\s+\d+%.*?(\d+)/(\d+) \[[^,]*,\s*([\d.]+)(it/s|s/it)", stderr
+    ):
+        total = int(tot)
+        shown.setdefault(int(n), float(rate) if unit == "it/s" else 1.0 / float(rate))
+    if total is None or total not in shown:
+        return []
+    out = []
+    for k in range(1, points + 1):
+        mark = round(total * k / points)
+        at = min((n for n in shown if n >= mark), default=None)
+        if at is not None:
+            out.append(shown[at])
+    return out
+
+
+def example_rate(stderr: str) -> float | None:
+    """Steps/s of the example's progress bar when it first reaches the last step (None without one)."""
+    rates = example_rates(stderr)
+    return rates[0] if rates else None
 
 
 def bench_example(
@@ -553,8 +588,10 @@ def bench_example(
     flop_per_image: float = FLOP_PER_IMAGE,
     timeout: float | None = None,
     wrapper: Path | None = None,
+    repeats: int = 1,
 ) -> dict:
-    """diffusers' example ``script`` as it is, under ``accelerate launch``: images/s from its progress bar,
+    """diffusers' example ``script`` as it is, under ``accelerate launch``: images/s from its progress bar
+    (the median of its rates at ``repeats`` evenly spaced steps, :func:`example_rates`),
     peak memory from nvidia-smi (less what the GPU held before it started). A run past ``timeout`` seconds
     is killed with its whole process group (the launcher's child included) and recorded as an error.
     ``wrapper``: a script that runs ``script`` (its first argument) with a fix applied from outside
@@ -621,12 +658,14 @@ def bench_example(
         stderr += f"\n[bench] killed after {timeout:.0f} s"
     poll.stop = True
     log.write_text(stdout + "\n" + stderr)
-    its = example_rate(stderr)
-    if proc.returncode != 0 or its is None:
+    rates = example_rates(stderr, repeats)
+    if proc.returncode != 0 or not rates:
         return {**row, "error": stderr[-1500:]}
+    its = statistics.median(rates)
     return {
         **row,
         "images_per_s": its * batch,
+        "images_per_s_chunks": [r * batch for r in rates],
         "peak_gib_nvsmi": (poll.peak - poll.baseline) / 1024,
         "mfu": its * batch * flop_per_image / PEAK_BF16,
         "wall_s": time.time() - t0,
@@ -640,6 +679,9 @@ def main() -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument(
+        "--repeats", type=int, default=3, help="timed chunks per setting (ours) / rate points (the example)"
+    )
     p.add_argument("--diffusers-example", type=Path, default=None)
     p.add_argument("--example-steps", type=int, default=40)
     p.add_argument("--example-batches", nargs="+", type=int, default=None, help="default: --batches")
@@ -684,8 +726,14 @@ def main() -> int:
         for b in args.example_batches or args.batches:
             record(
                 bench_example(
-                    args.diffusers_example, model, data, b, args.example_steps, args.out / f"example-b{b}.log"
-                )
+                    args.diffusers_example,
+                    model,
+                    data,
+                    b,
+                    args.example_steps,
+                    args.out / f"example-b{b}.log",
+                    repeats=args.repeats,
+                )  # fmt: skip
             )
     for b in args.batches:
         for speed in args.speed:
@@ -693,8 +741,15 @@ def main() -> int:
                 try:
                     record(
                         bench_ours(
-                            model, b, method, args.steps, args.warmup, args.grid_checkpointing, speed=speed
-                        )
+                            model,
+                            b,
+                            method,
+                            args.steps,
+                            args.warmup,
+                            args.grid_checkpointing,
+                            speed=speed,
+                            repeats=args.repeats,
+                        )  # fmt: skip
                     )
                 except Exception as e:  # a setting that fails here (e.g. a compiler error) is a result too
                     record(
@@ -734,7 +789,7 @@ def main() -> int:
     ):  # the largest batch's throughput: a conservative (high) estimate of the detector's share
         record(bench_detector(model, min(r["images_per_s"] for r in ref)))
     lines = [
-        "| implementation | method | batch | speed settings | grad. ckpt | images/s | peak GiB | of it left over | MFU |",
+        "| implementation | method | batch | speed settings | grad. ckpt | images/s median [range] | peak GiB | of it left over | MFU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -743,7 +798,7 @@ def main() -> int:
             lines.append(
                 f"| {r['impl']} | {r.get('method', 'vanilla')} | {r['batch']} | {r.get('speed', '-')} | "
                 f"{r.get('gradient_checkpointing', False)} | "
-                f"{r['images_per_s']:.1f} | {mem:.1f} | {r.get('leftover_gib', 0):.1f} | {100 * r['mfu']:.0f}% |"
+                f"{rate_text(r)} | {mem:.1f} | {r.get('leftover_gib', 0):.1f} | {100 * r['mfu']:.0f}% |"
             )
     for r in results:
         if "error" in r:

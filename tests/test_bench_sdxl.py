@@ -225,3 +225,18 @@ def test_memory_profile_finds_what_is_alive_at_the_peak():
     peak, groups = live_at_peak({"device_traces": [trace]})
     assert peak == 180
     assert groups == {"base.py:1 weights": 100, "base.py:1 activations": 80}
+
+
+def test_the_examples_rate_is_read_at_evenly_spaced_steps_and_chunks_give_a_range():
+    from bench_throughput import example_rate, example_rates, rate_text
+
+    bar = "".join(
+        f"\rSteps:  {100 * n // 15}%|###| {n}/15 [00:{n:02d}<00:10, {rate}{unit}, lr=1e-05, loss=0.1]"
+        for n, rate, unit in [(1, "9.00", "s/it"), (4, "2.00", "it/s"), (5, "2.10", "it/s"), (11, "2.30", "it/s"),
+                              (15, "2.50", "it/s"), (15, "1.90", "it/s")]  # the last refresh: after the save
+    )  # fmt: skip
+    assert example_rates(bar, 3) == [2.10, 2.30, 2.50]  # steps 5, 11 (the first shown at or past 10) and 15
+    assert example_rate(bar) == 2.50
+    assert example_rates(bar.replace("15/15", "14/15"), 3) == []  # never reached its last step
+    assert rate_text({"images_per_s": 2.3, "images_per_s_chunks": [2.1, 2.3, 2.5]}, 2) == "2.30 [2.10, 2.50]"
+    assert rate_text({"images_per_s": 2.3}) == "2.3"
