@@ -49,7 +49,6 @@ python3 - "$W/export" "$OUT/export-check.json" <<'EOF'
 import json, sys
 from pathlib import Path
 from safetensors import safe_open
-from difftune_control.export.verify import webui_layout_problems
 files = sorted(Path(sys.argv[1]).glob("*.safetensors"))
 out = {"files": [f.name for f in files]}
 for f in files:

@@ -186,8 +186,9 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
                 f"psi power {meth.get('psi_power')}, target loss weighting {meth.get('loss_weighting')}",
             )
         )
-        if _lambdas(run):
-            facts.append(("bank weight lambda, as logged", _lambdas(run)))
+        lambdas = _lambdas(run)
+        if lambdas:
+            facts.append(("bank weight lambda, as logged", lambdas))
     facts += [
         (
             "optimisation",

@@ -171,14 +171,13 @@ class _Loop:
             self._postfix.update({k: f"{record[k]:.3g}" for k in keys if record.get(k) is not None})
             bar.set_postfix(self._postfix, refresh=False)
         if self.tb is not None:
-            prefix = record["type"]
             for key, value in record.items():
                 if (
                     isinstance(value, (int, float))
                     and not isinstance(value, bool)
                     and key not in ("step", "time")
                 ):
-                    self.tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+                    self.tb.add_scalar(f"{record['type']}/{key}", value, record["step"])
 
     def fit(self) -> None:
         cfg, acc, st = self.cfg, self.acc, self.state
