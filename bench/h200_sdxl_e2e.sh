@@ -42,9 +42,9 @@ R=$W/runs/sdxl-e2e
 t0=$(date +%s)
 train --max_train_steps $(( STEPS + 10 )) --resume_from_checkpoint latest > $OUT/resume.log 2>&1
 echo "resume to step $(( STEPS + 10 )): rc $? in $(( $(date +%s) - t0 )) s"
-difftune report $R > $OUT/report.log 2>&1; echo "report: rc $?"
-difftune export $R --format webui --out $W/export > $OUT/export-webui.log 2>&1; echo "export webui: rc $?"
-difftune export $R --format diffusers --out $W/export > $OUT/export-diffusers.log 2>&1; echo "export diffusers: rc $?"
+python3 -m difftune_control.cli report $R > $OUT/report.log 2>&1; echo "report: rc $?"
+python3 -m difftune_control.cli export $R --format webui --out $W/export > $OUT/export-webui.log 2>&1; echo "export webui: rc $?"
+python3 -m difftune_control.cli export $R --format diffusers --out $W/export > $OUT/export-diffusers.log 2>&1; echo "export diffusers: rc $?"
 python3 - "$W/export" "$OUT/export-check.json" <<'EOF'
 import json, sys
 from pathlib import Path

@@ -33,10 +33,7 @@ from difftune_control.bank.manifest import (
     stored_key,
 )
 from difftune_control.config import BankConfig
-from difftune_control.utils import (
-    atomic_save_safetensors,
-    atomic_write_text,
-)
+from difftune_control.utils import atomic_save_safetensors, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +112,20 @@ class _Build:
         prompts = bank_sample_prompts(self.prompts, self.key["size"], self.key["seed"])
         extras = self.extras is not None  # they need each sample's place in the prompt list
         order = bank_sample_indices(len(self.prompts), self.key["size"], self.key["seed"]) if extras else None
-        negative = None
-        if self.key["guidance_scale"] > 1.0:
-            negative = self.models["encoder"].negative()  # (hidden states [1,L,D], added [1,...])
+        cfg_on = self.key["guidance_scale"] > 1.0  # negative: (hidden states [1,L,D], added [1,...])
+        negative = self.models["encoder"].negative() if cfg_on else None
+        if cuda := torch.cuda.is_available() and torch.cuda.is_initialized():  # the bank's own peak, logged
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         desc = f"memory bank (process {rank} of {world})"
         with tqdm(total=total, desc=desc, unit="img", disable=not show_progress) as bar:
             for s in todo:
                 self.generate_shard(s, prompts, order, negative, bar.update)
         seconds = time.perf_counter() - start
-        logger.info("memory bank: %d images in %.1f s (%.2f images/s)", total, seconds, total / seconds)
+        peak = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" * cuda
+        logger.info(
+            "memory bank: %d images in %.1f s (%.2f images/s%s)", total, seconds, total / seconds, peak
+        )
 
     def generate_shard(
         self,

@@ -159,6 +159,8 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
     if device.type == "cuda" and cfg.data.cache_latents:  # every prompt is encoded by now
         freed = offload_text_encoders(base)
         logger.info("text encoders moved to the CPU for training on cached rows: %.2f GB freed", freed / 1e9)
+    if device.type == "cuda":  # gpu_peak_gib describes training, not the caches and bank made before it
+        torch.cuda.reset_peak_memory_stats(device)
     return Run(
         cfg=cfg,
         toy=toy,
