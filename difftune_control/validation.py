@@ -56,25 +56,41 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...], device, dtype=to
     return torch.stack(noise).to(device=device, dtype=dtype)
 
 
+VAE_PIXELS = 2**20  # pixels per VAE call: one 1024 px image; its activations, not the batch, bound the peak
+
+
+def _vae_parts(x: torch.Tensor, pixels_per_row: int) -> tuple[torch.Tensor, ...]:
+    """``x`` split along the batch so each VAE call holds at most ``VAE_PIXELS`` image pixels."""
+    return x.split(max(1, VAE_PIXELS // pixels_per_row))
+
+
 @torch.no_grad()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode scaled latents to images [B,3,H,W] in [0,1] (float32)."""
-    x = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+    """VAE-decode scaled latents to images [B,3,H,W] in [0,1] (float32), a few images per call."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    parts = _vae_parts(latents, latents.shape[-2] * latents.shape[-1] * factor**2)
+    x = torch.cat([vae.decode(z.to(vae.dtype) / vae.config.scaling_factor).sample.float() for z in parts])
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def _posteriors(vae, images: torch.Tensor):
+    """The VAE's posterior of images [B,3,H,W] in [0,1], a few images per call."""
+    for part in _vae_parts(images, images.shape[-2] * images.shape[-1]):
+        yield vae.encode((part * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist
 
 
 @torch.no_grad()
 def encode_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """VAE-encode images [B,3,H,W] in [0,1]: the scaled posterior mean and standard deviation."""
-    dist = vae.encode((images * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist
-    return dist.mean * vae.config.scaling_factor, dist.std * vae.config.scaling_factor
+    dists = list(_posteriors(vae, images))
+    f = vae.config.scaling_factor
+    return torch.cat([d.mean for d in dists]) * f, torch.cat([d.std for d in dists]) * f
 
 
 def encode_images(vae, images: torch.Tensor, sample_posterior: bool = False, generator=None) -> torch.Tensor:
     """VAE-encode images [B,3,H,W] in [0,1] to scaled latents (the posterior mean by default)."""
-    dist = vae.encode((images * 2.0 - 1.0).to(device=vae.device, dtype=vae.dtype)).latent_dist
-    z = dist.sample(generator) if sample_posterior else dist.mean
-    return z * vae.config.scaling_factor
+    z = [d.sample(generator) if sample_posterior else d.mean for d in _posteriors(vae, images)]
+    return torch.cat(z) * vae.config.scaling_factor
 
 
 def controlled_forward(

@@ -550,3 +550,23 @@ def test_out_of_gpu_memory_halves_the_batch_and_keeps_every_image(
     for i in range(5):
         a, b = ours[i], reference[i]
         torch.testing.assert_close(a["latents"].float(), b["latents"].float(), rtol=1e-3, atol=1e-3)
+
+
+def test_vae_calls_are_split_by_pixels_and_agree_with_one_call(monkeypatch):
+    """A 1024 px batch is decoded one image per VAE call (the peak of one image, not of the batch); the
+    split gives what one call gives."""
+    from conftest import tiny_vae
+
+    import difftune_control.validation as v
+
+    vae = tiny_vae(16)
+    torch.manual_seed(0)
+    latents, images = torch.randn(5, 4, 8, 8), torch.rand(5, 3, 16, 16)
+    whole = (decode_latents(vae, latents), *encode_posterior(vae, images), encode_images(vae, images))
+    calls = []
+    monkeypatch.setattr(v, "VAE_PIXELS", 2 * 16 * 16)  # two 16 px images per call
+    monkeypatch.setattr(vae, "decode", lambda z, f=vae.decode: calls.append(len(z)) or f(z))
+    split = (decode_latents(vae, latents), *encode_posterior(vae, images), encode_images(vae, images))
+    assert calls == [2, 2, 1]
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
