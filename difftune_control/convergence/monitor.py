@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import warnings
@@ -240,13 +239,9 @@ class ConvergenceMonitor:
 
     @staticmethod
     def _autocast(unet):
-        """Autocast to the frozen UNet's dtype on CUDA when it is half precision (the ControlNet may
-        hold fp32 master weights); a no-op otherwise."""
-        import torch
+        from difftune_control.validation import sampling_autocast
 
-        if unet.device.type == "cuda" and unet.dtype in (torch.float16, torch.bfloat16):
-            return torch.autocast("cuda", dtype=unet.dtype)
-        return contextlib.nullcontext()
+        return sampling_autocast(unet)
 
     def evaluate(
         self, step: int, unet, vae, controlnet, scheduler_config, *, elapsed: float | None = None

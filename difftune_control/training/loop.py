@@ -31,7 +31,7 @@ from difftune_control.training.distributed import StopVote, WindowMeans, ddp_set
 from difftune_control.training.runtime import IndexStream, StopSignal, StreamBatchSampler, peak_memory
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
-from difftune_control.validation import save_grid
+from difftune_control.validation import sample_images, sampling_autocast, save_grid
 
 logger = logging.getLogger(__name__)
 BAR_KEYS = {"train": ("loss", "images_per_s", "gpu_peak_gib"), "convergence_eval": ("p",)}  # progress bar
@@ -340,27 +340,26 @@ class _Loop:
         self._flush_log()
         self._check_finite()  # nothing from a non-finite step is logged or saved
         if self.main:
-            from difftune_control.validation import sample_images
-
             n = self.cfg.train.num_validation_images
             base, net = self.trainer.base, self.acc.unwrap_model(self.trainer.controlnet)
             was_training = net.training
             net.eval()
-            images = sample_images(
-                unet=base.unet,
-                vae=base.vae,
-                scheduler_config=base.scheduler_config,
-                prompt_embeds=self.val.prompt_embeds[:n],
-                negative_prompt_embeds=self.val.negative_prompt_embeds,
-                added_cond={k: v[:n] for k, v in self.val.added_cond.items()},
-                negative_added_cond=self.val.negative_added_cond,
-                seeds=self.val.seeds[:n],
-                resolution=self.cfg.data.resolution,
-                controlnet=net,
-                hints=self.val.hints[:n],
-                num_inference_steps=20,
-                guidance_scale=7.5,
-            )
+            with sampling_autocast(base.unet):
+                images = sample_images(
+                    unet=base.unet,
+                    vae=base.vae,
+                    scheduler_config=base.scheduler_config,
+                    prompt_embeds=self.val.prompt_embeds[:n],
+                    negative_prompt_embeds=self.val.negative_prompt_embeds,
+                    added_cond={k: v[:n] for k, v in self.val.added_cond.items()},
+                    negative_added_cond=self.val.negative_added_cond,
+                    seeds=self.val.seeds[:n],
+                    resolution=self.cfg.data.resolution,
+                    controlnet=net,
+                    hints=self.val.hints[:n],
+                    num_inference_steps=20,
+                    guidance_scale=7.5,
+                )
             net.train(was_training)
             path = self.run_dir / "validation" / f"step{step:07d}.png"
             save_grid(path, [self.val.hints[:n], images.cpu()])
