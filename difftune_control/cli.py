@@ -70,6 +70,12 @@ def _local_path_problem(flag: str, value: str | None, *, pipeline: bool = False)
     path = Path(value).expanduser()
     if (path.is_absolute() or value.startswith((".", "~"))) and not path.exists():
         return f"{flag}: not found: {value}"
+    if pipeline and path.is_file():
+        return (
+            f"{flag}: {value} is a file; give the diffusers pipeline folder (model_index.json and unet/ inside; "
+            "convert a single-file checkpoint with diffusers' StableDiffusionPipeline.from_single_file(...)"
+            ".save_pretrained(DIR))"
+        )
     if pipeline and path.is_dir() and not (path / "unet").is_dir():
         return f"{flag}: {value} is not a diffusers pipeline folder (no unet/ inside)"
     return None

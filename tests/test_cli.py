@@ -194,6 +194,16 @@ def test_early_checks_report_every_problem_at_once(capsys, tmp_path):
     assert "unknown condition 'nope'" in err and "no unet/ inside" in err and "--bank_share" in err
 
 
+def test_a_file_given_as_the_pipeline_folder_is_named_before_a_run_folder_is_made(capsys, tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    out = tmp_path / "runs"
+    code = main(["train", "--pretrained_model_name_or_path", str(tmp_path / "model_index.json"),
+                 "--output_dir", str(out)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "model_index.json is a file" in err and "pipeline folder" in err
+    assert not out.exists()
+
+
 def _train_raising(monkeypatch, error: Exception) -> int:
     """``difftune train`` whose run raises ``error``."""
     from difftune_control import cli

@@ -496,12 +496,27 @@ def test_a_cached_run_trains_with_its_text_encoders_on_the_cpu(tiny_pipeline_dir
 
 
 def test_peak_memory_is_reported_on_cuda_only():
-    from difftune_control.training.runtime import peak_memory
+    from difftune_control.training.runtime import PeakMeter
 
-    assert peak_memory(torch.device("cpu")) == {}
-    if torch.cuda.is_available():
-        x = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
-        assert peak_memory(x.device)["gpu_peak_gib"] >= 0.25
+    cpu = PeakMeter(torch.device("cpu"))
+    with cpu.phase() as got:
+        pass
+    assert cpu.run() == {} and got == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_phase_has_its_own_peak_and_the_run_keeps_the_largest():
+    from difftune_control.training.runtime import PeakMeter
+
+    meter = PeakMeter(torch.device("cuda"))
+    x = torch.empty(2**29, dtype=torch.uint8, device="cuda")  # 0.5 GiB
+    del x
+    with meter.phase() as got:
+        y = torch.empty(2**28, dtype=torch.uint8, device="cuda")  # 0.25 GiB
+        del y
+    assert 0.25 <= got["gpu_peak_gib"] < 0.5
+    assert meter.run()["gpu_peak_gib"] >= 0.5
 
 
 def test_a_hint_embedding_that_does_not_match_the_vae_is_named(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):

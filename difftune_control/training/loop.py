@@ -28,7 +28,7 @@ from difftune_control.training.checkpoints import (
 )
 from difftune_control.training.diagnostics import bank_check_at_start
 from difftune_control.training.distributed import StopVote, WindowMeans, ddp_settings
-from difftune_control.training.runtime import IndexStream, StopSignal, StreamBatchSampler, peak_memory
+from difftune_control.training.runtime import IndexStream, PeakMeter, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
 from difftune_control.validation import sample_images, sampling_autocast, save_grid
@@ -151,6 +151,7 @@ class _Loop:
         self.vote = StopVote(cfg.train.logging_steps, reduce, accelerator.device)
         self._postfix: dict[str, str] = {}
         self.weights = WeightWatch(trainer.controlnet.parameters, run_dir, cfg.train.learning_rate)
+        self.peaks = PeakMeter(self.acc.device)
         self.tb = None
         if self.main and cfg.train.report_to == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
@@ -274,10 +275,7 @@ class _Loop:
             reason = "stop_after_convergence"
         if reason and self.acc.num_processes > 1:
             logger.info(
-                "process %d stops at optimizer step %d (%s)",
-                self.acc.process_index,
-                st.global_step,
-                reason,
+                "process %d stops at optimizer step %d (%s)", self.acc.process_index, st.global_step, reason
             )
         return reason
 
@@ -292,7 +290,7 @@ class _Loop:
             "lr": self.lr_scheduler.get_last_lr()[0],
             "images_per_s": images / max(seconds, 1e-9),
             "time": round(self.now(), 3),
-            **peak_memory(self.acc.device),
+            **self.peaks.run(),
         }
         keys = ("loss", "loss_target", "loss_bank", "bank_share", "bank_weight")
         means = WindowMeans(window if self.main else [], keys)  # only the main process writes it
@@ -315,11 +313,11 @@ class _Loop:
         if self.main:
             base = self.trainer.base
             net = self.acc.unwrap_model(self.trainer.controlnet)
-            records = self.monitor.evaluate(
-                self.state.global_step, base.unet, base.vae, net, base.scheduler_config, elapsed=self.now()
-            )
+            step, models = self.state.global_step, (base.unet, base.vae, net, base.scheduler_config)
+            with self.peaks.phase() as peak:
+                records = self.monitor.evaluate(step, *models, elapsed=self.now())
             for record in records:
-                self.emit(record)
+                self.emit({**record, **peak} if record["type"] == "convergence_eval" else record)
                 if (
                     record["type"] == "convergence_event"
                     and self.cfg.detector.stop_after_convergence is not None
@@ -344,7 +342,7 @@ class _Loop:
             base, net = self.trainer.base, self.acc.unwrap_model(self.trainer.controlnet)
             was_training = net.training
             net.eval()
-            with sampling_autocast(base.unet):
+            with sampling_autocast(base.unet), self.peaks.phase() as peak:
                 images = sample_images(
                     unet=base.unet,
                     vae=base.vae,
@@ -363,7 +361,8 @@ class _Loop:
             net.train(was_training)
             path = self.run_dir / "validation" / f"step{step:07d}.png"
             save_grid(path, [self.val.hints[:n], images.cpu()])
-            self.emit({"type": "validation", "step": step, "path": str(path.relative_to(self.run_dir))})
+            rel = str(path.relative_to(self.run_dir))
+            self.emit({"type": "validation", "step": step, "path": rel, **peak})
         self.acc.wait_for_everyone()
 
     def _checkpoint(self, step: int) -> None:
@@ -376,10 +375,10 @@ class _Loop:
             lr_scheduler=self.lr_scheduler.state_dict(),
             monitor=self.monitor.state_dict() if self.monitor is not None else None,
         )
-        path = save_checkpoint(
-            self.acc, self.run_dir, step, self.trainer.controlnet, st, self.cfg.train.checkpoints_total_limit
-        )
-        self.emit({"type": "checkpoint", "step": step, "path": path.name})
+        with self.peaks.phase() as peak:
+            limit = self.cfg.train.checkpoints_total_limit
+            path = save_checkpoint(self.acc, self.run_dir, step, self.trainer.controlnet, st, limit)
+        self.emit({"type": "checkpoint", "step": step, "path": path.name, **peak})
 
     def _finish(self, reason: str) -> None:
         self._flush_log()

@@ -6,6 +6,7 @@ Checkpoints live in :mod:`difftune_control.training.checkpoints`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import signal
@@ -84,12 +85,40 @@ def offload_text_encoders(base: BaseModel, to: str = "cpu") -> int:
     return moved
 
 
-def peak_memory(device: torch.device) -> dict:
-    """``{"gpu_peak_gib": ...}``: the most CUDA memory this process's tensors held so far (a host-side
-    counter, no synchronisation); nothing on other devices."""
-    if device.type != "cuda":
-        return {}
-    return {"gpu_peak_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)}
+class PeakMeter:
+    """The most CUDA memory this process's tensors held: over the run (``run()``, in every train record)
+    and within each phase that asks (``phase()``: the detector's sampling, a validation grid, a
+    checkpoint), so a record says which part of a run sets its peak. Host-side counters, no
+    synchronisation; nothing on other devices.
+
+    Args:
+        device (`torch.device`): the training device.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.peak = 0
+
+    def _fold(self) -> int:
+        self.peak = max(self.peak, torch.cuda.max_memory_allocated(self.device))
+        return self.peak
+
+    def run(self) -> dict:
+        """``{"gpu_peak_gib": ...}`` over the run so far (``{}`` off CUDA)."""
+        return {"gpu_peak_gib": round(self._fold() / 2**30, 2)} if self.cuda else {}
+
+    @contextlib.contextmanager
+    def phase(self):
+        """Yields a dict that holds ``{"gpu_peak_gib": ...}`` of the block alone once it ends."""
+        got: dict = {}
+        if self.cuda:
+            self._fold()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        yield got
+        if self.cuda:
+            got["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+            self._fold()
 
 
 def is_toy_model(path: str | None) -> bool:
