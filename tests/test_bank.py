@@ -570,3 +570,23 @@ def test_vae_calls_are_split_by_pixels_and_agree_with_one_call(monkeypatch):
     assert calls == [2, 2, 1]
     for a, b in zip(whole, split, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_autocast_keeps_no_half_copy_of_trainable_weights():
+    """Under sampling_autocast an fp32 trainable layer's bf16 weight lives only while the layer runs."""
+    from types import SimpleNamespace
+
+    from difftune_control.validation import sampling_autocast
+
+    layer = torch.nn.Linear(8192, 8192, device="cuda")  # 256 MiB fp32, 128 MiB as a bf16 copy
+    x = torch.randn(4, 8192, device="cuda")
+    unet = SimpleNamespace(device=x.device, dtype=torch.bfloat16)
+    with torch.no_grad(), sampling_autocast(unet):
+        layer(x)
+        held = torch.cuda.memory_allocated()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the default: the copy is cached
+        layer(x)
+        cached = torch.cuda.memory_allocated()
+    assert cached - held >= 120 * 2**20
