@@ -37,6 +37,14 @@ from difftune_control.toyworld.weights import WEIGHTS_DIR
 STAGES = ("vae", "base", "depth", "normal", "segmentation", "annotators", "all", "install", "install_ema")
 
 
+def _yes(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected 1/0, true/false, yes/no or on/off, got {value!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     hints = typing.get_type_hints(PretrainConfig)
     for field in dataclasses.fields(PretrainConfig):
         kind = hints[field.name]
-        conv = {int: int, float: float, str: str}.get(kind)
+        conv = {int: int, float: float, str: str, bool: _yes}.get(kind)
         if conv is None:  # Optional[...]
             args = [a for a in typing.get_args(kind) if a is not type(None)]
             conv = args[0]

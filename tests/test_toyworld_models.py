@@ -242,3 +242,31 @@ def test_base_pretraining_resumes_exactly_and_portably(tmp_path):
                 resume_from=str(default_base_model_path() / "unet" / "diffusion_pytorch_model.safetensors"),
             )
         )
+
+
+def test_the_compiled_base_step_trains_as_the_eager_one(tmp_path, monkeypatch):
+    """``base_compile``: two steps through torch.compile (aot_eager: the CPU has no GPU kernels to fuse)
+    give the eager run's losses and weights."""
+    from difftune_control.toyworld.pretrain import PretrainConfig
+    from difftune_control.toyworld.pretrain_base import train_base
+
+    monkeypatch.setenv("DIFFTUNE_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        train_base(PretrainConfig(out_dir=str(out), device="cpu", init_from=str(default_base_model_path()),
+                                  base_steps=2, base_pool=4, base_batch=2, base_warmup=1, save_every=100,
+                                  log_every=1, base_compile=compiled))  # fmt: skip
+        log = [json.loads(line) for line in (out / "logs" / "base.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in log if "loss" in r]
+        runs[compiled] = (
+            losses,
+            torch.load(out / "checkpoints" / "base.pt", weights_only=False)["unet"],
+            log,
+        )
+    assert any(r.get("event") == "compile" for r in runs[True][2])
+    assert not any(r.get("event") == "compile" for r in runs[False][2])
+    assert len(runs[True][0]) == 2 and runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)

@@ -67,6 +67,9 @@ class PretrainConfig:
     """Share of empty prompts, for classifier-free guidance."""
     min_snr_gamma: float | None = 5.0
     """Min-SNR loss weighting (Hang et al. 2023); None for the plain epsilon MSE."""
+    base_compile: bool = False
+    """``torch.compile`` the base stage's forward pass and loss (text encoder, UNet, epsilon MSE): the
+    small models at 16x16 latents are bound by kernel launches, which inductor fuses."""
     save_every: int = 1000
     init_from: str | None = None
     """Pipeline folder whose text encoder and UNet the base stage starts from (and whose VAE it uses

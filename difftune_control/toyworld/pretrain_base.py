@@ -214,6 +214,18 @@ def train_base(cfg: PretrainConfig) -> Path:
             torch._foreach_copy_(params, live)
         log(event="saved", step=step, path=str(out_dir / "pipeline"))
 
+    def per_sample_loss(tokens, noisy, t, noise):
+        with _autocast(dev):
+            hidden = text_encoder(tokens)[0]
+            pred = unet(noisy, t, hidden).sample.float()
+        return (pred - noise).pow(2).mean(dim=(1, 2, 3))
+
+    forward = per_sample_loss
+    if cfg.base_compile:  # the run's backend; inductor's artefacts kept for the next chunk on this machine
+        from ..training.compilation import compile_backend, compile_cache
+
+        log(event="compile", backend=compile_backend(), cache=compile_cache()["dir"])
+        forward = torch.compile(per_sample_loss, backend=compile_backend())
     t0, done, saved = time.time(), start, False
     end = min(cfg.base_steps, cfg.base_stop_at or cfg.base_steps)
     for step in range(start, end):
@@ -231,10 +243,7 @@ def train_base(cfg: PretrainConfig) -> Path:
         noise = torch.randn(latents.shape, device=dev, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
         noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
-        with _autocast(dev):
-            hidden = text_encoder(tokens)[0]
-            pred = unet(noisy, t, hidden).sample.float()
-        per_sample = (pred - noise).pow(2).mean(dim=(1, 2, 3))
+        per_sample = forward(tokens, noisy, t, noise)
         if cfg.min_snr_gamma:
             per_sample = per_sample * snr[t].clamp(max=cfg.min_snr_gamma) / snr[t]
         loss = per_sample.mean()
