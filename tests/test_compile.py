@@ -54,6 +54,24 @@ def test_the_users_settings_stand(clean_env, tmp_path):
     assert not (tmp_path / "runcache").exists()
 
 
+def test_choosing_the_backend_leaves_the_cache_folder_to_us(tmp_path):
+    """Listing dynamo's backends imports inductor, which sets $TORCHINDUCTOR_CACHE_DIR to its /tmp default;
+    the run's cache must still land under the project's cache root (a fresh process: that import is once)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from difftune_control.training.compilation import compile_backend, compile_cache\n"
+        "compile_backend()\n"
+        "print(compile_cache()['dir'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != CACHE_DIR_ENV}
+    env["DIFFTUNE_CACHE"] = str(tmp_path / "difftune")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == str(tmp_path / "difftune" / "inductor")
+
+
 def test_the_backend_comes_from_the_environment(clean_env):
     assert compile_backend() == "inductor"
     clean_env.setenv(BACKEND_ENV, "aot_eager")

@@ -56,7 +56,10 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
 def compile_backend() -> str:
     """The backend named by ``$DIFFTUNE_COMPILE_BACKEND`` (default ``inductor``), checked against dynamo's."""
     backend = os.environ.get(BACKEND_ENV) or "inductor"
+    user_dir = os.environ.get(CACHE_DIR_ENV)
     known = torch._dynamo.list_backends(exclude_tags=())
+    if user_dir is None:  # listing imports inductor, which sets its /tmp default: not the user's choice
+        os.environ.pop(CACHE_DIR_ENV, None)
     if backend not in known:
         raise ValueError(f"${BACKEND_ENV}: got {backend!r}; choose one of {sorted(known)}")
     return backend
