@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import importlib
 import json
 import os
@@ -243,6 +244,12 @@ OOM_ADVICE = (
 )
 
 
+DISK_ADVICE = (
+    ". Files already written (checkpoints, caches, exports) are intact: free space and run the same command "
+    "again (`difftune train` continues with --resume_from_checkpoint latest)."
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -256,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         if "out of memory" not in str(err):
             raise
         print(f"difftune {args.command}: error: {str(err).splitlines()[0]}\n{OOM_ADVICE}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f": {err.filename}" if err.filename else ""
+        print(f"difftune {args.command}: error: {err.strerror}{where}{DISK_ADVICE}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"difftune {args.command}: interrupted", file=sys.stderr)

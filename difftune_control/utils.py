@@ -138,7 +138,8 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def _explain_os_error(path: Path, err: OSError) -> OSError:
+def explain_os_error(path: Path, err: OSError) -> OSError:
+    """``err`` with ``path`` and what to do in its message, for a full disk or a folder that cannot be written."""
     if err.errno == errno.ENOSPC:
         return OSError(
             errno.ENOSPC, f"no space left on device while writing {path}; free space or choose another folder"
@@ -182,7 +183,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
-        raise _explain_os_error(path, err) from err
+        raise explain_os_error(path, err) from err
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -222,7 +223,7 @@ def atomic_dir(path: str | os.PathLike, keep: Callable[[Path], bool] | None = No
         _install_dir(tmp, path, keep)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _explain_os_error(path, err) from err
+        raise explain_os_error(path, err) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -217,7 +217,7 @@ def test_resume_latest_without_run_name_continues_the_newest_run_of_this_kind(
 
 @pytest.mark.gpu
 def test_weight_watch_on_cuda_defers_the_read_to_the_next_check(tmp_path):
-    from difftune_control.training.checkpoints import WeightWatch
+    from difftune_control.training.finite import WeightWatch
 
     weights = [torch.ones(3, device="cuda"), torch.ones(2, device="cuda")]
     watch = WeightWatch(lambda: iter(weights), tmp_path, 1e-4)
@@ -227,3 +227,41 @@ def test_weight_watch_on_cuda_defers_the_read_to_the_next_check(tmp_path):
     watch.check(keep=1)  # step 1 read: finite
     with pytest.raises(FloatingPointError, match="optimizer step 2 made ControlNet weights non-finite"):
         watch.check()
+
+
+def test_a_full_disk_at_a_checkpoint_names_it_keeps_the_last_one_and_the_run_resumes(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, monkeypatch, capsys
+):
+    """The disk fills while checkpoint-2 is written: the error names it and says what to do, the partial
+    folder is gone, checkpoint-1 is intact, and the same command continues from it once there is space."""
+    import errno
+
+    import accelerate
+
+    from difftune_control.cli import main
+    from difftune_control.training.checkpoints import verify_checkpoint
+
+    real = accelerate.Accelerator.save_state
+
+    def fill_at_2(self, output_dir=None, **kw):
+        real(self, output_dir, **kw)
+        if ".checkpoint-2" in str(output_dir):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = _cfg(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, 3, train__checkpointing_steps=1)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    argv = ["train", "--config", str(tmp_path / "config.json"), "--resume_from_checkpoint", "latest"]
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", fill_at_2)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert f"no space left on device while writing {run / 'checkpoint-2'}" in err and "free space" in err
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-1"]
+    verify_checkpoint(run / "checkpoint-1")
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", real)
+    assert main(argv) == 0
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == [
+        "checkpoint-1",
+        "checkpoint-2",
+        "checkpoint-3",
+    ]

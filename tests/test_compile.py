@@ -12,7 +12,7 @@ import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 from conftest import build_trainer, target_batch, tiny_config
 
-from difftune_control.training.compilation import (
+from difftune_control.compiler import (
     BACKEND_ENV,
     CACHE_DIR_ENV,
     compile_backend,
@@ -61,7 +61,7 @@ def test_choosing_the_backend_leaves_the_cache_folder_to_us(tmp_path):
     import sys
 
     code = (
-        "from difftune_control.training.compilation import compile_backend, compile_cache\n"
+        "from difftune_control.compiler import compile_backend, compile_cache\n"
         "compile_backend()\n"
         "print(compile_cache()['dir'])\n"
     )

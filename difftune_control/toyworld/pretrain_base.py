@@ -222,7 +222,7 @@ def train_base(cfg: PretrainConfig) -> Path:
 
     forward = per_sample_loss
     if cfg.base_compile:  # the run's backend; inductor's artefacts kept for the next chunk on this machine
-        from ..training.compilation import compile_backend, compile_cache
+        from ..compiler import compile_backend, compile_cache
 
         log(event="compile", backend=compile_backend(), cache=compile_cache()["dir"])
         forward = torch.compile(per_sample_loss, backend=compile_backend())

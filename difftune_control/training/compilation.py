@@ -13,20 +13,11 @@ from typing import Any
 
 import torch
 
-from difftune_control.utils import cache_root
+from difftune_control.compiler import CACHE_DIR_ENV, compile_backend, compile_cache
 
 logger = logging.getLogger(__name__)
 
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
-BACKEND_ENV = "DIFFTUNE_COMPILE_BACKEND"
-"""Environment variable naming the ``torch.compile`` backend of ``--torch_compile`` (default ``inductor``)."""
-CACHE_DIR_ENV = "TORCHINDUCTOR_CACHE_DIR"
-CACHE_SWITCHES = {  # (config module, attribute) -> the environment variable that forces it
-    ("torch._inductor.config", "fx_graph_cache"): "TORCHINDUCTOR_FX_GRAPH_CACHE",
-    ("torch._functorch.config", "enable_autograd_cache"): "TORCHINDUCTOR_AUTOGRAD_CACHE",
-}
-
-
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 """``--torch_compile_mode`` values under which the compiled blocks are replayed as CUDA graphs."""
 
@@ -51,48 +42,6 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     for m in blocks:
         m.compile(**{"dynamic": False, **compile_kwargs})
     return len(blocks)
-
-
-def compile_backend() -> str:
-    """The backend named by ``$DIFFTUNE_COMPILE_BACKEND`` (default ``inductor``), checked against dynamo's."""
-    backend = os.environ.get(BACKEND_ENV) or "inductor"
-    user_dir = os.environ.get(CACHE_DIR_ENV)
-    known = torch._dynamo.list_backends(exclude_tags=())
-    if user_dir is None:  # listing imports inductor, which sets its /tmp default: not the user's choice
-        os.environ.pop(CACHE_DIR_ENV, None)
-    if backend not in known:
-        raise ValueError(f"${BACKEND_ENV}: got {backend!r}; choose one of {sorted(known)}")
-    return backend
-
-
-def compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Keep the compiler's artefacts across runs: inductor's cache folder and its FX-graph and AOT-autograd caches.
-
-    The folder is ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it, else ``<cache root>/inductor``
-    (:func:`~difftune_control.utils.cache_root` of ``cache_dir``: ``--cache_dir``, ``$DIFFTUNE_CACHE`` or
-    ``~/.cache/difftune_control``), set in the environment for this process and its children. Each
-    cache is switched on unless its ``TORCHINDUCTOR_*`` variable is set (the user's choice stands); the
-    AOT-autograd cache only where this torch has it.
-
-    Returns:
-        `dict`: ``dir`` (`str`), ``user_dir`` (`bool`: the folder came from the environment) and, per
-        cache (``fx_graph_cache``, ``enable_autograd_cache``), whether it is on (None: this torch lacks it).
-    """
-    import importlib
-
-    user_dir = bool(os.environ.get(CACHE_DIR_ENV))
-    if not user_dir:
-        os.environ[CACHE_DIR_ENV] = str((cache_root(cache_dir) / "inductor").absolute())
-    out: dict[str, Any] = {"dir": os.environ[CACHE_DIR_ENV], "user_dir": user_dir}
-    for (module, attr), env in CACHE_SWITCHES.items():
-        config = importlib.import_module(module)
-        if not hasattr(config, attr):
-            out[attr] = None
-            continue
-        if env not in os.environ:
-            setattr(config, attr, True)
-        out[attr] = bool(getattr(config, attr))
-    return out
 
 
 def compile_for_training(

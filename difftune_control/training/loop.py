@@ -17,7 +17,6 @@ from difftune_control import __version__
 from difftune_control.config import RunConfig
 from difftune_control.training.checkpoints import (
     TrainState,
-    WeightWatch,
     checkpoint_step,
     latest_run,
     list_checkpoints,
@@ -28,6 +27,7 @@ from difftune_control.training.checkpoints import (
 )
 from difftune_control.training.diagnostics import bank_check_at_start
 from difftune_control.training.distributed import StopVote, WindowMeans, ddp_settings
+from difftune_control.training.finite import WeightWatch
 from difftune_control.training.runtime import IndexStream, PeakMeter, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
