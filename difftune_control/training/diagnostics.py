@@ -175,7 +175,8 @@ def warn_if_bank_dominates(check: dict, retention: str) -> bool:
 BANK_ADVICE = (
     "What measured best on the toy world (BENCHMARKS.md section 0) is the default --method difftuning: "
     "null-hint bank rows (--bank_hint zero) whose latents are drawn from the VAE posterior as the data's are "
-    "(--bank_latents sample), lambda set from the measured pull (--bank_weight auto); a bank of posterior "
+    "(--bank_latents sample), lambda set from the measured pull (--bank_weight auto) so the weighted bank rows "
+    "pull a tenth as hard as the target rows (--bank_pull 0.1, section 0f); a bank of posterior "
     "means (--bank_latents mean) pulled 2x as hard as draws."
 )
 
