@@ -23,10 +23,7 @@ CACHE_SWITCHES = {  # (config module, attribute) -> the environment variable tha
 def compile_backend() -> str:
     """The backend named by ``$DIFFTUNE_COMPILE_BACKEND`` (default ``inductor``), checked against dynamo's."""
     backend = os.environ.get(BACKEND_ENV) or "inductor"
-    user_dir = os.environ.get(CACHE_DIR_ENV)
     known = torch._dynamo.list_backends(exclude_tags=())
-    if user_dir is None:  # listing imports inductor, which sets its /tmp default: not the user's choice
-        os.environ.pop(CACHE_DIR_ENV, None)
     if backend not in known:
         raise ValueError(f"${BACKEND_ENV}: got {backend!r}; choose one of {sorted(known)}")
     return backend
@@ -47,7 +44,9 @@ def compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
     """
     import importlib
 
-    user_dir = bool(os.environ.get(CACHE_DIR_ENV))
+    # inductor writes its /tmp default into the environment when anything asks for its cache folder (listing
+    # the backends does): that value is not the user's choice
+    user_dir = os.environ.get(CACHE_DIR_ENV) not in (None, "", _inductor_default())
     if not user_dir:
         os.environ[CACHE_DIR_ENV] = str((cache_root(cache_dir) / "inductor").absolute())
     out: dict[str, Any] = {"dir": os.environ[CACHE_DIR_ENV], "user_dir": user_dir}
@@ -60,3 +59,12 @@ def compile_cache(cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
             setattr(config, attr, True)
         out[attr] = bool(getattr(config, attr))
     return out
+
+
+def _inductor_default() -> str | None:
+    """The folder inductor uses when ``$TORCHINDUCTOR_CACHE_DIR`` is unset (None where this torch lacks it)."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:
+        return None
+    return os.path.abspath(default_cache_dir())
