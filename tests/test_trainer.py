@@ -526,3 +526,20 @@ def test_a_hint_embedding_that_does_not_match_the_vae_is_named(tiny_pipeline_dir
         ValueError, match=r"--conditioning_embedding_out_channels 16 32 96 256: .* 8x .* 2x; give 2"
     ):
         build_trainer(cfg)
+
+
+def test_the_progress_bar_shows_the_plain_mse_not_the_weighted_objective(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, capsys
+):
+    """Under inverse-SNR weights the objective reaches tens; the bar shows the target rows' epsilon MSE,
+    the number diffusers' scripts show, and it matches the logged record."""
+    from difftune_control.training.loop import run_training
+    from difftune_control.utils import read_jsonl
+
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__max_train_steps=2,
+                      method__loss_weighting="inverse_snr", detector__detect_convergence=False)  # fmt: skip
+    run = run_training(cfg)
+    err = capsys.readouterr().err
+    last = [r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"][-1]
+    assert f"loss_target={last['loss_target']:.3g}" in err
+    assert " loss=" not in err

@@ -34,7 +34,9 @@ from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
 from difftune_control.validation import sample_images, sampling_autocast, save_grid
 
 logger = logging.getLogger(__name__)
-BAR_KEYS = {"train": ("loss", "images_per_s", "gpu_peak_gib"), "convergence_eval": ("p",)}  # progress bar
+# progress bar: the target rows' plain epsilon MSE (what diffusers' scripts show; `loss`, the weighted objective,
+# reaches tens under inverse-SNR weights), speed, memory, and the detector's p
+BAR_KEYS = {"train": ("loss_target", "images_per_s", "gpu_peak_gib"), "convergence_eval": ("p",)}
 
 
 def _run_dir(cfg: RunConfig, accelerator) -> Path:
