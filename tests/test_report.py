@@ -362,3 +362,23 @@ def test_progress_that_rounds_to_zero_reads_0_00_not_minus_0_00():
         "0.30",
         "n/a",
     ]
+
+
+def test_the_report_names_the_gpu_memory_peak_of_each_part_of_the_run(tmp_path):
+    run = write_run(tmp_path / "gpu", steps=300)
+    records = records_of(run)
+    for r in records:
+        if r["type"] == "train":
+            r["gpu_peak_gib"] = 13.5 if r["step"] < 60 else 16.0
+        elif r["type"] == "convergence_eval":
+            r["gpu_peak_gib"] = 16.0 if r["step"] == 50 else 12.25
+        elif r["type"] == "checkpoint":
+            r["gpu_peak_gib"] = 11.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    md = (build_report([run]) / "report.md").read_text()
+    assert (
+        "- GPU memory, peak allocated: the run 16.0 GiB, detector evaluations 16.0 GiB, checkpoints 11.0 GiB"
+        in md
+    )
+    plain = (build_report([write_run(tmp_path / "cpu")], tmp_path / "cpu-report") / "report.md").read_text()
+    assert "GPU memory" not in plain

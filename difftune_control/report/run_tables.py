@@ -152,6 +152,20 @@ def _lambdas(run: Run) -> str | None:
     return ", ".join(changes) or None
 
 
+_PEAK_PARTS = {"train": "the run", "convergence_eval": "detector evaluations", "validation": "validation grids",
+               "checkpoint": "checkpoints"}  # fmt: skip
+
+
+def _gpu_peaks(run: Run) -> str | None:
+    """``the run 13.6 GiB, detector evaluations 16.0 GiB, ...``: the largest ``gpu_peak_gib`` per kind of
+    record (train records carry the run's peak so far; the others their own part's)."""
+    peaks: dict[str, float] = {}
+    for r in run.records:
+        if r.get("gpu_peak_gib") is not None and r.get("type") in _PEAK_PARTS:
+            peaks[r["type"]] = max(peaks.get(r["type"], 0.0), float(r["gpu_peak_gib"]))
+    return ", ".join(f"{name} {peaks[k]:.1f} GiB" for k, name in _PEAK_PARTS.items() if k in peaks) or None
+
+
 def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
     """Key facts of one run's config and measurement, as (name, value) pairs."""
     cfg = run.config
@@ -218,6 +232,9 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
             + ("" if summary["eval_cost_share"] is None else f" ({100 * summary['eval_cost_share']:.1f}%)"),
         ),
     ]
+    peaks = _gpu_peaks(run)
+    if peaks:
+        facts.append(("GPU memory, peak allocated", peaks))
     setup = summary.get("setup_seconds") or {}
     if setup:
         parts = ", ".join(f"{name.replace('_', ' ')} {sec:.0f} s" for name, sec in setup.items())
