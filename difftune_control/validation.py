@@ -169,6 +169,16 @@ def controlled_prediction(
     )
 
 
+SAMPLE_PIXELS = 2**21
+"""Image pixels per sampling call of the detector and the validation grids: 8 images at 512 px (SD's defaults
+in one call), 2 at 1024 px (an SDXL run's evaluations stay within what its training steps hold)."""
+
+
+def sampling_batch(resolution: int) -> int:
+    """Images per sampling call at ``resolution`` (:data:`SAMPLE_PIXELS`; at least one)."""
+    return max(1, SAMPLE_PIXELS // (resolution * resolution))
+
+
 def sampling_autocast(unet):
     """Autocast to the frozen UNet's dtype on CUDA when it is half precision, for sampling with a
     ControlNet that holds fp32 master weights (at SDXL size an fp32 ControlNet pass at 1024 px adds GiBs

@@ -241,3 +241,29 @@ def test_constructor_errors_teach(heldout):
             images,
         )
     assert mon.num_samples == 4
+
+
+def test_evaluations_sample_a_few_large_images_per_call_and_give_the_same_d(models, heldout, monkeypatch):
+    """At 1024 px two images per sampling call (the peak memory of two, not of K); the split changes nothing:
+    each sample's noise comes from its own seed."""
+    import difftune_control.validation as v
+
+    assert [v.sampling_batch(r) for r in (64, 512, 768, 1024, 2048)] == [512, 8, 3, 2, 1]
+    unet, vae, controlnet, sched = models
+    net = copy.deepcopy(controlnet)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.5)
+    whole = make_monitor(heldout).evaluate(0, unet, vae, net, sched)[0]["d"]
+    calls, real = [], v.sample_images
+
+    def spy(**kw):
+        calls.append(kw["batch_size"])
+        return real(**kw)
+
+    monkeypatch.setattr(v, "sample_images", spy)
+    monkeypatch.setattr(v, "SAMPLE_PIXELS", 2 * RES * RES)  # as 2 images at 1024 px
+    split = make_monitor(heldout).evaluate(0, unet, vae, net, sched)[0]["d"]
+    assert calls and set(calls) == {2}
+    assert split == pytest.approx(whole, rel=1e-5)

@@ -60,7 +60,7 @@ class ConvergenceMonitor:
         run_dir (`str` or `Path`, *optional*): where `samples/eval-step{N:07d}.safetensors` go (None:
             nothing written).
         sampler (`str`, defaults to "ddim"): the detector's sampler.
-        batch_size (`int`, *optional*): sampling chunk size (default: all K at once).
+        batch_size (`int`, *optional*): sampling chunk size (default: ``sampling_batch``: 8 at 512 px, 2 at 1024).
         milestones (`Sequence[float]`, defaults to (0.25, 0.5, 0.75)): progress levels whose first
             crossing is logged (a recipe's `[detector] milestones`).
 
@@ -168,7 +168,7 @@ class ConvergenceMonitor:
 
     # -- model calls -----------------------------------------------------------------------------
     def _sample(self, unet, vae, controlnet, scheduler_config) -> torch.Tensor:
-        from difftune_control.validation import sample_images
+        from difftune_control.validation import sample_images, sampling_batch
 
         cfg = self.config
         return sample_images(
@@ -186,7 +186,7 @@ class ConvergenceMonitor:
             num_inference_steps=cfg.convergence_num_inference_steps,
             guidance_scale=cfg.convergence_guidance_scale,
             sampler=self.sampler,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size or sampling_batch(self.resolution),
         )
 
     def _score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,11 +31,10 @@ from difftune_control.training.finite import WeightWatch
 from difftune_control.training.runtime import IndexStream, PeakMeter, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
-from difftune_control.validation import sample_images, sampling_autocast, save_grid
+from difftune_control.validation import sample_images, sampling_autocast, sampling_batch, save_grid
 
 logger = logging.getLogger(__name__)
-# progress bar: the target rows' plain epsilon MSE (what diffusers' scripts show; `loss`, the weighted objective,
-# reaches tens under inverse-SNR weights), speed, memory, and the detector's p
+# progress bar: the target rows' plain MSE (as diffusers shows; inverse-SNR takes `loss` to tens), speed, memory, p
 BAR_KEYS = {"train": ("loss_target", "images_per_s", "gpu_peak_gib"), "convergence_eval": ("p",)}
 
 
@@ -359,6 +358,7 @@ class _Loop:
                     hints=self.val.hints[:n],
                     num_inference_steps=20,
                     guidance_scale=7.5,
+                    batch_size=sampling_batch(self.cfg.data.resolution),
                 )
             net.train(was_training)
             path = self.run_dir / "validation" / f"step{step:07d}.png"
