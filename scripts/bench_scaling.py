@@ -166,8 +166,10 @@ def bank_run(args, n: int) -> dict:
     wall = time.time() - t0
     if rc != 0:
         raise SystemExit(f"{name} failed (rc={rc}); see {log}")
-    # the bank's own timing per process: "memory bank: N images in X s (Y images/s)"
-    per_process = [float(m) for m in re.findall(r"memory bank: \d+ images in ([\d.]+) s", log.read_text())]
+    # the bank's own timing per process: "memory bank: N images in X s (Y images/s...)"; N / Y, as X is
+    # rounded to 0.1 s (0.0 for a tiny bank)
+    found = re.findall(r"memory bank: (\d+) images in [\d.]+ s \(([\d.]+) images/s", log.read_text())
+    per_process = [int(n) / float(rate) for n, rate in found if float(rate) > 0]
     generate_s = max(per_process) if per_process else None
     return {
         "processes": n,
