@@ -65,15 +65,7 @@ for f in files:
 print(json.dumps(out, indent=1))
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 EOF
-python3 - "$R/metrics.jsonl" <<'EOF2' | tee $OUT/peaks.txt
-import json, sys
-peaks = {}
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if "gpu_peak_gib" in r:
-        peaks[r["type"]] = max(peaks.get(r["type"], 0.0), r["gpu_peak_gib"])
-print("GPU peak (GiB) by record: " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
-EOF2
+grep -h "GPU memory" $R/report/report.md | tee $OUT/peaks.txt  # the report's peak per part of the run
 grep -hE "sudden|converg|peak|GiB|lambda|error|Error" $OUT/train.log $OUT/resume.log | grep -v "it/s\]" | tail -n 20
 tail -n 5 $OUT/report.log $OUT/export-webui.log $OUT/export-diffusers.log
 (cd $R && tar czf $OUT/run.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pt' --exclude='*.pkl' .)

@@ -52,6 +52,16 @@ def heldout():
     return embeds, hints, images, [f"prompt {i}" for i in range(k)]
 
 
+def _trained(controlnet):
+    """A copy of ``controlnet`` whose zero convolutions are no longer zero (it controls)."""
+    net = copy.deepcopy(controlnet)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
+            block.weight.normal_(0, 0.5)
+    return net
+
+
 def make_monitor(heldout, run_dir=None, seeds=(10, 11, 12, 13)) -> ConvergenceMonitor:
     embeds, hints, images, prompts = heldout
     config = DetectorConfig(
@@ -126,11 +136,7 @@ def test_reference_d0_equals_zero_initialised_controlnet(models, heldout, first)
 def test_first_evaluation_with_a_trained_controlnet_samples_it(models, heldout):
     """Starting from an existing ControlNet: the reference is still 'no control', step 0 is not."""
     unet, vae, controlnet, sched = models
-    net = copy.deepcopy(controlnet)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            block.weight.normal_(0, 0.5)
+    net = _trained(controlnet)
     mon = make_monitor(heldout)
     rec = mon.evaluate(0, unet, vae, net, sched)[0]
     assert rec["d"] != pytest.approx(mon.reference_info["d0"], abs=1e-4)
@@ -250,11 +256,7 @@ def test_evaluations_sample_a_few_large_images_per_call_and_give_the_same_d(mode
 
     assert [v.sampling_batch(r) for r in (64, 512, 768, 1024, 2048)] == [512, 8, 3, 2, 1]
     unet, vae, controlnet, sched = models
-    net = copy.deepcopy(controlnet)
-    torch.manual_seed(4)
-    with torch.no_grad():
-        for block in [*net.controlnet_down_blocks, net.controlnet_mid_block]:
-            block.weight.normal_(0, 0.5)
+    net = _trained(controlnet)
     whole = make_monitor(heldout).evaluate(0, unet, vae, net, sched)[0]["d"]
     calls, real = [], v.sample_images
 

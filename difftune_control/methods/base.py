@@ -23,6 +23,7 @@ from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
 from difftune_control.methods.noising import add_noise, prediction_target
 from difftune_control.training.compilation import cuda_graphs
+from difftune_control.training.finite import host_flag
 from difftune_control.utils import hint_to_float, to_device
 from difftune_control.validation import controlled_forward
 
@@ -229,16 +230,10 @@ class ControlNetTrainer:
         On CUDA the flag is copied to pinned memory behind an event, so the CPU can queue the next
         step while this one runs; elsewhere it is checked at once.
         """
-        bad = ~torch.isfinite(loss.detach())
-        ps = per_sample.detach()
-        if loss.device.type != "cuda":
-            self._pending.append((bad, None, ps))
-            return self.check_finite()
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending.append((flag, event, ps))
+        flag, event = host_flag(~torch.isfinite(loss.detach()))
+        self._pending.append((flag, event, per_sample.detach()))
+        if event is None:
+            self.check_finite()
 
     def check_finite(self) -> None:
         """Raise ``FloatingPointError`` if a loss since the last check was NaN or infinite.

@@ -224,8 +224,9 @@ def train_base(cfg: PretrainConfig) -> Path:
     if cfg.base_compile:  # the run's backend; inductor's artefacts kept for the next chunk on this machine
         from ..compiler import compile_backend, compile_cache
 
-        log(event="compile", backend=compile_backend(), cache=compile_cache()["dir"])
-        forward = torch.compile(per_sample_loss, backend=compile_backend())
+        backend = compile_backend()
+        log(event="compile", backend=backend, cache=compile_cache()["dir"])
+        forward = torch.compile(per_sample_loss, backend=backend)
     t0, done, saved = time.time(), start, False
     end = min(cfg.base_steps, cfg.base_stop_at or cfg.base_steps)
     for step in range(start, end):

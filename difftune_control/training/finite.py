@@ -11,6 +11,18 @@ import torch
 from difftune_control.training.checkpoints import last_finite_checkpoint
 
 
+def host_flag(bad: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A boolean scalar the host reads later without stalling the GPU: on CUDA ``(pinned copy, event)``, read
+    once ``event.synchronize()`` returns; elsewhere ``(bad, None)``, to read at once."""
+    if bad.device.type != "cuda":
+        return bad, None
+    flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+    flag.copy_(bad, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return flag, event
+
+
 class WeightWatch:
     """Whether every optimizer step left the trained weights finite, read without waiting for the GPU.
 
@@ -34,14 +46,10 @@ class WeightWatch:
                 torch._foreach_norm(params) if hasattr(torch, "_foreach_norm") else [p.norm() for p in params]
             )
             bad = ~torch.stack(list(norms)).isfinite().all()
-        if bad.device.type != "cuda":
-            self._flags.append((step, bad, None))
-            return self.check()
-        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
-        flag.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        flag, event = host_flag(bad)
         self._flags.append((step, flag, event))
+        if event is None:
+            self.check()
 
     def check(self, keep: int = 0) -> None:
         """Read the flags, all but the newest ``keep``; raise ``FloatingPointError`` at a non-finite step."""
