@@ -7,9 +7,11 @@ Our trainer as ``scripts/bench_sdxl.py`` runs it at batch 1 (gradient checkpoint
 adafactor+fused by default, synthetic rows shaped like the SDXL latent cache; the model folder is built
 when missing). Phases, each with its own peak (``torch.cuda.max_memory_allocated``): setup, lambda's
 measurement (``--bank_weight auto``, Diff-Tuning only), a step on a target row, a step on a bank row,
-then steady steps. With allocation history recorded, the allocations alive at the overall peak are
-grouped by the innermost frame of this project (else the innermost Python frame) and the largest
-groups printed; ``memory.json`` in --out holds the phases and groups.
+steady steps, then what the detector and the validation grids do between steps: sampling with the
+ControlNet as they call it (``sampling_batch`` images per call, guided, under ``sampling_autocast``) and a
+VAE decode of one image. With allocation history recorded per phase, the allocations made in a phase and
+alive at its peak are grouped by the innermost frame of this project (else the innermost Python frame);
+the largest groups of the overall peak's phase are printed, ``memory.json`` in --out holds every phase's.
 """
 
 from __future__ import annotations
@@ -56,6 +58,49 @@ def _where(frames: list[dict]) -> str:
     return " <- ".join(f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in chain) or "?"
 
 
+def sampling_phases(phase, trainer, acc, steps: int) -> None:
+    """The detector's and validation grids' work with the trainer's in-memory models: one guided sampling
+    call of ``sampling_batch`` images with the ControlNet, then a VAE decode of one image, each under
+    ``sampling_autocast`` and ``no_grad`` as the run makes them."""
+    from difftune_control.validation import decode_latents, sample_images, sampling_autocast, sampling_batch
+
+    base, net = trainer.base, acc.unwrap_model(trainer.controlnet)
+    rows = trainer.target
+    res = rows.hints.shape[-1]
+    n = sampling_batch(res)
+    batch = torch.utils.data.default_collate([rows[i] for i in range(n)])
+    added = {k: batch[k] for k in ("text_embeds", "time_ids")}
+    net.eval()
+
+    def sample() -> None:
+        with torch.no_grad(), sampling_autocast(base.unet):
+            sample_images(
+                unet=base.unet,
+                vae=base.vae,
+                scheduler_config=base.scheduler_config,
+                prompt_embeds=batch["encoder_hidden_states"],
+                negative_prompt_embeds=torch.zeros_like(batch["encoder_hidden_states"][:1]),
+                added_cond=added,
+                negative_added_cond={k: torch.zeros_like(v[:1]) for k, v in added.items()},
+                seeds=list(range(n)),
+                resolution=res,
+                controlnet=net,
+                hints=batch["conditioning_pixel_values"].float() / 255,
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                batch_size=n,
+            )
+
+    def decode() -> None:
+        z = torch.randn(1, 4, res // 8, res // 8, device=acc.device)
+        with torch.no_grad(), sampling_autocast(base.unet):
+            decode_latents(base.vae, z)
+
+    phase(f"sampling {n} images", sample)
+    phase("VAE decode, 1 image", decode)
+    net.train()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model-dir", type=Path, default=Path("/tmp/sdxl-random"))
@@ -63,6 +108,7 @@ def main() -> int:
     p.add_argument("--speed", default="adafactor+fused")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=4, help="steady steps after the phase steps")
+    p.add_argument("--sample-steps", type=int, default=2, help="denoising steps of the sampling phase")
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", type=Path, default=Path("bench/sdxl-memory"))
     args = p.parse_args()
@@ -75,21 +121,25 @@ def main() -> int:
     model = build_sdxl(args.model_dir, device="cuda")
     unet_config = dict(UNet2DConditionModel.load_config(model, subfolder="unet"))
     rows = lambda n: sdxl_rows(n, unet_config)  # noqa: E731
-    torch.cuda.memory._record_memory_history(max_entries=200_000)
     phases: dict[str, dict] = {}
+    groups_of: dict[str, dict[str, int]] = {}
 
     def phase(name: str, fn) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(max_entries=500_000)
         fn()
         torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        groups_of[name] = live_at_peak(snap)[1]
         phases[name] = {
             "before_gib": before / GIB,
             "peak_gib": torch.cuda.max_memory_allocated() / GIB,
             "after_gib": torch.cuda.memory_allocated() / GIB,
         }
-        print(f"{name:>20}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases[name].items()), flush=True)
+        print(f"{name:>24}: " + ", ".join(f"{k} {v:.2f}" for k, v in phases[name].items()), flush=True)
 
     made = {}
     phase("setup", lambda: made.update(zip(("trainer", "opt", "acc"), make_ours(
@@ -117,21 +167,22 @@ def main() -> int:
         )
         phase(name, lambda plan=plan: step(plan))
     phase(f"{args.steps} run steps", lambda: [step() for _ in range(args.steps)])
-    snap = torch.cuda.memory._snapshot()
-    torch.cuda.memory._record_memory_history(enabled=None)
-    peak, groups = live_at_peak(snap)
-    print(f"\nlive at the recorded peak: {peak / GIB:.2f} GiB; largest groups (allocating frame):")
-    for where, size in list(groups.items())[: args.top]:
+    sampling_phases(phase, trainer, acc, args.sample_steps)
+    worst = max(phases, key=lambda k: phases[k]["peak_gib"])
+    print(
+        f"\nhighest peak: {worst}, {phases[worst]['peak_gib']:.2f} GiB; largest groups made in it (allocating frame):"
+    )
+    for where, size in list(groups_of[worst].items())[: args.top]:
         print(f"  {size / GIB:8.3f} GiB  {where}")
     args.out.mkdir(parents=True, exist_ok=True)
-    top = {k: v / GIB for k, v in list(groups.items())[:100]}
+    groups = {k: {w: v / GIB for w, v in list(g.items())[:30]} for k, g in groups_of.items()}
     (args.out / "memory.json").write_text(
         json.dumps(
             {
                 "args": {k: str(v) for k, v in vars(args).items()},
                 "phases": phases,
-                "peak_gib": peak / GIB,
-                "groups_gib": top,
+                "peak_phase": worst,
+                "groups_gib": groups,
             },
             indent=1,
         )  # fmt: skip

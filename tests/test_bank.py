@@ -590,3 +590,48 @@ def test_sampling_autocast_keeps_no_half_copy_of_trainable_weights():
         layer(x)
         cached = torch.cuda.memory_allocated()
     assert cached - held >= 120 * 2**20
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_frees_the_half_copies_cached_by_a_prepared_controlnet():
+    """accelerate's bf16 preparation runs the ControlNet's forward in an autocast with the weight cache on;
+    sample_images must not hold those bf16 copies from one denoising step to the next (nor into the decode)."""
+    from accelerate import Accelerator
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from difftune_control.validation import sample_images, sampling_autocast
+
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(320, 640),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+    ).to("cuda")
+    net = Accelerator(mixed_precision="bf16").prepare_model(
+        ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+    )
+    unet.to(torch.bfloat16).requires_grad_(False)
+    vae = tiny_vae(64).to("cuda")
+    half_copy = 2 * sum(p.numel() for p in net.parameters())
+    held = []
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad(), sampling_autocast(unet):
+        sample_images(
+            unet=unet,
+            vae=vae,
+            scheduler_config=dict(num_train_timesteps=1000),
+            prompt_embeds=torch.randn(2, 4, 64),
+            negative_prompt_embeds=torch.zeros(1, 4, 64),
+            seeds=[0, 1],
+            resolution=64,
+            controlnet=net,
+            hints=torch.rand(2, 3, 64, 64),
+            num_inference_steps=3,
+            on_step=lambda *a: held.append(torch.cuda.memory_allocated() - before),
+        )
+    assert half_copy > 30 * 2**20
+    assert len(held) == 3 and max(held) < 0.05 * half_copy, (held, half_copy)
