@@ -612,7 +612,7 @@ def test_sampling_frees_the_half_copies_cached_by_a_prepared_controlnet():
         attention_head_dim=8,
     ).to("cuda")
     net = Accelerator(mixed_precision="bf16").prepare_model(
-        ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 32, 32))
+        ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     )
     unet.to(torch.bfloat16).requires_grad_(False)
     vae = tiny_vae(64).to("cuda")
