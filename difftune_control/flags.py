@@ -219,6 +219,8 @@ def add_config_arguments(
                 kw["type"] = typing.get_args(tp)[0]
             else:
                 kw["type"] = f.metadata.get("parse", tp)  # e.g. FLOAT|auto
+                if "nargs" in f.metadata:  # e.g. --torch_compile alone: its const
+                    kw.update(nargs=f.metadata["nargs"], const=f.metadata["const"])
             mv = f.metadata.get("metavar") or (None if f.name in choices else metavar(f.name, tp))
             if mv is not None:
                 kw["metavar"] = mv

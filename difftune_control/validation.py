@@ -179,18 +179,27 @@ def sampling_batch(resolution: int) -> int:
     return max(1, SAMPLE_PIXELS // (resolution * resolution))
 
 
-def sampling_autocast(unet):
-    """Autocast to the frozen UNet's dtype on CUDA when it is half precision, for sampling with a
-    ControlNet that holds fp32 master weights (at SDXL size an fp32 ControlNet pass at 1024 px adds GiBs
-    to the run's peak); a no-op otherwise. Without autocast's weight cache: it would keep a half-precision
-    copy of every trainable ControlNet weight (2.5 GiB at SDXL) for the whole sampling loop, where casting
-    each layer's weight when it runs costs a few milliseconds per denoising step. A ControlNet prepared by
-    accelerate for mixed precision runs its forward inside accelerate's own autocast, with the cache on,
-    and copies cached there live until the outermost autocast ends: :func:`sample_images` clears them after
-    each prediction (2.3 GiB held through the VAE decode at SDXL otherwise)."""
+def sampling_mode(unet) -> contextlib.ExitStack:
+    """How the run samples between training steps (the detector, validation grids), with the models it trains.
+
+    - Eager: blocks compiled by ``--torch_compile`` run uncompiled (``torch.compiler.set_stance
+      ("force_eager")``); their training graphs do not fit no-grad sampling, which would compile each block
+      again, and under CUDA graphs record more graphs, for a few seconds of sampling.
+    - Autocast to the frozen UNet's dtype on CUDA when it is half precision, for a ControlNet that holds fp32
+      master weights (at SDXL size an fp32 ControlNet pass at 1024 px adds GiBs to the run's peak), without
+      autocast's weight cache: it would keep a half-precision copy of every trainable ControlNet weight (2.5
+      GiB at SDXL) for the whole sampling loop, where casting each layer's weight when it runs costs a few
+      milliseconds per denoising step. A ControlNet prepared by accelerate for mixed precision runs its
+      forward inside accelerate's own autocast, with the cache on, and copies cached there live until the
+      outermost autocast ends: :func:`sample_images` clears them after each prediction (2.3 GiB held through
+      the VAE decode at SDXL otherwise).
+    """
+    stack = contextlib.ExitStack()
+    if hasattr(torch.compiler, "set_stance"):
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
     if unet.device.type == "cuda" and unet.dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False)
-    return contextlib.nullcontext()
+        stack.enter_context(torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False))
+    return stack
 
 
 @torch.no_grad()
@@ -281,7 +290,7 @@ def sample_images(
                 unet, x, t, cond, controlnet, hint, conditioning_scale, added_cond=added
             ).float()
             if controlnet is not None and torch.is_autocast_enabled(device.type):
-                torch.clear_autocast_cache()  # see sampling_autocast: a wrapped ControlNet's own cache
+                torch.clear_autocast_cache()  # see sampling_mode: a prepared ControlNet's own cache
             if use_cfg:
                 out_uncond, out_cond = out.chunk(2)
                 out = out_uncond + guidance_scale * (out_cond - out_uncond)

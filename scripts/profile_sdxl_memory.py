@@ -8,7 +8,7 @@ adafactor+fused by default, synthetic rows shaped like the SDXL latent cache; th
 when missing). Phases, each with its own peak (``torch.cuda.max_memory_allocated``): setup, lambda's
 measurement (``--bank_weight auto``, Diff-Tuning only), a step on a target row, a step on a bank row,
 steady steps, then what the detector and the validation grids do between steps: sampling with the
-ControlNet as they call it (``sampling_batch`` images per call, guided, under ``sampling_autocast``) and a
+ControlNet as they call it (``sampling_batch`` images per call, guided, under ``sampling_mode``) and a
 VAE decode of one image. With allocation history recorded per phase, the allocations made in a phase and
 alive at its peak are grouped by the innermost frame of this project (else the innermost Python frame);
 the largest groups of the overall peak's phase are printed, ``memory.json`` in --out holds every phase's.
@@ -61,8 +61,8 @@ def _where(frames: list[dict]) -> str:
 def sampling_phases(phase, trainer, acc, steps: int) -> None:
     """The detector's and validation grids' work with the trainer's in-memory models: one guided sampling
     call of ``sampling_batch`` images with the ControlNet, then a VAE decode of one image, each under
-    ``sampling_autocast`` and ``no_grad`` as the run makes them."""
-    from difftune_control.validation import decode_latents, sample_images, sampling_autocast, sampling_batch
+    ``sampling_mode`` and ``no_grad`` as the run makes them."""
+    from difftune_control.validation import decode_latents, sample_images, sampling_mode, sampling_batch
 
     base, net = trainer.base, acc.unwrap_model(trainer.controlnet)
     rows = trainer.target
@@ -73,7 +73,7 @@ def sampling_phases(phase, trainer, acc, steps: int) -> None:
     net.eval()
 
     def sample() -> None:
-        with torch.no_grad(), sampling_autocast(base.unet):
+        with torch.no_grad(), sampling_mode(base.unet):
             sample_images(
                 unet=base.unet,
                 vae=base.vae,
@@ -93,7 +93,7 @@ def sampling_phases(phase, trainer, acc, steps: int) -> None:
 
     def decode() -> None:
         z = torch.randn(1, 4, res // 8, res // 8, device=acc.device)
-        with torch.no_grad(), sampling_autocast(base.unet):
+        with torch.no_grad(), sampling_mode(base.unet):
             decode_latents(base.vae, z)
 
     phase(f"sampling {n} images", sample)

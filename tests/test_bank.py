@@ -574,16 +574,16 @@ def test_vae_calls_are_split_by_pixels_and_agree_with_one_call(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_sampling_autocast_keeps_no_half_copy_of_trainable_weights():
-    """Under sampling_autocast an fp32 trainable layer's bf16 weight lives only while the layer runs."""
+def test_sampling_mode_keeps_no_half_copy_of_trainable_weights():
+    """Under sampling_mode an fp32 trainable layer's bf16 weight lives only while the layer runs."""
     from types import SimpleNamespace
 
-    from difftune_control.validation import sampling_autocast
+    from difftune_control.validation import sampling_mode
 
     layer = torch.nn.Linear(8192, 8192, device="cuda")  # 256 MiB fp32, 128 MiB as a bf16 copy
     x = torch.randn(4, 8192, device="cuda")
     unet = SimpleNamespace(device=x.device, dtype=torch.bfloat16)
-    with torch.no_grad(), sampling_autocast(unet):
+    with torch.no_grad(), sampling_mode(unet):
         layer(x)
         held = torch.cuda.memory_allocated()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):  # the default: the copy is cached
@@ -600,7 +600,7 @@ def test_sampling_frees_the_half_copies_cached_by_a_prepared_controlnet():
     from accelerate import Accelerator
     from diffusers import ControlNetModel, UNet2DConditionModel
 
-    from difftune_control.validation import sample_images, sampling_autocast
+    from difftune_control.validation import sample_images, sampling_mode
 
     unet = UNet2DConditionModel(
         sample_size=8,
@@ -619,7 +619,7 @@ def test_sampling_frees_the_half_copies_cached_by_a_prepared_controlnet():
     half_copy = 2 * sum(p.numel() for p in net.parameters())
     held = []
     before = torch.cuda.memory_allocated()
-    with torch.no_grad(), sampling_autocast(unet):
+    with torch.no_grad(), sampling_mode(unet):
         sample_images(
             unet=unet,
             vae=vae,

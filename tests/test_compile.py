@@ -213,3 +213,135 @@ def test_cuda_graph_modes_mark_every_step_and_measuring_pass(
     marks.clear()
     trainer.training_step(target_batch(trainer))
     assert len(marks) == 1
+
+
+def test_torch_compile_reads_true_false_or_auto():
+    import argparse
+
+    from difftune_control.flags import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ["train"])
+    read = lambda *argv: getattr(parser.parse_args(list(argv)), "train.torch_compile")  # noqa: E731
+    assert read() is None  # not given: the config's value (False) stands
+    assert read("--torch_compile") is True and read("--torch_compile", "yes") is True
+    assert read("--torch_compile", "false") is False and read("--torch_compile=auto") == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--torch_compile", "sometimes"])
+
+
+def test_compiling_pays_only_where_a_gain_was_measured_and_the_steps_earn_it_back():
+    from difftune_control.training.compilation import COMPILE_SECONDS, compile_pays
+
+    # batch 4 with CUDA graphs: 30% of a 175 ms step saved, 52.5 ms; 177 s on an empty cache -> 3,372 steps
+    assert compile_pays(4000, 0.175, 4, graphs=True, warm=False)[0]
+    pays, why = compile_pays(3000, 0.175, 4, graphs=True, warm=False)
+    assert not pays and "3,000 steps at 175 ms eager" in why and "about 158 s saved" in why
+    assert f"about {COMPILE_SECONDS['empty']:.0f} s of compiling on an empty compile cache" in why
+    assert compile_pays(3000, 0.175, 4, graphs=True, warm=True)[0]  # 21 s on a warm cache
+    assert not compile_pays(300, 0.175, 4, graphs=True, warm=True)[0]
+    # batch 4 without CUDA graphs: no gain measured, whatever the length of the run
+    pays, why = compile_pays(10**7, 0.175, 4, graphs=False, warm=True)
+    assert not pays and "no gain was measured at batch 4 without CUDA graphs" in why
+    assert compile_pays(10**5, 0.33, 32, graphs=False, warm=False)[0]  # 9% of 330 ms over 100k steps
+    assert not compile_pays(10**5, 0.33, 32, graphs=True, warm=False)[0]  # graphs at batch 32: not measured
+
+
+def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog, monkeypatch
+):
+    """``--torch_compile auto`` through the run's setup on the CPU (allowed here, with aot_eager): the eager
+    step timed without an update or a draw of the trainer's generator, the reckoning logged, the blocks
+    compiled when it pays, and the setting noted so the next run reckons with the warm cache's cost."""
+    from difftune_control.training import compilation
+
+    clean_env.setenv(BACKEND_ENV, "aot_eager")
+    clean_env.setenv(CACHE_DIR_ENV, str(tmp_path / "inductor"))  # this test's own: no setting noted before
+    monkeypatch.setattr(compilation, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", ((False, 1, None, 0.5, "a test"),))
+    monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
+    said, built = [], []
+    for run in ("first", "second"):
+        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / run, train__torch_compile="auto")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="difftune_control"):
+            trainer, _ = build_trainer(cfg)
+        said.append([r.getMessage() for r in caplog.records if "--torch_compile auto" in r.getMessage()])
+        net = trainer.accelerator.unwrap_model(trainer.controlnet)
+        built.append([m for m in net.modules() if getattr(m, "_compiled_call_impl", None)])
+    torch._dynamo.reset()
+    assert len(said[0]) == 1 and said[0][0].startswith("--torch_compile auto: not compiling: ")
+    assert "on an empty compile cache" in said[0][0] and built[0] == []
+    # the first run compiled nothing, so nothing is noted: the second reckons with an empty cache too
+    assert said[1] == [said[1][0]] and "on an empty compile cache" in said[1][0] and built[1] == []
+
+    monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 0.0, "warm": 0.0})
+    caplog.clear()
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "third", train__torch_compile="auto")
+    with caplog.at_level(logging.INFO, logger="difftune_control"):
+        trainer, _ = build_trainer(cfg)
+    messages = [r.getMessage() for r in caplog.records if "torch_compile auto" in r.getMessage()]
+    assert len(messages) == 1 and messages[0].startswith("--torch_compile auto: compiling: ")
+    net = trainer.accelerator.unwrap_model(trainer.controlnet)
+    assert [m for m in net.modules() if getattr(m, "_compiled_call_impl", None)]
+    assert any("torch.compile on" in r.getMessage() for r in caplog.records)
+    noted = list((Path(os.environ[CACHE_DIR_ENV]) / "difftune-compiled").iterdir())
+    assert len(noted) == 1
+    monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
+    caplog.clear()
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "fourth", train__torch_compile="auto")
+    with caplog.at_level(logging.INFO, logger="difftune_control"):
+        build_trainer(cfg)
+    messages = [r.getMessage() for r in caplog.records if "torch_compile auto" in r.getMessage()]
+    assert "compiling: " in messages[0] and "this setting's warm compile cache" in messages[0]
+    torch._dynamo.reset()
+
+
+def test_auto_leaves_the_run_as_it_would_be_eager(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, monkeypatch
+):
+    """Timing the eager step draws nothing from the trainer's generator and updates nothing: a run under
+    ``--torch_compile auto`` that stays eager takes the eager run's first step exactly (the CPU: not weighed)."""
+    from difftune_control.training import compilation
+
+    steps = []
+    for value in (False, "auto"):
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(value), train__torch_compile=value
+        )
+        trainer, _ = build_trainer(cfg)
+        steps.append(one_step(trainer))
+    assert steps[0][0] == steps[1][0]
+    for name, grad in steps[0][1].items():
+        assert torch.equal(steps[1][1][name], grad), name
+    # and where it is weighed (monkeypatched to the CPU), the timing passes leave the same first step
+    monkeypatch.setattr(compilation, "AUTO_DEVICES", ("cpu",))
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", ())
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "weighed", train__torch_compile="auto")
+    trainer, _ = build_trainer(cfg)
+    loss, grads = one_step(trainer)
+    assert loss == steps[0][0]
+    for name, grad in steps[0][1].items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_sampling_runs_compiled_blocks_eagerly(clean_env):
+    """The detector and validation grids sample under ``sampling_mode``: blocks compiled for training are not
+    compiled again for no-grad sampling at other batch sizes."""
+    from torch._dynamo.utils import counters
+
+    from difftune_control.validation import sampling_mode
+
+    layer = torch.nn.Linear(8, 8)
+    layer.compile(backend="aot_eager", dynamic=False)
+    layer(torch.randn(4, 8)).sum().backward()
+    counters.clear()
+    unet = torch.nn.Linear(1, 1)  # the sampling mode reads the frozen UNet's device and dtype
+    unet.device, unet.dtype = torch.device("cpu"), torch.float32
+    with torch.no_grad(), sampling_mode(unet):
+        out = layer(torch.randn(6, 8))
+    assert counters["stats"].get("unique_graphs", 0) == 0 and out.shape == (6, 8)
+    with torch.no_grad():
+        layer(torch.randn(6, 8))
+    assert counters["stats"]["unique_graphs"] == 1  # outside it, the compiler would have compiled again
+    torch._dynamo.reset()

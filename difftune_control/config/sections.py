@@ -128,6 +128,16 @@ def _float_or_auto(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
+def _bool_or_auto(text: str) -> bool | str:
+    """A flag value that is true / false (yes / no, 1 / 0) or ``auto``."""
+    import argparse
+
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None and text.lower() != "auto":
+        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}")
+    return "auto" if value is None else value
+
+
 @dataclass
 class MethodConfig:
     """Training objective: vanilla ControlNet or Diff-Tuning (chain of forgetting)."""
@@ -308,8 +318,15 @@ class TrainConfig:
         False, "Gradient checkpointing for ControlNet (and the UNet's backward)."
     )
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
-    torch_compile: bool = _f(
-        False, "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional)."
+    torch_compile: bool | Literal["auto"] = _f(
+        False,
+        "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional). auto: on CUDA, "
+        "time a few eager passes and compile when the run's steps would earn the compile time back "
+        "(the cost and saving measured in BENCHMARKS.md 4b; one log line gives the reckoning).",
+        parse=_bool_or_auto,
+        nargs="?",
+        const=True,
+        metavar="true|false|auto",
     )
     torch_compile_mode: Literal[
         "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"

@@ -70,6 +70,8 @@ def config_problems(cfg: Any) -> list[str]:  # cfg: a RunConfig (run.py imports 
         problems.append(
             "--fused_backward_pass cannot unscale fp16 gradients: use --mixed_precision bf16 or no"
         )
+    if t.torch_compile not in (True, False, "auto"):
+        problems.append(f"--torch_compile must be true, false or auto, got {t.torch_compile!r}")
     if isinstance(t.ddp_bucket_cap_mb, (int, float)) and not t.ddp_bucket_cap_mb > 0:
         problems.append(f"--ddp_bucket_cap_mb must be > 0, got {t.ddp_bucket_cap_mb}")
     if t.learning_rate is not None and t.learning_rate <= 0:

@@ -239,9 +239,9 @@ class ConvergenceMonitor:
 
     @staticmethod
     def _autocast(unet):
-        from difftune_control.validation import sampling_autocast
+        from difftune_control.validation import sampling_mode
 
-        return sampling_autocast(unet)
+        return sampling_mode(unet)
 
     def evaluate(
         self, step: int, unet, vae, controlnet, scheduler_config, *, elapsed: float | None = None

@@ -1,5 +1,6 @@
-"""``--torch_compile``: regional compilation of the ControlNet and UNet blocks, and a persistent cache of
-what the compiler builds, so a second run (or a resumed one) starts training sooner.
+"""``--torch_compile``: regional compilation of the ControlNet and UNet blocks, a persistent cache of what
+the compiler builds, so a second run (or a resumed one) starts training sooner, and ``--torch_compile auto``:
+compile when the run's steps earn the compile time back.
 
 Internal switch: ``DIFFTUNE_COMPILE_BACKEND`` names the ``torch.compile`` backend (default ``inductor``);
 the tests compile with ``aot_eager`` (the same graph capture and autograd, no C compiler needed).
@@ -7,8 +8,12 @@ the tests compile with ``aot_eager`` (the same graph capture and autograd, no C 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +29,7 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 def cuda_graphs(train) -> bool:
     """Whether a run's training settings (``cfg.train``) replay compiled blocks as CUDA graphs."""
-    return bool(train.torch_compile) and train.torch_compile_mode in CUDA_GRAPH_MODES
+    return train.torch_compile is True and train.torch_compile_mode in CUDA_GRAPH_MODES
 
 
 def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
@@ -49,12 +54,18 @@ def compile_for_training(
     unet: torch.nn.Module,
     cache_dir: str | os.PathLike | None = None,
     mode: str = "default",
+    signature: str | None = None,
 ) -> dict[str, Any]:
     """``--torch_compile``: the blocks of ``controlnet`` and ``unet`` compiled with the run's backend and
     ``--torch_compile_mode``, the compiled-artefact cache set up first, and one INFO line saying what, how and
-    where the cache lives."""
+    where the cache lives. ``signature`` (:func:`compile_signature`) is noted in the cache folder, so a later
+    ``--torch_compile auto`` of the same setting counts on a warm cache."""
     backend = compile_backend()
     cache = compile_cache(cache_dir)
+    if signature is not None:
+        marker = Path(cache["dir"]) / "difftune-compiled" / signature
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
     kw = {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
     blocks = {"ControlNet": compile_blocks(controlnet, **kw), "UNet": compile_blocks(unet, **kw)}
     on = {"fx_graph_cache": "FX-graph cache", "enable_autograd_cache": "AOT-autograd cache"}
@@ -73,3 +84,111 @@ def compile_for_training(
         ),
     )
     return {"backend": backend, "mode": mode, "blocks": blocks, **cache}
+
+
+COMPILE_SECONDS = {"empty": 177.0, "warm": 21.0}
+"""Seconds of compiling before the first compiled step: SD1.5 at batch 4 with CUDA graphs on one H200, on an
+empty compile cache and on the cache the first run left (BENCHMARKS.md 4b, commit 68b273d)."""
+
+MEASURED_GAINS = (
+    # (CUDA graphs, smallest batch, largest batch, share of an eager step saved, where it was measured)
+    (True, 1, 8, 0.30, "SD1.5, batch 4, CUDA graphs: 175 -> 90-122 ms per step"),
+    (False, 32, None, 0.09, "SD1.5, batch 32: 9-13% more images/s"),
+)
+"""Where compiling was measured to pay (BENCHMARKS.md 4 and 4b), at the low end of what was measured. Elsewhere
+(e.g. batch 4 without CUDA graphs: within the chunks' spread of eager) ``--torch_compile auto`` does not
+count on a gain."""
+
+
+AUTO_DEVICES = ("cuda",)
+"""Devices where ``--torch_compile auto`` weighs compiling (elsewhere nothing was measured: it stays eager)."""
+
+
+def measured_gain(graphs: bool, batch: int) -> tuple[float, str] | None:
+    """The share of an eager step's time compiling saves at ``batch`` per process, and where that was
+    measured; None where no gain was measured."""
+    for g, lo, hi, share, where in MEASURED_GAINS:
+        if g == graphs and batch >= lo and (hi is None or batch <= hi):
+            return share, where
+    return None
+
+
+def compile_pays(steps: int, step_seconds: float, batch: int, graphs: bool, warm: bool) -> tuple[bool, str]:
+    """Whether compiling earns its time back over ``steps`` eager steps of ``step_seconds``, and why (the
+    reckoning, for the log line)."""
+    mode = "with CUDA graphs" if graphs else "without CUDA graphs"
+    gain = measured_gain(graphs, batch)
+    if gain is None:
+        return False, f"no gain was measured at batch {batch} {mode} (BENCHMARKS.md 4b)"
+    share, where = gain
+    cost = COMPILE_SECONDS["warm" if warm else "empty"]
+    saved = steps * step_seconds * share
+    cache = "this setting's warm compile cache" if warm else "an empty compile cache"
+    return saved > cost, (
+        f"{steps:,} steps at {step_seconds * 1000:.0f} ms eager, {share:.0%} of each saved ({where}): about "
+        f"{saved:.0f} s saved against about {cost:.0f} s of compiling on {cache}"
+    )
+
+
+def compile_signature(cfg, controlnet: torch.nn.Module, unet: torch.nn.Module) -> str:
+    """What the compiled code depends on: the models' configs and dtypes, batch, resolution and speed settings,
+    the backend and torch's version (a hex digest)."""
+    t = cfg.train
+    key = {
+        "unet": dict(unet.config),
+        "controlnet": dict(getattr(controlnet, "config", {})),
+        "dtypes": [str(unet.dtype), str(next(controlnet.parameters()).dtype)],
+        "batch": t.train_batch_size,
+        "resolution": cfg.data.resolution,
+        "settings": [t.torch_compile_mode, t.gradient_checkpointing, t.channels_last, compile_backend()],
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _eager_step_seconds(trainer, batch: dict, passes: int = 3) -> float:
+    """Seconds of an eager forward + backward of one training batch (the fastest pass after the first),
+    with no update, the trainer's random generator left where it was."""
+    from difftune_control.training.diagnostics import gradient_pull
+
+    n = len(batch["caption"])
+    state = trainer.generator.get_state()
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    seconds = []
+    for _ in range(passes):
+        sync()
+        start = time.perf_counter()
+        gradient_pull(trainer, batch, trainer.plan(n), torch.ones(n))
+        sync()
+        seconds.append(time.perf_counter() - start)
+    trainer.generator.set_state(state)
+    return min(seconds[1:] or seconds)
+
+
+def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
+    """``--torch_compile auto``: on CUDA, time the eager step, decide by :func:`compile_pays` over the
+    ``steps`` this start will train (the main process decides for all), compile if it pays and log the
+    reckoning either way. Returns whether it compiled."""
+    t = cfg.train
+    graphs = t.torch_compile_mode in CUDA_GRAPH_MODES
+    net = accelerator.unwrap_model(trainer.controlnet)
+    if accelerator.device.type not in AUTO_DEVICES:
+        logger.info("--torch_compile auto: not compiling on %s (compiled steps were measured on CUDA only)",
+                    accelerator.device.type)  # fmt: skip
+        return False
+    signature = compile_signature(cfg, net, base.unet)
+    warm = (Path(compile_cache(cfg.data.cache_dir)["dir"]) / "difftune-compiled" / signature).exists()
+    target = trainer.target
+    rows = [target[i % len(target)] for i in range(t.train_batch_size)]
+    seconds = _eager_step_seconds(trainer, torch.utils.data.default_collate(rows))
+    decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        decision = broadcast_object_list([decision])[0]
+    pays, why = decision
+    logger.info("--torch_compile auto: %s: %s", "compiling" if pays else "not compiling", why)
+    if pays:
+        compile_for_training(net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, signature)
+        trainer.graphed = graphs
+    return pays

@@ -31,7 +31,7 @@ from difftune_control.training.finite import WeightWatch
 from difftune_control.training.runtime import IndexStream, PeakMeter, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
-from difftune_control.validation import sample_images, sampling_autocast, sampling_batch, save_grid
+from difftune_control.validation import sample_images, sampling_mode, sampling_batch, save_grid
 
 logger = logging.getLogger(__name__)
 # progress bar: the target rows' plain MSE (as diffusers shows; inverse-SNR takes `loss` to tens), speed, memory, p
@@ -91,7 +91,7 @@ def run_training(cfg: RunConfig) -> Path:
             resumed_step=resumed_step,
         )
         logger.info("%s", summary)
-    run = build_run(cfg, toy, recipe, accelerator, run_dir)
+    run = build_run(cfg, toy, recipe, accelerator, run_dir, resumed_step)
     trainer, monitor, lr_scheduler = run.trainer, run.monitor, run.lr_scheduler
 
     state = TrainState()
@@ -343,7 +343,7 @@ class _Loop:
             base, net = self.trainer.base, self.acc.unwrap_model(self.trainer.controlnet)
             was_training = net.training
             net.eval()
-            with sampling_autocast(base.unet), self.peaks.phase() as peak:
+            with sampling_mode(base.unet), self.peaks.phase() as peak:
                 images = sample_images(
                     unet=base.unet,
                     vae=base.vae,

@@ -20,7 +20,7 @@ import torch
 import difftune_control.distill  # noqa: F401  (registers the distilling retention sources)
 from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.methods.registry import trainer_class
-from difftune_control.training.compilation import compile_for_training
+from difftune_control.training.compilation import auto_compile, compile_for_training, compile_signature
 from difftune_control.training.distributed import ddp_kwargs
 from difftune_control.training.fused_step import ONE_PROCESS, OptimizerInBackward, attach, param_groups
 from difftune_control.training.runtime import (
@@ -126,9 +126,12 @@ def setup(cfg: RunConfig, *, run_dir: Path | None = None) -> Run:
     return build_run(cfg, toy, recipe, make_accelerator(cfg), run_dir)
 
 
-def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path | None) -> Run:
+def build_run(
+    cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path | None, resumed_step: int | None = None
+) -> Run:
     """:func:`setup` after the config is resolved and the accelerator made (the loop checks the run folder
-    in between, before any model is loaded)."""
+    in between, before any model is loaded); ``resumed_step``: where a resumed run starts (for
+    ``--torch_compile auto``'s count of the steps left)."""
     from difftune_control import assembly
 
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
@@ -155,6 +158,8 @@ def build_run(cfg: RunConfig, toy: bool, recipe: Any, accelerator, run_dir: Path
     extra = {"teacher": prepared.teacher_controlnet} if prepared.teacher_controlnet is not None else {}
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank, **extra)
     attach(trainer, optimizer)
+    if cfg.train.torch_compile == "auto":
+        auto_compile(cfg, accelerator, base, trainer, cfg.train.max_train_steps - (resumed_step or 0))
     monitor = make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
     if device.type == "cuda" and cfg.data.cache_latents:  # every prompt is encoded by now
         freed = offload_text_encoders(base)
@@ -244,13 +249,10 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     controlnet, optimizer = accelerator.prepare(controlnet, optimizer)
     if fused:
         optimizer = OptimizerInBackward(optimizer, accelerator.unwrap_model(controlnet), t.max_grad_norm)
-    if t.torch_compile:
-        compile_for_training(
-            accelerator.unwrap_model(controlnet),
-            base.unet,
-            cache_dir=cfg.data.cache_dir,
-            mode=t.torch_compile_mode,
-        )
+    if t.torch_compile is True:
+        net = accelerator.unwrap_model(controlnet)
+        sign = compile_signature(cfg, net, base.unet)
+        compile_for_training(net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, sign)
     return controlnet, optimizer, lr_scheduler
 
 
