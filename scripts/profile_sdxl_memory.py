@@ -62,7 +62,7 @@ def sampling_phases(phase, trainer, acc, steps: int) -> None:
     """The detector's and validation grids' work with the trainer's in-memory models: one guided sampling
     call of ``sampling_batch`` images with the ControlNet, then a VAE decode of one image, each under
     ``sampling_mode`` and ``no_grad`` as the run makes them."""
-    from difftune_control.validation import decode_latents, sample_images, sampling_mode, sampling_batch
+    from difftune_control.validation import decode_latents, sample_images, sampling_batch, sampling_mode
 
     base, net = trainer.base, acc.unwrap_model(trainer.controlnet)
     rows = trainer.target

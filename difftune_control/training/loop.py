@@ -31,7 +31,7 @@ from difftune_control.training.finite import WeightWatch
 from difftune_control.training.runtime import IndexStream, PeakMeter, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
 from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
-from difftune_control.validation import sample_images, sampling_mode, sampling_batch, save_grid
+from difftune_control.validation import sample_images, sampling_batch, sampling_mode, save_grid
 
 logger = logging.getLogger(__name__)
 # progress bar: the target rows' plain MSE (as diffusers shows; inverse-SNR takes `loss` to tens), speed, memory, p
