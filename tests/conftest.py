@@ -275,7 +275,8 @@ def build_trainer(cfg: RunConfig, mixed_precision: str = "no"):
 
     from difftune_control.training.setup import setup
 
-    AcceleratorState._reset_state()  # a process-wide singleton: the tests use more than one precision
+    # process-wide singletons: the tests use more than one precision, and --device (cfg.train.device) each
+    AcceleratorState._reset_state(reset_partial_state=True)
     cfg.train.mixed_precision = mixed_precision
     run = setup(cfg)
     return run.trainer, run.optimizer

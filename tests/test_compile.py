@@ -345,3 +345,34 @@ def test_sampling_runs_compiled_blocks_eagerly(clean_env):
         layer(torch.randn(6, 8))
     assert counters["stats"]["unique_graphs"] == 1  # outside it, the compiler would have compiled again
     torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_step_on_cuda_gives_the_eager_loss_and_gradients(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, mode
+):
+    """What the CPU test checks with aot_eager, with inductor's own kernels on the GPU, plain and under CUDA
+    graphs. TF32 off in both, so the difference is the kernels' float32 rounding alone: rtol 1e-4, atol 1e-6."""
+    clean_env.setenv(CACHE_DIR_ENV, str(tmp_path / "inductor"))
+    results = []
+    for compiled in (False, True):
+        cfg = tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path / str(compiled),
+            train__torch_compile=compiled,
+            train__torch_compile_mode=mode,
+            train__allow_tf32=False,
+            train__device="cuda",
+        )
+        trainer, _ = build_trainer(cfg)
+        assert trainer.device.type == "cuda" and trainer.graphed is (compiled and mode == "reduce-overhead")
+        results.append(one_step(trainer))
+    torch._dynamo.reset()
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)

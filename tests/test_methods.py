@@ -259,7 +259,9 @@ def test_a_registered_method_is_a_cli_choice_and_trains(
 def test_a_training_step_never_waits_for_the_gpu(method, tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
     """After the first step (which measures --bank_weight auto's lambda), a step queues its work and returns:
     no host read of a device value, no stream synchronisation (either would expose the host's dispatch)."""
-    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method=method)
+    cfg = tiny_config(
+        tiny_pipeline_dir, tiny_dataset_dir, tmp_path, method__method=method, train__device="cuda"
+    )
     trainer, opt = build_trainer(cfg)
     assert trainer.device.type == "cuda"
     batch = target_batch(trainer)

@@ -487,7 +487,7 @@ def test_offload_text_encoders_moves_both_and_counts_the_bytes(tiny_sdxl_pipelin
 
 @pytest.mark.gpu
 def test_a_cached_run_trains_with_its_text_encoders_on_the_cpu(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
-    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path)
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__device="cuda")
     trainer, opt = build_trainer(cfg)
     assert trainer.device.type == "cuda" and trainer.base.text_encoder.device.type == "cpu"
     trainer.training_step(target_batch(trainer))

@@ -180,7 +180,9 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
     warm = (Path(compile_cache(cfg.data.cache_dir)["dir"]) / "difftune-compiled" / signature).exists()
     target = trainer.target
     rows = [target[i % len(target)] for i in range(t.train_batch_size)]
-    seconds = _eager_step_seconds(trainer, torch.utils.data.default_collate(rows))
+    seconds = (
+        _eager_step_seconds(trainer, torch.utils.data.default_collate(rows)) * t.gradient_accumulation_steps
+    )
     decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
