@@ -17,7 +17,8 @@
 # Settings (environment): TOTAL steps of the cosine schedule, BATCH, LR, WARMUP, EMA decay,
 # TRAIN_BUDGET seconds of training per call. Keep them the same over one run. EVAL=0 skips the evaluation
 # (its ~2.5 minutes go to training: TRAIN_BUDGET=480); the chunk's progress row then has no scores. COMPILE=1 compiles the
-# step (torch.compile: its compile time counts in TRAIN_BUDGET; compare steps_per_s in base.jsonl). A dry run on a CPU
+# step (torch.compile: its compile time counts in TRAIN_BUDGET; compare steps_per_s in base.jsonl); COMPILE_MODE=reduce-overhead
+# replays it as CUDA graphs. A dry run on a CPU
 # (tiny sizes, no wheels; PY: a python with the package): DEVICE=cpu NO_DEVICE_ENV=1 W=/tmp/toybase-dry OUT=/tmp/out-dry \
 #   TRAIN_BUDGET=5 TRAIN_ARGS="--base_pool 8 --base_batch 2" \
 #   EVAL_ARGS="--steps 2 --single_repeats 1 --two 2 --latent_n 4 --domain_n 8" bash bench/h200_pretrain_base.sh
@@ -49,7 +50,7 @@ echo "== resume: $SOURCE"
 timeout $((TRAIN_BUDGET + 150)) $PY scripts/pretrain_toyworld.py --stage base --out_dir $W \
   --init_from difftune_control/toyworld/weights/base --base_steps $TOTAL --base_batch $BATCH \
   --base_lr $LR --base_warmup $WARMUP --ema_decay $EMA --time_budget $TRAIN_BUDGET \
-  --save_every 2000 --log_every 250 --device $DEVICE --base_compile ${COMPILE:-0} ${TRAIN_ARGS:-} "${RESUME[@]}" > $W/train.log 2>&1
+  --save_every 2000 --log_every 250 --device $DEVICE --base_compile ${COMPILE:-0} --base_compile_mode ${COMPILE_MODE:-default} ${TRAIN_ARGS:-} "${RESUME[@]}" > $W/train.log 2>&1
 echo "== train: rc $? after $(( $(date +%s) - t0 )) s"; grep -v '"step"' $W/train.log | tail -n 5; tail -n 2 $W/logs/base.jsonl
 
 rm -f $W/eval.json $W/samples.png  # a chunk's row holds its own scores or none

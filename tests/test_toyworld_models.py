@@ -265,8 +265,32 @@ def test_the_compiled_base_step_trains_as_the_eager_one(tmp_path, monkeypatch):
             torch.load(out / "checkpoints" / "base.pt", weights_only=False)["unet"],
             log,
         )
-    assert any(r.get("event") == "compile" for r in runs[True][2])
+    assert any(r.get("event") == "compile" and r["mode"] == "default" for r in runs[True][2])
     assert not any(r.get("event") == "compile" for r in runs[False][2])
     assert len(runs[True][0]) == 2 and runs[True][0] == pytest.approx(runs[False][0], rel=1e-4)
     for k, v in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_the_base_compile_mode_is_checked_and_reaches_torch_compile(tmp_path, monkeypatch):
+    """``base_compile_mode``: a wrong name is refused up front; ``reduce-overhead`` is what torch.compile gets,
+    and each step starts a new CUDA-graph generation (counted here on the CPU, where nothing is graphed)."""
+    from difftune_control.toyworld.pretrain import PretrainConfig
+    from difftune_control.toyworld.pretrain_base import train_base
+
+    with pytest.raises(ValueError, match="base_compile_mode must be default or reduce-overhead, got 'fast'"):
+        PretrainConfig(base_compile_mode="fast")
+    modes, marks = [], []
+    real_compile = torch.compile
+
+    def spy(fn, **kw):
+        modes.append(kw.get("mode"))
+        return real_compile(fn, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", spy)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path / "cache"))
+    train_base(PretrainConfig(out_dir=str(tmp_path / "run"), device="cpu", init_from=str(default_base_model_path()),
+                              base_steps=3, base_pool=4, base_batch=2, base_warmup=1, save_every=100, log_every=1,
+                              base_compile=True, base_compile_mode="reduce-overhead"))  # fmt: skip
+    assert modes == ["reduce-overhead"] and len(marks) == 3

@@ -70,6 +70,10 @@ class PretrainConfig:
     base_compile: bool = False
     """``torch.compile`` the base stage's forward pass and loss (text encoder, UNet, epsilon MSE): the
     small models at 16x16 latents are bound by kernel launches, which inductor fuses."""
+    base_compile_mode: str = "default"
+    """``torch.compile`` mode of ``base_compile``: ``default``, or ``reduce-overhead`` (the compiled forward
+    and backward replayed as CUDA graphs: one launch each instead of thousands of kernels; the batch is
+    fixed, so they are recorded once)."""
     save_every: int = 1000
     init_from: str | None = None
     """Pipeline folder whose text encoder and UNet the base stage starts from (and whose VAE it uses
@@ -97,6 +101,10 @@ class PretrainConfig:
         ):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.base_compile_mode not in ("default", "reduce-overhead"):
+            problems.append(
+                f"base_compile_mode must be default or reduce-overhead, got {self.base_compile_mode!r}"
+            )
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.resolution % 8:

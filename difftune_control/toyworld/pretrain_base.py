@@ -224,9 +224,12 @@ def train_base(cfg: PretrainConfig) -> Path:
     if cfg.base_compile:  # the run's backend; inductor's artefacts kept for the next chunk on this machine
         from ..compiler import compile_backend, compile_cache
 
-        backend = compile_backend()
-        log(event="compile", backend=backend, cache=compile_cache()["dir"])
-        forward = torch.compile(per_sample_loss, backend=backend)
+        backend, mode = compile_backend(), cfg.base_compile_mode
+        log(event="compile", backend=backend, mode=mode, cache=compile_cache()["dir"])
+        forward = torch.compile(
+            per_sample_loss, backend=backend, **({} if mode == "default" else {"mode": mode})
+        )
+    graphed = cfg.base_compile and cfg.base_compile_mode == "reduce-overhead"
     t0, done, saved = time.time(), start, False
     end = min(cfg.base_steps, cfg.base_stop_at or cfg.base_steps)
     for step in range(start, end):
@@ -244,6 +247,8 @@ def train_base(cfg: PretrainConfig) -> Path:
         noise = torch.randn(latents.shape, device=dev, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=dev, generator=gen)
         noisy = sched.add_noise(latents, noise, t).contiguous(memory_format=torch.channels_last)
+        if graphed:  # a new step: the last step's graph outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()
         per_sample = forward(tokens, noisy, t, noise)
         if cfg.min_snr_gamma:
             per_sample = per_sample * snr[t].clamp(max=cfg.min_snr_gamma) / snr[t]
