@@ -117,10 +117,17 @@ def run_summary(
         f"  data      {_data_line(cfg, toy)}",
         f"  method    {_method_line(cfg)}",
         f"  training  {steps}, {batch}, learning rate {describe_default(t.learning_rate)}, on {device} "
-        f"({'fp32' if precision in (None, 'no') else precision})",
+        f"({'fp32' if precision in (None, 'no') else precision}){_compile_text(t)}",
         f"  detector  {detector}",
     ]
     return "\n".join(lines)
+
+
+def _compile_text(t) -> str:
+    """``--torch_compile`` as the summary's training line says it."""
+    if t.torch_compile == "auto":
+        return f", torch.compile auto (mode {t.torch_compile_mode}: decided before the first step)"
+    return f", torch.compile (mode {t.torch_compile_mode})" if t.torch_compile is True else ""
 
 
 def already_finished_message(run_dir: str | Path, step: int, max_train_steps: int) -> str:
