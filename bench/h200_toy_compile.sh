@@ -2,9 +2,9 @@
 # (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
 # Does compiling pay for the toy world's runs on one GPU? (device tool, repository root; carry .whl, REVISION)
 #   OUT=... bash bench/h200_toy_compile.sh
-# The toy world's training step is bound by the host's kernel dispatch (BENCHMARKS.md section 6: 71 ms a step
-# at batch 64 for models a GPU runs in about a millisecond), so CUDA graphs may speed the benchmark grids'
-# runs several times. One toy run (CONDITION, default depth; the default Diff-Tuning; STEPS, default 300;
+# The toy world's training step is likely bound by the host's kernel dispatch (BENCHMARKS.md section 6: 71 ms a
+# step at batch 64 for a 7 M-parameter UNet and its ControlNet at 16x16 latents), so CUDA graphs may speed the
+# benchmark grids' runs several times. One toy run (CONDITION, default depth; the default Diff-Tuning; STEPS, default 300;
 # batch 64) eager, then with --torch_compile --torch_compile_mode MODE (default reduce-overhead) on an empty
 # compile cache, then again on the cache it left; REPEATS (default 1) rounds. Per run: wall time of the
 # command, the logged images/s (median of the train records after the first 50 steps), the mean
