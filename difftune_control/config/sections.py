@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from difftune_control.config.values import bool_or_auto, float_or_auto
+
 
 class ConfigError(ValueError):
     """Raised with every problem found in a configuration, one per line."""
@@ -116,28 +118,6 @@ class DataConfig:
     )
 
 
-def _float_or_auto(text: str) -> float | str:
-    """A flag value that is a number or ``auto`` (argparse shows the error message as it is)."""
-    import argparse
-
-    if text == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
-
-
-def _bool_or_auto(text: str) -> bool | str:
-    """A flag value that is true / false (yes / no, 1 / 0) or ``auto``."""
-    import argparse
-
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None and text.lower() != "auto":
-        raise argparse.ArgumentTypeError(f"expected true, false or auto, got {text!r}")
-    return "auto" if value is None else value
-
-
 @dataclass
 class MethodConfig:
     """Training objective: vanilla ControlNet or Diff-Tuning (chain of forgetting)."""
@@ -161,7 +141,7 @@ class MethodConfig:
         "weighted bank rows pull "
         "--bank_pull times as hard as the target rows (measured on the ControlNet's gradient, every "
         "--bank_pull_every steps, logged as bank_weight records).",
-        parse=_float_or_auto,
+        parse=float_or_auto,
     )
     bank_pull: float = _f(
         0.1, "--bank_weight auto: the bank rows' pull as a fraction of the target rows' (BENCHMARKS.md 0f)."
@@ -323,7 +303,7 @@ class TrainConfig:
         "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional). auto: on CUDA, "
         "time a few eager passes and compile when the run's steps would earn the compile time back "
         "(the cost and saving measured in BENCHMARKS.md 4b; one log line gives the reckoning).",
-        parse=_bool_or_auto,
+        parse=bool_or_auto,
         nargs="?",
         const=True,
         metavar="true|false|auto",
