@@ -19,6 +19,7 @@ from difftune_control import __version__
 from difftune_control.config import PRESETS, ConfigError, RunConfig, apply_preset, config_from_args
 from difftune_control.console import setup_logging
 from difftune_control.flags import BANK_FIELDS, SECTIONS, RegistryChoices, add_config_arguments
+from difftune_control.utils import mark_one_command
 
 _STAGE_CLIS = {
     "extract": "difftune_control.extractors.cli",
@@ -250,7 +251,11 @@ DISK_ADVICE = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, program: bool = False) -> int:
+    """The ``difftune`` command; ``program``: this process runs only this command (the entry points; so is
+    ``argv=None``, reading the process's own arguments)."""
+    if argv is None or program:
+        mark_one_command()
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -32,6 +32,31 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "difftune_control"
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere): its imports, configuration and
+    device start-up count, which a timer started in the code would miss."""
+    try:
+        start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+_PROGRAM = {"one_command": False}
+
+
+def mark_one_command() -> None:
+    """Called by the command-line entry points: this process exists for the one command it runs, so its age
+    is the command's time (a notebook or a test process is older than any run it makes)."""
+    _PROGRAM["one_command"] = True
+
+
+def command_seconds() -> float | None:
+    """Seconds since the process started, when it runs one command (:func:`mark_one_command`); else None."""
+    return process_seconds() if _PROGRAM["one_command"] else None
+
+
 def unwritable_dir(path: str | os.PathLike) -> str | None:
     """Why a folder cannot be created or written (None when it can), checked without creating anything.
 

@@ -14,4 +14,4 @@ import sys
 from difftune_control.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    sys.exit(main(["train", *sys.argv[1:]], program=True))

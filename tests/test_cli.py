@@ -229,3 +229,46 @@ def test_out_of_gpu_memory_is_answered_with_the_flags_that_lower_it(monkeypatch,
         assert flag in err
     with pytest.raises(RuntimeError, match="something else"):  # other errors are not dressed up
         _train_raising(monkeypatch, RuntimeError("something else"))
+
+
+def test_a_command_records_its_start_up_and_its_process_time(tiny_pipeline_dir, tiny_dataset_dir, tmp_path):
+    """Run as a program (the training script), a run's setup record counts the process's start-up (imports,
+    configuration, accelerator) and its end record the whole process; the report names every part."""
+    import os
+
+    from test_trainer import tiny_flags
+
+    from difftune_control.utils import read_jsonl
+
+    flags = tiny_flags(tiny_pipeline_dir, tiny_dataset_dir, tmp_path, "cli")
+    small = [
+        "--method",
+        "vanilla",
+        "--max_train_steps",
+        "2",
+        "--convergence_every",
+        "2",
+        "--convergence_samples",
+        "2",
+    ]
+    out = subprocess.run(
+        [sys.executable, "scripts/train_controlnet.py", *flags, *small],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = read_jsonl(tmp_path / "cli" / "metrics.jsonl")
+    parts = next(r for r in records if r["type"] == "setup")["seconds"]
+    assert list(parts) == ["start", "models", "latent_cache", "bank", "trainable"]
+    assert (
+        0.5 < parts["start"] < 120
+    )  # importing torch and diffusers takes a while; nothing like a test session
+    end = next(r for r in records if r["type"] == "end")
+    assert end["process_seconds"] >= parts["start"] + parts["models"] + end["time"] - 0.5
+    assert main(["report", str(tmp_path / "cli")]) == 0
+    assert (
+        "- setup: start-up (imports, accelerator, device) "
+        in (tmp_path / "cli" / "report" / "report.md").read_text()
+    )

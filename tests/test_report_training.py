@@ -60,6 +60,12 @@ def test_report_of_a_real_run_agrees_with_its_metrics(trained_run, tmp_path):
     setup = [r for r in records if r["type"] == "setup"]
     assert len(setup) == 1 and setup[0]["step"] == 0 and setup[0]["seconds"]["latent_cache"] > 0
     assert s["setup_seconds"] == pytest.approx(setup[0]["seconds"])  # vanilla: no bank, ~0 s for it
+    parts = setup[0]["seconds"]  # trained in this (test) process: its age is no run's start-up
+    assert list(parts) == ["models", "latent_cache", "bank", "trainable"]
+    assert parts["models"] > 0 and parts["trainable"] > 0
+    assert next(r for r in records if r["type"] == "end")["process_seconds"] is None
+    text = (report / "report.md").read_text()
+    assert "- setup: base model " in text and "ControlNet and optimizer" in text
     if s["converged"]:
         assert s["seconds_to_convergence"] == pytest.approx(event["time"] + sum(setup[0]["seconds"].values()))
     wall = max(r["time"] for r in records if "time" in r)

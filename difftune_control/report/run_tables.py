@@ -42,6 +42,16 @@ EXPLAIN = [
 ]
 
 
+SETUP_PARTS = {
+    "start": "start-up (imports, accelerator, device)",
+    "models": "base model",
+    "latent_cache": "latent cache",
+    "bank": "memory bank",
+    "trainable": "ControlNet and optimizer",
+}
+"""How the report names the parts of a start's setup (``setup`` records in ``metrics.jsonl``)."""
+
+
 def _steps(x: Any) -> str:
     return "—" if x is None else str(x)
 
@@ -237,15 +247,15 @@ def run_details(run: Run, summary: dict[str, Any]) -> list[tuple[str, str]]:
         facts.append(("GPU memory, peak allocated", peaks))
     setup = summary.get("setup_seconds") or {}
     if setup:
-        parts = ", ".join(f"{name.replace('_', ' ')} {sec:.0f} s" for name, sec in setup.items())
-        facts.append(
-            ("data preparation", f"{parts} (building or reusing them; a reused cache or bank costs ~0)")
+        parts = ", ".join(
+            f"{SETUP_PARTS.get(name, name.replace('_', ' '))} {sec:.0f} s" for name, sec in setup.items()
         )
+        facts.append(("setup", f"{parts} (a reused latent cache or bank costs ~0)"))
     if summary.get("seconds_to_convergence") is not None:
         facts.append(
             (
                 "to sudden convergence",
-                f"{summary['seconds_to_convergence']:.0f} s: the data preparation before it and "
+                f"{summary['seconds_to_convergence']:.0f} s: the setup before it and "
                 f"{summary['convergence_time']:.0f} s of training",
             )
         )

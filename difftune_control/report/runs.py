@@ -39,7 +39,7 @@ class Run:
     milestones: dict[float, dict[str, Any]] = field(default_factory=dict)
     end: dict[str, Any] | None = None
     bank_check: dict[str, Any] | None = None  # the memory-bank check at step 0 (Diff-Tuning)
-    setups: list[dict[str, Any]] = field(default_factory=list)  # each start's data preparation (seconds)
+    setups: list[dict[str, Any]] = field(default_factory=list)  # each start's setup by part (seconds)
 
     @property
     def method(self) -> str:

@@ -14,7 +14,8 @@ from .runs import Run, _fmt, _num, level_key
 
 
 def setup_seconds(records: list[dict[str, Any]]) -> dict[str, float]:
-    """Seconds of data preparation by part (latent cache, memory bank), summed over the starts of a run."""
+    """Seconds of setup by part (start-up, base model, latent cache, memory bank, ControlNet and optimizer),
+    summed over the starts of a run."""
     out: dict[str, float] = {}
     for r in records:
         for part, value in (r.get("seconds") or {}).items():
@@ -176,7 +177,7 @@ def summarize_run(run: Run, budget: int | None = None) -> dict[str, Any]:
         "confirmed_step": event.get("confirmed_step", event.get("step")),
         "convergence_p": _num(event.get("p")),
         "convergence_time": event_time,
-        # the run's cost to sudden convergence: the data preparation of the starts before it, and the training
+        # the run's cost to sudden convergence: the setup of the starts before it, and the training
         "seconds_to_convergence": (
             event_time + sum(before_event.values()) if event_time is not None else None
         ),

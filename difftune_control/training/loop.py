@@ -30,7 +30,7 @@ from difftune_control.training.distributed import StopVote, WindowMeans, ddp_set
 from difftune_control.training.finite import WeightWatch
 from difftune_control.training.runtime import IndexStream, PeakMeter, StopSignal, StreamBatchSampler
 from difftune_control.training.setup import build_run, make_accelerator, resolve_config
-from difftune_control.utils import JsonlLogger, atomic_dir, derive_seed
+from difftune_control.utils import JsonlLogger, atomic_dir, command_seconds, derive_seed
 from difftune_control.validation import sample_images, sampling_batch, sampling_mode, save_grid
 
 logger = logging.getLogger(__name__)
@@ -385,15 +385,15 @@ class _Loop:
     def _finish(self, reason: str) -> None:
         self._flush_log()
         self._check_finite()  # nothing from a non-finite step is logged or saved
+        step = self.state.global_step
         if self.main:
             net = self.acc.unwrap_model(self.trainer.controlnet)
             with atomic_dir(self.run_dir / "controlnet") as tmp:
                 net.save_pretrained(tmp, safe_serialization=True)
-            self.emit({"type": "end", "step": self.state.global_step, "reason": reason})
+            # process_seconds: a command's process, from its imports to the last save (None in-process)
+            self.emit({"type": "end", "step": step, "reason": reason, "process_seconds": command_seconds()})
             self.log.close()
             if self.tb is not None:
                 self.tb.close()
-            logger.info(
-                "finished (%s) at optimizer step %d: %s", reason, self.state.global_step, self.run_dir
-            )
+            logger.info("finished (%s) at optimizer step %d: %s", reason, step, self.run_dir)
         self.acc.wait_for_everyone()

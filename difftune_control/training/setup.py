@@ -32,6 +32,7 @@ from difftune_control.training.runtime import (
     make_controlnet,
     offload_text_encoders,
 )
+from difftune_control.utils import command_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -134,9 +135,11 @@ def build_run(
     ``--torch_compile auto``'s count of the steps left)."""
     from difftune_control import assembly
 
+    started = command_seconds()  # a command's imports, configuration, accelerator and device start-up
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
     torch.manual_seed(cfg.train.seed)
     device = accelerator.device
+    tm = time.perf_counter()
     base = load_base_model(cfg.model, device, weight_dtype(accelerator))
     recipe, extractor = assembly.load_condition(cfg, toy, device, recipe)
     t0 = time.perf_counter()
@@ -149,7 +152,8 @@ def build_run(
     t2 = time.perf_counter()
     prepared = assembly.prepare_bank(cfg, base, recipe, extractor, target, accelerator)
     bank, bank_dir = prepared.dataset, prepared.path
-    setup_seconds = {"latent_cache": round(t1 - t0, 3), "bank": round(time.perf_counter() - t2, 3)}
+    t3 = time.perf_counter()
+    setup_seconds = {"start": started, "models": t0 - tm, "latent_cache": t1 - t0, "bank": t3 - t2}
 
     torch.manual_seed(cfg.train.seed)
     controlnet, optimizer, lr_scheduler = prepare_trainable(cfg, accelerator, base)
@@ -160,6 +164,8 @@ def build_run(
     attach(trainer, optimizer)
     if cfg.train.torch_compile == "auto":
         auto_compile(cfg, accelerator, base, trainer, cfg.train.max_train_steps - (resumed_step or 0))
+    setup_seconds["trainable"] = time.perf_counter() - t3  # the ControlNet, optimizer, trainer (and compile)
+    setup_seconds = {k: round(v, 3) for k, v in setup_seconds.items() if v is not None}
     monitor = make_monitor(cfg, recipe, extractor, val, run_dir) if cfg.detector.detect_convergence else None
     if device.type == "cuda" and cfg.data.cache_latents:  # every prompt is encoded by now
         freed = offload_text_encoders(base)
