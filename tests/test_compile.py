@@ -242,9 +242,11 @@ def test_compiling_pays_only_where_a_gain_was_measured_and_the_steps_earn_it_bac
     assert not compile_pays(300, 0.175, 4, graphs=True, warm=True)[0]
     # batch 4 without CUDA graphs: no gain measured, whatever the length of the run
     pays, why = compile_pays(10**7, 0.175, 4, graphs=False, warm=True)
-    assert not pays and "no gain was measured at batch 4 without CUDA graphs" in why
+    assert not pays and "no gain was measured for sd1 models at batch 4 without CUDA graphs" in why
     assert compile_pays(10**5, 0.33, 32, graphs=False, warm=False)[0]  # 9% of 330 ms over 100k steps
     assert not compile_pays(10**5, 0.33, 32, graphs=True, warm=False)[0]  # graphs at batch 32: not measured
+    for model in ("sdxl", "toy"):  # measured at SD1.5 only
+        assert not compile_pays(10**7, 0.175, 4, graphs=True, warm=True, model=model)[0]
 
 
 def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
@@ -258,7 +260,7 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
     clean_env.setenv(BACKEND_ENV, "aot_eager")
     clean_env.setenv(CACHE_DIR_ENV, str(tmp_path / "inductor"))  # this test's own: no setting noted before
     monkeypatch.setattr(compilation, "AUTO_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(compilation, "MEASURED_GAINS", ((False, 1, None, 0.5, "a test"),))
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", (("sd1", False, 1, None, 0.5, "a test"),))
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
     said, built = [], []
     for run in ("first", "second"):

@@ -91,35 +91,38 @@ COMPILE_SECONDS = {"empty": 177.0, "warm": 21.0}
 empty compile cache and on the cache the first run left (BENCHMARKS.md 4b, commit 68b273d)."""
 
 MEASURED_GAINS = (
-    # (CUDA graphs, smallest batch, largest batch, share of an eager step saved, where it was measured)
-    (True, 1, 8, 0.30, "SD1.5, batch 4, CUDA graphs: 175 -> 90-122 ms per step"),
-    (False, 32, None, 0.09, "SD1.5, batch 32: 9-13% more images/s"),
+    # (model, CUDA graphs, smallest batch, largest batch, share of an eager step saved, where it was measured)
+    ("sd1", True, 1, 8, 0.30, "SD1.5, batch 4, CUDA graphs: 175 -> 90-122 ms per step"),
+    ("sd1", False, 32, None, 0.09, "SD1.5, batch 32: 9-13% more images/s"),
 )
-"""Where compiling was measured to pay (BENCHMARKS.md 4 and 4b), at the low end of what was measured. Elsewhere
-(e.g. batch 4 without CUDA graphs: within the chunks' spread of eager) ``--torch_compile auto`` does not
-count on a gain."""
+"""Where compiling was measured to pay (BENCHMARKS.md 4 and 4b), at the low end of what was measured: the model
+kind (``sd1`` / ``sd2`` / ``sdxl``, ``toy`` for the toy world), CUDA graphs or not, the batch per process.
+Elsewhere (e.g. batch 4 without CUDA graphs: within the chunks' spread of eager; SDXL and the toy world: not
+measured) ``--torch_compile auto`` does not count on a gain."""
 
 
 AUTO_DEVICES = ("cuda",)
 """Devices where ``--torch_compile auto`` weighs compiling (elsewhere nothing was measured: it stays eager)."""
 
 
-def measured_gain(graphs: bool, batch: int) -> tuple[float, str] | None:
-    """The share of an eager step's time compiling saves at ``batch`` per process, and where that was
-    measured; None where no gain was measured."""
-    for g, lo, hi, share, where in MEASURED_GAINS:
-        if g == graphs and batch >= lo and (hi is None or batch <= hi):
+def measured_gain(model: str, graphs: bool, batch: int) -> tuple[float, str] | None:
+    """The share of an eager step's time compiling saves for ``model`` at ``batch`` per process, and where that
+    was measured; None where no gain was measured."""
+    for kind, g, lo, hi, share, where in MEASURED_GAINS:
+        if kind == model and g == graphs and batch >= lo and (hi is None or batch <= hi):
             return share, where
     return None
 
 
-def compile_pays(steps: int, step_seconds: float, batch: int, graphs: bool, warm: bool) -> tuple[bool, str]:
+def compile_pays(
+    steps: int, step_seconds: float, batch: int, graphs: bool, warm: bool, model: str = "sd1"
+) -> tuple[bool, str]:
     """Whether compiling earns its time back over ``steps`` eager steps of ``step_seconds``, and why (the
     reckoning, for the log line)."""
     mode = "with CUDA graphs" if graphs else "without CUDA graphs"
-    gain = measured_gain(graphs, batch)
+    gain = measured_gain(model, graphs, batch)
     if gain is None:
-        return False, f"no gain was measured at batch {batch} {mode} (BENCHMARKS.md 4b)"
+        return False, f"no gain was measured for {model} models at batch {batch} {mode} (BENCHMARKS.md 4b)"
     share, where = gain
     cost = COMPILE_SECONDS["warm" if warm else "empty"]
     saved = steps * step_seconds * share
@@ -183,7 +186,8 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
     seconds = (
         _eager_step_seconds(trainer, torch.utils.data.default_collate(rows)) * t.gradient_accumulation_steps
     )
-    decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm)
+    model = "toy" if base.is_toy else base.kind
+    decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm, model)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
