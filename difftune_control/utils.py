@@ -38,7 +38,7 @@ def process_seconds() -> float | None:
     try:
         start_ticks = float(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+        return round(max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK")), 2)  # /proc counts in 10 ms
     except (OSError, ValueError, IndexError):
         return None
 
