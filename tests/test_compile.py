@@ -249,12 +249,19 @@ def test_compiling_pays_only_where_a_gain_was_measured_and_the_steps_earn_it_bac
         assert not compile_pays(10**7, 0.175, 4, graphs=True, warm=True, model=model)[0]
 
 
+GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
 def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
-    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog, monkeypatch
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog, monkeypatch, device
 ):
-    """``--torch_compile auto`` through the run's setup on the CPU (allowed here, with aot_eager): the eager
-    step timed without an update or a draw of the trainer's generator, the reckoning logged, the blocks
-    compiled when it pays, and the setting noted so the next run reckons with the warm cache's cost."""
+    """``--torch_compile auto`` through the run's setup (on the CPU allowed here; aot_eager): the eager step
+    timed without an update or a draw of the trainer's generator, the reckoning logged, the blocks compiled
+    when it pays, and the setting noted so the next run reckons with the warm cache's cost."""
     from difftune_control.training import compilation
 
     clean_env.setenv(BACKEND_ENV, "aot_eager")
@@ -264,7 +271,13 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
     said, built = [], []
     for run in ("first", "second"):
-        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / run, train__torch_compile="auto")
+        cfg = tiny_config(
+            tiny_pipeline_dir,
+            tiny_dataset_dir,
+            tmp_path / run,
+            train__torch_compile="auto",
+            train__device=device,
+        )
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="difftune_control"):
             trainer, _ = build_trainer(cfg)
@@ -279,7 +292,13 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
 
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 0.0, "warm": 0.0})
     caplog.clear()
-    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "third", train__torch_compile="auto")
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path / "third",
+        train__torch_compile="auto",
+        train__device=device,
+    )
     with caplog.at_level(logging.INFO, logger="difftune_control"):
         trainer, _ = build_trainer(cfg)
     messages = [r.getMessage() for r in caplog.records if "torch_compile auto" in r.getMessage()]
@@ -291,7 +310,13 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
     assert len(noted) == 1
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
     caplog.clear()
-    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "fourth", train__torch_compile="auto")
+    cfg = tiny_config(
+        tiny_pipeline_dir,
+        tiny_dataset_dir,
+        tmp_path / "fourth",
+        train__torch_compile="auto",
+        train__device=device,
+    )
     with caplog.at_level(logging.INFO, logger="difftune_control"):
         build_trainer(cfg)
     messages = [r.getMessage() for r in caplog.records if "torch_compile auto" in r.getMessage()]
