@@ -51,11 +51,12 @@ def tiny_text_encoder(vocab_size: int, max_positions: int = 8, layers: int = 1):
     ).eval()
 
 
-def tiny_unet(sample_size: int = 8):
-    """A two-level UNet2DConditionModel (8, 16 channels) with cross-attention width 16."""
+def tiny_unet(sample_size: int = 8, **overrides):
+    """A two-level UNet2DConditionModel (8, 16 channels) with cross-attention width 16 (``overrides``: other
+    config values, e.g. wider channels)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
+    config = dict(
         sample_size=sample_size,
         in_channels=4,
         out_channels=4,
@@ -66,7 +67,8 @@ def tiny_unet(sample_size: int = 8):
         cross_attention_dim=16,
         attention_head_dim=2,
         norm_num_groups=4,
-    ).eval()
+    )
+    return UNet2DConditionModel(**{**config, **overrides}).eval()
 
 
 def tiny_vae(sample_size: int = 16):

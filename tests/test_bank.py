@@ -598,19 +598,13 @@ def test_sampling_frees_the_half_copies_cached_by_a_prepared_controlnet():
     """accelerate's bf16 preparation runs the ControlNet's forward in an autocast with the weight cache on;
     sample_images must not hold those bf16 copies from one denoising step to the next (nor into the decode)."""
     from accelerate import Accelerator
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel
 
     from difftune_control.validation import sample_images, sampling_mode
 
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(320, 640),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64,
-        attention_head_dim=8,
-    ).to("cuda")
+    unet = tiny_unet(
+        block_out_channels=(320, 640), cross_attention_dim=64, attention_head_dim=8, norm_num_groups=32
+    ).to("cuda")  # wide enough that a bf16 copy of its ControlNet's weights is tens of MB
     net = Accelerator(mixed_precision="bf16").prepare_model(
         ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
     )

@@ -269,21 +269,25 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
     monkeypatch.setattr(compilation, "AUTO_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(compilation, "MEASURED_GAINS", (("sd1", False, 1, None, 0.5, "a test"),))
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
-    said, built = [], []
-    for run in ("first", "second"):
+
+    def auto_run(name: str) -> tuple[list[str], list, list[str]]:
+        """A run's setup under --torch_compile auto: its auto log lines, its compiled blocks, all its lines."""
         cfg = tiny_config(
             tiny_pipeline_dir,
             tiny_dataset_dir,
-            tmp_path / run,
+            tmp_path / name,
             train__torch_compile="auto",
             train__device=device,
         )
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="difftune_control"):
             trainer, _ = build_trainer(cfg)
-        said.append([r.getMessage() for r in caplog.records if "--torch_compile auto" in r.getMessage()])
+        lines = [r.getMessage() for r in caplog.records]
         net = trainer.accelerator.unwrap_model(trainer.controlnet)
-        built.append([m for m in net.modules() if getattr(m, "_compiled_call_impl", None)])
+        compiled = [m for m in net.modules() if getattr(m, "_compiled_call_impl", None)]
+        return [m for m in lines if "--torch_compile auto" in m], compiled, lines
+
+    said, built = zip(*[auto_run(name)[:2] for name in ("first", "second")], strict=True)
     torch._dynamo.reset()
     assert len(said[0]) == 1 and said[0][0].startswith("--torch_compile auto: not compiling: ")
     assert "on an empty compile cache" in said[0][0] and built[0] == []
@@ -291,35 +295,13 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
     assert said[1] == [said[1][0]] and "on an empty compile cache" in said[1][0] and built[1] == []
 
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 0.0, "warm": 0.0})
-    caplog.clear()
-    cfg = tiny_config(
-        tiny_pipeline_dir,
-        tiny_dataset_dir,
-        tmp_path / "third",
-        train__torch_compile="auto",
-        train__device=device,
-    )
-    with caplog.at_level(logging.INFO, logger="difftune_control"):
-        trainer, _ = build_trainer(cfg)
-    messages = [r.getMessage() for r in caplog.records if "torch_compile auto" in r.getMessage()]
+    messages, compiled, lines = auto_run("third")
     assert len(messages) == 1 and messages[0].startswith("--torch_compile auto: compiling: ")
-    net = trainer.accelerator.unwrap_model(trainer.controlnet)
-    assert [m for m in net.modules() if getattr(m, "_compiled_call_impl", None)]
-    assert any("torch.compile on" in r.getMessage() for r in caplog.records)
+    assert compiled and any("torch.compile on" in m for m in lines)
     noted = list((Path(os.environ[CACHE_DIR_ENV]) / "difftune-compiled").iterdir())
     assert len(noted) == 1
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 0.0})
-    caplog.clear()
-    cfg = tiny_config(
-        tiny_pipeline_dir,
-        tiny_dataset_dir,
-        tmp_path / "fourth",
-        train__torch_compile="auto",
-        train__device=device,
-    )
-    with caplog.at_level(logging.INFO, logger="difftune_control"):
-        build_trainer(cfg)
-    messages = [r.getMessage() for r in caplog.records if "torch_compile auto" in r.getMessage()]
+    messages = auto_run("fourth")[0]
     assert "compiling: " in messages[0] and "this setting's warm compile cache" in messages[0]
     torch._dynamo.reset()
 

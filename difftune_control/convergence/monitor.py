@@ -217,12 +217,12 @@ class ConvergenceMonitor:
 
         del controlnet  # see the docstring: conditioning_scale=0 == UNet alone, bit for bit
         start = time.perf_counter()
-        with torch.no_grad(), self._autocast(unet):
+        with torch.no_grad(), self._sampling_mode(unet):
             unconditioned = self._sample(unet, vae, None, scheduler_config)
             reextracted, d0 = self._score(unconditioned)
         # kept for the first evaluation: a still zero-initialised ControlNet makes these same samples
         self._unconditioned = (unconditioned, reextracted, d0)
-        with torch.no_grad(), self._autocast(unet):
+        with torch.no_grad(), self._sampling_mode(unet):
             roundtrip = decode_latents(vae, encode_images(vae, self.images.to(vae.device)))
             _, d_floor = self._score(roundtrip)
         self.detector.set_reference(float(d0.mean()), float(d_floor.mean()))
@@ -238,7 +238,7 @@ class ConvergenceMonitor:
         return dict(self.reference_info)
 
     @staticmethod
-    def _autocast(unet):
+    def _sampling_mode(unet):
         from difftune_control.validation import sampling_mode
 
         return sampling_mode(unet)
@@ -279,7 +279,7 @@ class ConvergenceMonitor:
             if self._unconditioned is not None and _zero_output(controlnet):
                 samples, reextracted, d = self._unconditioned  # exactly what sampling would give
             else:
-                with torch.no_grad(), self._autocast(unet):
+                with torch.no_grad(), self._sampling_mode(unet):
                     samples = self._sample(unet, vae, controlnet, scheduler_config)
                     reextracted, d = self._score(samples)
         finally:

@@ -49,6 +49,11 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     return len(blocks)
 
 
+def compiled_marker(cache_dir: str | os.PathLike, signature: str) -> Path:
+    """The file in the compile cache folder that says a setting (:func:`compile_signature`) was compiled."""
+    return Path(cache_dir) / "difftune-compiled" / signature
+
+
 def compile_for_training(
     controlnet: torch.nn.Module,
     unet: torch.nn.Module,
@@ -63,7 +68,7 @@ def compile_for_training(
     backend = compile_backend()
     cache = compile_cache(cache_dir)
     if signature is not None:
-        marker = Path(cache["dir"]) / "difftune-compiled" / signature
+        marker = compiled_marker(cache["dir"], signature)
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     kw = {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
@@ -180,7 +185,7 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
                     accelerator.device.type)  # fmt: skip
         return False
     signature = compile_signature(cfg, net, base.unet)
-    warm = (Path(compile_cache(cfg.data.cache_dir)["dir"]) / "difftune-compiled" / signature).exists()
+    warm = compiled_marker(compile_cache(cfg.data.cache_dir)["dir"], signature).exists()
     target = trainer.target
     rows = [target[i % len(target)] for i in range(t.train_batch_size)]
     seconds = (
