@@ -185,12 +185,16 @@ def test_fused_backward_pass_updates_compiled_blocks_as_eager(
         torch.testing.assert_close(weights[1][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_cuda_graph_modes_mark_every_step_and_measuring_pass(
-    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, monkeypatch
+def test_cuda_graph_modes_mark_every_step_and_lambdas_measurement_runs_eagerly(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, monkeypatch
 ):
-    """Under CUDA graphs each step (and each pass of lambda's measurement) starts a new generation, so a
-    block's forward never waits behind the previous step's uninvoked backward graphs."""
+    """Under CUDA graphs each step starts a new generation, so a block's forward never waits behind the
+    previous step's uninvoked backward graphs. Lambda's measuring passes run the compiled blocks' eager code:
+    nothing compiled or graphed for them (replayed as CUDA graphs their saved activations were overwritten
+    before their backward on the GPU)."""
     from types import SimpleNamespace
+
+    from torch._dynamo.utils import counters
 
     from difftune_control.training.compilation import cuda_graphs
     from difftune_control.training.diagnostics import bank_pull
@@ -201,18 +205,23 @@ def test_cuda_graph_modes_mark_every_step_and_measuring_pass(
     assert cuda_graphs(train(True, "reduce-overhead")) and cuda_graphs(train(True, "max-autotune"))
     assert not cuda_graphs(train(True, "default")) and not cuda_graphs(train(False, "reduce-overhead"))
     assert not cuda_graphs(train(True, "max-autotune-no-cudagraphs"))
-    trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path))
+    trainer, _ = build_trainer(tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "eager"))
     assert trainer.graphed is False  # no --torch_compile
     marks = []
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
     trainer.training_step(target_batch(trainer))  # lambda's first measurement, then the step
     assert marks == []
+
+    clean_env.setenv(BACKEND_ENV, "aot_eager")
+    cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "compiled", train__torch_compile=True)
+    trainer, _ = build_trainer(cfg)
     trainer.graphed = True  # as a run under --torch_compile_mode reduce-overhead is built
+    counters.clear()
     check = bank_pull(trainer, target_batch(trainer))
-    assert len(marks) == 2 * check["plans"]  # every measuring pass
-    marks.clear()
-    trainer.training_step(target_batch(trainer))
-    assert len(marks) == 1
+    assert check["plans"] >= 1 and marks == [] and counters["stats"].get("unique_graphs", 0) == 0
+    trainer.training_step(target_batch(trainer))  # measures again (step 0), then the compiled step
+    assert len(marks) == 1 and counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
 
 
 def test_torch_compile_reads_true_false_or_auto():
@@ -363,8 +372,11 @@ def test_compiled_step_on_cuda_gives_the_eager_loss_and_gradients(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, mode
 ):
     """What the CPU test checks with aot_eager, with inductor's own kernels on the GPU, plain and under CUDA
-    graphs. TF32 off in both, so the difference is the kernels' float32 rounding alone: rtol 1e-4, atol 1e-6."""
+    graphs. TF32 off for matmuls and cuDNN's convolutions (on by default: there a last-bit difference upstream
+    can flip an input's rounding to TF32's 10-bit mantissa), so the difference is float32 rounding in fused
+    kernels: each gradient within 1e-4 of its norm, the loss within 1e-5."""
     clean_env.setenv(CACHE_DIR_ENV, str(tmp_path / "inductor"))
+    clean_env.setattr(torch.backends.cudnn, "allow_tf32", False)
     results = []
     for compiled in (False, True):
         cfg = tiny_config(
@@ -381,7 +393,10 @@ def test_compiled_step_on_cuda_gives_the_eager_loss_and_gradients(
         results.append(one_step(trainer))
     torch._dynamo.reset()
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
-    assert compiled_loss == pytest.approx(eager_loss, rel=1e-4)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
     assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
-    for name, grad in eager_grads.items():
-        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    errors = {
+        k: float((compiled_grads[k] - g).norm() / g.norm().clamp_min(1e-12)) for k, g in eager_grads.items()
+    }
+    worst = sorted(errors.items(), key=lambda kv: -kv[1])[:5]
+    assert worst[0][1] < 1e-4, f"largest relative gradient errors: {worst}"

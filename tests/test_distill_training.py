@@ -379,9 +379,12 @@ def test_cuda_bf16_teacher_and_snr_retention(tiny_pipeline_dir, tiny_dataset_dir
     import json
     import math
 
+    from accelerate.state import AcceleratorState
+
     from difftune_control.training.loop import run_training
     from difftune_control.utils import read_jsonl
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # earlier tests set it up in fp32
     teacher_dir = make_teacher(base, tmp_path / "teacher")
     cfg = tiny_config(
         tiny_pipeline_dir,

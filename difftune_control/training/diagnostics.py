@@ -31,9 +31,11 @@ def gradient_pull(
     """Norm of the ControlNet's gradient of ``sum(weights * mask * per_sample_loss)``, and the masked mean loss.
 
     Lists of batches, plans and masks are pooled: their gradients are summed before the norm is taken.
-    Each pass has the step's shapes (a compiled model does not recompile for it): the plan's rows, or,
-    where the plan is larger than the batch (a batch of one measures on two-row plans), the masked rows
-    alone. A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
+    Each pass has the step's shapes: the plan's rows, or, where the plan is larger than the batch (a batch
+    of one measures on two-row plans), the masked rows alone. Compiled blocks run their eager code here
+    (``force_eager``): replayed as CUDA graphs, a pass's saved activations were overwritten by the next
+    graph run before its backward on the GPU, and a measurement every few hundred steps gains nothing from
+    compiled kernels. A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
     one is folded into a :class:`~difftune_control.training.fused_step.GradientSketch` as it completes
     and freed. So the measurement needs no more memory than a step. Runs on the unwrapped ControlNet (no
     gradient synchronisation across processes) and leaves its gradients cleared and the trainer's
@@ -49,28 +51,28 @@ def gradient_pull(
     sketch = GradientSketch(list(net.parameters())) if fused is not None else None
     losses = []
     try:
-        net.zero_grad(set_to_none=True)
-        for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
-            mask_ = mask_.bool().cpu()
-            sub = trainer.assemble(batch, pl)
-            rows = slice(None)  # every row passes, weighted by its mask ...
-            if pl.is_bank.numel() > len(batch["caption"]):  # ... unless that would exceed the step's batch
-                sub, rows = _rows(sub, mask_), mask_
-            if trainer.graphed:  # each pass a step of its own for CUDA graphs
-                torch.compiler.cudagraph_mark_step_begin()
-            with acc.autocast():
-                per_sample = trainer.compute_loss(sub)
-            weights = (pl.weights * mask_)[rows].to(per_sample.device, per_sample.dtype)
-            with fused.diverted(sketch.fold) if fused is not None else contextlib.nullcontext():
-                (weights * per_sample).sum().backward()
-            losses.append(per_sample.detach()[mask_[rows].to(per_sample.device)].float())
-        if sketch is not None:
-            norm = sketch.norm()
-        else:
-            grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
-            norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
-        picked = torch.cat(losses)
-        loss = float(picked.mean()) if picked.numel() else float("nan")
+        with torch.compiler.set_stance("force_eager"):  # see above
+            net.zero_grad(set_to_none=True)
+            for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
+                mask_ = mask_.bool().cpu()
+                sub = trainer.assemble(batch, pl)
+                # every row passes, weighted by its mask, unless that would exceed the step's batch
+                rows = slice(None)
+                if pl.is_bank.numel() > len(batch["caption"]):
+                    sub, rows = _rows(sub, mask_), mask_
+                with acc.autocast():
+                    per_sample = trainer.compute_loss(sub)
+                weights = (pl.weights * mask_)[rows].to(per_sample.device, per_sample.dtype)
+                with fused.diverted(sketch.fold) if fused is not None else contextlib.nullcontext():
+                    (weights * per_sample).sum().backward()
+                losses.append(per_sample.detach()[mask_[rows].to(per_sample.device)].float())
+            if sketch is not None:
+                norm = sketch.norm()
+            else:
+                grads = [p.grad.double().pow(2).sum() for p in net.parameters() if p.grad is not None]
+                norm = float(torch.stack(grads).sum().sqrt()) if grads else 0.0
+            picked = torch.cat(losses)
+            loss = float(picked.mean()) if picked.numel() else float("nan")
     finally:
         net.zero_grad(set_to_none=True)
         trainer.controlnet = wrapped
