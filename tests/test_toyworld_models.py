@@ -164,6 +164,48 @@ def test_text_following_prompts_are_balanced():
             assert ("to the left of" in s["prompt"]) == left_first
 
 
+def test_depth_edges_mark_both_sides_of_a_jump_and_weight_the_loss():
+    from difftune_control.toyworld.pretrain import _annotator_loss, depth_edges
+
+    inv = torch.zeros(1, 1, 6, 6)
+    inv[..., :, 3:] = 0.5  # a vertical occlusion edge between columns 2 and 3
+    inv[..., 0, 0] = 0.01  # a jump below the threshold: no edge
+    edge = depth_edges(inv)
+    assert edge[0, 0, :, 2:4].all() and edge.sum() == 12
+    pred = inv.clone()
+    pred[..., 2] += 0.1  # error on the edge column only
+    plain = _annotator_loss("depth", pred, {"inv_depth": inv})
+    weighted = _annotator_loss("depth", pred, {"inv_depth": inv}, edge_weight=4.0)
+    per_pixel = 0.1 + 0.1**2
+    assert plain == pytest.approx(per_pixel * 6 / 36)
+    assert weighted == pytest.approx(per_pixel * 4 * 6 / (36 + 3 * 12))
+
+
+def test_an_annotator_stage_continues_from_earlier_weights(tmp_path):
+    """``annotator_init``: the stage starts from the shipped depth annotator (its loss at step 0 is that of a
+    trained model, far below a fresh one's) and writes a file ``load_annotator`` reads."""
+    import json
+
+    from difftune_control.toyworld.pretrain import PretrainConfig, train_annotator
+    from difftune_control.toyworld.weights import WEIGHTS_DIR
+
+    losses = {}
+    for name, init in (("fresh", None), ("continued", str(WEIGHTS_DIR))):
+        cfg = PretrainConfig(out_dir=str(tmp_path / name), device="cpu", annotator_steps=1, annotator_pool=16,
+                             annotator_pool_128=4, annotator_batch=8, log_every=1, annotator_init=init,
+                             annotator_edge_weight=4.0)  # fmt: skip
+        out = train_annotator(cfg, "depth")
+        records = [
+            json.loads(x)
+            for x in (tmp_path / name / "logs" / "annotator_depth.jsonl").read_text().splitlines()
+        ]
+        losses[name] = next(r["loss"] for r in records if "loss" in r)
+        assert load_annotator("depth", path=out)
+    assert losses["continued"] < 0.2 * losses["fresh"], losses
+    with pytest.raises(ValueError, match="annotator_edge_weight must be >= 1"):
+        PretrainConfig(annotator_edge_weight=0.5)
+
+
 @pytest.mark.slow
 def test_pretrain_recipe_runs_end_to_end_on_cpu(tmp_path):
     from diffusers import StableDiffusionPipeline

@@ -88,6 +88,12 @@ class PretrainConfig:
     annotator_pool: int = 50_000
     annotator_pool_128: int = 8_000
     """Scenes at 128 px mixed into annotator training (every 4th step) so 128 px inputs work."""
+    annotator_init: str | None = None
+    """Folder of ``<kind>.safetensors`` an annotator stage starts from (e.g. the shipped
+    ``difftune_control/toyworld/weights``) instead of a fresh initialisation."""
+    annotator_edge_weight: float = 1.0
+    """Depth: loss weight of the pixels beside a depth discontinuity (a jump of the target's normalised
+    inverse depth of more than 0.02 to a 4-neighbour), where most of the annotator's error sits; 1: none."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -105,6 +111,8 @@ class PretrainConfig:
             problems.append(
                 f"base_compile_mode must be default or reduce-overhead, got {self.base_compile_mode!r}"
             )
+        if self.annotator_edge_weight < 1.0:
+            problems.append(f"annotator_edge_weight must be >= 1, got {self.annotator_edge_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
             problems.append(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.resolution % 8:
@@ -205,9 +213,27 @@ def train_vae(cfg: PretrainConfig) -> Path:
     return out
 
 
-def _annotator_loss(kind: str, pred: torch.Tensor, batch: dict) -> torch.Tensor:
+def depth_edges(inv_depth: torch.Tensor, jump: float = 0.02) -> torch.Tensor:
+    """Bool mask [B, 1, H, W] of the pixels whose normalised inverse depth differs from a 4-neighbour's
+    by more than ``jump`` (both sides of an occlusion edge)."""
+    dx = (inv_depth[..., :, 1:] - inv_depth[..., :, :-1]).abs() > jump
+    dy = (inv_depth[..., 1:, :] - inv_depth[..., :-1, :]).abs() > jump
+    edge = torch.zeros_like(inv_depth, dtype=torch.bool)
+    edge[..., :, 1:] |= dx
+    edge[..., :, :-1] |= dx
+    edge[..., 1:, :] |= dy
+    edge[..., :-1, :] |= dy
+    return edge
+
+
+def _annotator_loss(kind: str, pred: torch.Tensor, batch: dict, edge_weight: float = 1.0) -> torch.Tensor:
     if kind == "depth":
-        return (pred - batch["inv_depth"]).abs().mean() + ((pred - batch["inv_depth"]) ** 2).mean()
+        err = pred - batch["inv_depth"]
+        per_pixel = err.abs() + err**2
+        if edge_weight != 1.0:  # normalised by the weights' sum: the loss keeps its scale
+            w = 1.0 + (edge_weight - 1.0) * depth_edges(batch["inv_depth"]).float()
+            return (w * per_pixel).sum() / w.sum()
+        return per_pixel.mean()
     if kind == "normal":
         return (1.0 - (pred * batch["normal"]).sum(dim=1)).mean()
     return torch.nn.functional.cross_entropy(pred, batch["classes"])
@@ -229,7 +255,14 @@ def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
         pools.append((p["rgb"], p[keys[kind]]))
     log(event="pool", scenes=[len(p[0]) for p in pools])
     config = AnnotatorConfig(kind=kind)
-    model = ToyAnnotator(config).to(dev, memory_format=torch.channels_last).train()
+    model = ToyAnnotator(config)
+    if cfg.annotator_init:  # continue from earlier weights (the file's own kind and config are checked)
+        from .weights import load_annotator
+
+        start = load_annotator(kind, path=Path(cfg.annotator_init) / f"{kind}.safetensors")
+        model.load_state_dict(start.state_dict())
+        log(event="init_from", path=str(Path(cfg.annotator_init) / f"{kind}.safetensors"))
+    model = model.to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.annotator_lr, weight_decay=1e-4)
     gen = torch.Generator(dev).manual_seed(cfg.seed + 2)
     t0 = time.time()
@@ -244,7 +277,7 @@ def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
         y = target[idx].long() if kind == "segmentation" else target[idx].float()
         with _autocast(dev):
             pred = model(x)
-        loss = _annotator_loss(kind, pred.float(), {keys[kind]: y})
+        loss = _annotator_loss(kind, pred.float(), {keys[kind]: y}, cfg.annotator_edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
