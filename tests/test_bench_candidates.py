@@ -66,3 +66,14 @@ def test_the_default_candidate_runs_the_default_method():
     flags = cmd[cmd.index("train") + 1 :]
     ran, plain = _resolved(flags), _resolved(["--seed", "3"])
     assert (ran.method, ran.bank) == (plain.method, plain.bank)
+
+
+def test_a_lower_bank_guidance_is_the_default_with_a_bank_of_its_own():
+    from bench_convergence import bank_flags
+
+    for g in (1.0, 4.0):
+        flags = CANDIDATES[f"default-bankcfg{g:g}"]
+        ran, default = _resolved(flags), _resolved([])
+        assert ran.bank.bank_guidance_scale == g and default.bank.bank_guidance_scale == 7.5
+        assert ran.method == default.method  # only the bank differs
+        assert bank_flags(flags) == ("--bank_guidance_scale", f"{g:g}")  # prepared as a bank of its own
