@@ -163,10 +163,16 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
     saved = json.loads((full / "config.json").read_text())
     assert saved["train"]["max_train_steps"] == 6 and saved["method"]["method"] == "difftuning"
 
-    # interrupted at step 4, then resumed: the loss curve equals the uninterrupted run's
+    # stopped at step 3, then resumed: the loss curve equals the uninterrupted run's; the detector also
+    # evaluates the last step, off its every-2 grid, so the progress curve reaches the end of the run
     part = run_training(
-        tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", train__max_train_steps=4)
+        tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / "b", train__max_train_steps=3)
     )
+
+    def evals(run: Path) -> list[int]:
+        return [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "convergence_eval"]
+
+    assert evals(part) == [0, 2, 3]
     resumed = run_training(
         tiny_config(
             tiny_pipeline_dir,
@@ -177,7 +183,7 @@ def test_train_writes_run_and_resume_is_exact(tiny_pipeline_dir, tiny_dataset_di
         )
     )
     assert resumed == part
-    assert _losses(resumed) == _losses(full)
+    assert _losses(resumed) == _losses(full) and evals(resumed) == [0, 2, 3, 4, 6]
     from safetensors.torch import load_file
 
     wa = load_file(full / "controlnet" / "diffusion_pytorch_model.safetensors")

@@ -234,7 +234,7 @@ class _Loop:
                 if step % t.logging_steps == 0 or step == t.max_train_steps:
                     self._log_train(step, window, time.time() - t_log)
                     window, t_log = [], time.time()
-                if self.monitor is not None and self.monitor.should_evaluate(step):
+                if self.monitor is not None and self.monitor.should_evaluate(step, step == t.max_train_steps):
                     self._evaluate()
                 if step % t.validation_steps == 0:
                     self._validation_grid(step)
