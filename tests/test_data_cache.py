@@ -124,6 +124,15 @@ def test_changed_image_or_model_rebuilds_and_logs_why(tmp_path, models, caplog):
     assert elsewhere.cache_dir != other.cache_dir
     models["calls"]["vae_rows"] = 0
     assert build(ds, models, tmp_path / "cache", dtype=torch.float64).build_stats["computed_shards"] == 0
+    # the same model id with retrained weights (here: the text encoder's, changed in place) rebuilds
+    models["vae"].to(torch.float32), models["text_encoder"].to(torch.float32)
+    with torch.no_grad():
+        next(models["text_encoder"].parameters()).add_(0.01)
+    retrained = build(ds, models, tmp_path / "cache")
+    assert (
+        retrained.build_stats["computed_shards"] == 3
+        and "encoders:" in retrained.build_stats["rebuild_reason"]
+    )
 
 
 def test_deleted_shard_is_the_only_one_recomputed(tmp_path, models):

@@ -104,6 +104,19 @@ def _shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
+def encoders_fingerprint(*modules: torch.nn.Module) -> str:
+    """Short content hash of the encoders the cached tensors came from: each tensor's name, shape and its first
+    and last 64 values (as float32). A VAE or text encoder retrained in place (or a `--pretrained_vae_model_name_or_path`
+    that swaps the VAE under the same model id) changes it, so a cache is never reused across weights."""
+    digest = hashlib.sha256()
+    for i, module in enumerate(modules):
+        for name, t in [*module.named_parameters(), *module.named_buffers()]:
+            flat = t.detach().reshape(-1)
+            ends = torch.cat([flat[:64], flat[-64:]]).float().cpu()
+            digest.update(f"{i}.{name}:{tuple(t.shape)}".encode() + ends.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_key(
     dataset: TargetDataset,
     *,
@@ -141,6 +154,9 @@ def cache_key(
         "encoder_dtype": str(dtype).removeprefix("torch."),
         "vae_scaling_factor": float(vae.config.scaling_factor),
         "vae_shift_factor": getattr(vae.config, "shift_factor", None),
+        "encoders": encoders_fingerprint(
+            vae, *(tokenizer.modules() if isinstance(tokenizer, PromptEncoder) else [])
+        ),
         **text,
         "shard_size": shard_size,
     }
