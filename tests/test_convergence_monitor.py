@@ -90,7 +90,7 @@ def first(models, heldout, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     mon = make_monitor(heldout, run_dir=run_dir)
     assert mon.should_evaluate(0) and not mon.should_evaluate(3) and mon.should_evaluate(5)
-    assert mon.should_evaluate(3, last=True)  # a run's last step, off the grid
+    assert mon.should_evaluate(3, final=True)  # a run's last step, off the grid
     net = copy.deepcopy(controlnet).train()
     records = mon.evaluate(0, unet, vae, net, sched, elapsed=2.0)
     assert net.training, "the ControlNet must go back to train mode"

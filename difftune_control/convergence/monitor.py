@@ -159,11 +159,11 @@ class ConvergenceMonitor:
         """K, the number of validation samples per evaluation."""
         return len(self.seeds)
 
-    def should_evaluate(self, step: int, last: bool = False) -> bool:
-        """True when `step` is a multiple of `--convergence_every`, or the run's `last` step (so the progress
+    def should_evaluate(self, step: int, final: bool = False) -> bool:
+        """True when `step` is a multiple of `--convergence_every`, or the run's `final` step (so the progress
         curve reaches the end of the run and its AUCC covers the whole budget), not evaluated yet (step 0
         included)."""
-        if not self.config.detect_convergence or (step % self.every and not last):
+        if not self.config.detect_convergence or (step % self.every and not final):
             return False
         last = self.detector.last_step
         return last is None or step > last
