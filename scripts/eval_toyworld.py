@@ -49,6 +49,15 @@ from difftune_control.toyworld.weights import WEIGHTS_DIR, default_base_model_pa
 from difftune_control.toyworld.world import render_scenes
 
 
+def _shown(path: Path) -> str:
+    """``path`` as the metrics record it: relative to the working directory when under it (the shipped weights
+    read the same on every machine), else as given."""
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _render_latents(pipe, n: int, seed: int, device: str, start: int = 0, domain: str = "default"):
     """Renders of the validation stream, their latents (posterior mean x scaling factor) and captions."""
     from difftune_control.validation import encode_images
@@ -218,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
         k: load_annotator(k, device=args.device, path=ann_dir / f"{k}.safetensors") for k in ANNOTATOR_KINDS
     }
     metrics: dict = {
-        "pipeline": str(path),
-        "annotators_dir": str(ann_dir),
+        "pipeline": _shown(path),
+        "annotators_dir": _shown(ann_dir),
         "device": args.device,
         "seed": args.seed,
     }
