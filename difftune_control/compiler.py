@@ -4,6 +4,7 @@ project's cache root. Below the trainer and the toy world, beside :mod:`difftune
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -68,3 +69,12 @@ def _inductor_default() -> str | None:
     except ImportError:
         return None
     return os.path.abspath(default_cache_dir())
+
+
+def run_eagerly() -> contextlib.AbstractContextManager:
+    """Blocks compiled by ``torch.compile`` run their eager code inside this context (``torch.compiler.set_stance
+    ("force_eager")``): for passes whose shapes or grad mode differ from the compiled step's (sampling, the bank's
+    gradient measurement), which would otherwise compile again or record more CUDA graphs."""
+    if hasattr(torch.compiler, "set_stance"):
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()

@@ -194,9 +194,10 @@ def sampling_mode(unet) -> contextlib.ExitStack:
       outermost autocast ends: :func:`sample_images` clears them after each prediction (2.3 GiB held through
       the VAE decode at SDXL otherwise).
     """
+    from difftune_control.compiler import run_eagerly
+
     stack = contextlib.ExitStack()
-    if hasattr(torch.compiler, "set_stance"):
-        stack.enter_context(torch.compiler.set_stance("force_eager"))
+    stack.enter_context(run_eagerly())
     if unet.device.type == "cuda" and unet.dtype in (torch.float16, torch.bfloat16):
         stack.enter_context(torch.autocast("cuda", dtype=unet.dtype, cache_enabled=False))
     return stack

@@ -254,14 +254,14 @@ def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
         p = _render_pool(n, cfg, res, start=start, keys=(keys[kind],))
         pools.append((p["rgb"], p[keys[kind]]))
     log(event="pool", scenes=[len(p[0]) for p in pools])
-    config = AnnotatorConfig(kind=kind)
-    model = ToyAnnotator(config)
     if cfg.annotator_init:  # continue from earlier weights (the file's own kind and config are checked)
         from .weights import load_annotator
 
-        start = load_annotator(kind, path=Path(cfg.annotator_init) / f"{kind}.safetensors")
-        model.load_state_dict(start.state_dict())
-        log(event="init_from", path=str(Path(cfg.annotator_init) / f"{kind}.safetensors"))
+        start = Path(cfg.annotator_init) / f"{kind}.safetensors"
+        model = load_annotator(kind, path=start).requires_grad_(True)
+        log(event="init_from", path=str(start))
+    else:
+        model = ToyAnnotator(AnnotatorConfig(kind=kind))
     model = model.to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.annotator_lr, weight_decay=1e-4)
     gen = torch.Generator(dev).manual_seed(cfg.seed + 2)
@@ -292,7 +292,7 @@ def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
     meta = {
         "format": "pt",
         "kind": kind,
-        "config": json.dumps(config.to_dict()),
+        "config": json.dumps(model.config.to_dict()),
         "recipe": json.dumps(asdict(cfg)),
     }
     atomic_save_safetensors(tensors, out, metadata=meta)

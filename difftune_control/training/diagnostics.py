@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from difftune_control.compiler import run_eagerly
 from difftune_control.methods.forgetting import BatchPlan
 from difftune_control.training.fused_step import GradientSketch
 
@@ -33,7 +34,7 @@ def gradient_pull(
     Lists of batches, plans and masks are pooled: their gradients are summed before the norm is taken.
     Each pass has the step's shapes: the plan's rows, or, where the plan is larger than the batch (a batch
     of one measures on two-row plans), the masked rows alone. Compiled blocks run their eager code here
-    (``force_eager``): replayed as CUDA graphs, a pass's saved activations were overwritten by the next
+    (:func:`~difftune_control.compiler.run_eagerly`): replayed as CUDA graphs, a pass's saved activations were overwritten by the next
     graph run before its backward on the GPU, and a measurement every few hundred steps gains nothing from
     compiled kernels. A run that updates in backward (``--fused_backward_pass``) cannot hold every gradient: each
     one is folded into a :class:`~difftune_control.training.fused_step.GradientSketch` as it completes
@@ -51,7 +52,7 @@ def gradient_pull(
     sketch = GradientSketch(list(net.parameters())) if fused is not None else None
     losses = []
     try:
-        with torch.compiler.set_stance("force_eager"):  # see above
+        with run_eagerly():  # see above
             net.zero_grad(set_to_none=True)
             for batch, pl, mask_ in zip(batches, plans, masks, strict=True):
                 mask_ = mask_.bool().cpu()
