@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
+# (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # The toy depth annotator towards its target (RMSE <= 0.01 on normalised inverse depth; shipped: 0.0122, most of
 # the error beside occlusion edges). One H200 (device tool, repository root; carry .whl, REVISION):
 #   OUT=... bash bench/h200_depth_annotator.sh
@@ -22,7 +22,7 @@ BUDGET=${BUDGET:-240}
 mkdir -p $OUT $W
 [ -n "${NO_DEVICE_ENV:-}" ] || source bench/device_env.sh
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name --format=csv,noheader
-echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown), $(date -u +%F)"
 t0=$(date +%s)
 for name in plain edge; do
   weight=1; [ $name = edge ] && weight=$EDGE

@@ -7,7 +7,7 @@ set -u
 OUT=${OUT:-/tmp/out}
 source bench/device_env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown), $(date -u +%F)"
 timeout ${LIMIT:-400} python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
   --deselect tests/test_extractors_models.py::test_model_backend_runs_batched_on_the_gpu_and_agrees_with_the_cpu \
   tests/ 2>&1 | tee $OUT/gpu-tests.log | tail -n 30

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
+# (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # SDXL at 1024 px, bf16, on one H200 (device tool, repository root): OUT=... bash bench/h200_sdxl.sh
 # Our trainer (vanilla and the default Diff-Tuning, on synthetic rows shaped like the SDXL latent cache)
 # beside diffusers' train_controlnet_sdxl.py (through scripts/example_unet_cast.py: as it is, it fails at
@@ -20,7 +20,7 @@ PARTS=${PARTS:-build bench}
 mkdir -p $OUT
 source bench/device_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown), $(date -u +%F)"
 B="python3 scripts/bench_sdxl.py --model-dir /tmp/sdxl-random --data-dir /tmp/sdxl-parquet --batches ${BATCHES:-4 1 8}"
 B="$B --batch1-speeds ${B1_SPEEDS:-default adafactor adafactor+fused}"
 for part in $PARTS; do

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
+# (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # SDXL end to end at full size on one GPU (device tool, repository root; carry .whl and REVISION):
 #   OUT=... bash bench/h200_sdxl_e2e.sh
 # A random-initialised SDXL-architecture pipeline (scripts/bench_sdxl.py's) and 16 rendered 1024 px images
@@ -21,7 +21,7 @@ W=${W:-/tmp/sdxl-e2e}
 mkdir -p $OUT $W
 [ "${DEVICE_ENV:-1}" = 1 ] && source bench/device_env.sh
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown), $(date -u +%F)"
 parts="data"; [ "${SDXL_BUILD:-1}" = 1 ] && parts="model data"
 python3 scripts/bench_sdxl.py --model-dir $M --data-dir $D --resolution $RES --batches 1 --example-steps 15 \
   --build-only $parts 2>&1 | grep -v "it/s\]" | tail -n 3

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
+# (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # The method search on one GPU, one condition set per call (device tool, repository root):
 #   OUT=... CONDS=depth bash bench/h200_search.sh
 #   CONDS     conditions (default: depth); CANDS: candidates of scripts/bench_convergence.py
@@ -26,7 +26,7 @@ ARGS="--out $W --conditions $CONDS --candidates $CANDS --seeds $SEEDS --max_trai
 EXTRA=${EXTRA:-}
 TAIL=""; [ -n "$EXTRA" ] && TAIL="-- $EXTRA"  # after every other flag: bench_convergence passes them on
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-git_rev=$(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown); echo "commit $git_rev, $(date -u +%F)"
+git_rev=$(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown); echo "commit $git_rev, $(date -u +%F)"
 timeout $BUDGET python3 scripts/bench_convergence.py $ARGS --parallel $PAR --no-retention $TAIL > $OUT/search.log 2>&1
 bash bench/stop_runs.sh
 # a failed run's log tail comes back (the logs themselves are mostly progress bars)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
+# (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # The training step at SD1.5 scale on one H200 (device tool, repository root): OUT=... bash bench/h200_step.sh
 # eager: vanilla vs the default Diff-Tuning, interleaved chunks (BATCHES, default "32 8 4"), PROFILE=--profile adds
 #        a torch.profiler record of each; compile: the same under COMPILE_SPEEDS (default "compile-graphs
@@ -13,7 +13,7 @@ OUT=${OUT:-/tmp/out}
 PARTS=${PARTS:-eager compile}
 source bench/device_env.sh 2>/dev/null
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown), $(date -u +%F)"
 for part in $PARTS; do
   case $part in
     eager) timeout ${EAGER_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/eager --batches ${BATCHES:-32 8 4} \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# (REVISION: `git rev-parse --short HEAD > REVISION` before the call, carried with it, names the commit run.)
+# (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # Does compiling pay for the toy world's runs on one GPU? (device tool, repository root; carry .whl, REVISION)
 #   OUT=... bash bench/h200_toy_compile.sh
 # The toy world's training step is likely bound by the host's kernel dispatch (BENCHMARKS.md section 6: 71 ms a
@@ -20,7 +20,7 @@ W=${W:-/tmp/toy-compile}
 mkdir -p $OUT $W
 [ "${DEVICE_ENV:-1}" = 1 ] && source bench/device_env.sh
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name --format=csv,noheader
-echo "commit $(cat REVISION 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%F)"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/null || echo unknown), $(date -u +%F)"
 export DIFFTUNE_CACHE=$W/cache TORCHINDUCTOR_CACHE_DIR=$W/inductor
 run() {  # name, flags...
   local name=$1; shift
