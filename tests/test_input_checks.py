@@ -273,3 +273,18 @@ def test_default_conditioning_column_is_the_toy_column_only_for_toy_data(tmp_pat
     )
     mine.data.conditioning_image_column = "depth_map"  # what the user says wins
     assert resolve_defaults(mine, toy=True, recipe=recipe).data.conditioning_image_column == "depth_map"
+
+
+def test_the_shipped_toy_base_named_explicitly_gets_the_toy_defaults(tiny_pipeline_dir):
+    """``--pretrained_model_name_or_path`` at the shipped toy base (or a folder inside the toy world's package
+    folder) resolves as the toy world does, not with SD's 512 px and hub extractors; any other folder does not."""
+    from difftune_control.toyworld import default_base_model_path
+    from difftune_control.training.runtime import is_toy_model
+    from difftune_control.training.setup import resolve_config
+
+    assert is_toy_model(None) and is_toy_model(str(default_base_model_path()))
+    assert not is_toy_model(str(tiny_pipeline_dir))
+    cfg = RunConfig()
+    cfg.model.pretrained_model_name_or_path = str(default_base_model_path())
+    resolved, toy, _ = resolve_config(cfg)
+    assert toy and resolved.data.resolution == 64

@@ -125,7 +125,7 @@ def is_toy_model(path: str | None) -> bool:
     """True when ``path`` is None (the default) or the shipped toy-world pipeline folder."""
     if path is None:
         return True
-    toy_root = Path(__file__).resolve().parent / "toyworld"
+    toy_root = Path(__file__).resolve().parents[1] / "toyworld"
     try:
         return Path(path).resolve().is_relative_to(toy_root)
     except OSError:
