@@ -5,6 +5,8 @@
 #   CONDS     conditions (default: depth); CANDS: candidates of scripts/bench_convergence.py
 #   SEEDS     (default: 0 1 2); STEPS: optimizer steps (800); PAR: runs at once (15)
 #   BUDGET    seconds for preparation + training (420); RET_BUDGET: seconds for retention scores (120)
+#   W         work folder on the device (default /tmp/search): a call's archive holds every run in it, so
+#             give each call its own (W=/tmp/search-seg) on a warm machine unless the runs belong together
 #   EXTRA     extra `difftune train` flags for every run, e.g. EXTRA="--toy_domain crowded" (with W=/tmp/search-crowded
 #             so the runs do not mix with default-domain ones on a warm machine)
 # Every run is a toy-world `difftune train` with one intra-op thread; runs still going after BUDGET are
@@ -33,8 +35,10 @@ bash bench/stop_runs.sh
 for n in $(grep -E ": rc=[1-9]" $OUT/search.log | cut -d: -f1); do
   tail -c 6000 $W/logs/$n.log | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 60 > $OUT/failed-$n.log; done
 timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only $TAIL >> $OUT/search.log 2>&1
+# metrics, configs and retention scores only: checkpoint states and validation images are most of a run's
+# bytes, and everything the device carries counts against one limit
 (cd $W && tar czf $OUT/search-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' \
-  --exclude='samples' --exclude='logs' runs retention)
+  --exclude='samples' --exclude='logs' --exclude='checkpoint-*' --exclude='validation' runs retention)
 python3 scripts/bench_convergence.py $ARGS --aggregate-only $TAIL >> $OUT/search.log 2>&1
 cp $W/results.md $W/results.json $W/curves.png $OUT/ 2>/dev/null
 grep -E "rc=|all runs|prepared|retention " $OUT/search.log | tail -n 45
