@@ -471,16 +471,17 @@ def tables(rows: dict) -> tuple[str, dict]:
 def search_tables(rows: dict, budget: int) -> str:
     """Per condition and candidate, over seeds: steps to p >= 0.25 / event / p >= 0.5, AUCC and p at the
     budget (mean and 95% t-interval), retention; then paired per-seed speed-ups against vanilla."""
+    from difftune_control.report.compare import AUCC_RATIO_FLOOR, aucc_ratio
     from difftune_control.report.stats import mean_interval
 
-    def ci(values: list, digits: int = 0) -> str:
+    def ci(values: list, digits: int = 0, missing: str = "not reached") -> str:
         iv = mean_interval(values)
         if iv.mean is None:
-            return f"not reached ({iv.missing})"
+            return f"{missing} ({iv.missing})"
         text = f"{iv.mean:.{digits}f}"
         if iv.low is not None:
             text += f" [{iv.low:.{digits}f}, {iv.high:.{digits}f}]"
-        return text + (f" ({iv.missing} not reached)" if iv.missing else "")
+        return text + (f" ({iv.missing} {missing})" if iv.missing else "")
 
     groups: dict[str, dict[int, dict]] = {}
     for name, s in rows.items():
@@ -513,7 +514,8 @@ def search_tables(rows: dict, budget: int) -> str:
     lines += [
         "",
         "Paired per-seed speed-ups against vanilla of the same condition (vanilla steps / candidate steps; "
-        "AUCC: candidate / vanilla); mean [95% t-interval] over the seeds both reached:",
+        "AUCC: candidate / vanilla); mean [95% t-interval] over the seeds both reached; where only the "
+        "candidate got there, the lower bound budget / candidate steps (the smallest over those seeds):",
         "",
         "| condition | candidate | p>=0.25 | event | p>=0.5 | AUCC ratio |",
         "|---|---|---|---|---|---|",
@@ -525,12 +527,24 @@ def search_tables(rows: dict, budget: int) -> str:
             continue
         cells = []
         for m in [*measures, "aucc"]:
-            ratios = []
+            ratios, bounds, near_zero = [], [], 0
             for seed, r in groups[g].items():
                 a = ref.get(seed, {}).get("budget", {}).get(m)
                 b = r["budget"].get(m)
-                ratios.append((b / a if m == "aucc" else a / b) if a and b else None)
-            cells.append(ci(ratios, 2))
+                if m == "aucc":
+                    one = aucc_ratio(r["budget"], ref.get(seed, {}).get("budget", {}))
+                    ratios.append(one["ratio"])
+                    near_zero += one["near_zero"]
+                    continue
+                ratios.append(a / b if a and b else None)
+                if b and a is None and seed in ref:  # vanilla not there by the budget: at least budget / b
+                    bounds.append(budget / b)
+            cell = ci(ratios, 2, "without a ratio") if any(x is not None for x in ratios) else "-"
+            if bounds:
+                cell += f"; >= {min(bounds):.2f}x on {len(bounds)} (vanilla not by {budget})"
+            if near_zero:
+                cell += f"; {near_zero} with vanilla AUCC < {AUCC_RATIO_FLOOR}: no ratio"
+            cells.append(cell)
         lines.append(f"| {cond} | {cand} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -77,3 +77,28 @@ def test_a_lower_bank_guidance_is_the_default_with_a_bank_of_its_own():
         assert ran.bank.bank_guidance_scale == g and default.bank.bank_guidance_scale == 7.5
         assert ran.method == default.method  # only the bank differs
         assert bank_flags(flags) == ("--bank_guidance_scale", f"{g:g}")  # prepared as a bank of its own
+
+
+def test_search_tables_bound_the_speed_up_when_vanilla_never_got_there():
+    """Vanilla not converged by the budget: the candidate's speed-up is the lower bound budget / its steps, and no
+    AUCC ratio is made against vanilla's ~0 area; a seed where both got there gives a plain ratio."""
+    from bench_convergence import search_tables
+
+    def run(event, aucc, p_end=0.8):
+        return {
+            "budget": {"0.25": event, "event": event, "0.5": event, "aucc": aucc, "p_end": p_end},
+            "retention": None,
+        }
+
+    rows = {
+        "depth-vanilla-s0": run(None, 0.002, 0.0),
+        "depth-vanilla-s1": run(400, 0.2),
+        "depth-default-s0": run(200, 0.45),
+        "depth-default-s1": run(200, 0.5),
+    }
+    text = search_tables(rows, budget=600)
+    line = next(x for x in text.splitlines() if x.startswith("| depth | default |") and "x on" in x)
+    event_cell = line.split(" | ")[3]
+    assert event_cell.startswith("2.00 (1 without a ratio)") and ">= 3.00x on 1 (vanilla not by 600)" in event_cell
+    aucc_cell = line.split(" | ")[5]
+    assert aucc_cell.startswith("2.50 (1 without a ratio)") and "1 with vanilla AUCC < 0.01: no ratio" in aucc_cell

@@ -343,3 +343,31 @@ def test_time_to_convergence_counts_the_data_preparation_of_the_starts_before_it
     assert s["setup_seconds"] == {"latent_cache": 13.0, "bank": 102.5}
     assert s["seconds_to_convergence"] == pytest.approx(40.0 + 12.0 + 100.0 + 0.5 + 1.5)
     assert summary_of(tiny_run(tmp_path, "never", seed=0, p=[0.0, 0.1]))["seconds_to_convergence"] is None
+
+
+def test_no_aucc_ratio_against_a_reference_that_never_moved(tmp_path):
+    """Vanilla at p ~ 0 over the whole budget (AUCC 0.002) makes any ratio to it noise: none is given, and the
+    tables say why; a reference above the floor still gives one."""
+    from difftune_control.report.compare import aucc_ratio
+    from difftune_control.report.group_tables import paired_table
+
+    root = tmp_path / "runs"
+    flat = [0.0, 0.0, 0.004, 0.004, 0.0]  # (0 + 0.2 + 0.4 + 0.2) / 400 = 0.002
+    dirs = [
+        tiny_run(root, "depth-vanilla-s0", seed=0, p=flat, max_steps=400),
+        tiny_run(root, "depth-vanilla-s1", seed=1, p=P, max_steps=400, event=300),
+        tiny_run(root, "depth-dt-s0", seed=0, p=P, max_steps=400, method="difftuning", event=200),
+        tiny_run(root, "depth-dt-s1", seed=1, p=P, max_steps=400, method="difftuning", event=200),
+    ]
+    loaded = [load_run(d) for d in dirs]
+    summaries = [summarize_run(r) for r in loaded]
+    assert summaries[0]["aucc"] == pytest.approx(0.002, abs=EXACT)
+    one = aucc_ratio(summaries[2], summaries[0])
+    assert one["ratio"] is None and one["near_zero"] and "p stayed near 0" in one["note"]
+    assert aucc_ratio(summaries[3], summaries[1])["ratio"] == pytest.approx(1.0)
+    _, g = summarize_groups(loaded, summaries)
+    aucc = g["vs_reference"]["aucc"]
+    assert aucc["per_seed"] == {0: None, 1: pytest.approx(1.0)} and aucc["reference_near_zero"] == [0]
+    assert aucc["mean"] == pytest.approx(1.0) and aucc["n"] == 1
+    _, rows = paired_table([g])
+    assert "seed 0: reference AUCC < 0.01, no ratio" in rows[0][-1]

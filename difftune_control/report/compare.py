@@ -41,15 +41,25 @@ def pick_reference(summary: dict[str, Any], summaries: list[dict[str, Any]]) -> 
     return (same_seed or candidates or [None])[0]
 
 
+AUCC_RATIO_FLOOR = 0.01
+"""A reference AUCC below this (its p stayed near 0 over the budget) gives no AUCC ratio: a ratio to ~0 is noise."""
+
+
 def aucc_ratio(run: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     """Run AUCC / reference AUCC (> 1: more area under p), None when either is not given or the
-    reference's is 0; a note when the two were measured over different budgets."""
+    reference's is below ``AUCC_RATIO_FLOOR`` (then `near_zero` is True); a note when the two were
+    measured over different budgets."""
     a, b = run.get("aucc"), ref.get("aucc")
-    out: dict[str, Any] = {"aucc": a, "vanilla_aucc": b, "ratio": None}
-    if a is not None and b is not None and b > 0:
-        out["ratio"] = a / b
+    out: dict[str, Any] = {"aucc": a, "vanilla_aucc": b, "ratio": None, "near_zero": False}
+    if a is not None and b is not None:
+        if b < AUCC_RATIO_FLOOR:
+            out["near_zero"] = True
+            out["note"] = f"reference AUCC {b:.3f} < {AUCC_RATIO_FLOOR} (p stayed near 0): no ratio"
+        else:
+            out["ratio"] = a / b
     if run.get("aucc_budget") != ref.get("aucc_budget"):
-        out["note"] = f"budgets differ: {run.get('aucc_budget')} vs {ref.get('aucc_budget')} steps"
+        note = f"budgets differ: {run.get('aucc_budget')} vs {ref.get('aucc_budget')} steps"
+        out["note"] = f"{out['note']}; {note}" if "note" in out else note
     return out
 
 

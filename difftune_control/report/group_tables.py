@@ -84,6 +84,9 @@ def _fmt_paired(entry: dict[str, Any]) -> str:
         notes.append(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} not reached")
     if entry["at_least"]:
         notes += [f"seed {s}: ≥ {v:.2f}×" for s, v in entry["at_least"].items()]
+    if entry.get("reference_near_zero"):
+        seeds = entry["reference_near_zero"]
+        notes.append(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: reference AUCC < 0.01, no ratio")
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .compare import aucc_ratio
 from .runs import Run
 from .stats import mean_interval
 
@@ -241,7 +242,8 @@ def paired_speedups(
     For the event and each level: reference steps / run steps, per seed both runs reached it. A seed
     where only the run got there gives a lower bound (reference's last evaluated step / run steps),
     listed but left out of the mean; a seed where the run did not get there is left out too. AUCC:
-    run AUCC / reference AUCC per seed both are given.
+    run AUCC / reference AUCC per seed both are given, except where the reference's is below
+    :data:`~.compare.AUCC_RATIO_FLOOR` (listed in `reference_near_zero`: the reference never left p ~ 0).
 
     Returns:
         `dict` or `None` (no reference): `reference`, `unpaired` (seeds in only one of the groups),
@@ -263,11 +265,13 @@ def paired_speedups(
                 missing.append(seed)
         out[m] = {"per_seed": per, "at_least": at_least, "not_reached": missing}
         out[m].update(mean_interval(list(per.values()), confidence).to_dict())
-    ratios = {
-        seed: (s["aucc"] / r["aucc"] if s.get("aucc") is not None and r.get("aucc") else None)
-        for seed, s, r in pairs
-    }
-    out["aucc"] = {"per_seed": ratios, "at_least": {}, "not_reached": []}
+    ratios, near_zero = {}, []
+    for seed, s, r in pairs:
+        one = aucc_ratio(s, r)
+        ratios[seed] = one["ratio"]
+        if one["near_zero"]:
+            near_zero.append(seed)
+    out["aucc"] = {"per_seed": ratios, "at_least": {}, "not_reached": [], "reference_near_zero": near_zero}
     out["aucc"].update(mean_interval(list(ratios.values()), confidence).to_dict())
     return out
 
