@@ -99,6 +99,12 @@ def test_search_tables_bound_the_speed_up_when_vanilla_never_got_there():
     text = search_tables(rows, budget=600)
     line = next(x for x in text.splitlines() if x.startswith("| depth | default |") and "x on" in x)
     event_cell = line.split(" | ")[3]
-    assert event_cell.startswith("2.00 (1 without a ratio)") and ">= 3.00x on 1 (vanilla not by 600)" in event_cell
+    assert (
+        event_cell.startswith("2.00 (1 without a ratio)")
+        and ">= 3.00x on 1 (vanilla not by 600)" in event_cell
+    )
     aucc_cell = line.split(" | ")[5]
-    assert aucc_cell.startswith("2.50 (1 without a ratio)") and "1 with vanilla AUCC < 0.01: no ratio" in aucc_cell
+    assert (
+        aucc_cell.startswith("2.50 (1 without a ratio)")
+        and "1 with vanilla AUCC < 0.01: no ratio" in aucc_cell
+    )

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .compare import AUCC_RATIO_FLOOR
 from .groups import LEVELS
 
 # -- tables -------------------------------------------------------------------------------------
@@ -86,7 +87,9 @@ def _fmt_paired(entry: dict[str, Any]) -> str:
         notes += [f"seed {s}: ≥ {v:.2f}×" for s, v in entry["at_least"].items()]
     if entry.get("reference_near_zero"):
         seeds = entry["reference_near_zero"]
-        notes.append(f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: reference AUCC < 0.01, no ratio")
+        notes.append(
+            f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: reference AUCC < {AUCC_RATIO_FLOOR}, no ratio"
+        )
     return text + (f" ({'; '.join(notes)})" if notes else "")
 
 

@@ -122,7 +122,7 @@ class PeakMeter:
 
 
 def is_toy_model(path: str | None) -> bool:
-    """True when ``path`` is None (the default) or the shipped toy-world pipeline folder."""
+    """True when ``path`` is None (the default) or a folder inside the package's ``toyworld/`` (the shipped base)."""
     if path is None:
         return True
     toy_root = Path(__file__).resolve().parents[1] / "toyworld"
