@@ -549,6 +549,65 @@ def search_tables(rows: dict, budget: int) -> str:
     return "\n".join(lines)
 
 
+RULE = (
+    "The rule (BENCHMARKS.md section 0): among the configurations whose null-hint single-object text following "
+    "is at least 90% of the base's on every condition measured and whose p at the step budget is no more than "
+    "0.05 below vanilla's, the default is the one with the highest mean AUCC over the conditions; if none "
+    "qualifies, the highest mean AUCC among those that reach the event sooner than vanilla on every condition."
+)
+
+
+def rule_table(rows: dict, budget: int, base_single: float | None) -> str:
+    """The default-method rule applied to the runs: per candidate run on every condition vanilla ran, its mean
+    AUCC over those conditions, its worst retention and p-at-budget margins, whether it qualifies, the winner."""
+    groups: dict[str, dict[str, list[dict]]] = {}
+    for name, r in rows.items():
+        cond, cand = name.rsplit("-s", 1)[0].split("-", 1)
+        groups.setdefault(cand, {}).setdefault(cond, []).append(r)
+    conds = sorted(groups.get("vanilla", {}))
+    if not conds:
+        return "The rule needs vanilla runs: not applied."
+
+    def mean(xs):
+        xs = [x for x in xs if x is not None]
+        return statistics.mean(xs) if xs else None
+
+    def event(runs):  # a run that never got there counts as just past the budget
+        return mean([r["budget"]["event"] if r["budget"]["event"] is not None else budget + 1 for r in runs])
+
+    van = groups["vanilla"]
+    lines = [
+        RULE,
+        "",
+        "| candidate | mean AUCC | lowest text following / base's (>= 0.90) | lowest p at budget - vanilla's "
+        "(>= -0.05) | event sooner than vanilla on all | qualifies |",
+        "|---|---|---|---|---|---|",
+    ]
+    scored = []
+    for cand in sorted(groups):
+        by = groups[cand]
+        if any(c not in by for c in conds):
+            continue
+        aucc = mean([mean([r["budget"]["aucc"] for r in by[c]]) for c in conds])
+        singles = [mean([(r.get("retention") or {}).get("single_correct") for r in by[c]]) for c in conds]
+        kept = None if base_single is None or None in singles else min(singles) / base_single
+        margin = min(mean([r["budget"]["p_end"] for r in by[c]]) - mean([r["budget"]["p_end"] for r in van[c]])
+                     for c in conds)  # fmt: skip
+        sooner = cand != "vanilla" and all(event(by[c]) < event(van[c]) for c in conds)
+        ok = kept is not None and kept >= 0.9 and margin >= -0.05
+        scored.append((cand, aucc, ok, sooner))
+        lines.append(
+            f"| {cand} | {aucc:.3f} | {'not scored' if kept is None else f'{kept:.2f}'} | {margin:+.2f} | "
+            f"{'yes' if sooner else 'no'} | {'yes' if ok else 'no'} |"
+        )
+    winners = [x for x in scored if x[2]] or [x for x in scored if x[3]]
+    best = max(winners, key=lambda x: x[1]) if winners else None
+    how = "qualifies" if best and best[2] else "no candidate qualifies; the fastest to the event"
+    lines += ["", f"Conditions: {', '.join(conds)} ({budget} steps). "
+              + (f"Winner: **{best[0]}** (mean AUCC {best[1]:.3f}; {how})." if best else "No winner.")]  # fmt: skip
+    return "\n".join(lines)
+
+
 def curves(args, rows: dict, path: Path) -> None:
     import matplotlib
 
@@ -666,8 +725,10 @@ def main() -> int:
     if args.candidates:
         md = search_tables(rows, args.max_train_steps) + "\n\n" + md
     base_ret = args.out / "retention" / "_base.json"
-    if base_ret.exists():
-        b = json.loads(base_ret.read_text())
+    b = json.loads(base_ret.read_text()) if base_ret.exists() else None
+    if args.candidates:
+        md += "\n\n" + rule_table(rows, args.max_train_steps, b and b["single_correct"])
+    if b:
         md += (
             f"\n\nBase model alone (no ControlNet): text-following single {b['single_correct']:.2f}, "
             f"two L-R {b['two_left_right']:.2f}, Frechet {b['frechet']:.2f}."

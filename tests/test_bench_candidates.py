@@ -108,3 +108,26 @@ def test_search_tables_bound_the_speed_up_when_vanilla_never_got_there():
         aucc_cell.startswith("2.50 (1 without a ratio)")
         and "1 with vanilla AUCC < 0.01: no ratio" in aucc_cell
     )
+
+
+def test_the_rule_picks_the_best_area_among_those_that_keep_the_base():
+    from bench_convergence import rule_table
+
+    def run(event, aucc, p_end, single):
+        budget = {"0.25": event, "event": event, "0.5": event, "aucc": aucc, "p_end": p_end}
+        return {"budget": budget, "retention": None if single is None else {"single_correct": single}}
+
+    rows = {}
+    for cond in ("depth", "canny"):
+        rows[f"{cond}-vanilla-s0"] = run(None, 0.01, 0.0, 1.0)
+        rows[f"{cond}-fast-s0"] = run(150, 0.6, 0.9, 0.5)  # the most area, but forgets the base
+        rows[f"{cond}-kept-s0"] = run(200, 0.5, 0.85, 0.95)  # keeps it
+        rows[f"{cond}-late-s0"] = run(250, 0.55, 0.2, 0.95)  # keeps it; on canny it ends below vanilla (next)
+    rows["canny-late-s0"] = run(250, 0.55, -0.2, 0.95)  # ends 0.2 below vanilla on canny: out
+    text = rule_table(rows, budget=600, base_single=1.0)
+    assert "| fast | 0.600 | 0.50 |" in text and "| kept | 0.500 | 0.95 | +0.85 | yes | yes |" in text
+    assert "| late | 0.550 | 0.95 | -0.20 | yes | no |" in text
+    assert "Winner: **kept**" in text
+    # without retention scores nothing qualifies: the highest area among those sooner than vanilla everywhere
+    unscored = {k: {**v, "retention": None} for k, v in rows.items()}
+    assert "Winner: **fast** (mean AUCC 0.600; no candidate qualifies" in rule_table(unscored, 600, 1.0)
