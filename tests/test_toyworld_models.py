@@ -336,3 +336,15 @@ def test_the_base_compile_mode_is_checked_and_reaches_torch_compile(tmp_path, mo
                               base_steps=3, base_pool=4, base_batch=2, base_warmup=1, save_every=100, log_every=1,
                               base_compile=True, base_compile_mode="reduce-overhead"))  # fmt: skip
     assert modes == ["reduce-overhead"] and len(marks) == 3
+
+
+def test_annotators_are_scored_on_a_shifted_domain_s_renders():
+    """The annotators learnt default lighting: on dusk renders of the same scenes they err more (the detector's
+    floor in that domain), and the score says which domain it was measured on by differing from the default's."""
+    from difftune_control.toyworld.evaluate import evaluate_annotators
+
+    models = {"depth": load_annotator("depth")}
+    with torch.no_grad():
+        default = evaluate_annotators(models, n=16)["depth_rmse@64"]
+        dusk = evaluate_annotators(models, n=16, domain="dusk")["depth_rmse@64"]
+    assert default < 0.02 and dusk > 1.5 * default

@@ -198,10 +198,15 @@ def evaluate_vae(vae, n: int = 512, seed: int = 0, device: str = "cpu", resoluti
 
 @torch.no_grad()
 def evaluate_annotators(
-    models: dict, n: int = 512, seed: int = 0, device: str = "cpu", resolution: int = 64
+    models: dict,
+    n: int = 512,
+    seed: int = 0,
+    device: str = "cpu",
+    resolution: int = 64,
+    domain: str = "default",
 ) -> dict:
-    """Depth RMSE, normal angular error (degrees) and segmentation mIoU on held-out renders."""
-    out = render_scenes(n, split_seed(seed, "validation"), resolution, device=device)
+    """Depth RMSE, normal angular error (degrees) and segmentation mIoU on held-out renders of ``domain``."""
+    out = render_scenes(n, split_seed(seed, "validation"), resolution, device=device, domain=domain)
     result = {}
     for kind, model in models.items():
         dtype = next(model.parameters()).dtype
