@@ -348,3 +348,21 @@ def test_annotators_are_scored_on_a_shifted_domain_s_renders():
         default = evaluate_annotators(models, n=16)["depth_rmse@64"]
         dusk = evaluate_annotators(models, n=16, domain="dusk")["depth_rmse@64"]
     assert default < 0.02 and dusk > 1.5 * default
+
+
+def test_an_annotator_pool_can_mix_domains():
+    """``annotator_domains``: the pool holds equal shares of each domain, in order, from consecutive scenes; a
+    default-only pool is the one rendered before the option; an unknown domain is refused by name."""
+    from difftune_control.toyworld.pretrain import PretrainConfig, _render_pool
+
+    cfg = PretrainConfig(device="cpu", annotator_domains="default, dusk")
+    mixed = _render_pool(8, cfg, 64, keys=("inv_depth",), domains=cfg.annotator_domain_list())
+    plain = _render_pool(8, cfg, 64, keys=("inv_depth",))
+    assert cfg.annotator_domain_list() == ("default", "dusk") and mixed["rgb"].shape == (8, 3, 64, 64)
+    assert torch.equal(mixed["rgb"][:4], plain["rgb"][:4])  # scenes 0-3, default lighting
+    dusk = render_scenes(4, split_seed(0, "train"), 64, start=4, domain="dusk")
+    assert torch.equal(mixed["rgb"][4:], (dusk["rgb"] * 255).round().to(torch.uint8))  # scenes 4-7 at dusk
+    assert mixed["rgb"][4:].float().mean() < 0.7 * mixed["rgb"][:4].float().mean()
+    assert torch.equal(mixed["inv_depth"][4:], dusk["inv_depth"].half())  # the geometry's targets, unchanged
+    with pytest.raises(ValueError, match="annotator_domains.*moonlight"):
+        PretrainConfig(annotator_domains="default,moonlight")

@@ -94,6 +94,10 @@ class PretrainConfig:
     annotator_edge_weight: float = 1.0
     """Depth: loss weight of the pixels beside a depth discontinuity (a jump of the target's normalised
     inverse depth of more than 0.02 to a 4-neighbour), where most of the annotator's error sits; 1: none."""
+    annotator_domains: str = "default"
+    """Comma-separated toy-world domains the annotator stages render, in equal shares of their pools (e.g.
+    ``default,crowded,dusk,swapped``): annotators that saw a domain can measure generated images of it (the
+    detector's floor there); trained on ``default`` alone they fail on dusk and swapped renders."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -111,6 +115,10 @@ class PretrainConfig:
             problems.append(
                 f"base_compile_mode must be default or reduce-overhead, got {self.base_compile_mode!r}"
             )
+        try:
+            self.annotator_domain_list()
+        except ValueError as e:
+            problems.append(f"annotator_domains: {e}")
         if self.annotator_edge_weight < 1.0:
             problems.append(f"annotator_edge_weight must be >= 1, got {self.annotator_edge_weight}")
         if not 0.0 <= self.caption_dropout < 1.0:
@@ -119,6 +127,15 @@ class PretrainConfig:
             problems.append(f"resolution must be a multiple of 8, got {self.resolution}")
         if problems:
             raise ValueError("invalid PretrainConfig: " + "; ".join(problems))
+
+    def annotator_domain_list(self) -> tuple[str, ...]:
+        """``annotator_domains`` as checked domain names (ValueError naming the unknown one)."""
+        from .domains import get_domain
+
+        names = tuple(d.strip() for d in self.annotator_domains.split(",") if d.strip())
+        if not names:
+            raise ValueError("name at least one domain")
+        return tuple(get_domain(d).name for d in names)
 
 
 class _Log:
@@ -136,19 +153,32 @@ class _Log:
 
 
 def _render_pool(
-    n: int, cfg: PretrainConfig, resolution: int, start: int = 0, keys: tuple[str, ...] = ()
+    n: int,
+    cfg: PretrainConfig,
+    resolution: int,
+    start: int = 0,
+    keys: tuple[str, ...] = (),
+    domains: tuple[str, ...] = ("default",),
 ) -> dict:
     """Render ``n`` training scenes on the training device, piecewise, keeping compact copies:
-    ``rgb`` as uint8, ``captions``, and the requested ``keys`` (float16, classes as uint8)."""
+    ``rgb`` as uint8, ``captions``, and the requested ``keys`` (float16, classes as uint8).
+
+    With several ``domains`` each renders an equal share, from consecutive scene indices (scenes
+    ``start``.. of the first, the next ones of the second, ...), in that order."""
     seed = split_seed(cfg.seed, "train")
     piece = 16384 * 4096 // (resolution * resolution)
     parts: dict[str, list] = {"rgb": [], "captions": [], **{k: [] for k in keys}}
-    for lo in range(start, start + n, piece):
-        out = render_scenes(min(piece, start + n - lo), seed, resolution, device=cfg.device, start=lo)
-        parts["rgb"].append((out["rgb"] * 255).round().to(torch.uint8))
-        parts["captions"].extend(out["captions"])
-        for k in keys:
-            parts[k].append(out[k].to(torch.uint8) if k == "classes" else out[k].half())
+    first = start
+    for i, domain in enumerate(domains):
+        share = n // len(domains) + (i < n % len(domains))
+        for lo in range(first, first + share, piece):
+            m = min(piece, first + share - lo)
+            out = render_scenes(m, seed, resolution, device=cfg.device, start=lo, domain=domain)
+            parts["rgb"].append((out["rgb"] * 255).round().to(torch.uint8))
+            parts["captions"].extend(out["captions"])
+            for k in keys:
+                parts[k].append(out[k].to(torch.uint8) if k == "classes" else out[k].half())
+        first += share
     return {k: (v if k == "captions" else torch.cat(v)) for k, v in parts.items()}
 
 
@@ -251,9 +281,9 @@ def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
     keys = {"depth": "inv_depth", "normal": "normal", "segmentation": "classes"}
     pools = []
     for n, res, start in ((cfg.annotator_pool, 64, 0), (cfg.annotator_pool_128, 128, cfg.annotator_pool)):
-        p = _render_pool(n, cfg, res, start=start, keys=(keys[kind],))
+        p = _render_pool(n, cfg, res, start=start, keys=(keys[kind],), domains=cfg.annotator_domain_list())
         pools.append((p["rgb"], p[keys[kind]]))
-    log(event="pool", scenes=[len(p[0]) for p in pools])
+    log(event="pool", scenes=[len(p[0]) for p in pools], domains=list(cfg.annotator_domain_list()))
     if cfg.annotator_init:  # continue from earlier weights (the file's own kind and config are checked)
         from .weights import load_annotator
 
