@@ -562,7 +562,7 @@ def rule_table(rows: dict, budget: int, base_single: float | None) -> str:
     AUCC over those conditions, its worst retention and p-at-budget margins, whether it qualifies, the winner."""
     groups: dict[str, dict[str, list[dict]]] = {}
     for name, r in rows.items():
-        cond, cand = name.rsplit("-s", 1)[0].split("-", 1)
+        cond, cand = group_key(name).split("-", 1)
         groups.setdefault(cand, {}).setdefault(cond, []).append(r)
     conds = sorted(groups.get("vanilla", {}))
     if not conds:

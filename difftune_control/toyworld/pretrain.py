@@ -279,11 +279,11 @@ def train_annotator(cfg: PretrainConfig, kind: str) -> Path:
     log = _Log(cfg, f"annotator_{kind}")
     dev = cfg.device
     keys = {"depth": "inv_depth", "normal": "normal", "segmentation": "classes"}
-    pools = []
+    pools, domains = [], cfg.annotator_domain_list()
     for n, res, start in ((cfg.annotator_pool, 64, 0), (cfg.annotator_pool_128, 128, cfg.annotator_pool)):
-        p = _render_pool(n, cfg, res, start=start, keys=(keys[kind],), domains=cfg.annotator_domain_list())
+        p = _render_pool(n, cfg, res, start=start, keys=(keys[kind],), domains=domains)
         pools.append((p["rgb"], p[keys[kind]]))
-    log(event="pool", scenes=[len(p[0]) for p in pools], domains=list(cfg.annotator_domain_list()))
+    log(event="pool", scenes=[len(p[0]) for p in pools], domains=list(domains))
     if cfg.annotator_init:  # continue from earlier weights (the file's own kind and config are checked)
         from .weights import load_annotator
 
