@@ -34,12 +34,18 @@ bash bench/stop_runs.sh
 # a failed run's log tail comes back (the logs themselves are mostly progress bars)
 for n in $(grep -E ": rc=[1-9]" $OUT/search.log | cut -d: -f1); do
   tail -c 6000 $W/logs/$n.log | tr '\r' '\n' | grep -v "it/s\]$" | tail -n 60 > $OUT/failed-$n.log; done
-timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only $TAIL >> $OUT/search.log 2>&1
 # metrics, configs and retention scores only: checkpoint states and validation images are most of a run's
-# bytes, and everything the device carries counts against one limit
-(cd $W && tar czf $OUT/search-runs.tgz --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' \
-  --exclude='samples' --exclude='logs' --exclude='checkpoint-*' --exclude='validation' runs retention)
+# bytes, and everything the device carries counts against one limit. Archived and tabled once before the
+# retention scores and again after them, so a call cut short still brings the convergence results back.
+archive() {
+  (cd $W && tar czf $OUT/search-runs.tgz.part --exclude='*.safetensors' --exclude='*.bin' --exclude='*.pkl' \
+    --exclude='samples' --exclude='logs' --exclude='checkpoint-*' --exclude='validation' runs \
+    $(ls -d retention 2>/dev/null)) && mv $OUT/search-runs.tgz.part $OUT/search-runs.tgz
+  cp $W/results.md $W/results.json $W/curves.png $OUT/ 2>/dev/null || true
+}
+archive
+timeout $RET_BUDGET python3 scripts/bench_convergence.py $ARGS --retention-only $TAIL >> $OUT/search.log 2>&1
 python3 scripts/bench_convergence.py $ARGS --aggregate-only $TAIL >> $OUT/search.log 2>&1
-cp $W/results.md $W/results.json $W/curves.png $OUT/ 2>/dev/null
+archive
 grep -E "rc=|all runs|prepared|retention " $OUT/search.log | tail -n 45
 cat $W/results.md

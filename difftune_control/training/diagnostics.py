@@ -179,8 +179,10 @@ BANK_ADVICE = (
     "What measured best on the toy world (BENCHMARKS.md section 0) is the default --method difftuning: "
     "null-hint bank rows (--bank_hint zero) whose latents are drawn from the VAE posterior as the data's are "
     "(--bank_latents sample), lambda set from the measured pull (--bank_weight auto) so the weighted bank rows "
-    "pull a tenth as hard as the target rows (--bank_pull 0.1, section 0f); a bank of posterior "
-    "means (--bank_latents mean) pulled 2x as hard as draws."
+    "pull a tenth as hard as the target rows (--bank_pull 0.1, section 0f), the target rows weighted by inverse "
+    "SNR; on five conditions x five seeds (section 0h) it converged sooner than vanilla and than inverse-SNR alone "
+    "and kept 97% of the base's null-hint text following. A bank of posterior means (--bank_latents mean) pulled 2x "
+    "as hard as draws."
 )
 
 
