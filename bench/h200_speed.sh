@@ -11,7 +11,11 @@
 # table (not in the default PARTS): issue 21's side-by-side table, the example and ours (vanilla, Diff-Tuning)
 # at TABLE_BATCHES (default "32 8 4 1"): images/s as the median and range of 3 chunks (ours: 3 x 10 timed
 # steps; the example: its progress bar's rate at steps 10, 20 and 30), peak memory, MFU.
-# Needs .whl (diffusers, datasets) and third_party/.
+# bank (not in the default PARTS): memory-bank generation (scripts/bench_bank.py) at BANK_BATCHES (default
+# "16 64"; 16 is the SD default --bank_batch_size) under BANK_SETTINGS (default "eager channels_last
+# channels_last+compile"), 2 timed batches each after a warm-up batch: images/s, MFU, peak memory, warm-up
+# (compile) time; ~5 min.
+# Needs .whl (diffusers, datasets) and third_party/ (the example's parts).
 set -u
 OUT=${OUT:-/tmp/out}
 PARTS=${PARTS:-main memory compile}
@@ -31,6 +35,8 @@ for part in $PARTS; do
     table) timeout ${TABLE_LIMIT:-560} $B --out $OUT/table --batches ${TABLE_BATCHES:-32 8 4 1} \
              --example-batches ${TABLE_BATCHES:-32 8 4 1} --steps 10 --repeats 3 --warmup 5 --speed default \
              --example-steps 30 --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
+    bank) timeout ${BANK_LIMIT:-480} python3 scripts/bench_bank.py --out $OUT/bank --batches ${BANK_BATCHES:-16 64} \
+            --settings ${BANK_SETTINGS:-eager channels_last channels_last+compile} --repeats 2 ;;
   esac > $OUT/$part.log 2>&1
   echo "== $part: rc $?"; tail -n 12 $OUT/$part/results.md $OUT/$part/*/results.md 2>/dev/null || tail -n 20 $OUT/$part.log
 done

@@ -409,43 +409,28 @@ def bench_ours(
 
 
 def bench_bank(model_dir: Path, batch: int = 32, steps: int = 25) -> dict:
+    """Memory-bank generation at one batch, eager (``scripts/bench_bank.py`` compares batches and settings)."""
+    from bench_bank import bank_flop_per_image, bench_setting
+
     from difftune_control.config import ModelConfig
     from difftune_control.extractors import get_extractor
     from difftune_control.training.runtime import load_base_model
-    from difftune_control.validation import encode_images, encode_prompts, sample_images
 
     base = load_base_model(
         ModelConfig(pretrained_model_name_or_path=str(model_dir)), torch.device("cuda"), torch.bfloat16
     )
-    ext = get_extractor("canny", resolution=512)
-    embeds = encode_prompts(base.text_encoder, base.tokenizer, ["a red sphere on a grey floor"] * batch)
-    empty = encode_prompts(base.text_encoder, base.tokenizer, [""])
-    kw = dict(
-        unet=base.unet,
-        vae=base.vae,
-        scheduler_config=base.scheduler_config,
-        prompt_embeds=embeds,
-        negative_prompt_embeds=empty,
-        seeds=list(range(batch)),
+    flops = bank_flop_per_image(dict(base.unet.config), dict(base.vae.config), 512, steps, 7.5)["total"]
+    r = bench_setting(
+        base,
+        get_extractor("canny", resolution=512),
+        batch=batch,
+        steps=steps,
         resolution=512,
         guidance_scale=7.5,
+        repeats=1,
+        flop_per_image=flops,
     )
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        sample_images(num_inference_steps=2, **kw)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        images = sample_images(num_inference_steps=steps, **kw)
-        encode_images(base.vae, images)
-        ext(images)
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    return {
-        "impl": "ours",
-        "what": "bank generation",
-        "batch": batch,
-        "steps": steps,
-        "images_per_s": batch / dt,
-    }
+    return {"impl": "ours", "what": "bank generation", **r}
 
 
 def bench_detector(model_dir: Path, train_images_per_s: float, every: int = 500, batch: int = 4) -> dict:
@@ -815,7 +800,7 @@ def main() -> int:
         elif r.get("what"):
             lines.append(
                 f"\nBank generation (DDIM {r['steps']} steps, CFG 7.5, re-encode + canny), batch {r['batch']}: "
-                f"{r['images_per_s']:.2f} images/s"
+                f"{r['images_per_s']:.2f} images/s ({100 * r['mfu']:.0f}% MFU)"
             )
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
