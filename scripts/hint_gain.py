@@ -12,7 +12,8 @@ the hint buys at that noise level. Printed per band, with the share of the summe
 weighting puts there (uniform t: vanilla's epsilon loss; inverse SNR: x0-supervision's, the default's
 target rows; Min-SNR-5). The weightings' shares say where each objective's signal about the hint comes
 from: a gain only at high noise, where the epsilon loss is small, is a small part of vanilla's objective.
-Flags after ``--`` are ``difftune train`` flags (the base model, the condition, the data).
+Flags after ``--`` are ``difftune train`` flags (the base model, the condition, the data); with the toy
+world, ``--toy_domain D`` takes the held-out rows of domain ``D``.
 """
 
 from __future__ import annotations
@@ -84,6 +85,25 @@ def measure(trainer, target, samples: int, bands: int, batch_size: int = 64, see
     return rows
 
 
+def data_flags(train_args: list[str], split: str, samples: int) -> tuple[list[str], list[str]]:
+    """The rows to measure on: the given ``difftune train`` data flags, else the toy world's ``split`` (at least
+    ``samples`` scenes) of the domain ``--toy_domain`` names (default: the default domain). Returns the flags to
+    add and ``train_args`` without ``--toy_domain`` (a run given ``--train_data_dir`` refuses it)."""
+    train_args = list(train_args)
+    if "--train_data_dir" in train_args or "--dataset_name" in train_args:
+        return [], train_args
+    from difftune_control.toyworld.dataset import default_dataset_dir
+
+    domain = "default"
+    if "--toy_domain" in train_args:
+        at = train_args.index("--toy_domain")
+        if at + 1 == len(train_args):
+            raise SystemExit("hint_gain: --toy_domain needs a domain name")
+        domain = train_args[at + 1]
+        del train_args[at : at + 2]
+    return ["--train_data_dir", str(default_dataset_dir(split, n=samples, domain=domain))], train_args
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -113,15 +133,13 @@ def main() -> int:
         "--max_train_samples",
         str(args.samples),
     ]
-    if "--train_data_dir" not in args.train_args and "--dataset_name" not in args.train_args:
-        from difftune_control.toyworld.dataset import default_dataset_dir
-
-        flags += ["--train_data_dir", str(default_dataset_dir(args.split, n=args.samples))]
+    data, train_args = data_flags(args.train_args, args.split, args.samples)
+    flags += data
     scratch = tempfile.TemporaryDirectory(
         prefix="hint-gain-"
     )  # the run folder setup() makes; nothing is kept
     flags += ["--output_dir", scratch.name]
-    parsed = build_parser().parse_args(["train", *flags, *args.train_args])
+    parsed = build_parser().parse_args(["train", *flags, *train_args])
     run = setup(config_from_args(parsed, apply_preset(RunConfig(), parsed.preset)))
     trainer, target, cfg = run.trainer, run.target, run.cfg
     cfg.data.proportion_empty_prompts = 0.0

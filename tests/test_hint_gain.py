@@ -46,3 +46,19 @@ def test_a_controlnet_that_reads_its_hint_gains_and_the_shares_add_up(trainer):
     # the same rows, noise and timesteps each call: the measurement repeats exactly
     again = measure(trainer, trainer.target, samples=4, bands=2, batch_size=2)
     assert [r["gain"] for r in again] == pytest.approx([r["gain"] for r in rows], abs=1e-7)
+
+
+def test_toy_domain_names_the_rows_it_measures_on(tmp_path, monkeypatch):
+    import json
+
+    from hint_gain import data_flags
+
+    monkeypatch.setenv("DIFFTUNE_CACHE", str(tmp_path))
+    flags, rest = data_flags(["--condition", "sketch", "--toy_domain", "swapped"], "validation", 4)
+    assert rest == ["--condition", "sketch"] and flags[0] == "--train_data_dir"
+    info = json.loads((Path(flags[1]) / "dataset_info.json").read_text())
+    assert (info["domain"], info["split"]) == ("swapped", "validation") and info["n"] >= 4
+    default, _ = data_flags(["--condition", "sketch"], "validation", 4)
+    assert json.loads((Path(default[1]) / "dataset_info.json").read_text())["domain"] == "default"
+    given = ["--train_data_dir", "DATA", "--toy_domain", "swapped"]
+    assert data_flags(given, "validation", 4) == ([], given)  # the run's own check refuses the pair
