@@ -85,6 +85,17 @@ def measure(trainer, target, samples: int, bands: int, batch_size: int = 64, see
     return rows
 
 
+def summary(rows: list[dict], below: int = 500) -> dict:
+    """The summed gain over the bands and, per weighting, the share of it in the bands that end at or below
+    timestep ``below`` (the low- and middle-noise half at SD's 1,000 steps)."""
+    low = [r for r in rows if int(r["band"].split("-")[1]) <= below]
+    return {
+        "summed_gain": sum(r["gain"] for r in rows),
+        "below": below,
+        **{f"share_below_{k}": sum(r[f"share_{k}"] for r in low) for k in WEIGHTINGS},
+    }
+
+
 def data_flags(train_args: list[str], split: str, samples: int) -> tuple[list[str], list[str]]:
     """The rows to measure on: the given ``difftune train`` data flags, else the toy world's ``split`` (at least
     ``samples`` scenes) of the domain ``--toy_domain`` names (default: the default domain). Returns the flags to
@@ -160,9 +171,16 @@ def main() -> int:
             f"{r['gain']:.4f} +- {r['gain_sem']:.4f} | {r['relative_gain']:.1%} | {r['share_none']:.1%} | "
             f"{r['share_inverse_snr']:.1%} | {r['share_min_snr']:.1%} |"
         )
+    total = summary(rows)
+    print(
+        f"\nsummed gain {total['summed_gain']:.4f}; its share below t = {total['below']}: uniform "
+        f"{total['share_below_none']:.1%}, inverse SNR {total['share_below_inverse_snr']:.1%}, Min-SNR-5 "
+        f"{total['share_below_min_snr']:.1%}"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         result = {
+            "summary": total,
             "controlnet": str(args.controlnet),
             "condition": cfg.data.condition,
             "samples": n,

@@ -43,6 +43,12 @@ def test_a_controlnet_that_reads_its_hint_gains_and_the_shares_add_up(trainer):
     assert all(r["loss_base"] != pytest.approx(r["loss_hint"], abs=1e-6) for r in rows)
     for k in ("none", "inverse_snr", "min_snr"):
         assert sum(r[f"share_{k}"] for r in rows) == pytest.approx(1.0)
+    from hint_gain import summary
+
+    total = summary(rows)  # bands t0-500 and t500-1000: the share below 500 is the first band's
+    assert total["summed_gain"] == pytest.approx(rows[0]["gain"] + rows[1]["gain"])
+    assert total["share_below_none"] == pytest.approx(rows[0]["share_none"])
+    assert summary(rows, below=1000)["share_below_inverse_snr"] == pytest.approx(1.0)
     # the same rows, noise and timesteps each call: the measurement repeats exactly
     again = measure(trainer, trainer.target, samples=4, bands=2, batch_size=2)
     assert [r["gain"] for r in again] == pytest.approx([r["gain"] for r in rows], abs=1e-7)
