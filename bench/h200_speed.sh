@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One H200, one command (device tool, from the repository root): OUT=... bash bench/h200_speed.sh
 # 1. diffusers' example at batch 32 beside our trainer at batch 32 and 8 (default settings, and the
-#    frozen UNet under autocast as an A/B); 2. batch 1 with gradient checkpointing, AdamW vs
-#    Adafactor (peak memory); 3. regional torch.compile at batch 32 with a long warm-up.
+#    frozen UNet under autocast as an A/B); 2. batch 1 with gradient checkpointing: AdamW, AdamW with
+#    --fused_backward_pass, Adafactor (peak memory; MEMORY_SPEEDS); 3. regional torch.compile at batch 32 with a long warm-up.
 # PARTS selects parts (default "main memory compile"); each part has its own time limit;
 # MAIN_SPEED (default "default unet_autocast") and COMPILE_SPEED (default compile) are the
 # --speed settings of parts 1 and 3, e.g. COMPILE_SPEED=channels_last+compile; COMPILE_BATCHES (default 32) and
@@ -26,7 +26,7 @@ for part in $PARTS; do
     main) timeout ${MAIN_LIMIT:-300} $B --out $OUT/main --batches 32 8 --steps 10 --repeats 3 --warmup 5 \
             --speed ${MAIN_SPEED:-default unet_autocast} --example-batches 32 --example-steps 40 \
             --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
-    memory) for s in default adafactor; do  # each optimizer in a fresh process: a clean peak
+    memory) for s in ${MEMORY_SPEEDS:-default fused adafactor}; do  # each setting in a fresh process: a clean peak
               timeout ${MEMORY_LIMIT:-120} $B --out $OUT/memory/$s --batches 1 --methods difftuning \
                 --speed $s --grid-checkpointing --steps 20 --repeats 1 --warmup 3
             done ;;

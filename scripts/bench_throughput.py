@@ -243,6 +243,7 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     },
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
+    "fused": {"fused_backward_pass": True},  # AdamW, each parameter updated in backward: no gradients held
     "adafactor+fused": {"optimizer": "adafactor", "fused_backward_pass": True},
     # A/B only: the frozen UNet under autocast again, as the trainer ran it up to commit 085ed8c
     # (autocast lifts its GroupNorms/LayerNorms to fp32); see bench_ours.
