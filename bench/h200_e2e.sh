@@ -43,7 +43,7 @@ if [ $KIND = sdxl ]; then
     --build-only $parts 2>&1 | grep -v "it/s\]" | tail -n 3
 else
   python3 -c "import sys; sys.path.insert(0, 'scripts'); from pathlib import Path; import bench_throughput as b; \
-[b.build_sd15(Path(sys.argv[1])) for _ in range(sys.argv[4] == '1')]; b.make_parquet(Path(sys.argv[2]), 256, int(sys.argv[3]))" \
+b.build_sd15(Path(sys.argv[1])) if sys.argv[4] == '1' else None; b.make_parquet(Path(sys.argv[2]), 256, int(sys.argv[3]))" \
     $M $D $RES $BUILD
 fi
 python3 -c "import datasets, sys; datasets.load_dataset('parquet', data_files=sys.argv[1] + '/train.parquet', split='train')\

@@ -174,12 +174,17 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         args.model_dir = build_sd15(Path("/tmp/sd15-random"))
     extractor = get_extractor("canny", resolution=args.resolution)
-    results = []
+    results, flops = [], None
     for setting in args.settings:
         base = load_base_model(ModelConfig(pretrained_model_name_or_path=str(args.model_dir)), device, dtype)
-        flops = bank_flop_per_image(
-            dict(base.unet.config), dict(base.vae.config), args.resolution, args.steps, args.guidance_scale
-        )["total"]
+        if flops is None:  # the same model and shapes in every setting
+            flops = bank_flop_per_image(
+                dict(base.unet.config),
+                dict(base.vae.config),
+                args.resolution,
+                args.steps,
+                args.guidance_scale,
+            )["total"]
         blocks = apply_setting(base, setting)
         for batch in args.batches:
             try:
