@@ -629,3 +629,47 @@ def test_sampling_frees_the_half_copies_cached_by_a_prepared_controlnet():
         )
     assert half_copy > 30 * 2**20
     assert len(held) == 3 and max(held) < 0.05 * half_copy, (held, half_copy)
+
+
+def test_a_compiled_bank_matches_the_eager_one_and_leaves_the_models_eager(
+    models, clean_bank, tmp_path, monkeypatch
+):
+    """``--bank_torch_compile`` (the ``aot_eager`` backend: dynamo's capture and AOT autograd without a C
+    compiler): the same images as the eager build, the same cache key, and afterwards every block of the UNet
+    and VAE runs eagerly again with contiguous weights, so training does not inherit the bank's setting."""
+    from difftune_control.bank.speed import compiled_for_generation
+    from difftune_control.compiler import BACKEND_ENV
+    from difftune_control.training.compilation import COMPILED_BLOCKS
+
+    monkeypatch.setenv(BACKEND_ENV, "aot_eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    blocks = [
+        m for net in (models.unet, models.vae) for m in net.modules() if type(m).__name__ in COMPILED_BLOCKS
+    ]
+    seen = []
+    with compiled_for_generation(models.unet, models.vae, enabled=False) as n:
+        seen.append(n)
+    compiled = build(models, make_config(tmp_path / "compiled", bank_torch_compile=True))
+    with compiled_for_generation(models.unet, models.vae, enabled=True) as n:
+        seen.append((n, all(m._compiled_call_impl is not None for m in blocks)))
+    assert seen == [0, (len(blocks), True)] and len(blocks) > 0
+    assert all(m._compiled_call_impl is None for m in blocks)
+    assert all(p.is_contiguous() for net in (models.unet, models.vae) for p in net.parameters())
+    eager, other = load_bank(clean_bank), load_bank(compiled)
+    assert (
+        json.loads((compiled / "manifest.json").read_text())["key"]
+        == json.loads((clean_bank / "manifest.json").read_text())["key"]
+    )
+    for i in range(len(eager)):
+        a, b = eager[i], other[i]
+        torch.testing.assert_close(b["latents"], a["latents"], atol=1e-4, rtol=1e-4)
+        assert (b["conditioning_pixel_values"] - a["conditioning_pixel_values"]).abs().max() < 0.02
+
+
+def test_the_bank_compile_flag_reaches_the_bank_config():
+    from difftune_control.cli import _config, build_parser
+
+    parser = build_parser()
+    for command in ("bank", "train"):
+        assert _config(parser.parse_args([command])).bank.bank_torch_compile is False
+        assert _config(parser.parse_args([command, "--bank_torch_compile"])).bank.bank_torch_compile is True
