@@ -227,10 +227,7 @@ class BankConfig:
         None, "Where the bank lives. Default: a folder in the cache keyed by the manifest."
     )
     bank_torch_compile: bool = _f(
-        False,
-        "Compile the UNet's and VAE's blocks (channels-last) while the bank is generated, eager again for "
-        "training. SD1.5 on one H200: +27% images/s after ~45 s of compiling, so it pays past ~1,300 images "
-        "(BENCHMARKS.md 4). The bank's contents and cache key do not change.",
+        False, "Compile the base model for bank generation only (SD1.5: +27% images/s; BENCHMARKS.md 4)."
     )
     bank_hint: Literal["extracted", "zero"] | None = _f(
         None,
