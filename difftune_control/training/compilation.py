@@ -100,8 +100,9 @@ MEASURED_GAINS = (
     ("sd1", True, 1, 4, 0.05, "SD1.5, batch 4, CUDA graphs: 99.5 -> 94.4 ms per step"),
     ("sd1", False, 32, None, 0.09, "SD1.5, batch 32: 9-13% more images/s"),
 )
-"""Where compiling was measured to pay (BENCHMARKS.md 4), at the low end of what was measured: the model kind
-(``sd1`` / ``sd2`` / ``sdxl``, ``toy`` for the toy world), CUDA graphs or not, the batch per process. Elsewhere
+"""Where compiling was measured to pay (BENCHMARKS.md 4): the low end of the range measured at batch 32, the
+medians at batch 4 with CUDA graphs (whose chunks barely part from eager's); the model kind (``sd1`` / ``sd2`` /
+``sdxl``, ``toy`` for the toy world), CUDA graphs or not, the batch per process. Elsewhere
 (batch 8 with CUDA graphs: 68.9 compiled against 69.9 images/s eager on 2026-12-03; batch 4 without CUDA graphs:
 within the chunks' spread of eager; SDXL and the toy world: not measured) ``--torch_compile auto`` does not
 count on a gain. (The eager step at batch 4 fell from 175 to 100 ms after 2026-12-02, which took the graphs'
