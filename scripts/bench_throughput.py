@@ -241,6 +241,13 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
         "torch_compile": True,
         "torch_compile_mode": "reduce-overhead",
     },
+    # whole down/mid/up stages compiled instead of their blocks (--torch_compile_scope stages)
+    "compile-stages": {"torch_compile": True, "torch_compile_scope": "stages"},
+    "compile-graphs-stages": {
+        "torch_compile": True,
+        "torch_compile_mode": "reduce-overhead",
+        "torch_compile_scope": "stages",
+    },
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
     "fused": {"fused_backward_pass": True},  # AdamW, each parameter updated in backward: no gradients held

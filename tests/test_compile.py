@@ -137,6 +137,45 @@ def test_compiled_step_gives_the_eager_loss_and_gradients(
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_the_stages_scope_compiles_whole_stages_and_gives_the_eager_step(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog
+):
+    """``--torch_compile_scope stages`` (``aot_eager``): each down/mid/up stage of the ControlNet and UNet is one
+    compiled module, no block inside it is compiled on its own, the log names the stages, and the step's loss
+    and gradients are the eager ones (the tolerance of the test above)."""
+    from difftune_control.training.compilation import COMPILED_BLOCKS, COMPILED_STAGES, compile_signature
+
+    clean_env.setenv(BACKEND_ENV, "aot_eager")
+    results, signatures = [], set()
+    for scope in (None, "stages"):
+        overrides = (
+            {} if scope is None else {"train__torch_compile": True, "train__torch_compile_scope": scope}
+        )
+        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(scope), **overrides)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="difftune_control"):
+            trainer, _ = build_trainer(cfg)
+        controlnet = trainer.accelerator.unwrap_model(trainer.controlnet)
+        signatures.add(compile_signature(cfg, controlnet, trainer.base.unet))
+        if scope is not None:
+            for net in (controlnet, trainer.base.unet):
+                compiled = [
+                    type(m).__name__ for m in net.modules() if getattr(m, "_compiled_call_impl", None)
+                ]
+                assert compiled and set(compiled) <= set(COMPILED_STAGES), compiled
+                assert not set(compiled) & set(COMPILED_BLOCKS)
+            message = next(r.getMessage() for r in caplog.records if "torch.compile on" in r.getMessage())
+            assert "CrossAttnDownBlock2D" in message and "ResnetBlock2D" not in message, message
+        results.append(one_step(trainer))
+    torch._dynamo.reset()
+    assert len(signatures) == 2  # a stages build is not taken for a blocks one in the compile cache
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    assert compiled_grads.keys() == eager_grads.keys() and len(eager_grads) > 10
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
 def test_the_compile_mode_reaches_every_block(clean_env, tmp_path, monkeypatch):
     from conftest import tiny_unet
     from diffusers import ControlNetModel
@@ -257,6 +296,8 @@ def test_compiling_pays_only_where_a_gain_was_measured_and_the_steps_earn_it_bac
     assert not pays and "no gain was measured for sd1 models at batch 4 without CUDA graphs" in why
     assert compile_pays(10**5, 0.33, 32, graphs=False, warm=False)[0]  # 9% of 330 ms over 100k steps
     assert not compile_pays(10**5, 0.33, 32, graphs=True, warm=False)[0]  # graphs at batch 32: not measured
+    pays, why = compile_pays(10**7, 0.33, 32, graphs=False, warm=True, scope="stages")
+    assert not pays and "--torch_compile_scope stages" in why  # measured with blocks only
     for model in ("sdxl", "toy"):  # measured at SD1.5 only
         assert not compile_pays(10**7, 0.175, 4, graphs=True, warm=True, model=model)[0]
 

@@ -297,9 +297,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(
         None, "Frozen parts in this dtype. Default: accelerate's."
     )
-    gradient_checkpointing: bool = _f(
-        False, "Gradient checkpointing for ControlNet (and the UNet's backward)."
-    )
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing: the ControlNet, the UNet's backward.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
     torch_compile: bool | Literal["auto"] = _f(
         False,
@@ -319,9 +317,12 @@ class TrainConfig:
         "kernel launches, for small batches, where the host's dispatch bounds the step), max-autotune or "
         "max-autotune-no-cudagraphs.",
     )
-    channels_last: bool = _f(
-        False, "channels_last memory format for the ControlNet, the UNet and their inputs."
+    torch_compile_scope: Literal["blocks", "stages"] = _f(
+        "blocks",
+        "What --torch_compile compiles: each transformer and ResNet block, or each down/mid/up stage of the "
+        "ControlNet and UNet (fewer, larger graphs: fewer launches between them; longer to compile).",
     )
+    channels_last: bool = _f(False, "channels_last memory format: the ControlNet, the UNet and their inputs.")
     cudnn_benchmark: bool = _f(False, "Let cuDNN time its convolution algorithms on the first steps (CUDA).")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.")

@@ -23,6 +23,11 @@ from difftune_control.compiler import CACHE_DIR_ENV, compile_backend, compile_ca
 logger = logging.getLogger(__name__)
 
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+COMPILED_STAGES = (
+    "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D", "UpBlock2D"
+)  # fmt: skip
+SCOPES = {"blocks": COMPILED_BLOCKS, "stages": COMPILED_STAGES}
+"""``--torch_compile_scope``: the module classes compiled in place, by scope."""
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 """``--torch_compile_mode`` values under which the compiled blocks are replayed as CUDA graphs."""
 
@@ -32,15 +37,16 @@ def cuda_graphs(train) -> bool:
     return train.torch_compile is True and train.torch_compile_mode in CUDA_GRAPH_MODES
 
 
-def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
+def compile_blocks(model: torch.nn.Module, names: tuple[str, ...] = COMPILED_BLOCKS, **compile_kwargs) -> int:
     """Regional ``torch.compile``: each transformer and ResNet block of ``model`` compiled in place.
 
     Blocks of one shape share their compiled code, so this compiles a handful of small graphs instead
     of the whole UNet (which took minutes before its first step) and keeps the fusions that matter
     (GroupNorm + SiLU, attention projections, GEGLU). Static shapes; dynamo's recompile limit is raised
-    to the number of blocks, since every block shape is one more graph. Returns the number of blocks.
+    to the number of blocks, since every block shape is one more graph. ``names``: the classes compiled
+    (:data:`SCOPES`). Returns the number of modules compiled.
     """
-    blocks = [m for m in model.modules() if type(m).__name__ in COMPILED_BLOCKS]
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
     cfg = torch._dynamo.config
     name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
     setattr(cfg, name, max(getattr(cfg, name), 2 * len(blocks)))
@@ -60,6 +66,7 @@ def compile_for_training(
     cache_dir: str | os.PathLike | None = None,
     mode: str = "default",
     signature: str | None = None,
+    scope: str = "blocks",
 ) -> dict[str, Any]:
     """``--torch_compile``: the blocks of ``controlnet`` and ``unet`` compiled with the run's backend and
     ``--torch_compile_mode``, the compiled-artefact cache set up first, and one INFO line saying what, how and
@@ -72,13 +79,17 @@ def compile_for_training(
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     kw = {"backend": backend} if mode == "default" else {"backend": backend, "mode": mode}
-    blocks = {"ControlNet": compile_blocks(controlnet, **kw), "UNet": compile_blocks(unet, **kw)}
+    names = SCOPES[scope]
+    blocks = {
+        "ControlNet": compile_blocks(controlnet, names, **kw),
+        "UNet": compile_blocks(unet, names, **kw),
+    }
     on = {"fx_graph_cache": "FX-graph cache", "enable_autograd_cache": "AOT-autograd cache"}
     logger.info(
         "torch.compile on: the %s blocks of the %s, mode %s (static shapes), backend %s; compiled "
         "artefacts cached in %s "
         "(%s%s)",
-        "/".join(COMPILED_BLOCKS),
+        "/".join(names),
         " and the ".join(f"{name} ({n})" for name, n in blocks.items()),
         mode,
         backend,
@@ -123,12 +134,19 @@ def measured_gain(model: str, graphs: bool, batch: int) -> tuple[float, str] | N
 
 
 def compile_pays(
-    steps: int, step_seconds: float, batch: int, graphs: bool, warm: bool, model: str = "sd1"
+    steps: int,
+    step_seconds: float,
+    batch: int,
+    graphs: bool,
+    warm: bool,
+    model: str = "sd1",
+    scope: str = "blocks",
 ) -> tuple[bool, str]:
     """Whether compiling earns its time back over ``steps`` eager steps of ``step_seconds``, and why (the
     reckoning, for the log line)."""
     mode = "with CUDA graphs" if graphs else "without CUDA graphs"
-    gain = measured_gain(model, graphs, batch)
+    gain = measured_gain(model, graphs, batch) if scope == "blocks" else None
+    mode += "" if scope == "blocks" else f", --torch_compile_scope {scope}"
     if gain is None:
         return False, f"no gain was measured for {model} models at batch {batch} {mode} (BENCHMARKS.md 4)"
     share, where = gain
@@ -151,7 +169,8 @@ def compile_signature(cfg, controlnet: torch.nn.Module, unet: torch.nn.Module) -
         "dtypes": [str(unet.dtype), str(next(controlnet.parameters()).dtype)],
         "batch": t.train_batch_size,
         "resolution": cfg.data.resolution,
-        "settings": [t.torch_compile_mode, t.gradient_checkpointing, t.channels_last, compile_backend()],
+        "settings": [t.torch_compile_mode, t.gradient_checkpointing, t.channels_last, compile_backend()]
+        + ([] if t.torch_compile_scope == "blocks" else [t.torch_compile_scope]),  # earlier signatures kept
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -195,7 +214,7 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
         _eager_step_seconds(trainer, torch.utils.data.default_collate(rows)) * t.gradient_accumulation_steps
     )
     model = "toy" if base.is_toy else base.kind
-    decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm, model)
+    decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm, model, t.torch_compile_scope)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
@@ -203,6 +222,8 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
     pays, why = decision
     logger.info("--torch_compile auto: %s: %s", "compiling" if pays else "not compiling", why)
     if pays:
-        compile_for_training(net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, signature)
+        compile_for_training(
+            net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, signature, t.torch_compile_scope
+        )
         trainer.graphed = graphs
     return pays

@@ -258,7 +258,9 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     if t.torch_compile is True:
         net = accelerator.unwrap_model(controlnet)
         sign = compile_signature(cfg, net, base.unet)
-        compile_for_training(net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, sign)
+        compile_for_training(
+            net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, sign, t.torch_compile_scope
+        )
     return controlnet, optimizer, lr_scheduler
 
 
