@@ -10,7 +10,8 @@
 # (our trainer, its data loading and lambda's measurement included, under CUDA graphs).
 # table (not in the default PARTS): issue 21's side-by-side table, the example and ours (vanilla, Diff-Tuning)
 # at TABLE_BATCHES (default "32 8 4 1"): images/s as the median and range of 3 chunks (ours: 3 x 10 timed
-# steps; the example: its progress bar's rate at steps 10, 20 and 30), peak memory, MFU.
+# steps; the example: its progress bar's rate at steps 10, 20 and 30), peak memory, MFU; then Diff-Tuning's
+# overhead from vanilla and Diff-Tuning chunks interleaved in one process (scripts/bench_step.py, in table/interleaved).
 # bank (not in the default PARTS): memory-bank generation (scripts/bench_bank.py) at BANK_BATCHES (default
 # "16 64"; 16 is the SD default --bank_batch_size) under BANK_SETTINGS (default "eager channels_last
 # channels_last+compile"), 2 timed batches each after a warm-up batch: images/s, MFU, peak memory, warm-up
@@ -34,7 +35,10 @@ for part in $PARTS; do
                --speed ${COMPILE_SPEED:-compile} --steps 10 --repeats 3 --warmup 5 ;;
     table) timeout ${TABLE_LIMIT:-560} $B --out $OUT/table --batches ${TABLE_BATCHES:-32 8 4 1} \
              --example-batches ${TABLE_BATCHES:-32 8 4 1} --steps 10 --repeats 3 --warmup 5 --speed default \
-             --example-steps 30 --diffusers-example third_party/diffusers_example/train_controlnet.py ;;
+             --example-steps 30 --diffusers-example third_party/diffusers_example/train_controlnet.py
+           # Diff-Tuning's overhead as issue 21 defines it: vanilla and Diff-Tuning chunks interleaved in one process
+           timeout ${INTERLEAVED_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/table/interleaved \
+             --batches ${TABLE_BATCHES:-32 8 4 1} --repeats 3 --steps 10 ;;
     bank) timeout ${BANK_LIMIT:-480} python3 scripts/bench_bank.py --out $OUT/bank --batches ${BANK_BATCHES:-16 64} \
             --settings ${BANK_SETTINGS:-eager channels_last channels_last+compile} --repeats 2 ;;
   esac > $OUT/$part.log 2>&1
