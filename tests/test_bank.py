@@ -673,3 +673,30 @@ def test_the_bank_compile_flag_reaches_the_bank_config():
     for command in ("bank", "train"):
         assert _config(parser.parse_args([command])).bank.bank_torch_compile is False
         assert _config(parser.parse_args([command, "--bank_torch_compile"])).bank.bank_torch_compile is True
+
+
+def test_a_failed_bank_compile_warns_and_generates_eagerly(models, clean_bank, tmp_path, monkeypatch, caplog):
+    """A compiler that fails (here a backend that raises, as inductor does without a C compiler) costs one
+    warning, not the bank: it is generated eagerly, the same as the clean one, and the blocks are eager after."""
+    from difftune_control import compiler
+    from difftune_control.training.compilation import COMPILED_BLOCKS
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    monkeypatch.setattr(compiler, "compile_backend", lambda: broken)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    with caplog.at_level(logging.WARNING, logger="difftune_control"):
+        folder = build(models, make_config(tmp_path / "fallback", bank_torch_compile=True))
+    torch._dynamo.reset()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        "--bank_torch_compile: compiling failed" in w and "no C compiler here" in w for w in warnings
+    ), warnings
+    blocks = [
+        m for net in (models.unet, models.vae) for m in net.modules() if type(m).__name__ in COMPILED_BLOCKS
+    ]
+    assert blocks and all(m._compiled_call_impl is None for m in blocks)
+    eager, other = load_bank(clean_bank), load_bank(folder)
+    for i in range(len(eager)):
+        torch.testing.assert_close(other[i]["latents"], eager[i]["latents"])

@@ -32,7 +32,7 @@ from difftune_control.bank.manifest import (
     shard_ranges,
     stored_key,
 )
-from difftune_control.bank.speed import compiled_for_generation
+from difftune_control.bank.speed import generate_with
 from difftune_control.config import BankConfig
 from difftune_control.utils import atomic_save_safetensors, atomic_write_text
 
@@ -367,8 +367,8 @@ def ensure_bank(
                     p.unlink(missing_ok=True)
             atomic_write_text(bank_dir / PROGRESS, json.dumps({"key": key}, indent=2) + "\n")
         wait()
-        with compiled_for_generation(base.unet, base.vae, config.bank_torch_compile):
-            build.generate_missing(rank, world, show_progress and rank == 0)
+        args = (rank, world, show_progress and rank == 0)
+        generate_with(base.unet, base.vae, config.bank_torch_compile, build.generate_missing, *args)
         wait()
         if rank == 0:
             build.finish()

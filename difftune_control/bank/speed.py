@@ -1,11 +1,12 @@
-"""``--bank_torch_compile``: the base model's blocks compiled (channels-last) while the bank is generated, and put
-back as they were before training uses the same modules."""
+"""``--bank_torch_compile``: the base model's blocks compiled (channels-last) while the bank is generated, and
+put back as they were before training uses the same modules."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -14,9 +15,10 @@ logger = logging.getLogger(__name__)
 
 @contextlib.contextmanager
 def compiled_for_generation(unet: torch.nn.Module, vae: torch.nn.Module, enabled: bool) -> Iterator[int]:
-    """Within the block: the transformer and ResNet blocks of ``unet`` and ``vae`` compiled in place with the run's
-    backend and the persistent compile cache, their weights in channels-last memory format (the setting
-    ``scripts/bench_bank.py`` measured fastest). Yields the number of blocks compiled (0 when not ``enabled``).
+    """Within the block: the transformer and ResNet blocks of ``unet`` and ``vae`` compiled in place with the
+    run's backend and the persistent compile cache, their weights in channels-last memory format (the setting
+    ``scripts/bench_bank.py`` measured fastest). Yields the number of blocks compiled (0 when not
+    ``enabled``).
 
     On leaving, every block runs eagerly again and the weights are back in contiguous format, so the training
     step (``--torch_compile`` or not) and its memory layout are what they would have been without the bank.
@@ -37,8 +39,8 @@ def compiled_for_generation(unet: torch.nn.Module, vae: torch.nn.Module, enabled
         model.to(memory_format=torch.channels_last)
     blocks = sum(compile_blocks(model, backend=backend) for model in models)
     logger.info(
-        "--bank_torch_compile: %d %s blocks of the UNet and VAE compiled for the bank (backend %s, channels-last; "
-        "cache %s); the first batch compiles them",
+        "--bank_torch_compile: %d %s blocks of the UNet and VAE compiled for the bank (backend %s, "
+        "channels-last; cache %s); the first batch compiles them",
         blocks,
         "/".join(COMPILED_BLOCKS),
         backend,
@@ -52,3 +54,35 @@ def compiled_for_generation(unet: torch.nn.Module, vae: torch.nn.Module, enabled
                 if type(m).__name__ in COMPILED_BLOCKS and id(m) not in compiled_before:
                     m._compiled_call_impl = None
             model.to(memory_format=torch.contiguous_format)
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compilation raises: dynamo's errors (a backend's failure arrives wrapped in one) and
+    inductor's (e.g. no C compiler for the CPU)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InductorError
+
+    return TorchDynamoException, InductorError, CppCompileError
+
+
+def generate_with(
+    unet: torch.nn.Module, vae: torch.nn.Module, compiled: bool, run: Callable[..., None], *args: Any
+) -> None:
+    """Run the bank's generation ``run(*args)`` under :func:`compiled_for_generation` when ``compiled``; if
+    compiling fails, say so in one warning and run it again eagerly. Finished shards are kept, so the eager
+    run goes on where the compiled one stopped; errors of the generation itself (or any error without
+    compiling) pass."""
+    try:
+        with compiled_for_generation(unet, vae, compiled):
+            run(*args)
+    except compile_errors() as e:
+        if not compiled:
+            raise
+        inner = getattr(e, "inner_exception", None) or e  # a backend's own error, as dynamo wraps it
+        reason = (str(inner).strip().splitlines() or [""])[0][:300]
+        logger.warning(
+            "--bank_torch_compile: compiling failed (%s: %s); generating the rest of the bank eagerly",
+            type(inner).__name__,
+            reason,
+        )
+        run(*args)
