@@ -125,9 +125,10 @@ def run_summary(
 
 def _compile_text(t) -> str:
     """``--torch_compile`` as the summary's training line says it."""
+    scope = "" if t.torch_compile_scope == "blocks" else f", whole {t.torch_compile_scope}"
     if t.torch_compile == "auto":
-        return f", torch.compile auto (mode {t.torch_compile_mode}: decided before the first step)"
-    return f", torch.compile (mode {t.torch_compile_mode})" if t.torch_compile is True else ""
+        return f", torch.compile auto (mode {t.torch_compile_mode}{scope}: decided before the first step)"
+    return f", torch.compile (mode {t.torch_compile_mode}{scope})" if t.torch_compile is True else ""
 
 
 def already_finished_message(run_dir: str | Path, step: int, max_train_steps: int) -> str:

@@ -49,6 +49,10 @@ def test_summary_names_model_data_method_steps_batch_and_run_folder():
     assert "torch.compile auto (mode reduce-overhead: decided before the first step)" in run_summary(
         cfg, run_dir="r", toy=True, device="cuda", precision="bf16"
     )
+    cfg.train.torch_compile, cfg.train.torch_compile_scope = True, "stages"
+    assert "torch.compile (mode reduce-overhead, whole stages)" in run_summary(
+        cfg, run_dir="r", toy=True, device="cuda", precision="bf16"
+    )
 
 
 def test_run_prints_no_config_dump_nor_fp32_note_and_a_finished_run_says_how_to_continue(
