@@ -147,19 +147,13 @@ SETTINGS = ("eager", "channels_last", "compile", "channels_last+compile")
 
 
 def apply_setting(base, setting: str) -> int:
-    """``setting`` on the UNet and the VAE (see the module's doc); the number of blocks compiled."""
-    from difftune_control.compiler import compile_backend, compile_cache
-    from difftune_control.training.compilation import compile_blocks
+    """``setting`` on the UNet and the VAE (see the module's doc), as ``--bank_torch_compile`` sets them up;
+    the number of blocks compiled."""
+    from difftune_control.bank.speed import prepare_for_generation
 
     parts = setting.split("+")
-    if "channels_last" in parts:
-        base.unet.to(memory_format=torch.channels_last)
-        base.vae.to(memory_format=torch.channels_last)
-    if "compile" not in parts:
-        return 0
-    compile_cache()
-    backend = compile_backend()
-    return compile_blocks(base.unet, backend=backend) + compile_blocks(base.vae, backend=backend)
+    done = prepare_for_generation(base.unet, base.vae, "channels_last" in parts, "compile" in parts)
+    return done["blocks"]
 
 
 def run(args: argparse.Namespace) -> list[dict]:

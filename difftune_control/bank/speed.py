@@ -13,11 +13,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def prepare_for_generation(
+    unet: torch.nn.Module, vae: torch.nn.Module, channels_last: bool, compiled: bool
+) -> dict[str, Any]:
+    """Set ``unet`` and ``vae`` up for sampling in place: their weights in channels-last memory format and/or
+    their transformer and ResNet blocks compiled with the run's backend and the persistent compile cache (the
+    settings ``scripts/bench_bank.py`` compares). Returns the blocks compiled, the backend and the cache."""
+    models = (unet, vae)
+    if channels_last:
+        for model in models:
+            model.to(memory_format=torch.channels_last)
+    if not compiled:
+        return {"blocks": 0}
+    from difftune_control.compiler import compile_backend, compile_cache
+    from difftune_control.training.compilation import compile_blocks
+
+    cache, backend = compile_cache(), compile_backend()
+    return {"blocks": sum(compile_blocks(m, backend=backend) for m in models), "backend": backend, **cache}
+
+
 @contextlib.contextmanager
 def compiled_for_generation(unet: torch.nn.Module, vae: torch.nn.Module, enabled: bool) -> Iterator[int]:
-    """Within the block: the transformer and ResNet blocks of ``unet`` and ``vae`` compiled in place with the
-    run's backend and the persistent compile cache, their weights in channels-last memory format (the setting
-    ``scripts/bench_bank.py`` measured fastest). Yields the number of blocks compiled (0 when not
+    """Within the block: :func:`prepare_for_generation` with channels-last weights and compiled blocks (the
+    setting ``scripts/bench_bank.py`` measured fastest). Yields the number of blocks compiled (0 when not
     ``enabled``).
 
     On leaving, every block runs eagerly again and the weights are back in contiguous format, so the training
@@ -26,28 +44,23 @@ def compiled_for_generation(unet: torch.nn.Module, vae: torch.nn.Module, enabled
     if not enabled:
         yield 0
         return
-    from difftune_control.compiler import compile_backend, compile_cache
-    from difftune_control.training.compilation import COMPILED_BLOCKS, compile_blocks
+    from difftune_control.training.compilation import COMPILED_BLOCKS
 
-    cache = compile_cache()
-    backend = compile_backend()
     models = (unet, vae)
     compiled_before = {
         id(m) for model in models for m in model.modules() if m._compiled_call_impl is not None
     }
-    for model in models:
-        model.to(memory_format=torch.channels_last)
-    blocks = sum(compile_blocks(model, backend=backend) for model in models)
+    done = prepare_for_generation(unet, vae, channels_last=True, compiled=True)
     logger.info(
         "--bank_torch_compile: %d %s blocks of the UNet and VAE compiled for the bank (backend %s, "
         "channels-last; cache %s); the first batch compiles them",
-        blocks,
+        done["blocks"],
         "/".join(COMPILED_BLOCKS),
-        backend,
-        cache["dir"],
+        done["backend"],
+        done["dir"],
     )
     try:
-        yield blocks
+        yield done["blocks"]
     finally:
         for model in models:
             for m in model.modules():
