@@ -15,6 +15,9 @@
 #   10 DDIM steps: the report's "in evaluations" share is the detector's cost inside the trainer), a bank of
 #   64 images (its cost is measured by scripts/bench_bank.py); STEPS 500. TRAIN_FLAGS adds flags, e.g.
 #   TRAIN_FLAGS="--torch_compile --torch_compile_mode reduce-overhead" STEPS=100 W=/tmp/e2e-compiled.
+# TRAIN_ONLY=1 stops after the first training (its torch.compile and speed lines printed), e.g. what
+#   `--torch_compile auto` decides on this machine: KIND=sd15 STEPS=30000 LIMIT=200 TRAIN_ONLY=1
+#   TRAIN_FLAGS="--torch_compile auto" (the run is stopped by LIMIT; the decision comes before the first step).
 # MODEL_DIR, DATA_DIR, RES, STEPS, BUILD (1: build the model when missing), W (work folder), RUN (the run's name);
 # EXTRA: more `train` flags (a tiny test model: EXTRA="--conditioning_embedding_out_channels 8 16"); LIMIT:
 # seconds per training.
@@ -56,6 +59,10 @@ train() {
 }
 t0=$(date +%s)
 train --max_train_steps $STEPS > $OUT/train.log 2>&1; echo "train: rc $? in $(( $(date +%s) - t0 )) s"
+if [ "${TRAIN_ONLY:-0}" = 1 ]; then
+  grep -hE "torch.compile|torch_compile|setup:" $OUT/train.log
+  tail -c 600 $OUT/train.log; echo; exit 0
+fi
 R=$W/runs/$RUN
 t0=$(date +%s)
 train --max_train_steps $(( STEPS + 10 )) --resume_from_checkpoint latest > $OUT/resume.log 2>&1

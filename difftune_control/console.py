@@ -127,8 +127,13 @@ def _compile_text(t) -> str:
     """``--torch_compile`` as the summary's training line says it."""
     scope = "" if t.torch_compile_scope == "blocks" else f", whole {t.torch_compile_scope}"
     if t.torch_compile == "auto":
-        return f", torch.compile auto (mode {t.torch_compile_mode}{scope}: decided before the first step)"
-    return f", torch.compile (mode {t.torch_compile_mode}{scope})" if t.torch_compile is True else ""
+        mode = f"mode {t.torch_compile_mode}" if t.torch_compile_mode else "CUDA graphs or not"
+        return f", torch.compile auto ({mode}{scope}: decided before the first step)"
+    return (
+        f", torch.compile (mode {t.torch_compile_mode or 'default'}{scope})"
+        if t.torch_compile is True
+        else ""
+    )
 
 
 def already_finished_message(run_dir: str | Path, step: int, max_train_steps: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -300,6 +301,92 @@ def test_compiling_pays_only_where_a_gain_was_measured_and_the_steps_earn_it_bac
     assert not pays and "--torch_compile_scope stages" in why  # measured with blocks only
     for model in ("sdxl", "toy"):  # measured at SD1.5 only
         assert not compile_pays(10**7, 0.175, 4, graphs=True, warm=True, model=model)[0]
+
+
+def test_cuda_graphs_pay_where_the_eager_step_leaves_the_gpu_idle():
+    """With the GPU's busy time measured, the saving counted for CUDA graphs is the eager step beyond 1.5x busy,
+    for any model and batch; a step that keeps the GPU busy has nothing for graphs to save."""
+    from difftune_control.training.compilation import GRAPHED_BUSY_FACTOR, compile_pays
+
+    assert GRAPHED_BUSY_FACTOR == 1.5
+    # a slow host at batch 8: 181 ms eager, the GPU busy 98.4: 1 - 1.5 * 98.4 / 181 = 18% saved, 33 ms per step
+    pays, why = compile_pays(6_000, 0.181, 8, graphs=True, warm=False, busy_seconds=0.0984)
+    assert pays and "the GPU busy 98 ms of the eager step's 181" in why and "18% of each saved" in why
+    assert not compile_pays(5_000, 0.181, 8, graphs=True, warm=False, busy_seconds=0.0984)[0]  # 163 s < 177 s
+    for model in ("sdxl", "toy"):  # the measurement stands for any model
+        assert compile_pays(10**5, 0.181, 8, graphs=True, warm=False, model=model, busy_seconds=0.0984)[0]
+    # a fast host: 114 ms eager with 100 ms busy: graphs cannot save what is not there
+    pays, why = compile_pays(10**7, 0.114, 8, graphs=True, warm=True, busy_seconds=0.1)
+    assert not pays and "too little host time for CUDA graphs to save" in why
+    # without CUDA graphs the busy time is not the question: the table decides
+    pays, why = compile_pays(10**7, 0.181, 8, graphs=False, warm=True, busy_seconds=0.0984)
+    assert not pays and "no gain was measured" in why
+
+
+def test_auto_picks_cuda_graphs_where_the_gpu_idles(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog, monkeypatch
+):
+    """``--torch_compile auto`` with no mode given: CUDA graphs when the measured busy time says they pay (the
+    trainer then marks each step for the graphs), the default mode when only the table's gain pays, and a given
+    mode is the only one weighed."""
+    from difftune_control.training import compilation
+
+    clean_env.setenv(CACHE_DIR_ENV, str(tmp_path / "inductor"))
+    monkeypatch.setattr(compilation, "AUTO_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 0.0, "warm": 0.0})
+    compiled = []
+    monkeypatch.setattr(compilation, "compile_for_training", lambda *a, **kw: compiled.append(a[3]))
+
+    def auto(name: str, busy: float | None, **over) -> tuple[str, bool]:
+        monkeypatch.setattr(compilation, "_eager_step_seconds", lambda trainer, batch: (0.2, busy))
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / name, train__torch_compile="auto", **over
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="difftune_control"):
+            trainer, _ = build_trainer(cfg)
+        said = [r.getMessage() for r in caplog.records if "--torch_compile auto" in r.getMessage()]
+        assert len(said) == 1
+        return said[0], trainer.graphed
+
+    said, graphed = auto("idle", 0.05)  # 1 - 1.5 * 50 / 200: 62% saved
+    assert compiled == ["reduce-overhead"] and graphed
+    assert (
+        said.startswith("--torch_compile auto: compiling: mode reduce-overhead: ") and "62% of each" in said
+    )
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", (("sd1", False, 1, None, 0.1, "a test"),))
+    said, graphed = auto("busy", 0.19)
+    assert compiled[1:] == ["default"] and not graphed
+    assert "compiling: mode default: " in said and "(mode reduce-overhead: the GPU busy 190 ms" in said
+    said, graphed = auto("given", 0.05, train__torch_compile_mode="default")  # graphs not weighed
+    assert compiled[2:] == ["default"] and "reduce-overhead" not in said and not graphed
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", ())
+    said, graphed = auto("none", None)  # no busy time measured (no profiler), no table entry
+    assert len(compiled) == 3 and said.startswith("--torch_compile auto: not compiling: mode reduce-overhead")
+
+
+def test_gpu_busy_time_is_measured_on_cuda_and_unknown_elsewhere():
+    """One call under the profiler: the kernels' time on CUDA (a chain of matmuls keeps the GPU busy for a
+    share of the wall time that no host dispatch can shrink), None without a GPU."""
+    from difftune_control.training.profiling import gpu_busy_seconds
+
+    if not torch.cuda.is_available():
+        assert gpu_busy_seconds(lambda: torch.ones(4).sum()) is None
+        return
+    x = torch.randn(4096, 4096, device="cuda")
+
+    def work():
+        for _ in range(20):
+            x @ x
+
+    work()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    work()
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    busy = gpu_busy_seconds(work)
+    assert busy is not None and 0.5 * wall < busy < 2 * wall
 
 
 GPU = pytest.param(

@@ -302,20 +302,21 @@ class TrainConfig:
     torch_compile: bool | Literal["auto"] = _f(
         False,
         "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional). auto: on CUDA, "
-        "time a few eager passes and compile when the run's steps would earn the compile time back "
-        "(the cost and saving measured in BENCHMARKS.md 4b; one log line gives the reckoning).",
+        "time a few eager passes and the GPU's busy time in one, and compile when the run's steps would earn the "
+        "compile time back (the cost and saving measured in BENCHMARKS.md 4; one log line gives the reckoning).",
         parse=bool_or_auto,
         nargs="?",
         const=True,
         metavar="true|false|auto",
     )
-    torch_compile_mode: Literal[
-        "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
-    ] = _f(
-        "default",
+    torch_compile_mode: (
+        Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
+    ) = _f(
+        None,
         "--torch_compile's mode: default, reduce-overhead (the compiled blocks replayed as CUDA graphs: fewer "
         "kernel launches, for small batches, where the host's dispatch bounds the step), max-autotune or "
-        "max-autotune-no-cudagraphs.",
+        "max-autotune-no-cudagraphs. Unset: default; under --torch_compile auto, CUDA graphs where the GPU idles "
+        "enough of the eager step for them to pay, else default.",
     )
     torch_compile_scope: Literal["blocks", "stages"] = _f(
         "blocks",

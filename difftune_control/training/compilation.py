@@ -32,9 +32,15 @@ CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 """``--torch_compile_mode`` values under which the compiled blocks are replayed as CUDA graphs."""
 
 
+def compile_mode(train) -> str:
+    """The ``torch.compile`` mode of a run's training settings (``cfg.train``): ``--torch_compile_mode``, else
+    ``default`` (under ``--torch_compile auto`` an unset mode is the measurement's choice, :func:`auto_compile`)."""
+    return train.torch_compile_mode or "default"
+
+
 def cuda_graphs(train) -> bool:
     """Whether a run's training settings (``cfg.train``) replay compiled blocks as CUDA graphs."""
-    return train.torch_compile is True and train.torch_compile_mode in CUDA_GRAPH_MODES
+    return train.torch_compile is True and compile_mode(train) in CUDA_GRAPH_MODES
 
 
 def compile_blocks(model: torch.nn.Module, names: tuple[str, ...] = COMPILED_BLOCKS, **compile_kwargs) -> int:
@@ -115,9 +121,16 @@ MEASURED_GAINS = (
 medians at batch 4 with CUDA graphs (whose chunks barely part from eager's); the model kind (``sd1`` / ``sd2`` /
 ``sdxl``, ``toy`` for the toy world), CUDA graphs or not, the batch per process. Elsewhere
 (batch 8 with CUDA graphs: 68.9 compiled against 69.9 images/s eager on 2026-12-03; batch 4 without CUDA graphs:
-within the chunks' spread of eager; SDXL and the toy world: not measured) ``--torch_compile auto`` does not
-count on a gain. (The eager step at batch 4 fell from 175 to 100 ms after 2026-12-02, which took the graphs'
-30% of then down to 5%.)"""
+within the chunks' spread of eager; SDXL and the toy world: not measured) the table counts on no gain. With CUDA
+graphs the table only stands in where the GPU's busy time could not be measured: see :data:`GRAPHED_BUSY_FACTOR`."""
+
+GRAPHED_BUSY_FACTOR = 1.5
+"""With CUDA graphs, ``--torch_compile auto`` counts on a step of 1.5x the GPU-busy time of the eager step it
+replaces: what the host's dispatch leaves the GPU idle is what graphs save, and the graphed step is not all
+kernels (inputs copied into the graphs' buffers, the optimizer and the parts outside the compiled blocks).
+SD1.5 on one H200 (BENCHMARKS.md 4c, 2026-12-03): eager 167 ms at batch 4 with the GPU busy 62.5 ms, graphed
+96.7 ms (1.55x busy); batch 8: 181 ms eager, 98.4 busy, graphed 98.9 (1.01x). The same factor puts the other
+machine of that day (eager 99.5 ms, graphed 94.4 at batch 4; 114 and 116 ms at batch 8) where it was measured."""
 
 
 AUTO_DEVICES = ("cuda",)
@@ -141,11 +154,21 @@ def compile_pays(
     warm: bool,
     model: str = "sd1",
     scope: str = "blocks",
+    busy_seconds: float | None = None,
 ) -> tuple[bool, str]:
     """Whether compiling earns its time back over ``steps`` eager steps of ``step_seconds``, and why (the
-    reckoning, for the log line)."""
+    reckoning, for the log line). With CUDA graphs and the GPU's busy time in an eager step (``busy_seconds``),
+    the saving is the step's time beyond :data:`GRAPHED_BUSY_FACTOR` x busy, on any model; otherwise it is
+    :data:`MEASURED_GAINS`'."""
     mode = "with CUDA graphs" if graphs else "without CUDA graphs"
-    gain = measured_gain(model, graphs, batch) if scope == "blocks" else None
+    if graphs and scope == "blocks" and busy_seconds is not None:
+        share = 1.0 - GRAPHED_BUSY_FACTOR * busy_seconds / step_seconds
+        busy = f"the GPU busy {busy_seconds * 1000:.0f} ms of the eager step's {step_seconds * 1000:.0f}"
+        if share <= 0:
+            return False, f"{busy}: too little host time for CUDA graphs to save (BENCHMARKS.md 4c)"
+        gain = share, f"{busy}, a step {mode} counted at {GRAPHED_BUSY_FACTOR:g}x busy"
+    else:
+        gain = measured_gain(model, graphs, batch) if scope == "blocks" else None
     mode += "" if scope == "blocks" else f", --torch_compile_scope {scope}"
     if gain is None:
         return False, f"no gain was measured for {model} models at batch {batch} {mode} (BENCHMARKS.md 4)"
@@ -159,9 +182,11 @@ def compile_pays(
     )
 
 
-def compile_signature(cfg, controlnet: torch.nn.Module, unet: torch.nn.Module) -> str:
-    """What the compiled code depends on: the models' configs and dtypes, batch, resolution and speed settings,
-    the backend and torch's version (a hex digest)."""
+def compile_signature(
+    cfg, controlnet: torch.nn.Module, unet: torch.nn.Module, mode: str | None = None
+) -> str:
+    """What the compiled code depends on: the models' configs and dtypes, batch, resolution and speed settings
+    (``mode``: the compile mode, default the run's), the backend and torch's version (a hex digest)."""
     t = cfg.train
     key = {
         "unet": dict(unet.config),
@@ -169,61 +194,78 @@ def compile_signature(cfg, controlnet: torch.nn.Module, unet: torch.nn.Module) -
         "dtypes": [str(unet.dtype), str(next(controlnet.parameters()).dtype)],
         "batch": t.train_batch_size,
         "resolution": cfg.data.resolution,
-        "settings": [t.torch_compile_mode, t.gradient_checkpointing, t.channels_last, compile_backend()]
+        "settings": [mode or compile_mode(t), t.gradient_checkpointing, t.channels_last, compile_backend()]
         + ([] if t.torch_compile_scope == "blocks" else [t.torch_compile_scope]),  # earlier signatures kept
         "torch": torch.__version__,
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _eager_step_seconds(trainer, batch: dict, passes: int = 3) -> float:
-    """Seconds of an eager forward + backward of one training batch (the fastest pass after the first),
-    with no update, the trainer's random generator left where it was."""
+def _eager_step_seconds(trainer, batch: dict, passes: int = 3) -> tuple[float, float | None]:
+    """Seconds of an eager forward + backward of one training batch (the fastest pass after the first), and the
+    seconds the GPU was busy in one more pass (None off CUDA); no update, the trainer's random generator left
+    where it was."""
     from difftune_control.training.diagnostics import gradient_pull
+    from difftune_control.training.profiling import gpu_busy_seconds
 
     n = len(batch["caption"])
     state = trainer.generator.get_state()
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+
+    def one_pass():
+        return gradient_pull(trainer, batch, trainer.plan(n), torch.ones(n))
+
     seconds = []
     for _ in range(passes):
         sync()
         start = time.perf_counter()
-        gradient_pull(trainer, batch, trainer.plan(n), torch.ones(n))
+        one_pass()
         sync()
         seconds.append(time.perf_counter() - start)
+    busy = gpu_busy_seconds(one_pass) if trainer.device.type == "cuda" else None
     trainer.generator.set_state(state)
-    return min(seconds[1:] or seconds)
+    return min(seconds[1:] or seconds), busy
 
 
 def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
-    """``--torch_compile auto``: on CUDA, time the eager step, decide by :func:`compile_pays` over the
-    ``steps`` this start will train (the main process decides for all), compile if it pays and log the
-    reckoning either way. Returns whether it compiled."""
+    """``--torch_compile auto``: on CUDA, time the eager step and the GPU's busy time in it, decide by
+    :func:`compile_pays` over the ``steps`` this start will train (the main process decides for all), compile
+    if it pays and log the reckoning either way. With ``--torch_compile_mode`` unset, CUDA graphs
+    (``reduce-overhead``) are weighed first, then the default mode. Returns whether it compiled."""
     t = cfg.train
-    graphs = t.torch_compile_mode in CUDA_GRAPH_MODES
     net = accelerator.unwrap_model(trainer.controlnet)
     if accelerator.device.type not in AUTO_DEVICES:
         logger.info("--torch_compile auto: not compiling on %s (compiled steps were measured on CUDA only)",
                     accelerator.device.type)  # fmt: skip
         return False
-    signature = compile_signature(cfg, net, base.unet)
-    warm = compiled_marker(compile_cache(cfg.data.cache_dir)["dir"], signature).exists()
+    modes = [t.torch_compile_mode] if t.torch_compile_mode else ["reduce-overhead", "default"]
+    cache_dir = compile_cache(cfg.data.cache_dir)["dir"]
     target = trainer.target
     rows = [target[i % len(target)] for i in range(t.train_batch_size)]
-    seconds = (
-        _eager_step_seconds(trainer, torch.utils.data.default_collate(rows)) * t.gradient_accumulation_steps
-    )
+    seconds, busy = _eager_step_seconds(trainer, torch.utils.data.default_collate(rows))
+    seconds, busy = (x * t.gradient_accumulation_steps if x is not None else None for x in (seconds, busy))
     model = "toy" if base.is_toy else base.kind
-    decision = compile_pays(steps, seconds, t.train_batch_size, graphs, warm, model, t.torch_compile_scope)
+    reckonings = []
+    for mode in modes:
+        signature = compile_signature(cfg, net, base.unet, mode)
+        warm = compiled_marker(cache_dir, signature).exists()
+        graphs = mode in CUDA_GRAPH_MODES
+        pays, why = compile_pays(
+            steps, seconds, t.train_batch_size, graphs, warm, model, t.torch_compile_scope, busy
+        )
+        reckonings.append((pays, f"mode {mode}: {why}" if len(modes) > 1 else why, mode, signature))
+        if pays:
+            break
+    decision = next((r for r in reckonings if r[0]), reckonings[-1 if len(modes) == 1 else 0])
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         decision = broadcast_object_list([decision])[0]
-    pays, why = decision
-    logger.info("--torch_compile auto: %s: %s", "compiling" if pays else "not compiling", why)
+    pays, why, mode, signature = decision
+    others = "; ".join(r[1] for r in reckonings if r[1] != why)
+    logger.info("--torch_compile auto: %s: %s%s", "compiling" if pays else "not compiling", why,
+                f" ({others})" if others else "")  # fmt: skip
     if pays:
-        compile_for_training(
-            net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, signature, t.torch_compile_scope
-        )
-        trainer.graphed = graphs
+        compile_for_training(net, base.unet, cfg.data.cache_dir, mode, signature, t.torch_compile_scope)
+        trainer.graphed = mode in CUDA_GRAPH_MODES
     return pays

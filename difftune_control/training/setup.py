@@ -20,7 +20,12 @@ import torch
 import difftune_control.distill  # noqa: F401  (registers the distilling retention sources)
 from difftune_control.config import RunConfig, resolve_defaults
 from difftune_control.methods.registry import trainer_class
-from difftune_control.training.compilation import auto_compile, compile_for_training, compile_signature
+from difftune_control.training.compilation import (
+    auto_compile,
+    compile_for_training,
+    compile_mode,
+    compile_signature,
+)
 from difftune_control.training.distributed import ddp_kwargs
 from difftune_control.training.fused_step import ONE_PROCESS, OptimizerInBackward, attach, param_groups
 from difftune_control.training.runtime import (
@@ -258,9 +263,7 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
     if t.torch_compile is True:
         net = accelerator.unwrap_model(controlnet)
         sign = compile_signature(cfg, net, base.unet)
-        compile_for_training(
-            net, base.unet, cfg.data.cache_dir, t.torch_compile_mode, sign, t.torch_compile_scope
-        )
+        compile_for_training(net, base.unet, cfg.data.cache_dir, compile_mode(t), sign, t.torch_compile_scope)
     return controlnet, optimizer, lr_scheduler
 
 
