@@ -78,3 +78,25 @@ def run_eagerly() -> contextlib.AbstractContextManager:
     if hasattr(torch.compiler, "set_stance"):
         return torch.compiler.set_stance("force_eager")
     return contextlib.nullcontext()
+
+
+def compile_errors() -> tuple[type[BaseException], ...]:
+    """What a failed compilation raises: dynamo's errors (a backend's failure arrives wrapped in one) and
+    inductor's (e.g. no C compiler for the CPU)."""
+    from torch._dynamo.exc import TorchDynamoException
+    from torch._inductor.exc import CppCompileError, InductorError
+
+    return TorchDynamoException, InductorError, CppCompileError
+
+
+def compile_error_text(error: BaseException) -> str:
+    """``Type: first line`` of the compiler's own error (dynamo wraps a backend's), for a one-line warning."""
+    inner = getattr(error, "inner_exception", None) or error
+    return f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0][:300]}"
+
+
+def uncompile(module: torch.nn.Module) -> bool:
+    """Undo ``module.compile()``: the module runs its eager code again. Returns whether it was compiled."""
+    compiled = module._compiled_call_impl is not None
+    module._compiled_call_impl = None
+    return compiled

@@ -303,6 +303,41 @@ def test_compiling_pays_only_where_a_gain_was_measured_and_the_steps_earn_it_bac
         assert not compile_pays(10**7, 0.175, 4, graphs=True, warm=True, model=model)[0]
 
 
+def test_a_failed_compile_trains_the_first_step_eagerly(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env, caplog, monkeypatch
+):
+    """A compiler that fails at the first step (here a backend that raises, as inductor does without a C
+    compiler) costs one warning naming its error: the blocks go back to eager and the step is the eager
+    step, the same loss and gradients; later steps need no second try."""
+    from difftune_control.training import compilation
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C compiler here")
+
+    monkeypatch.setattr(compilation, "compile_backend", lambda: broken)
+    results = []
+    for compiled in (False, True):
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(compiled), train__torch_compile=compiled
+        )
+        trainer, _ = build_trainer(cfg)
+        assert trainer.untried_compile is compiled
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="difftune_control"):
+            results.append(one_step(trainer))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == compiled, warnings
+    torch._dynamo.reset()
+    assert "torch.compile failed at the first step (RuntimeError: no C compiler here)" in warnings[0]
+    net = trainer.accelerator.unwrap_model(trainer.controlnet)
+    assert not trainer.untried_compile and not trainer.graphed
+    assert all(m._compiled_call_impl is None for m in (*net.modules(), *trainer.base.unet.modules()))
+    (eager_loss, eager_grads), (loss, grads) = results
+    assert loss == eager_loss and grads.keys() == eager_grads.keys()
+    for name, grad in eager_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
 def test_cuda_graphs_pay_where_the_eager_step_leaves_the_gpu_idle():
     """With the GPU's busy time measured, the saving counted for CUDA graphs is the eager step beyond 1.5x busy,
     for any model and batch; a step that keeps the GPU busy has nothing for graphs to save."""

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from difftune_control.compiler import compile_error_text, compile_errors, uncompile
+
 logger = logging.getLogger(__name__)
 
 
@@ -65,17 +67,8 @@ def compiled_for_generation(unet: torch.nn.Module, vae: torch.nn.Module, enabled
         for model in models:
             for m in model.modules():
                 if type(m).__name__ in COMPILED_BLOCKS and id(m) not in compiled_before:
-                    m._compiled_call_impl = None
+                    uncompile(m)
             model.to(memory_format=torch.contiguous_format)
-
-
-def compile_errors() -> tuple[type[BaseException], ...]:
-    """What a failed compilation raises: dynamo's errors (a backend's failure arrives wrapped in one) and
-    inductor's (e.g. no C compiler for the CPU)."""
-    from torch._dynamo.exc import TorchDynamoException
-    from torch._inductor.exc import CppCompileError, InductorError
-
-    return TorchDynamoException, InductorError, CppCompileError
 
 
 def generate_with(
@@ -91,11 +84,8 @@ def generate_with(
     except compile_errors() as e:
         if not compiled:
             raise
-        inner = getattr(e, "inner_exception", None) or e  # a backend's own error, as dynamo wraps it
-        reason = (str(inner).strip().splitlines() or [""])[0][:300]
         logger.warning(
-            "--bank_torch_compile: compiling failed (%s: %s); generating the rest of the bank eagerly",
-            type(inner).__name__,
-            reason,
+            "--bank_torch_compile: compiling failed (%s); generating the rest of the bank eagerly",
+            compile_error_text(e),
         )
         run(*args)

@@ -22,7 +22,7 @@ from torch.profiler import record_function
 from difftune_control.config import RunConfig
 from difftune_control.methods.forgetting import BatchPlan, loss_weights, reweight, vanilla_plan
 from difftune_control.methods.noising import add_noise, prediction_target
-from difftune_control.training.compilation import cuda_graphs
+from difftune_control.training.compilation import cuda_graphs, eager_if_compiling_fails
 from difftune_control.training.finite import host_flag
 from difftune_control.utils import hint_to_float, to_device
 from difftune_control.validation import controlled_forward
@@ -74,6 +74,10 @@ class ControlNetTrainer:
         # CUDA graphs of compiled blocks (reduce-overhead, max-autotune): each step starts a new generation,
         # else a block's forward waits behind the previous step's uninvoked backward graphs (slow path)
         self.graphed = cuda_graphs(cfg.train)
+        # compiled blocks whose first step has not run yet: that step falls back to eager if compiling fails
+        self.untried_compile = any(
+            m._compiled_call_impl is not None for m in accelerator.unwrap_model(controlnet).modules()
+        )
 
     # -- the batch plan -----------------------------------------------------------------------
     def plan(self, batch_size: int) -> BatchPlan:
@@ -193,7 +197,11 @@ class ControlNetTrainer:
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def training_step(self, target_batch: dict, plan: BatchPlan | None = None) -> dict[str, Any]:
-        """Forward + backward of one micro-batch; returns the loss parts for logging."""
+        """Forward + backward of one micro-batch; returns the loss parts for logging. The first step with
+        compiled blocks goes on eagerly where compiling fails (:func:`eager_if_compiling_fails`)."""
+        if self.untried_compile:
+            self.untried_compile = False
+            return eager_if_compiling_fails(self, lambda: self.training_step(target_batch, plan))
         # the phases are labelled for torch.profiler (scripts/bench_step.py --profile); a few microseconds when it is off
         with record_function("difftune.plan"):
             self.check_finite()  # the previous step's loss: finished on the GPU by now, so no wait

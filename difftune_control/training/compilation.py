@@ -13,14 +13,23 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
-from difftune_control.compiler import CACHE_DIR_ENV, compile_backend, compile_cache
+from difftune_control.compiler import (
+    CACHE_DIR_ENV,
+    compile_backend,
+    compile_cache,
+    compile_error_text,
+    compile_errors,
+    uncompile,
+)
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COMPILED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 COMPILED_STAGES = (
@@ -268,4 +277,25 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
     if pays:
         compile_for_training(net, base.unet, cfg.data.cache_dir, mode, signature, t.torch_compile_scope)
         trainer.graphed = mode in CUDA_GRAPH_MODES
+        trainer.untried_compile = True
     return pays
+
+
+def eager_if_compiling_fails(trainer, step: Callable[[], T]) -> T:
+    """The first step of a run with compiled blocks: ``step()``; where compiling fails (no C compiler, a
+    backend's bug), one warning naming the compiler's error, every compiled module of the ControlNet and the
+    UNet back to eager, the ControlNet's gradients cleared, the trainer's random generator put back, and
+    ``step()`` again, eagerly: the run goes on as it would have without ``--torch_compile``. Other errors pass."""
+    state = trainer.generator.get_state()
+    try:
+        return step()
+    except compile_errors() as e:
+        net = trainer.accelerator.unwrap_model(trainer.controlnet)
+        n = sum(uncompile(m) for model in (net, trainer.base.unet) for m in model.modules())
+        net.zero_grad(set_to_none=True)
+        trainer.generator.set_state(state)
+        trainer.graphed = False
+        trainer._pending.clear()  # the failed pass's loss, if it got that far
+        logger.warning("torch.compile failed at the first step (%s); %d modules back to eager, training on "
+                       "eagerly", compile_error_text(e), n)  # fmt: skip
+        return step()
