@@ -117,16 +117,18 @@ def run_summary(
         f"  data      {_data_line(cfg, toy)}",
         f"  method    {_method_line(cfg)}",
         f"  training  {steps}, {batch}, learning rate {describe_default(t.learning_rate)}, on {device} "
-        f"({'fp32' if precision in (None, 'no') else precision}){_compile_text(t)}",
+        f"({'fp32' if precision in (None, 'no') else precision}){_compile_text(t, device)}",
         f"  detector  {detector}",
     ]
     return "\n".join(lines)
 
 
-def _compile_text(t) -> str:
-    """``--torch_compile`` as the summary's training line says it."""
+def _compile_text(t, device: str = "cuda") -> str:
+    """``--torch_compile`` as the summary's training line says it (``auto`` only where it weighs compiling)."""
     scope = "" if t.torch_compile_scope == "blocks" else f", whole {t.torch_compile_scope}"
     if t.torch_compile == "auto":
+        if not str(device).startswith("cuda"):
+            return ""
         mode = f"mode {t.torch_compile_mode}" if t.torch_compile_mode else "CUDA graphs or not"
         return f", torch.compile auto ({mode}{scope}: decided before the first step)"
     return (

@@ -279,6 +279,7 @@ def bench_config(
     cfg.train.mixed_precision = "bf16"
     cfg.train.gradient_checkpointing = checkpointing
     cfg.train.device = device
+    cfg.train.torch_compile = False  # eager unless the setting compiles (a run's auto decides at its start)
     for k, v in SPEED_SETTINGS[speed].items():
         setattr(cfg.train, k, v)
     return resolve_defaults(cfg, toy=False)

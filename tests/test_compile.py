@@ -395,9 +395,12 @@ def test_auto_picks_cuda_graphs_where_the_gpu_idles(
     assert "compiling: mode default: " in said and "(mode reduce-overhead: the GPU busy 190 ms" in said
     said, graphed = auto("given", 0.05, train__torch_compile_mode="default")  # graphs not weighed
     assert compiled[2:] == ["default"] and "reduce-overhead" not in said and not graphed
+    said, graphed = auto("checkpointed", 0.05, train__gradient_checkpointing=True)  # graphs never measured so
+    assert compiled[3:] == ["default"] and not graphed
+    assert "CUDA graphs not weighed: not measured with --gradient_checkpointing" in said
     monkeypatch.setattr(compilation, "MEASURED_GAINS", ())
     said, graphed = auto("none", None)  # no busy time measured (no profiler), no table entry
-    assert len(compiled) == 3 and said.startswith("--torch_compile auto: not compiling: mode reduce-overhead")
+    assert len(compiled) == 4 and said.startswith("--torch_compile auto: not compiling: mode reduce-overhead")
 
 
 def test_gpu_busy_time_is_measured_on_cuda_and_unknown_elsewhere():

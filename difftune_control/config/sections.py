@@ -302,8 +302,9 @@ class TrainConfig:
     torch_compile: bool | Literal["auto"] = _f(
         False,
         "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional). auto: on CUDA, "
-        "time a few eager passes and the GPU's busy time in one, and compile when the run's steps would earn the "
-        "compile time back (the cost and saving measured in BENCHMARKS.md 4; one log line gives the reckoning).",
+        "time a few eager passes and the GPU's busy time in one, and compile when the run's steps would earn "
+        "the compile time back (BENCHMARKS.md 4; one log line gives the reckoning); elsewhere eager. A compile "
+        "that fails at the first step falls back to eager.",
         parse=bool_or_auto,
         nargs="?",
         const=True,

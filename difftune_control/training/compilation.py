@@ -248,6 +248,17 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
                     accelerator.device.type)  # fmt: skip
         return False
     modes = [t.torch_compile_mode] if t.torch_compile_mode else ["reduce-overhead", "default"]
+    unmeasured = [  # settings CUDA graphs were not measured with: auto weighs them only when asked to
+        name
+        for name, on in (
+            ("--gradient_checkpointing", t.gradient_checkpointing),
+            ("--fused_backward_pass", t.fused_backward_pass),
+            ("several processes", accelerator.num_processes > 1),
+        )
+        if on
+    ]
+    if not t.torch_compile_mode and unmeasured:
+        modes = ["default"]
     cache_dir = compile_cache(cfg.data.cache_dir)["dir"]
     target = trainer.target
     rows = [target[i % len(target)] for i in range(t.train_batch_size)]
@@ -271,7 +282,10 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
 
         decision = broadcast_object_list([decision])[0]
     pays, why, mode, signature = decision
-    others = "; ".join(r[1] for r in reckonings if r[1] != why)
+    others = [r[1] for r in reckonings if r[1] != why]
+    if not t.torch_compile_mode and unmeasured:
+        others.append(f"CUDA graphs not weighed: not measured with {' and '.join(unmeasured)}")
+    others = "; ".join(others)
     logger.info("--torch_compile auto: %s: %s%s", "compiling" if pays else "not compiling", why,
                 f" ({others})" if others else "")  # fmt: skip
     if pays:
