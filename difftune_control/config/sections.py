@@ -301,10 +301,9 @@ class TrainConfig:
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
     torch_compile: bool | Literal["auto"] = _f(
         False,
-        "torch.compile the transformer and ResNet blocks of the ControlNet and UNet (regional). auto: on CUDA, "
-        "time a few eager passes and the GPU's busy time in one, and compile when the run's steps would earn "
-        "the compile time back (BENCHMARKS.md 4; one log line gives the reckoning); elsewhere eager. A compile "
-        "that fails at the first step falls back to eager.",
+        "torch.compile the ControlNet's and UNet's transformer and ResNet blocks (regional; a failed compile "
+        "falls back to eager). auto: on CUDA, time the eager step and the GPU's busy time in it, and compile "
+        "when the run's steps earn the compile time back (BENCHMARKS.md 4; the log gives the reckoning).",
         parse=bool_or_auto,
         nargs="?",
         const=True,
@@ -314,10 +313,9 @@ class TrainConfig:
         Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] | None
     ) = _f(
         None,
-        "--torch_compile's mode: default, reduce-overhead (the compiled blocks replayed as CUDA graphs: fewer "
-        "kernel launches, for small batches, where the host's dispatch bounds the step), max-autotune or "
-        "max-autotune-no-cudagraphs. Unset: default; under --torch_compile auto, CUDA graphs where the GPU idles "
-        "enough of the eager step for them to pay, else default.",
+        "--torch_compile's mode: default, reduce-overhead (CUDA graphs: fewer launches, where the host's "
+        "dispatch bounds the step), max-autotune or max-autotune-no-cudagraphs. Unset: default; under "
+        "--torch_compile auto, CUDA graphs where the GPU idles enough of the eager step for them to pay.",
     )
     torch_compile_scope: Literal["blocks", "stages"] = _f(
         "blocks",
