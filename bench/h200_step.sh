@@ -2,8 +2,9 @@
 # (The commit run: git's HEAD where the copy has one, else REVISION (`git rev-parse --short HEAD > REVISION`, carried).)
 # The training step at SD1.5 scale on one H200 (device tool, repository root): OUT=... bash bench/h200_step.sh
 # eager: vanilla vs the default Diff-Tuning, interleaved chunks (BATCHES, default "32 8 4"), PROFILE=--profile adds
-#        a torch.profiler record of each; compile: the same under COMPILE_SPEEDS (default "compile-graphs
-#        channels_last+compile": regional torch.compile with CUDA graphs, and without them + channels_last) at
+#        a torch.profiler record of each; SPEEDS (default "default"): the settings, e.g. "default bf16-weights";
+# compile: the same under COMPILE_SPEEDS (default "compile-graphs channels_last+compile": regional
+#        torch.compile with CUDA graphs, and without them + channels_last) at
 #        COMPILE_BATCHES (default "4 8"); compile-warm: the same again, a new process on the compiled-artefact
 #        cache the first left (its warmup_s against compile's: the compile time a second or resumed run pays).
 #        PARTS selects (default "eager compile"); *_LIMIT: seconds per part.
@@ -17,7 +18,7 @@ echo "commit $(git rev-parse --short HEAD 2>/dev/null || cat REVISION 2>/dev/nul
 for part in $PARTS; do
   case $part in
     eager) timeout ${EAGER_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/eager --batches ${BATCHES:-32 8 4} \
-             --repeats ${REPEATS:-5} --steps 10 ${PROFILE:-} ;;
+             --speed ${SPEEDS:-default} --repeats ${REPEATS:-5} --steps 10 ${PROFILE:-} ;;
     compile|compile-warm) timeout ${COMPILE_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/$part \
                --batches ${COMPILE_BATCHES:-4 8} --speed ${COMPILE_SPEEDS:-compile-graphs channels_last+compile} --repeats 3 --steps 10 ${PROFILE:-} ;;
   esac > $OUT/$part.log 2>&1

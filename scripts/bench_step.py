@@ -21,6 +21,7 @@ step, GPU busy time, kernels per step, host calls that wait on the GPU
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import statistics
@@ -57,6 +58,7 @@ def make_trainers(model_dir: Path, speed: str, batch: int, rows=SyntheticCached,
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     bank = synthetic_bank(rows(64))
     difftuning = trainer_class(cfg)(cfg, acc, vanilla.base, vanilla.controlnet, target, empty, bank)
+    difftuning.half = vanilla.half  # --bf16_weights: one bf16 copy of the one ControlNet
     loader = torch.utils.data.DataLoader(
         target,
         batch_size=batch,
@@ -68,6 +70,10 @@ def make_trainers(model_dir: Path, speed: str, batch: int, rows=SyntheticCached,
     )
     trainers = {"vanilla": vanilla, "difftuning": difftuning}
     return acc, vanilla.controlnet, opt, trainers, loader, cfg
+
+
+def device_name(device: str | None) -> str:
+    return "cpu" if device == "cpu" else torch.cuda.get_device_name()
 
 
 def synchronize() -> None:
@@ -102,9 +108,10 @@ def profile(trainer, acc, controlnet, opt, it, out: Path, name: str, steps: int 
     prof.export_chrome_trace(str(trace))
     events = json.loads(trace.read_text()).get("traceEvents", [])
     s = summarize(events)
-    s["kernels_per_step"] = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "kernel") / max(
-        1, s.get("steps", 0)
-    )
+    per = max(1, s.get("steps", 0))
+    s["kernels_per_step"] = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "kernel") / per
+    # ATen operator calls a step makes (nested ones included): the host's work, comparable on any device
+    s["ops_per_step"] = sum(1 for e in events if e.get("ph") == "X" and e.get("cat") == "cpu_op") / per
     (out / f"ops-{name}.txt").write_text(
         prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
     )
@@ -223,8 +230,9 @@ def table(rows: list[dict]) -> str:
     if prof:
         lines += [
             "",
-            "| method | batch | speed | profiled ms/step | GPU busy ms | GPU idle ms | kernels/step | host waits ms (calls) |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | batch | speed | profiled ms/step | GPU busy ms | GPU idle ms | kernels/step | ATen calls/step "
+            "| host waits ms (calls) |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in prof:
             s = {
@@ -234,7 +242,8 @@ def table(rows: list[dict]) -> str:
             }
             lines.append(
                 f"| {r['method']} | {r['batch']} | {r['speed']} | {s['step_ms']} | {s['compute_ms']} "
-                f"| {s['gpu_idle_ms']} | {s['kernels_per_step']} | {s['sync_wait_ms']} ({s['sync_calls']}) |"
+                f"| {s['gpu_idle_ms']} | {s['kernels_per_step']} | {s.get('ops_per_step', '-')} "
+                f"| {s['sync_wait_ms']} ({s['sync_calls']}) |"
             )
     return "\n".join(lines) + "\n"
 
@@ -249,9 +258,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10, help="optimizer steps per chunk")
     p.add_argument("--warmup", type=int, default=5, help="steps per method before the first chunk")
     p.add_argument("--profile", action="store_true", help="record three steps per method and batch")
+    p.add_argument("--resolution", type=int, default=512, help="image side of the synthetic rows")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu: count a step's operators (--profile) where no GPU is; times mean little",
+    )
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_step needs a CUDA GPU")
+    if not torch.cuda.is_available() and args.device != "cpu":
+        raise SystemExit("bench_step needs a CUDA GPU (or --device cpu to count operators)")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     build_sd15(args.model_dir)
@@ -259,7 +274,8 @@ def main() -> int:
     for speed in args.speed:
         for b in args.batches:
             try:
-                rows += bench_batch(args, b, speed)
+                rows += bench_batch(args, b, speed, functools.partial(SyntheticCached, resolution=args.resolution),
+                                    args.device)  # fmt: skip
             except Exception as e:  # a setting that fails (e.g. a compiler error) is a result too
                 rows.append({"batch": b, "speed": speed, "error": repr(e)[:2000]})
                 torch._dynamo.reset()
@@ -267,7 +283,7 @@ def main() -> int:
             ok = [r for r in rows if "error" not in r]
             (args.out / "results.json").write_text(
                 json.dumps(
-                    {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows},
+                    {"device": device_name(args.device), "torch": torch.__version__, "rows": rows},
                     indent=1,
                 )
             )

@@ -248,6 +248,7 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
         "torch_compile_mode": "reduce-overhead",
         "torch_compile_scope": "stages",
     },
+    "bf16-weights": {"bf16_weights": True},  # the ControlNet on a bf16 copy of its fp32 weights
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
     "fused": {"fused_backward_pass": True},  # AdamW, each parameter updated in backward: no gradients held
@@ -302,9 +303,8 @@ def make_ours(
     Returns ``(trainer, optimizer, accelerator)``; the trainer holds the target rows and the ControlNet.
     """
     from difftune_control.methods.registry import trainer_class
-    from difftune_control.training.fused_step import attach
     from difftune_control.training.runtime import load_base_model, offload_text_encoders
-    from difftune_control.training.setup import make_accelerator, prepare_trainable, weight_dtype
+    from difftune_control.training.setup import equip, make_accelerator, prepare_trainable, weight_dtype
 
     target = rows(max(batch, 8) * 2)
     cfg = bench_config(model_dir, batch, method, target.hints.shape[-1], checkpointing, speed, device)
@@ -317,7 +317,7 @@ def make_ours(
     bank = synthetic_bank(rows(64)) if method == "difftuning" else None
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
-    attach(trainer, opt)  # --fused_backward_pass
+    equip(trainer, acc, controlnet, opt)  # --fused_backward_pass, --bf16_weights
     if acc.device.type == "cuda":  # as a run on cached rows does (training.setup.build_run)
         offload_text_encoders(base)
     return trainer, opt, acc

@@ -41,3 +41,18 @@ def test_both_methods_interleave_over_one_controlnet(tiny_pipeline_dir, tmp_path
     assert (tmp_path / "trace-difftuning-b4-default.json").is_file()
     md = table(out)
     assert "| difftuning | 4 | default |" in md and "| assemble | backward | forward | plan |" in md
+
+
+def test_the_bf16_weights_setting_trains_both_methods_on_one_copy(
+    tiny_pipeline_dir, tmp_path, fresh_accelerator_state
+):
+    """``--speed bf16-weights``: both trainers run the ControlNet's one bf16 copy, and the profile counts its ops
+    (the casts autocast makes at every step are gone: fewer ops than the default's step)."""
+    rows = functools.partial(SyntheticCached, resolution=64, context=(8, 16))
+    args = argparse.Namespace(
+        model_dir=tiny_pipeline_dir, repeats=1, steps=1, warmup=1, profile=True, out=tmp_path
+    )
+    out = {s: bench_batch(args, 4, s, rows=rows, device="cpu") for s in ("default", "bf16-weights")}
+    assert all(r["step_ms_median"] > 0 for r in out["bf16-weights"])
+    ops = {s: out[s][0]["profile"]["ops_per_step"] for s in out}
+    assert 0 < ops["bf16-weights"] < ops["default"], ops

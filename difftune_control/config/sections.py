@@ -289,6 +289,7 @@ class TrainConfig:
         "state of a SD1.5 ControlNet is 0.75 GB instead of 2.9 GB; --learning_rate is used as given).",
     )
     fused_backward_pass: bool = _f(False, "Update each parameter in backward; frees its gradient.")
+    bf16_weights: bool = _f(False, "The ControlNet run on a bf16 copy of its fp32 weights (BENCHMARKS.md 4).")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_weight_decay: float = _f(1e-2, "AdamW weight decay.")
@@ -319,8 +320,7 @@ class TrainConfig:
     )
     torch_compile_scope: Literal["blocks", "stages"] = _f(
         "blocks",
-        "What --torch_compile compiles: each transformer and ResNet block, or each down/mid/up stage of the "
-        "ControlNet and UNet (fewer, larger graphs: fewer launches between them; longer to compile).",
+        "What --torch_compile compiles: each transformer/ResNet block, or each down/mid/up stage (fewer graphs).",
     )
     channels_last: bool = _f(False, "channels_last memory format: the ControlNet, the UNet and their inputs.")
     cudnn_benchmark: bool = _f(False, "Let cuDNN time its convolution algorithms on the first steps (CUDA).")

@@ -70,6 +70,16 @@ def config_problems(cfg: Any) -> list[str]:  # cfg: a RunConfig (run.py imports 
         problems.append(
             "--fused_backward_pass cannot unscale fp16 gradients: use --mixed_precision bf16 or no"
         )
+    others = {
+        "--fused_backward_pass": t.fused_backward_pass,
+        "--torch_compile": t.torch_compile is True,
+        "--gradient_checkpointing": t.gradient_checkpointing,
+        "--channels_last": t.channels_last,
+        f"--mixed_precision {t.mixed_precision}": t.mixed_precision not in (None, "bf16"),
+    }
+    clash = [flag for flag, on in others.items() if on]
+    if t.bf16_weights and clash:
+        problems.append(f"--bf16_weights does not go with {', '.join(clash)} (not built for them yet)")
     if t.torch_compile not in (True, False, "auto"):
         problems.append(f"--torch_compile must be true, false or auto, got {t.torch_compile!r}")
     if isinstance(t.ddp_bucket_cap_mb, (int, float)) and not t.ddp_bucket_cap_mb > 0:

@@ -71,6 +71,9 @@ class ControlNetTrainer:
         self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
         self.auto_weight = False  # --bank_weight auto measures lambda (DiffTuningTrainer, fixed split)
         self.optimizer_in_backward = None  # --fused_backward_pass: set by training.setup
+        self.half = (
+            None  # --bf16_weights: the ControlNet's bf16 forward copy (training.half_weights), set by setup
+        )
         # CUDA graphs of compiled blocks (reduce-overhead, max-autotune): each step starts a new generation,
         # else a block's forward waits behind the previous step's uninvoked backward graphs (slow path)
         self.graphed = cuda_graphs(cfg.train)
@@ -189,10 +192,10 @@ class ControlNetTrainer:
             noisy,
             t,
             ehs,
-            self.controlnet,
+            self.controlnet if self.half is None else self.half,
             hint,
             added_cond=added,
-            cast_controlnet_inputs=False,
+            cast_controlnet_inputs=self.half is not None,  # bf16 weights take bf16 inputs, outside autocast
         )
         return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
@@ -218,6 +221,8 @@ class ControlNetTrainer:
         self._watch_finite(loss, per_sample)
         with record_function("difftune.backward"):
             self.accelerator.backward(loss)
+            if self.half is not None:
+                self.half.fold()
         ps = per_sample.detach()
         return {
             "loss": loss.detach(),

@@ -247,6 +247,11 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
         logger.info("--torch_compile auto: not compiling on %s (compiled steps were measured on CUDA only)",
                     accelerator.device.type)  # fmt: skip
         return False
+    if t.bf16_weights:
+        logger.info(
+            "--torch_compile auto: not compiling: --bf16_weights runs eagerly (compiled, not measured)"
+        )
+        return False
     modes = [t.torch_compile_mode] if t.torch_compile_mode else ["reduce-overhead", "default"]
     unmeasured = [  # settings CUDA graphs were not measured with: auto weighs them only when asked to
         name

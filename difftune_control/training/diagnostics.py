@@ -66,6 +66,8 @@ def gradient_pull(
                 weights = (pl.weights * mask_)[rows].to(per_sample.device, per_sample.dtype)
                 with fused.diverted(sketch.fold) if fused is not None else contextlib.nullcontext():
                     (weights * per_sample).sum().backward()
+                if trainer.half is not None:  # --bf16_weights: the copy's gradients onto the parameters
+                    trainer.half.fold()
                 losses.append(per_sample.detach()[mask_[rows].to(per_sample.device)].float())
             if sketch is not None:
                 norm = sketch.norm()

@@ -166,7 +166,7 @@ def build_run(
     # the teacher ControlNet (--teacher_controlnet) was loaded for the bank: the trainer takes the same one
     extra = {"teacher": prepared.teacher_controlnet} if prepared.teacher_controlnet is not None else {}
     trainer = trainer_class(cfg)(cfg, accelerator, base, controlnet, target, empty, bank, **extra)
-    attach(trainer, optimizer)
+    equip(trainer, accelerator, controlnet, optimizer)
     if cfg.train.torch_compile == "auto":
         auto_compile(cfg, accelerator, base, trainer, cfg.train.max_train_steps - (resumed_step or 0))
     setup_seconds["trainable"] = time.perf_counter() - t3  # the ControlNet, optimizer, trainer (and compile)
@@ -265,6 +265,22 @@ def prepare_trainable(cfg: RunConfig, accelerator, base: BaseModel):
         sign = compile_signature(cfg, net, base.unet)
         compile_for_training(net, base.unet, cfg.data.cache_dir, compile_mode(t), sign, t.torch_compile_scope)
     return controlnet, optimizer, lr_scheduler
+
+
+def equip(trainer, accelerator, controlnet, optimizer) -> None:
+    """What the trainer needs of the optimizer: ``--fused_backward_pass``'s hooks and ``--bf16_weights``' bf16
+    forward copy of the ControlNet, refreshed after each of ``optimizer``'s steps."""
+    from difftune_control.training.half_weights import HalfWeights
+
+    attach(trainer, optimizer)
+    if not trainer.cfg.train.bf16_weights:
+        return
+    if accelerator.mixed_precision != "bf16" or accelerator.num_processes > 1:
+        raise ValueError(
+            "--bf16_weights needs --mixed_precision bf16 and one process, got "
+            f"{accelerator.mixed_precision} and {accelerator.num_processes}"
+        )
+    trainer.half = HalfWeights(accelerator.unwrap_model(controlnet), optimizer)
 
 
 def make_monitor(cfg: RunConfig, recipe, extractor, val, run_dir: Path | None):

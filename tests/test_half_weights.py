@@ -1,0 +1,127 @@
+"""``--bf16_weights``: the ControlNet on a bf16 copy of its fp32 weights: the autocast step's numbers within bf16
+rounding with far fewer casts, fp32 gradients accumulated across passes, fp32 weights saved, an exact resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_trainer, target_batch, tiny_config
+from safetensors.torch import load_file
+
+from difftune_control.training.half_weights import HalfWeights
+from difftune_control.utils import read_jsonl
+
+
+def test_gradients_fold_into_fp32_and_accumulate_until_cleared():
+    """Two passes: the fp32 gradient is the sum of the bf16 copy's two (in fp32), the copy's own are cleared; after
+    ``zero_grad(set_to_none=True)`` the next fold starts over; an optimizer step refreshes the copy."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.GELU(), torch.nn.Linear(5, 3))
+    net[2].bias.requires_grad_(False)  # not trained: not copied, not folded
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    half = HalfWeights(net, opt)
+    assert half.dtype == torch.bfloat16 and len(half.trained) == 3
+    xs = [torch.randn(4, 6, dtype=torch.bfloat16) for _ in range(2)]
+    trained = [half.masters[i] for i in half.trained]
+    copies = [half.copies[i] for i in half.trained]
+    expected = [torch.zeros_like(p, dtype=torch.float32) for p in trained]
+    for x in xs:
+        half(x).float().square().sum().backward()
+        for e, c in zip(expected, copies, strict=True):
+            e += c.grad.float()
+        half.fold()
+        assert all(c.grad is None for c in copies)
+    assert net[2].bias.grad is None
+    for e, p in zip(expected, trained, strict=True):
+        assert p.grad.dtype == torch.float32 and torch.equal(p.grad, e)
+    opt.step()
+    for c, p in zip(half.copies, half.masters, strict=True):
+        assert torch.equal(c.detach(), p.detach().to(torch.bfloat16))
+    opt.zero_grad(set_to_none=True)
+    half(xs[0]).float().square().sum().backward()
+    first = [c.grad.float() for c in copies]
+    half.fold()
+    for f, p in zip(first, trained, strict=True):
+        assert torch.equal(p.grad, f)
+
+
+def _step(trainer):
+    plan = trainer.plan(4)
+    trainer.generator.manual_seed(3)
+    loss = trainer.training_step(target_batch(trainer), plan=plan)["loss"].item()
+    net = trainer.accelerator.unwrap_model(trainer.controlnet)
+    return loss, {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
+
+
+def _casts(trainer) -> int:
+    """``aten::_to_copy`` calls (dtype casts) in one training step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _step(trainer)
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+
+
+def test_bf16_weights_give_the_autocast_step_within_bf16_rounding_with_fewer_casts(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    """One step of the same plan and noise under bf16 autocast (the default) and with ``--bf16_weights``: the loss
+    and the ControlNet's fp32 gradients agree to bf16 rounding, and the step casts at least one tensor fewer per
+    trained parameter (autocast casts every weight forward and its gradient back)."""
+    results, casts = [], []
+    for half in (False, True):
+        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(half), train__bf16_weights=half)
+        trainer, _ = build_trainer(cfg, mixed_precision="bf16")
+        assert (trainer.half is not None) is half
+        results.append(_step(trainer))
+        casts.append(_casts(trainer))
+        n_params = sum(1 for p in trainer.accelerator.unwrap_model(trainer.controlnet).parameters())
+    (loss, grads), (half_loss, half_grads) = results
+    assert half_loss == pytest.approx(loss, rel=2e-2)
+    assert half_grads.keys() == grads.keys() and len(grads) > 10
+    a = torch.cat([g.flatten() for g in grads.values()])
+    b = torch.cat([half_grads[k].flatten() for k in grads])
+    assert all(g.dtype == torch.float32 for g in half_grads.values())
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.999
+    assert (a - b).norm() < 0.05 * a.norm()
+    assert casts[1] <= casts[0] - n_params, (casts, n_params)
+
+
+def test_a_bf16_weights_run_saves_fp32_weights_and_resumes_exactly(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    """A run of 4 steps then resumed to 6 logs the losses of an uninterrupted 6-step run; its checkpoints hold the
+    fp32 weights (each tensor its own, as safetensors needs)."""
+    from difftune_control.training.loop import run_training
+
+    def cfg(out, steps, **kw):
+        return tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, out, method__method="vanilla", detector__detect_convergence=False,
+            train__max_train_steps=steps, train__bf16_weights=True, train__mixed_precision="bf16", **kw,
+        )  # fmt: skip
+
+    def losses(run):
+        return [(r["step"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "train"]
+
+    whole = run_training(cfg(tmp_path / "whole", 6))
+    run = run_training(cfg(tmp_path / "parts", 4))
+    run_training(cfg(tmp_path / "parts", 6, train__resume_from_checkpoint="latest"))
+    assert losses(run) == losses(whole) and len(losses(run)) == 6
+    saved = load_file(str(run / "checkpoint-6" / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    final = load_file(str(whole / "checkpoint-6" / "controlnet" / "diffusion_pytorch_model.safetensors"))
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    for k, v in final.items():
+        assert torch.equal(saved[k], v), k
+
+
+def test_bf16_weights_refuse_the_settings_they_were_not_built_for(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    from difftune_control.config.validation import config_problems
+
+    cfg = tiny_config(
+        tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__bf16_weights=True,
+        train__gradient_checkpointing=True, train__mixed_precision="fp16",
+    )  # fmt: skip
+    said = [p for p in config_problems(cfg) if "--bf16_weights" in p]
+    assert len(said) == 1 and "--gradient_checkpointing" in said[0] and "--mixed_precision fp16" in said[0]
+    cfg.train.gradient_checkpointing, cfg.train.mixed_precision = False, "bf16"
+    assert not [p for p in config_problems(cfg) if "--bf16_weights" in p]
