@@ -112,6 +112,25 @@ def test_a_bf16_weights_run_saves_fp32_weights_and_resumes_exactly(
         assert torch.equal(saved[k], v), k
 
 
+def test_the_default_method_measures_its_bank_pull_through_the_bf16_copy(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+):
+    """Diff-Tuning's ``--bank_weight auto`` measures both pulls on the ControlNet's gradients: with ``--bf16_weights``
+    they arrive through the copy (folded), so lambda is measured, not the fallback, and close to autocast's."""
+    from difftune_control.training.loop import run_training
+
+    checks = []
+    for half in (False, True):
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(half), detector__detect_convergence=False,
+            train__max_train_steps=2, train__bf16_weights=half, train__mixed_precision="bf16",
+        )  # fmt: skip
+        run = run_training(cfg)
+        checks.append([r for r in read_jsonl(run / "metrics.jsonl") if r["type"] == "bank_check"][0])
+    assert checks[1]["bank_grad"] > 0 and checks[1]["target_grad"] > 0
+    assert checks[1]["bank_weight"] == pytest.approx(checks[0]["bank_weight"], rel=0.05)
+
+
 def test_bf16_weights_refuse_the_settings_they_were_not_built_for(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
