@@ -93,19 +93,17 @@ class HalfWeights:
                 g = self._zeros.get(i)
                 if g is None:
                     g = self._zeros[i] = torch.zeros_like(c)
-            grads.append(g.reshape(-1))
+            grads.append(g)
             c.grad = None
-        flat = torch.cat(grads)
+        flat = torch._utils._flatten_dense_tensors(grads)  # one cat, its views made in C++
         masters = [self.masters[i] for i in self.trained]
-        fresh = any(p.grad is None for p in masters)
-        if self.grad32 is None:
+        if self.grad32 is None:  # the fp32 gradients: views of one buffer, made once
             self.grad32 = torch.empty_like(flat, dtype=self.flat32.dtype)
+            self._grad_views = torch._utils._unflatten_dense_tensors(self.grad32, masters)
         with torch.no_grad():
-            if fresh:  # after zero_grad(set_to_none=True): the buffer starts over
+            if any(p.grad is None for p in masters):  # after zero_grad(set_to_none=True): start over
                 self.grad32.copy_(flat)
-                offset = 0
-                for p in masters:
-                    p.grad = self.grad32[offset : offset + p.numel()].view_as(p)
-                    offset += p.numel()
+                for p, v in zip(masters, self._grad_views, strict=True):
+                    p.grad = v
             else:
                 self.grad32.add_(flat)
