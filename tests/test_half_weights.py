@@ -37,6 +37,9 @@ def test_gradients_fold_into_fp32_and_accumulate_until_cleared():
     opt.step()
     for c, p in zip(half.copies, half.masters, strict=True):
         assert torch.equal(c.detach(), p.detach().to(torch.bfloat16))
+    # a prepared model's instance forward (accelerate's autocast, outputs to fp32) is not the one the copy runs
+    net.forward = lambda *a, **k: torch.nn.Sequential.forward(net, *a, **k).float()
+    assert net(xs[0].float()).dtype == torch.float32 and half(xs[0]).dtype == torch.bfloat16
     opt.zero_grad(set_to_none=True)
     half(xs[0]).float().square().sum().backward()
     first = [c.grad.float() for c in copies]

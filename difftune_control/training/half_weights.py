@@ -33,6 +33,18 @@ def _flatten(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return flat
 
 
+class _ClassForward(torch.nn.Module):
+    """``module`` run by its class's own ``forward``: not the autocast wrapper accelerate sets on a prepared model's
+    instance (which would run the norms in fp32 again and hand the outputs back in fp32)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, *args, **kwargs):
+        return type(self.inner).forward(self.inner, *args, **kwargs)
+
+
 class HalfWeights:
     """A bf16 forward copy of ``module``'s trainable parameters, refreshed after every optimizer step.
 
@@ -43,7 +55,8 @@ class HalfWeights:
     def __init__(self, module: torch.nn.Module, optimizer=None):
         self.module = module
         named = list(module.named_parameters())  # frozen ones too: the forward runs in one dtype
-        self.names = [n for n, _ in named]
+        self.names = [f"inner.{n}" for n, _ in named]
+        self.call = _ClassForward(module)
         self.masters = [p for _, p in named]
         self.flat32 = _flatten(self.masters)
         self.flat = self.flat32.to(DTYPE)
@@ -78,9 +91,7 @@ class HalfWeights:
 
     def __call__(self, *args, **kwargs):
         with torch.autocast(self.device.type, enabled=False):
-            return functional_call(
-                self.module, dict(zip(self.names, self.copies)), args, kwargs, strict=False
-            )
+            return functional_call(self.call, dict(zip(self.names, self.copies)), args, kwargs, strict=False)
 
     def fold(self) -> None:
         """Add the bf16 copy's gradients into the fp32 parameters' (which become views of one fp32 buffer) and
