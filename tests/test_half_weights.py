@@ -63,15 +63,25 @@ def _casts(trainer) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
 
 
+GPU = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", GPU])
 def test_bf16_weights_give_the_autocast_step_within_bf16_rounding_with_fewer_casts(
-    tiny_pipeline_dir, tiny_dataset_dir, tmp_path
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, device
 ):
     """One step of the same plan and noise under bf16 autocast (the default) and with ``--bf16_weights``: the loss
     and the ControlNet's fp32 gradients agree to bf16 rounding, and the step casts at least one tensor fewer per
     trained parameter (autocast casts every weight forward and its gradient back)."""
     results, casts = [], []
     for half in (False, True):
-        cfg = tiny_config(tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(half), train__bf16_weights=half)
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(half), train__bf16_weights=half,
+            train__device=device,
+        )  # fmt: skip
         trainer, _ = build_trainer(cfg, mixed_precision="bf16")
         assert (trainer.half is not None) is half
         results.append(_step(trainer))
