@@ -46,7 +46,7 @@ class _ClassForward(torch.nn.Module):
 
 
 class HalfWeights:
-    """A bf16 forward copy of ``module``'s trainable parameters, refreshed after every optimizer step.
+    """A bf16 forward copy of ``module``'s parameters (the trained ones get gradients), refreshed after each update.
 
     Call it like the module (``.dtype`` is bf16, so :func:`~difftune_control.validation.controlled_forward` casts
     the inputs); :meth:`fold` after each backward adds the copy's gradients into the fp32 parameters' ones.
