@@ -3,6 +3,7 @@
 
     python scripts/bench_step.py --out DIR --batches 32 8 4 --repeats 5 --steps 10
     python scripts/bench_step.py --out DIR --batches 4 --speed compile --profile
+    python scripts/bench_step.py --out DIR --batches 32 8 4 --ab default bf16-weights   # settings, interleaved
 
 Both trainers (``--method vanilla`` and the default ``--method difftuning``: null-hint bank rows drawn
 from the posterior, ``--bank_weight auto``, inverse-SNR) share one random-initialised SD1.5-sized base
@@ -189,6 +190,66 @@ def bench_batch(args, batch: int, speed: str, rows=SyntheticCached, device: str 
     return out
 
 
+def ab_batch(
+    args, batch: int, speeds: list[str], rows=SyntheticCached, device: str | None = None
+) -> list[dict]:
+    """The vanilla step under each setting of ``speeds`` (each its own base model, ControlNet and optimizer, made by
+    ``make_ours``), in interleaved chunks as :func:`bench_batch` runs the methods: the settings' ratio to the first
+    one, measured in one process (``args``: repeats, steps, warmup)."""
+    arms = {s: make_ours(args.model_dir, batch, "vanilla", speed=s, rows=rows, device=device) for s in speeds}
+    loader = torch.utils.data.DataLoader(
+        arms[speeds[0]][0].target, batch_size=batch, shuffle=True, drop_last=True
+    )
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+    for trainer, opt, acc in arms.values():
+        run_steps(args.warmup, trainer, acc, trainer.controlnet, opt, it)
+    times = {s: [] for s in speeds}
+    for r in range(args.repeats):
+        for s in speeds if r % 2 == 0 else speeds[::-1]:
+            trainer, opt, acc = arms[s]
+            times[s].append(run_steps(args.steps, trainer, acc, trainer.controlnet, opt, it) / args.steps)
+    out = []
+    for s in speeds:
+        ratios = [a / b for a, b in zip(times[s], times[speeds[0]])]
+        med = statistics.median(times[s])
+        out.append(
+            {
+                "batch": batch,
+                "speed": s,
+                "step_ms_median": 1e3 * med,
+                "step_ms_all": [1e3 * t for t in times[s]],
+                "images_per_s": batch / med,
+                "time_vs_first_median": statistics.median(ratios),
+                "time_vs_first_range": [min(ratios), max(ratios)],
+            }
+        )
+    del arms, it
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out
+
+
+def ab_table(rows: list[dict]) -> str:
+    lines = [
+        "| batch | setting (vanilla) | ms/step median [min, max] | images/s | step time vs the first setting, median [range] |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["time_vs_first_range"]
+        lines.append(
+            f"| {r['batch']} | {r['speed']} | {r['step_ms_median']:.1f} [{min(r['step_ms_all']):.1f}, "
+            f"{max(r['step_ms_all']):.1f}] | {r['images_per_s']:.1f} | {r['time_vs_first_median']:.3f} "
+            f"[{lo:.3f}, {hi:.3f}] |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| method | batch | speed | ms/step median [min, max] | images/s | MFU | Diff-Tuning overhead median [range] "
@@ -260,6 +321,10 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="record three steps per method and batch")
     p.add_argument("--resolution", type=int, default=512, help="image side of the synthetic rows")
     p.add_argument(
+        "--ab", nargs="+", choices=list(SPEED_SETTINGS), metavar="SPEED",
+        help="instead: these settings' vanilla steps against each other, interleaved (results-ab.{md,json})",
+    )  # fmt: skip
+    p.add_argument(
         "--device",
         default=None,
         help="cpu: count a step's operators (--profile) where no GPU is; times mean little",
@@ -271,11 +336,22 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = True
     build_sd15(args.model_dir)
     rows: list[dict] = []
+    synthetic = functools.partial(SyntheticCached, resolution=args.resolution)
+    if args.ab:
+        for b in args.batches:
+            rows += ab_batch(args, b, args.ab, synthetic, args.device)
+            (args.out / "results-ab.json").write_text(
+                json.dumps(
+                    {"device": device_name(args.device), "torch": torch.__version__, "rows": rows}, indent=1
+                )
+            )
+            (args.out / "results-ab.md").write_text(ab_table(rows))
+        print(ab_table(rows))
+        return 0
     for speed in args.speed:
         for b in args.batches:
             try:
-                rows += bench_batch(args, b, speed, functools.partial(SyntheticCached, resolution=args.resolution),
-                                    args.device)  # fmt: skip
+                rows += bench_batch(args, b, speed, synthetic, args.device)
             except Exception as e:  # a setting that fails (e.g. a compiler error) is a result too
                 rows.append({"batch": b, "speed": speed, "error": repr(e)[:2000]})
                 torch._dynamo.reset()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench_step import bench_batch, table  # noqa: E402
+from bench_step import ab_batch, ab_table, bench_batch, table  # noqa: E402
 from bench_throughput import SyntheticCached  # noqa: E402
 
 
@@ -56,3 +56,16 @@ def test_the_bf16_weights_setting_trains_both_methods_on_one_copy(
     assert all(r["step_ms_median"] > 0 for r in out["bf16-weights"])
     ops = {s: out[s][0]["profile"]["ops_per_step"] for s in out}
     assert 0 < ops["bf16-weights"] < ops["default"], ops
+
+
+def test_settings_against_each_other_interleave_in_one_process(tiny_pipeline_dir, fresh_accelerator_state):
+    """``--ab default bf16-weights``: each setting's own model and optimizer, chunks alternating; the first setting's
+    ratio to itself is 1 and each row's ratio lies within its range."""
+    rows = functools.partial(SyntheticCached, resolution=64, context=(8, 16))
+    args = argparse.Namespace(model_dir=tiny_pipeline_dir, repeats=2, steps=1, warmup=1)
+    out = ab_batch(args, 4, ["default", "bf16-weights"], rows=rows, device="cpu")
+    assert [r["speed"] for r in out] == ["default", "bf16-weights"]
+    assert out[0]["time_vs_first_median"] == 1.0 and all(len(r["step_ms_all"]) == 2 for r in out)
+    lo, hi = out[1]["time_vs_first_range"]
+    assert lo <= out[1]["time_vs_first_median"] <= hi
+    assert "| 4 | bf16-weights |" in ab_table(out)
