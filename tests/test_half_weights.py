@@ -157,3 +157,13 @@ def test_bf16_weights_refuse_the_settings_they_were_not_built_for(
     assert len(said) == 1 and "--gradient_checkpointing" in said[0] and "--mixed_precision fp16" in said[0]
     cfg.train.gradient_checkpointing, cfg.train.mixed_precision = False, "bf16"
     assert not [p for p in config_problems(cfg) if "--bf16_weights" in p]
+    # the precision may come from accelerate's config: checked where the accelerator is made, before any model
+    from accelerate.state import AcceleratorState
+
+    from difftune_control.training.setup import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    cfg.train.mixed_precision = "no"
+    with pytest.raises(ValueError, match="--bf16_weights needs --mixed_precision bf16 .* got no and 1"):
+        make_accelerator(cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)

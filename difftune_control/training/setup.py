@@ -102,6 +102,11 @@ def make_accelerator(cfg: RunConfig):
     advice = precision_advice(accelerator.device.type, accelerator.mixed_precision)
     if advice and accelerator.is_main_process:
         logger.warning(advice)
+    if cfg.train.bf16_weights and (accelerator.mixed_precision != "bf16" or accelerator.num_processes > 1):
+        raise ValueError(  # before any model, cache or bank is made
+            "--bf16_weights needs --mixed_precision bf16 (or bf16 in your accelerate config) and one process, got "
+            f"{accelerator.mixed_precision} and {accelerator.num_processes}"
+        )
     return accelerator
 
 
@@ -273,14 +278,8 @@ def equip(trainer, accelerator, controlnet, optimizer) -> None:
     from difftune_control.training.half_weights import HalfWeights
 
     attach(trainer, optimizer)
-    if not trainer.cfg.train.bf16_weights:
-        return
-    if accelerator.mixed_precision != "bf16" or accelerator.num_processes > 1:
-        raise ValueError(
-            "--bf16_weights needs --mixed_precision bf16 and one process, got "
-            f"{accelerator.mixed_precision} and {accelerator.num_processes}"
-        )
-    trainer.half = HalfWeights(accelerator.unwrap_model(controlnet), optimizer)
+    if trainer.cfg.train.bf16_weights:  # bf16, one process: checked by make_accelerator
+        trainer.half = HalfWeights(accelerator.unwrap_model(controlnet), optimizer)
 
 
 def make_monitor(cfg: RunConfig, recipe, extractor, val, run_dir: Path | None):
