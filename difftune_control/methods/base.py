@@ -71,9 +71,8 @@ class ControlNetTrainer:
         self._pending: list = []  # (non-finite flag, CUDA event or None, per-sample losses) per step
         self.auto_weight = False  # --bank_weight auto measures lambda (DiffTuningTrainer, fixed split)
         self.optimizer_in_backward = None  # --fused_backward_pass: set by training.setup
-        self.half = (
-            None  # --bf16_weights: the ControlNet's bf16 forward copy (training.half_weights), set by setup
-        )
+        # --bf16_weights: the ControlNet's bf16 forward copy (training.half_weights), set by training.setup
+        self.half = None
         # CUDA graphs of compiled blocks (reduce-overhead, max-autotune): each step starts a new generation,
         # else a block's forward waits behind the previous step's uninvoked backward graphs (slow path)
         self.graphed = cuda_graphs(cfg.train)
