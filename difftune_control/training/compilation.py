@@ -137,7 +137,7 @@ GRAPHED_BUSY_FACTOR = 1.5
 """With CUDA graphs, ``--torch_compile auto`` counts on a step of 1.5x the GPU-busy time of the eager step it
 replaces: what the host's dispatch leaves the GPU idle is what graphs save, and the graphed step is not all
 kernels (inputs copied into the graphs' buffers, the optimizer and the parts outside the compiled blocks).
-SD1.5 on one H200 (BENCHMARKS.md 4c, 2026-12-03): eager 167 ms at batch 4 with the GPU busy 62.5 ms, graphed
+SD1.5 on one H200 (BENCHMARKS.md 4, "Later on 2026-12-03"): eager 167 ms at batch 4 with the GPU busy 62.5 ms, graphed
 96.7 ms (1.55x busy); batch 8: 181 ms eager, 98.4 busy, graphed 98.9 (1.01x). The same factor puts the other
 machine of that day (eager 99.5 ms, graphed 94.4 at batch 4; 114 and 116 ms at batch 8) where it was measured."""
 
@@ -174,7 +174,7 @@ def compile_pays(
         share = 1.0 - GRAPHED_BUSY_FACTOR * busy_seconds / step_seconds
         busy = f"the GPU busy {busy_seconds * 1000:.0f} ms of the eager step's {step_seconds * 1000:.0f}"
         if share <= 0:
-            return False, f"{busy}: too little host time for CUDA graphs to save (BENCHMARKS.md 4c)"
+            return False, f"{busy}: too little host time for CUDA graphs to save (BENCHMARKS.md 4)"
         gain = share, f"{busy}, a step {mode} counted at {GRAPHED_BUSY_FACTOR:g}x busy"
     else:
         gain = measured_gain(model, graphs, batch) if scope == "blocks" else None

@@ -53,7 +53,6 @@ class HalfWeights:
     """
 
     def __init__(self, module: torch.nn.Module, optimizer=None):
-        self.module = module
         named = list(module.named_parameters())  # frozen ones too: the forward runs in one dtype
         self.names = [f"inner.{n}" for n, _ in named]
         self.call = _ClassForward(module)
