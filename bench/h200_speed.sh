@@ -11,7 +11,8 @@
 # table (not in the default PARTS): issue 21's side-by-side table, the example and ours (vanilla, Diff-Tuning)
 # at TABLE_BATCHES (default "32 8 4 1"): images/s as the median and range of 3 chunks (ours: 3 x 10 timed
 # steps; the example: its progress bar's rate at steps 10, 20 and 30), peak memory, MFU; then Diff-Tuning's
-# overhead from vanilla and Diff-Tuning chunks interleaved in one process (scripts/bench_step.py, in table/interleaved).
+# overhead from vanilla and Diff-Tuning chunks interleaved in one process (scripts/bench_step.py, in table/interleaved;
+# INTERLEAVED=0 skips it). TABLE_SPEED (default "default") and TABLE_METHODS select our settings and methods.
 # bank (not in the default PARTS): memory-bank generation (scripts/bench_bank.py) at BANK_BATCHES (default
 # "16 64"; 16 is the SD default --bank_batch_size) under BANK_SETTINGS (default "eager channels_last
 # channels_last+compile"), 2 timed batches each after a warm-up batch: images/s, MFU, peak memory, warm-up
@@ -34,10 +35,11 @@ for part in $PARTS; do
     compile) timeout ${COMPILE_LIMIT:-300} $B --out $OUT/compile --batches ${COMPILE_BATCHES:-32} --methods ${COMPILE_METHODS:-vanilla difftuning} \
                --speed ${COMPILE_SPEED:-compile} --steps 10 --repeats 3 --warmup 5 ;;
     table) timeout ${TABLE_LIMIT:-560} $B --out $OUT/table --batches ${TABLE_BATCHES:-32 8 4 1} \
-             --example-batches ${TABLE_BATCHES:-32 8 4 1} --steps 10 --repeats 3 --warmup 5 --speed default \
+             --example-batches ${TABLE_BATCHES:-32 8 4 1} --steps 10 --repeats 3 --warmup 5 --speed ${TABLE_SPEED:-default} \
+             --methods ${TABLE_METHODS:-vanilla difftuning} \
              --example-steps 30 --diffusers-example third_party/diffusers_example/train_controlnet.py
            # Diff-Tuning's overhead as issue 21 defines it: vanilla and Diff-Tuning chunks interleaved in one process
-           timeout ${INTERLEAVED_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/table/interleaved \
+           [ "${INTERLEAVED:-1}" = 1 ] && timeout ${INTERLEAVED_LIMIT:-240} python3 scripts/bench_step.py --out $OUT/table/interleaved \
              --batches ${TABLE_BATCHES:-32 8 4 1} --repeats 3 --steps 10 ;;
     bank) timeout ${BANK_LIMIT:-480} python3 scripts/bench_bank.py --out $OUT/bank --batches ${BANK_BATCHES:-16 64} \
             --settings ${BANK_SETTINGS:-eager channels_last channels_last+compile} --repeats 2 ;;
