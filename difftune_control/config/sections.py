@@ -301,10 +301,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Gradient checkpointing: the ControlNet, the UNet's backward.")
     allow_tf32: bool = _f(True, "Allow TF32 matmuls on Ampere+.")
     torch_compile: bool | Literal["auto"] = _f(
-        False,
+        "auto",
         "torch.compile the ControlNet's and UNet's transformer and ResNet blocks (regional; a failed compile "
-        "falls back to eager). auto: on CUDA, time the eager step and the GPU's busy time in it, and compile "
-        "when the run's steps earn the compile time back (BENCHMARKS.md 4; the log gives the reckoning).",
+        "falls back to eager). auto (the default): on CUDA, time the eager step and the GPU's busy time in it, "
+        "and compile when the run's steps earn the compile time back (BENCHMARKS.md 4; the log gives the "
+        "reckoning); elsewhere eager. false: never.",
         parse=bool_or_auto,
         nargs="?",
         const=True,
