@@ -303,9 +303,8 @@ class TrainConfig:
     torch_compile: bool | Literal["auto"] = _f(
         "auto",
         "torch.compile the ControlNet's and UNet's transformer and ResNet blocks (regional; a failed compile "
-        "falls back to eager). auto (the default): on CUDA, time the eager step and the GPU's busy time in it, "
-        "and compile when the run's steps earn the compile time back (BENCHMARKS.md 4; the log gives the "
-        "reckoning); elsewhere eager. false: never.",
+        "falls back to eager). auto: on CUDA, time the eager step and the GPU's busy time in it, compile when "
+        "the run's steps earn the compile time back (BENCHMARKS.md 4; the log says why); elsewhere eager.",
         parse=bool_or_auto,
         nargs="?",
         const=True,
