@@ -249,6 +249,12 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
         "torch_compile_scope": "stages",
     },
     "bf16-weights": {"bf16_weights": True},  # the ControlNet on a bf16 copy of its fp32 weights
+    "bf16-weights+compile": {"bf16_weights": True, "torch_compile": True},
+    "bf16-weights+compile-graphs": {
+        "bf16_weights": True,
+        "torch_compile": True,
+        "torch_compile_mode": "reduce-overhead",
+    },
     "cudnn_benchmark": {"cudnn_benchmark": True},
     "adafactor": {"optimizer": "adafactor"},
     "fused": {"fused_backward_pass": True},  # AdamW, each parameter updated in backward: no gradients held

@@ -301,3 +301,19 @@ def tiny_dataset_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl_pipeline_dir(tmp_path_factory) -> Path:
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No user setting of the compiler's caches or backend; both caches off, as an older torch has them (restored
+    after)."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from difftune_control.compiler import BACKEND_ENV, CACHE_DIR_ENV, CACHE_SWITCHES
+
+    for name in (CACHE_DIR_ENV, BACKEND_ENV, *CACHE_SWITCHES.values()):
+        monkeypatch.delenv(name, raising=False)
+    # the config modules' own patch(): monkeypatch's undo deletes a config entry instead of restoring it
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield monkeypatch

@@ -20,18 +20,6 @@ from difftune_control.compiler import (
     compile_cache,
 )
 
-SWITCHES = ("TORCHINDUCTOR_FX_GRAPH_CACHE", "TORCHINDUCTOR_AUTOGRAD_CACHE")
-
-
-@pytest.fixture
-def clean_env(monkeypatch):
-    """No user setting of the compiler's caches; both caches off, as an older torch has them (restored after)."""
-    for name in (CACHE_DIR_ENV, BACKEND_ENV, *SWITCHES):
-        monkeypatch.delenv(name, raising=False)
-    # the config modules' own patch(): monkeypatch's undo deletes a config entry instead of restoring it
-    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
-        yield monkeypatch
-
 
 def test_the_cache_lives_under_the_project_cache_root(clean_env, tmp_path):
     clean_env.setenv("DIFFTUNE_CACHE", str(tmp_path / "difftune"))

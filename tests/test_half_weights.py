@@ -144,6 +144,41 @@ def test_the_default_method_measures_its_bank_pull_through_the_bf16_copy(
     assert checks[1]["bank_weight"] == pytest.approx(checks[0]["bank_weight"], rel=0.05)
 
 
+def test_compiled_blocks_run_on_the_bf16_copy_and_give_its_eager_steps(
+    tiny_pipeline_dir, tiny_dataset_dir, tmp_path, clean_env
+):
+    """``--bf16_weights --torch_compile`` (the ``aot_eager`` backend: dynamo's capture and AOT autograd, no C
+    compiler): two steps with an update between give the eager copy's losses and gradients, the update reaches the
+    compiled blocks through the refreshed copy without a recompile, and the copy is a static input of the graphs."""
+    from torch._dynamo.utils import counters
+
+    from difftune_control.compiler import BACKEND_ENV
+
+    clean_env.setenv(BACKEND_ENV, "aot_eager")
+    runs = []
+    for compiled in (False, True):
+        cfg = tiny_config(
+            tiny_pipeline_dir, tiny_dataset_dir, tmp_path / str(compiled), train__bf16_weights=True,
+            train__torch_compile=compiled,
+        )  # fmt: skip
+        trainer, optimizer = build_trainer(cfg, mixed_precision="bf16")
+        net = trainer.accelerator.unwrap_model(trainer.controlnet)
+        assert any(getattr(m, "_compiled_call_impl", None) for m in net.modules()) is compiled
+        first = _step(trainer)
+        graphs = counters["stats"]["unique_graphs"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        runs.append((first, _step(trainer)))
+        assert counters["stats"]["unique_graphs"] == graphs  # the second step: no new graph
+    torch._dynamo.reset()
+    assert all(getattr(c, "_dynamo_static_input_type", None) for c in trainer.half.copies)
+    for (loss, grads), (compiled_loss, compiled_grads) in zip(*runs, strict=True):
+        assert compiled_loss == pytest.approx(loss, rel=1e-3) and compiled_grads.keys() == grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(compiled_grads[name], g, rtol=1e-2, atol=1e-4, msg=name)
+    assert runs[0][1][0] != runs[0][0][0]  # the update changed the second step's loss
+
+
 def test_bf16_weights_refuse_the_settings_they_were_not_built_for(
     tiny_pipeline_dir, tiny_dataset_dir, tmp_path
 ):
@@ -151,10 +186,11 @@ def test_bf16_weights_refuse_the_settings_they_were_not_built_for(
 
     cfg = tiny_config(
         tiny_pipeline_dir, tiny_dataset_dir, tmp_path, train__bf16_weights=True,
-        train__gradient_checkpointing=True, train__mixed_precision="fp16",
+        train__gradient_checkpointing=True, train__mixed_precision="fp16", train__torch_compile=True,
     )  # fmt: skip
     said = [p for p in config_problems(cfg) if "--bf16_weights" in p]
     assert len(said) == 1 and "--gradient_checkpointing" in said[0] and "--mixed_precision fp16" in said[0]
+    assert "--torch_compile" not in said[0]  # compiled: built (the test above)
     cfg.train.gradient_checkpointing, cfg.train.mixed_precision = False, "bf16"
     assert not [p for p in config_problems(cfg) if "--bf16_weights" in p]
     # the precision may come from accelerate's config: checked where the accelerator is made, before any model

@@ -72,7 +72,6 @@ def config_problems(cfg: Any) -> list[str]:  # cfg: a RunConfig (run.py imports 
         )
     others = {
         "--fused_backward_pass": t.fused_backward_pass,
-        "--torch_compile": t.torch_compile is True,
         "--gradient_checkpointing": t.gradient_checkpointing,
         "--channels_last": t.channels_last,
         f"--mixed_precision {t.mixed_precision}": t.mixed_precision not in (None, "bf16"),

@@ -248,9 +248,8 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
                     accelerator.device.type)  # fmt: skip
         return False
     if t.bf16_weights:
-        logger.info(
-            "--torch_compile auto: not compiling: --bf16_weights runs eagerly (compiled, not measured)"
-        )
+        logger.info("--torch_compile auto: not compiling: --bf16_weights compiled was not measured on a GPU "
+                    "(--torch_compile compiles it)")  # fmt: skip
         return False
     modes = [t.torch_compile_mode] if t.torch_compile_mode else ["reduce-overhead", "default"]
     unmeasured = [  # settings CUDA graphs were not measured with: auto weighs them only when asked to

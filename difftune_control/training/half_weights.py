@@ -11,6 +11,9 @@ autocast in bf16, as the frozen UNet does.
 
 The weight gradients are the same bf16 values autocast gives (its matmuls and convolutions compute them in bf16
 and cast them up); the norms' arithmetic in bf16 is the difference, as for the UNet.
+
+Under ``--torch_compile`` the compiled blocks take the copy's tensors as their weights (inputs of the captured
+graphs, at fixed addresses, so CUDA graphs read them in place and a refresh needs no recompile).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class HalfWeights:
                 self.flat[offset : offset + p.numel()].view_as(p).requires_grad_(p.requires_grad)
             )
             offset += p.numel()
+        for c in self.copies:  # fixed addresses, refreshed in place: CUDA graphs read them where they are
+            torch._dynamo.mark_static_address(c, guard=False)
         self.trained = [i for i, p in enumerate(self.masters) if p.requires_grad]
         self.grad32: torch.Tensor | None = None  # the fp32 gradients' flat buffer, made at the first fold
         self._zeros: dict[int, torch.Tensor] = {}  # stand-ins for parameters a pass did not use
