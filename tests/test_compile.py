@@ -361,7 +361,12 @@ def test_auto_picks_cuda_graphs_where_the_gpu_idles(
     monkeypatch.setattr(compilation, "compile_for_training", lambda *a, **kw: compiled.append(a[3]))
 
     def auto(name: str, busy: float | None, **over) -> tuple[str, bool]:
-        monkeypatch.setattr(compilation, "_eager_step_seconds", lambda trainer, batch: (0.2, busy))
+        # the profiler's pass (busy) is made only where compiling could pay at all
+        monkeypatch.setattr(
+            compilation,
+            "_eager_step_seconds",
+            lambda trainer, batch, worth: (0.2, busy if worth(0.2) else None),
+        )
         cfg = tiny_config(
             tiny_pipeline_dir, tiny_dataset_dir, tmp_path / name, train__torch_compile="auto", **over
         )
@@ -389,6 +394,10 @@ def test_auto_picks_cuda_graphs_where_the_gpu_idles(
     monkeypatch.setattr(compilation, "MEASURED_GAINS", ())
     said, graphed = auto("none", None)  # no busy time measured (no profiler), no table entry
     assert len(compiled) == 4 and said.startswith("--torch_compile auto: not compiling: mode reduce-overhead")
+    monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e9, "warm": 1e9})
+    said, graphed = auto("short", 0.05)  # the run's eager time is less than compiling: no gain weighed
+    assert len(compiled) == 4 and not graphed and said.startswith("--torch_compile auto: not compiling: ")
+    assert "no more than the 1000000000 s of compiling" in said and "mode" not in said
 
 
 def test_gpu_busy_time_is_measured_on_cuda_and_unknown_elsewhere():
@@ -455,10 +464,16 @@ def test_auto_compiles_when_it_pays_and_a_second_run_counts_on_the_warm_cache(
 
     said, built = zip(*[auto_run(name)[:2] for name in ("first", "second")], strict=True)
     torch._dynamo.reset()
+    # the run's whole eager time is less than compiling takes: no reckoning of the gain needed
     assert len(said[0]) == 1 and said[0][0].startswith("--torch_compile auto: not compiling: ")
-    assert "on an empty compile cache" in said[0][0] and built[0] == []
+    assert "no more than the 1000000000 s of compiling" in said[0][0] and built[0] == []
     # the first run compiled nothing, so nothing is noted: the second reckons with an empty cache too
-    assert said[1] == [said[1][0]] and "on an empty compile cache" in said[1][0] and built[1] == []
+    assert len(said[1]) == 1 and "no more than the 1000000000 s of compiling" in said[1][0] and built[1] == []
+    monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 1e-6, "warm": 0.0})
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", (("sd1", False, 1, None, 1e-9, "a test"),))
+    said = auto_run("fifth")[0]
+    assert "not compiling: " in said[0] and "on an empty compile cache" in said[0]
+    monkeypatch.setattr(compilation, "MEASURED_GAINS", (("sd1", False, 1, None, 0.5, "a test"),))
 
     monkeypatch.setattr(compilation, "COMPILE_SECONDS", {"empty": 0.0, "warm": 0.0})
     messages, compiled, lines = auto_run("third")

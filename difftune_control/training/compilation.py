@@ -210,10 +210,12 @@ def compile_signature(
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _eager_step_seconds(trainer, batch: dict, passes: int = 3) -> tuple[float, float | None]:
+def _eager_step_seconds(
+    trainer, batch: dict, worth_profiling=lambda seconds: True, passes: int = 3
+) -> tuple[float, float | None]:
     """Seconds of an eager forward + backward of one training batch (the fastest pass after the first), and the
-    seconds the GPU was busy in one more pass (None off CUDA); no update, the trainer's random generator left
-    where it was."""
+    seconds the GPU was busy in one more pass (None off CUDA, or where ``worth_profiling(seconds)`` says the
+    answer cannot matter); no update, the trainer's random generator left where it was."""
     from difftune_control.training.diagnostics import gradient_pull
     from difftune_control.training.profiling import gpu_busy_seconds
 
@@ -231,9 +233,11 @@ def _eager_step_seconds(trainer, batch: dict, passes: int = 3) -> tuple[float, f
         one_pass()
         sync()
         seconds.append(time.perf_counter() - start)
-    busy = gpu_busy_seconds(one_pass) if trainer.device.type == "cuda" else None
+    fastest = min(seconds[1:] or seconds)
+    profile = trainer.device.type == "cuda" and worth_profiling(fastest)
+    busy = gpu_busy_seconds(one_pass) if profile else None
     trainer.generator.set_state(state)
-    return min(seconds[1:] or seconds), busy
+    return fastest, busy
 
 
 def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
@@ -264,18 +268,27 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
     if not t.torch_compile_mode and unmeasured:
         modes = ["default"]
     cache_dir = compile_cache(cfg.data.cache_dir)["dir"]
+    signatures = {mode: compile_signature(cfg, net, base.unet, mode) for mode in modes}
+    warm = {mode: compiled_marker(cache_dir, sign).exists() for mode, sign in signatures.items()}
+    cheapest = min(COMPILE_SECONDS["warm" if w else "empty"] for w in warm.values())
+    accumulate = t.gradient_accumulation_steps
     target = trainer.target
     rows = [target[i % len(target)] for i in range(t.train_batch_size)]
-    seconds, busy = _eager_step_seconds(trainer, torch.utils.data.default_collate(rows))
-    seconds, busy = (x * t.gradient_accumulation_steps if x is not None else None for x in (seconds, busy))
+    seconds, busy = _eager_step_seconds(  # the GPU's busy time only where compiling could pay at all
+        trainer, torch.utils.data.default_collate(rows), lambda s: steps * s * accumulate > cheapest
+    )
+    seconds, busy = (x * accumulate if x is not None else None for x in (seconds, busy))
     model = "toy" if base.is_toy else base.kind
     reckonings = []
+    if steps * seconds <= cheapest:  # compiled steps of no time at all would not earn it back
+        why = (f"{steps:,} steps at {seconds * 1000:.0f} ms eager take about {steps * seconds:.0f} s, no more than "
+               f"the {cheapest:.0f} s of compiling")  # fmt: skip
+        reckonings.append((False, why, modes[0], signatures[modes[0]]))
+        modes = []
     for mode in modes:
-        signature = compile_signature(cfg, net, base.unet, mode)
-        warm = compiled_marker(cache_dir, signature).exists()
-        graphs = mode in CUDA_GRAPH_MODES
+        signature, graphs = signatures[mode], mode in CUDA_GRAPH_MODES
         pays, why = compile_pays(
-            steps, seconds, t.train_batch_size, graphs, warm, model, t.torch_compile_scope, busy
+            steps, seconds, t.train_batch_size, graphs, warm[mode], model, t.torch_compile_scope, busy
         )
         reckonings.append((pays, f"mode {mode}: {why}" if len(modes) > 1 else why, mode, signature))
         if pays:
