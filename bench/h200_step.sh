@@ -8,7 +8,8 @@
 #        COMPILE_BATCHES (default "4 8"); compile-warm: the same again, a new process on the compiled-artefact
 #        cache the first left (its warmup_s against compile's: the compile time a second or resumed run pays).
 # ab: the vanilla step under AB_SPEEDS (default "default bf16-weights"), each in its own model, interleaved chunks:
-#        the settings' ratio in one process (scripts/bench_step.py --ab).
+#        the settings' ratio in one process (scripts/bench_step.py --ab). The SDPA backend check:
+#        AB_SPEEDS="default sdpa-flash sdpa-efficient sdpa-cudnn" (torch's choice against each backend alone).
 # PARTS selects (default "eager compile"); *_LIMIT: seconds per part.
 # Needs .whl (diffusers). Results: $OUT/{eager,compile}/results.{md,json} (ab: results-ab.*), traces, operator tables.
 set -u

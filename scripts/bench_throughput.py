@@ -262,6 +262,9 @@ SPEED_SETTINGS = {  # name -> RunConfig.train fields
     # A/B only: the frozen UNet under autocast again, as the trainer ran it up to commit 085ed8c
     # (autocast lifts its GroupNorms/LayerNorms to fp32); see bench_ours.
     "unet_autocast": {},
+    # A/B only: the step with one SDPA backend (torch picks among them by default: cuDNN attention on an H200
+    # with torch 2.11); see make_ours.
+    **dict.fromkeys(("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"), {}),
 }
 
 
@@ -324,9 +327,31 @@ def make_ours(
     empty = torch.zeros(1, *target.encoder_hidden_states.shape[1:])
     trainer = trainer_class(cfg)(cfg, acc, base, controlnet, target, empty, bank)
     equip(trainer, acc, controlnet, opt)  # --fused_backward_pass, --bf16_weights
+    if speed.startswith("sdpa-"):
+        only_sdpa_backend(trainer, speed.removeprefix("sdpa-"))
     if acc.device.type == "cuda":  # as a run on cached rows does (training.setup.build_run)
         offload_text_encoders(base)
     return trainer, opt, acc
+
+
+def only_sdpa_backend(trainer, name: str) -> None:
+    """``trainer``'s steps with attention through one SDPA backend (flash, efficient, cudnn or math) instead of
+    torch's choice; the backward runs the kernel its forward picked."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    step = trainer.training_step
+
+    def training_step(*args, **kwargs):
+        with sdpa_kernel([backend]):
+            return step(*args, **kwargs)
+
+    trainer.training_step = training_step
 
 
 def rate_text(r: dict, digits: int = 1) -> str:

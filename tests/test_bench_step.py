@@ -69,3 +69,23 @@ def test_settings_against_each_other_interleave_in_one_process(tiny_pipeline_dir
     lo, hi = out[1]["time_vs_first_range"]
     assert lo <= out[1]["time_vs_first_median"] <= hi
     assert "| 4 | bf16-weights |" in ab_table(out)
+
+
+def test_an_sdpa_setting_runs_the_step_through_that_backend(tiny_pipeline_dir, fresh_accelerator_state):
+    """``--ab default sdpa-math`` (the SDPA backend check): the setting's steps call the math attention (no fused
+    SDPA kernel), the default's a fused one; the profile tells them apart."""
+    import torch
+    from bench_throughput import make_ours
+
+    rows = functools.partial(SyntheticCached, resolution=64, context=(8, 16))
+    called = {}
+    for speed in ("default", "sdpa-math"):
+        trainer, opt, acc = make_ours(tiny_pipeline_dir, 4, "vanilla", speed=speed, rows=rows, device="cpu")
+        batch = next(iter(torch.utils.data.DataLoader(trainer.target, batch_size=4)))
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.training_step(batch)
+        called[speed] = {e.key for e in prof.key_averages()}
+    fused = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention"}
+    assert "aten::scaled_dot_product_attention" in called["default"] & called["sdpa-math"]
+    assert called["default"] & fused and not called["sdpa-math"] & fused
+    assert "aten::_scaled_dot_product_attention_math" in called["sdpa-math"]
