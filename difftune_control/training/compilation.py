@@ -284,16 +284,19 @@ def auto_compile(cfg, accelerator, base, trainer, steps: int) -> bool:
         why = (f"{steps:,} steps at {seconds * 1000:.0f} ms eager take about {steps * seconds:.0f} s, no more than "
                f"the {cheapest:.0f} s of compiling")  # fmt: skip
         reckonings.append((False, why, modes[0], signatures[modes[0]]))
-        modes = []
-    for mode in modes:
-        signature, graphs = signatures[mode], mode in CUDA_GRAPH_MODES
-        pays, why = compile_pays(
-            steps, seconds, t.train_batch_size, graphs, warm[mode], model, t.torch_compile_scope, busy
-        )
-        reckonings.append((pays, f"mode {mode}: {why}" if len(modes) > 1 else why, mode, signature))
-        if pays:
-            break
-    decision = next((r for r in reckonings if r[0]), reckonings[-1 if len(modes) == 1 else 0])
+    else:
+        for mode in modes:
+            pays, why = compile_pays(
+                steps, seconds, t.train_batch_size, mode in CUDA_GRAPH_MODES, warm[mode], model,
+                t.torch_compile_scope, busy,
+            )  # fmt: skip
+            reckonings.append(
+                (pays, f"mode {mode}: {why}" if len(modes) > 1 else why, mode, signatures[mode])
+            )
+            if pays:
+                break
+    # the one that pays, else the first weighed (with one mode, the only one)
+    decision = next((r for r in reckonings if r[0]), reckonings[0])
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
