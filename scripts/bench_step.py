@@ -96,6 +96,17 @@ def run_steps(n: int, trainer, acc, controlnet, opt, it) -> float:
     return time.perf_counter() - t0
 
 
+def interleaved(arms: dict, repeats: int, steps: int) -> dict[str, list[float]]:
+    """Seconds per step of each arm (``arms[name](n)`` runs ``n`` steps and returns their seconds) in ``repeats``
+    chunks of ``steps``, the arms taking turns, their order reversed every other round."""
+    names = list(arms)
+    times = {k: [] for k in names}
+    for r in range(repeats):
+        for k in names if r % 2 == 0 else names[::-1]:
+            times[k].append(arms[k](steps) / steps)
+    return times
+
+
 def profile(trainer, acc, controlnet, opt, it, out: Path, name: str, steps: int = 3) -> dict:
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -138,11 +149,10 @@ def bench_batch(args, batch: int, speed: str, rows=SyntheticCached, device: str 
     for m in METHODS:  # compile, cuDNN autotuning, the allocator, the first lambda measurement
         run_steps(args.warmup, trainers[m], acc, controlnet, opt, it)
     warm_s = time.perf_counter() - t_warm
-    times = {m: [] for m in METHODS}
-    for r in range(args.repeats):
-        order = METHODS if r % 2 == 0 else METHODS[::-1]
-        for m in order:
-            times[m].append(run_steps(args.steps, trainers[m], acc, controlnet, opt, it) / args.steps)
+    times = interleaved(
+        {m: functools.partial(run_steps, trainer=trainers[m], acc=acc, controlnet=controlnet, opt=opt, it=it)
+         for m in METHODS}, args.repeats, args.steps,
+    )  # fmt: skip
     # --bank_weight auto's re-measurement, amortised over its period
     dt = trainers["difftuning"]
     synchronize()
@@ -208,11 +218,10 @@ def ab_batch(
     it = batches()
     for trainer, opt, acc in arms.values():
         run_steps(args.warmup, trainer, acc, trainer.controlnet, opt, it)
-    times = {s: [] for s in speeds}
-    for r in range(args.repeats):
-        for s in speeds if r % 2 == 0 else speeds[::-1]:
-            trainer, opt, acc = arms[s]
-            times[s].append(run_steps(args.steps, trainer, acc, trainer.controlnet, opt, it) / args.steps)
+    times = interleaved(
+        {s: functools.partial(run_steps, trainer=t, acc=a, controlnet=t.controlnet, opt=o, it=it)
+         for s, (t, o, a) in arms.items()}, args.repeats, args.steps,
+    )  # fmt: skip
     out = []
     for s in speeds:
         ratios = [a / b for a, b in zip(times[s], times[speeds[0]])]
